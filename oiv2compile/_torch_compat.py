@@ -1,0 +1,60 @@
+"""The one module that touches PyTorch's private or version-dependent APIs.
+
+oiv2compile supports torch 2.11 through 2.14. When a torch upgrade moves one of these, this file
+changes and nothing else does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def unlift(exported: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The exported program as a plain GraphModule (weights as attributes), without the input-guard
+    submodule that torch >= 2.12 inserts: the passes and a second export do not want it."""
+    if "check_guards" in inspect.signature(exported.module).parameters:
+        return exported.module(check_guards=False)
+    return exported.module()
+
+
+def aoti_compile_and_package(
+    exported: torch.export.ExportedProgram, package_path: Path, inductor_configs: dict[str, Any]
+) -> Path:
+    from torch._inductor import aoti_compile_and_package as compile_and_package
+
+    return Path(compile_and_package(exported, package_path=str(package_path), inductor_configs=inductor_configs))
+
+
+def aoti_load_package(package_path: Path) -> Any:
+    """Load an AOTInductor package. Single-threaded runners can be captured in CUDA graphs."""
+    from torch._inductor import aoti_load_package as load_package
+
+    return load_package(str(package_path), run_single_threaded=True)
+
+
+def without_weights(exported: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The same program with every weight and constant tensor on the meta device, for saving a graph
+    whose weights live elsewhere (the artifact's safetensors)."""
+    from torch.export import ExportedProgram
+
+    def meta(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        out = torch.empty_like(t, device="meta")
+        return torch.nn.Parameter(out, requires_grad=False) if isinstance(t, torch.nn.Parameter) else out
+
+    return ExportedProgram(
+        root=exported.graph_module,
+        graph=exported.graph,
+        graph_signature=exported.graph_signature,
+        state_dict={k: meta(v) for k, v in exported.state_dict.items()},
+        range_constraints=exported.range_constraints,
+        module_call_graph=exported.module_call_graph,
+        example_inputs=None,
+        constants={k: meta(v) for k, v in exported.constants.items()},
+        verifiers=[exported.verifier],
+    )

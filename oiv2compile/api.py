@@ -1,0 +1,260 @@
+"""The two entry points: `build()` compiles a model into an artifact, `load()` turns one into an Engine.
+
+build:  load_model -> capture (prefill, decode) -> passes -> checks -> save weights -> backend.lower
+        -> tokenizer -> manifest, all inside a staging directory renamed into place at the end.
+load:   manifest -> compatibility and checksums -> weights -> backend.load -> Engine (captures graphs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oiv2compile import __version__
+from oiv2compile.backends import get_backend
+from oiv2compile.capture import CacheSpec, CapturedProgram, Phase, capture
+from oiv2compile.config import Backend, BuildConfig, Device, DType
+from oiv2compile.errors import ArtifactError, ConfigError, UnsupportedModelError
+from oiv2compile.models import SUPPORTED_MODEL_TYPES, load_model
+from oiv2compile.passes import pipeline, run_passes
+from oiv2compile.runtime import artifact
+from oiv2compile.runtime.engine import Engine
+from oiv2compile.verify import check_pass_counts, verify_against_hf
+
+# progress(phase, None) when a phase starts, progress(phase, seconds) when it ends.
+Progress = Callable[[str, "float | None"], None]
+
+_DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def build(
+    model: str | Path | Any,
+    out: str | Path,
+    config: BuildConfig | None = None,
+    *,
+    tokenizer: Any | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    **overrides: Any,
+) -> Path:
+    """Compile `model` (a HF model directory, a preset name or a transformers model) into an artifact at `out`.
+
+    `overrides` replace fields of `config`, e.g. `build("llama-tiny", "out", max_batch_size=4)`.
+    """
+    cfg = (config or BuildConfig()).replace(**overrides)
+    cfg = cfg.resolve(cuda_available=torch.cuda.is_available())
+    out = Path(out)
+    phases = _Phases(progress)
+    device = _build_device(cfg)
+    dtype = getattr(torch, cfg.dtype.value)
+
+    with artifact.staging_directory(out, overwrite=overwrite) as staging:
+        with phases("load model"):
+            loaded = load_model(model, dtype=dtype, device=device, seed=cfg.seed, tokenizer=tokenizer)
+        hf = loaded.model
+        arch = type(hf).__name__
+        max_seq_len = _max_seq_len(cfg, hf.config)
+        _check_attention_window(hf.config, arch, max_seq_len)
+        spec = CacheSpec.for_model(hf.config, max_seq_len=max_seq_len, max_batch_size=cfg.max_batch_size, dtype=dtype)
+
+        programs: dict[Phase, CapturedProgram] = {}
+        pass_report: dict[str, Any] = {}
+        for phase in Phase:
+            with phases(f"capture {phase.value}"):
+                programs[phase] = capture(hf, spec, phase)
+            with phases(f"passes {phase.value}"):
+                records = run_passes(programs[phase].graph_module, cfg, pipeline(cfg), label=phase.value)
+            check_pass_counts(records, spec, arch, phase)
+            pass_report[phase.value] = {r.name: {"count": r.count, "ms": round(r.ms, 3)} for r in records}
+
+        verification = None
+        if cfg.enable_verification:
+            with phases("verify against HF"):
+                verification = verify_against_hf(hf, programs, spec)
+
+        with phases("save weights"):
+            weights = artifact.save_weights(_program_weights(programs[Phase.PREFILL].graph_module), staging)
+        backend = get_backend(cfg.backend)
+        entries = {}
+        for phase in Phase:
+            with phases(f"lower {phase.value} ({cfg.backend.value})"):
+                entries[phase.value] = backend.lower(programs[phase], staging)
+
+        tokenizer_dir = None
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(str(staging / "tokenizer"))
+            tokenizer_dir = "tokenizer"
+
+        manifest = {
+            "format_version": artifact.FORMAT_VERSION,
+            "oiv2compile_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "python_version": platform.python_version(),
+            "torch_version": torch.__version__,
+            "transformers_version": _transformers_version(),
+            "cuda_version": torch.version.cuda if device.type == "cuda" else None,
+            "device": _device_record(device),
+            "model": {
+                "source": loaded.source,
+                "architecture": arch,
+                "model_type": hf.config.model_type,
+                "supported": hf.config.model_type in SUPPORTED_MODEL_TYPES,
+                "vocab_size": hf.config.vocab_size,
+                "eos_token_id": hf.config.eos_token_id,
+                "num_parameters": sum(p.numel() for p in hf.parameters()),
+                "config": hf.config.to_dict(),
+            },
+            "build_config": cfg.to_dict(),
+            "fingerprint": cfg.fingerprint(),
+            "cache": spec.to_dict(),
+            "programs": entries,
+            "weights": weights,
+            "tokenizer": tokenizer_dir,
+            "tokenizer_note": loaded.tokenizer_note,
+            "passes": pass_report,
+            "verification": verification,
+            "phases_s": phases.seconds,
+        }
+        with phases("write manifest"):
+            artifact.write_manifest(staging, manifest)
+    return out
+
+
+def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
+    """Load an artifact, check it, and return an Engine ready to generate (CUDA graphs captured)."""
+    root = Path(path)
+    manifest = artifact.read_manifest(root)
+    target = torch.device(device if device is not None else manifest.get("device", {}).get("type", "cpu"))
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    artifact.check_compatible(manifest, target)
+    artifact.verify_files(root, manifest)
+
+    import oiv2compile.kernels  # noqa: F401  (registers the oiv2 ops the programs call)
+
+    cfg = BuildConfig.from_dict(manifest["build_config"])
+    spec = CacheSpec.from_dict(manifest["cache"])
+    with _on_device(target):
+        weights = artifact.load_weights(root, manifest["weights"], target)
+        backend = get_backend(cfg.backend)
+        prefill = backend.load(root, manifest["programs"][Phase.PREFILL.value], weights)
+        decode = backend.load(root, manifest["programs"][Phase.DECODE.value], weights)
+        tokenizer = _load_tokenizer(root, manifest)
+        return Engine(
+            path=root,
+            manifest=manifest,
+            prefill=prefill,
+            decode=decode,
+            spec=spec,
+            device=target,
+            tokenizer=tokenizer,
+            decode_buckets=cfg.decode_buckets(),
+            capture_graphs=cfg.cuda_graphs.enable_capture,
+        )
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+class _Phases:
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.progress:
+            self.progress(name, None)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        if self.progress:
+            self.progress(name, self.seconds[name])
+
+
+def _build_device(cfg: BuildConfig) -> torch.device:
+    if cfg.device is Device.CUDA:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _max_seq_len(cfg: BuildConfig, config: Any) -> int:
+    limit = getattr(config, "max_position_embeddings", None) or _DEFAULT_MAX_SEQ_LEN
+    if cfg.max_seq_len is None:
+        return min(_DEFAULT_MAX_SEQ_LEN, limit)
+    if cfg.max_seq_len > limit:
+        raise ConfigError(
+            f"max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings ({limit}); "
+            f"use at most {limit}."
+        )
+    return cfg.max_seq_len
+
+
+def _check_attention_window(config: Any, arch: str, max_seq_len: int) -> None:
+    """Sliding-window layers are not implemented; they are harmless only when no sequence outgrows the window."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    uses_window = window is not None and (layer_types is None or "sliding_attention" in layer_types)
+    if uses_window and max_seq_len > window:
+        raise UnsupportedModelError(
+            f"{arch} uses sliding-window attention over {window} tokens, which this version does not implement; "
+            f"build with --max-seq-len {window} or less."
+        )
+
+
+def _program_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every tensor the program holds as an attribute (parameters, buffers, constants), by name."""
+    weights = dict(gm.named_parameters(remove_duplicate=False))
+    weights.update(gm.named_buffers(remove_duplicate=False))
+    for node in gm.graph.find_nodes(op="get_attr"):
+        owner_name, _, leaf = node.target.rpartition(".")
+        value = getattr(gm.get_submodule(owner_name), leaf)
+        if isinstance(value, torch.Tensor):
+            weights[node.target] = value
+    return weights
+
+
+def _device_record(device: torch.device) -> dict[str, Any]:
+    if device.type != "cuda":
+        return {"type": device.type}
+    return {
+        "type": "cuda",
+        "name": torch.cuda.get_device_name(device),
+        "capability": list(torch.cuda.get_device_capability(device)),
+    }
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _load_tokenizer(root: Path, manifest: dict[str, Any]) -> Any | None:
+    if not manifest.get("tokenizer"):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(root / manifest["tokenizer"]))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"The artifact's tokenizer could not be loaded ({exc}); rebuild the artifact.") from None
+
+
+@contextlib.contextmanager
+def _on_device(device: torch.device) -> Iterator[None]:
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
+
+
+__all__ = ["Backend", "BuildConfig", "DType", "Device", "build", "load"]

@@ -1,0 +1,207 @@
+"""The one build configuration: a frozen `BuildConfig` with nested frozen sub-configs.
+
+Defaults are declared here and nowhere else. `resolve()` turns the `auto` choices into concrete ones
+for the machine that builds; the resolved config is what the artifact's manifest records and what
+`fingerprint()` hashes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from oiv2compile.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+
+class Backend(str, enum.Enum):
+    INDUCTOR = "inductor"  # AOTInductor: compiled ahead of time into .pt2 packages
+    EAGER = "eager"  # the transformed graphs run op by op; for debugging
+
+
+class Device(str, enum.Enum):
+    AUTO = "auto"  # cuda when a GPU is visible, else cpu
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class DType(str, enum.Enum):
+    AUTO = "auto"  # bfloat16 on cuda, float32 on cpu
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    # Replace HF's attention (sdpa or eager matmul-softmax-matmul) by oiv2::attention, which reads
+    # only the filled part of each sequence's cache.
+    enable_substitution: bool = True
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    # Rewrite the captured cache writes into the in-place oiv2::kv_write op.
+    enable_rewrite: bool = True
+
+
+@dataclass(frozen=True)
+class CudaGraphConfig:
+    enable_capture: bool = True
+    # Decode batch sizes captured at load; empty means powers of two up to max_batch_size (and it).
+    batch_buckets: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    version: int = CONFIG_VERSION
+    backend: Backend = Backend.INDUCTOR
+    device: Device = Device.AUTO
+    dtype: DType = DType.AUTO
+    max_batch_size: int = 8
+    # None: the smaller of 2048 and the model's max_position_embeddings.
+    max_seq_len: int | None = None
+    # Seed for the random weights of presets.
+    seed: int = 0
+    # Compare the transformed graphs with the Hugging Face model before lowering; a mismatch fails
+    # the build instead of producing wrong tokens.
+    enable_verification: bool = True
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    cuda_graphs: CudaGraphConfig = field(default_factory=CudaGraphConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ---- conversions -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        return _from_plain(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str) -> BuildConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **overrides: Any) -> BuildConfig:
+        """A copy with `overrides` applied; a sub-config may be given as a dict of its fields."""
+        merged = self.to_dict()
+        for key, value in overrides.items():
+            if key not in merged:
+                raise ConfigError(f"Unknown build option {key!r}; known options are {sorted(merged)}.")
+            if isinstance(merged[key], dict):
+                value = _to_plain(value) if dataclasses.is_dataclass(value) else value
+                if not isinstance(value, dict):
+                    raise ConfigError(f"Build option {key!r} takes a dict of its fields.")
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = _to_plain(value)
+        return BuildConfig.from_dict(merged)
+
+    def resolve(self, *, cuda_available: bool) -> BuildConfig:
+        """Turn `auto` device and dtype into the concrete choice for this machine."""
+        device = self.device
+        if device is Device.AUTO:
+            device = Device.CUDA if cuda_available else Device.CPU
+        if device is Device.CUDA and not cuda_available:
+            raise ConfigError("Device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu.")
+        dtype = self.dtype
+        if dtype is DType.AUTO:
+            dtype = DType.BFLOAT16 if device is Device.CUDA else DType.FLOAT32
+        return dataclasses.replace(self, device=device, dtype=dtype)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def decode_buckets(self) -> tuple[int, ...]:
+        if self.cuda_graphs.batch_buckets:
+            return tuple(sorted(set(self.cuda_graphs.batch_buckets)))
+        buckets = []
+        size = 1
+        while size < self.max_batch_size:
+            buckets.append(size)
+            size *= 2
+        buckets.append(self.max_batch_size)
+        return tuple(buckets)
+
+
+def _validate(cfg: BuildConfig) -> None:
+    if cfg.version != CONFIG_VERSION:
+        raise ConfigError(
+            f"Build config version {cfg.version} is not supported; this oiv2compile reads version "
+            f"{CONFIG_VERSION}."
+        )
+    if not 1 <= cfg.max_batch_size <= 1024:
+        raise ConfigError(f"max_batch_size must be between 1 and 1024, not {cfg.max_batch_size}.")
+    if cfg.max_seq_len is not None and not 2 <= cfg.max_seq_len <= 1 << 20:
+        raise ConfigError(f"max_seq_len must be between 2 and {1 << 20}, not {cfg.max_seq_len}.")
+    for bucket in cfg.cuda_graphs.batch_buckets:
+        if not 1 <= bucket <= cfg.max_batch_size:
+            raise ConfigError(
+                f"CUDA graph batch bucket {bucket} must be between 1 and max_batch_size "
+                f"({cfg.max_batch_size})."
+            )
+    if cfg.cuda_graphs.batch_buckets and max(cfg.cuda_graphs.batch_buckets) != cfg.max_batch_size:
+        raise ConfigError("The largest CUDA graph batch bucket must equal max_batch_size.")
+    if cfg.attention.enable_substitution and not cfg.kv_cache.enable_rewrite:
+        raise ConfigError("Attention substitution reads the rewritten cache; enable the KV-cache rewrite too.")
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _from_plain(cls: type, data: dict[str, Any]) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"Expected a mapping for {cls.__name__}, got {type(data).__name__}.")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"Unknown {cls.__name__} option(s) {unknown}; known options are {sorted(known)}.")
+    kwargs: dict[str, Any] = {}
+    defaults = cls()
+    for name, value in data.items():
+        current = getattr(defaults, name)
+        if dataclasses.is_dataclass(current):
+            kwargs[name] = _from_plain(type(current), value)
+        elif isinstance(current, enum.Enum):
+            try:
+                kwargs[name] = type(current)(value)
+            except ValueError:
+                choices = [m.value for m in type(current)]
+                raise ConfigError(f"{name} must be one of {choices}, not {value!r}.") from None
+        elif isinstance(current, tuple):
+            kwargs[name] = tuple(value)
+        elif isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be true or false, not {value!r}.")
+            kwargs[name] = value
+        elif name == "max_seq_len":
+            kwargs[name] = None if value is None else _as_int(name, value)
+        elif isinstance(current, int):
+            kwargs[name] = _as_int(name, value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be a whole number, not {value!r}.")
+    return value

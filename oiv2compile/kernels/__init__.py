@@ -1,0 +1,9 @@
+"""Registered `oiv2::` ops, one per file: the PyTorch reference, the kernel, the registration.
+
+Importing this package registers every op; artifacts that call them need it imported before load.
+"""
+
+from oiv2compile.kernels.attention import attention, attention_ref
+from oiv2compile.kernels.kv_write import kv_write, kv_write_ref
+
+__all__ = ["attention", "attention_ref", "kv_write", "kv_write_ref"]

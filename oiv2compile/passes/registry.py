@@ -1,0 +1,31 @@
+"""The passes by name, and the ordered pipeline a config asks for.
+
+The pipeline is an explicit list built from the config; nothing registers itself at import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch.fx import GraphModule
+
+from oiv2compile.config import BuildConfig
+from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
+from oiv2compile.passes.substitute_attention import substitute_attention
+
+Pass = Callable[[GraphModule, BuildConfig], int]
+
+PASSES: dict[str, Pass] = {
+    "rewrite_kv_cache": rewrite_kv_cache,
+    "substitute_attention": substitute_attention,
+}
+
+
+def pipeline(cfg: BuildConfig) -> list[Pass]:
+    """The passes to run, in order. The cache rewrite comes first: attention reads the rewritten cache."""
+    passes: list[Pass] = []
+    if cfg.kv_cache.enable_rewrite:
+        passes.append(rewrite_kv_cache)
+    if cfg.attention.enable_substitution:
+        passes.append(substitute_attention)
+    return passes

@@ -1,0 +1,291 @@
+"""The executor: owns the KV cache, runs the prefill and decode programs, samples tokens.
+
+One wave of up to max_batch_size prompts runs at a time: a batched prefill of the right-padded
+prompts, then one decode step per new token for all of them together. Sequence i of a wave lives in
+cache row i. On CUDA each decode step replays a CUDA graph captured at load for the smallest batch
+bucket that holds the wave (padding rows write into a scratch cache row), sampling runs on the GPU,
+and the host waits for the GPU only every few steps to see whether every sequence has stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oiv2compile.capture import CacheSpec
+from oiv2compile.errors import InvalidRequestError
+from oiv2compile.runtime.cuda_graphs import DecodeGraphs
+from oiv2compile.runtime.sampling import SamplingParams, sample
+
+Program = Callable[..., torch.Tensor]
+
+# How often generate() looks at the GPU to stop early when every sequence has hit a stop token.
+_STOP_CHECK_EVERY = 8
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # the new tokens only, a stop token included
+    text: str | None  # when the artifact has a tokenizer
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    time_to_first_token_s: float
+    token_times_s: list[float] = field(default_factory=list)  # [0] is time to first token, then gaps
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens per second after the first (prefill excluded)."""
+        decode = sum(self.token_times_s[1:])
+        return (len(self.token_times_s) - 1) / decode if decode > 0 else float("nan")
+
+
+@dataclass
+class StreamToken:
+    index: int  # which prompt
+    token_id: int
+    text: str | None  # the text this token adds, when there is a tokenizer
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        path: Path,
+        manifest: dict[str, Any],
+        prefill: Program,
+        decode: Program,
+        spec: CacheSpec,
+        device: torch.device,
+        tokenizer: Any | None,
+        decode_buckets: Sequence[int],
+        capture_graphs: bool,
+    ) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.spec = spec
+        self.device = device
+        self.tokenizer = tokenizer
+        self.vocab_size = int(manifest["model"]["vocab_size"])
+        self._prefill = prefill
+        self._decode = decode
+        self.caches = spec.allocate(device)
+        self._graphs: DecodeGraphs | None = None
+        if capture_graphs and device.type == "cuda":
+            self._graphs = DecodeGraphs(decode, self.caches, decode_buckets, spec.scratch_slot, device)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.spec.max_batch_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.spec.max_seq_len
+
+    @property
+    def cuda_graph_buckets(self) -> tuple[int, ...]:
+        return self._graphs.buckets if self._graphs else ()
+
+    # ---- public API -----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for every prompt; prompts beyond max_batch_size run in further waves."""
+        ids, params, stops = self._prepare(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
+        results: list[GenerationResult] = []
+        for start in range(0, len(ids), self.max_batch_size):
+            wave = ids[start : start + self.max_batch_size]
+            steps, times = [], _StepClock(self.device)
+            for tokens in self._run_wave(wave, max_new_tokens, params, stops, _STOP_CHECK_EVERY):
+                steps.append(tokens)
+                times.mark()
+            token_rows = torch.stack(steps, dim=1).tolist()  # [B, steps]; the one sync of the wave
+            step_times = times.intervals()
+            for prompt, row in zip(wave, token_rows):
+                results.append(self._result(prompt, row, stops, max_new_tokens, step_times))
+        return results
+
+    def stream(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> Iterator[StreamToken]:
+        """Yield each new token as soon as it exists (one host sync per step)."""
+        ids, params, stops = self._prepare(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
+        for start in range(0, len(ids), self.max_batch_size):
+            wave = ids[start : start + self.max_batch_size]
+            done = [False] * len(wave)
+            generated: list[list[int]] = [[] for _ in wave]
+            texts = [""] * len(wave)
+            for tokens in self._run_wave(wave, max_new_tokens, params, stops, 1):
+                for i, token in enumerate(tokens.tolist()):
+                    if done[i]:
+                        continue
+                    generated[i].append(token)
+                    done[i] = token in stops
+                    yield StreamToken(start + i, token, self._text_delta(generated[i], texts, i))
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _prepare(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int | None,
+        stop_token_ids: Sequence[int] | None,
+    ) -> tuple[list[list[int]], SamplingParams, set[int]]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise InvalidRequestError("Give a non-empty list of prompts (strings or lists of token ids).")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be a whole number of at least 1, not {max_new_tokens!r}.")
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        ids = [self._token_ids(i, p) for i, p in enumerate(prompts)]
+        for i, prompt in enumerate(ids):
+            if len(prompt) > self.max_seq_len:
+                raise InvalidRequestError(
+                    f"Prompt {i} has {len(prompt)} tokens but the artifact's max_seq_len is {self.max_seq_len}; "
+                    "shorten it or rebuild with a larger --max-seq-len."
+                )
+            if len(prompt) + max_new_tokens > self.max_seq_len:
+                raise InvalidRequestError(
+                    f"Prompt {i} ({len(prompt)} tokens) plus max_new_tokens={max_new_tokens} needs "
+                    f"{len(prompt) + max_new_tokens} cache positions but the artifact holds {self.max_seq_len}; "
+                    "lower max_new_tokens or rebuild with a larger --max-seq-len."
+                )
+        stops = set(self._default_stops() if stop_token_ids is None else stop_token_ids)
+        return ids, params, stops
+
+    def _token_ids(self, i: int, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("This artifact has no tokenizer; pass prompts as lists of token ids.")
+            if not prompt:
+                raise InvalidRequestError(f"Prompt {i} is empty; give at least one character.")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError(f"Prompt {i} is empty; give at least one token.")
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"Prompt {i} has token id {bad[0]!r}, outside the vocabulary [0, {self.vocab_size})."
+            )
+        return ids
+
+    def _default_stops(self) -> list[int]:
+        eos = self.manifest["model"].get("eos_token_id")
+        if eos is None:
+            return []
+        return list(eos) if isinstance(eos, list) else [eos]
+
+    def _run_wave(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        params: SamplingParams,
+        stops: set[int],
+        check_every: int,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the [B] token tensor of each step, on the device, without waiting for it."""
+        device = self.device
+        batch = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        input_ids = torch.zeros((batch, int(lengths.max())), dtype=torch.long)  # right-padded
+        for i, prompt in enumerate(prompts):
+            input_ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        slots = torch.arange(batch, dtype=torch.long, device=device)
+        input_ids, lengths = input_ids.to(device), lengths.to(device)
+        generator = params.generator(device)
+        stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=device)
+
+        logits = self._prefill(input_ids, torch.zeros_like(lengths), slots, lengths - 1, self.caches)
+        tokens = sample(logits, params, generator)
+        finished = torch.isin(tokens, stop_ids)
+        yield tokens
+        positions = lengths  # where each fed token goes
+        for step in range(1, max_new_tokens):
+            logits = self._decode_step(tokens, positions, slots)
+            tokens = sample(logits, params, generator)
+            finished = finished | torch.isin(tokens, stop_ids)
+            positions = positions + 1
+            yield tokens
+            if step % check_every == 0 and bool(finished.all()):
+                return
+
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        if self._graphs is not None:
+            return self._graphs.run(tokens, positions, slots)
+        last = torch.zeros_like(tokens)
+        return self._decode(tokens[:, None], positions, slots, last, self.caches)
+
+    def _result(
+        self, prompt: list[int], row: list[int], stops: set[int], max_new_tokens: int, step_times: list[float]
+    ) -> GenerationResult:
+        finish = "length"
+        for n, token in enumerate(row):
+            if token in stops:
+                row, finish = row[: n + 1], "stop"
+                break
+        text = self.tokenizer.decode(row, skip_special_tokens=True) if self.tokenizer is not None else None
+        times = step_times[: len(row)]
+        return GenerationResult(row, text, finish, len(prompt), times[0], times)
+
+    def _text_delta(self, generated: list[int], texts: list[str], i: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        full = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+            return ""
+        delta = full[len(texts[i]) :] if full.startswith(texts[i]) else full
+        texts[i] = full
+        return delta
+
+
+class _StepClock:
+    """Per-step times without a sync per step: CUDA events on the GPU, the host clock on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+        if self.cuda:
+            self.start: Any = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start = time.perf_counter()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            stamps = [0.0] + [self.start.elapsed_time(m) / 1e3 for m in self.marks]
+        else:
+            stamps = [0.0] + [m - self.start for m in self.marks]
+        return [b - a for a, b in zip(stamps, stamps[1:])]
