@@ -7,6 +7,7 @@ changes and nothing else does.
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,11 @@ def aoti_compile_and_package(
 ) -> Path:
     from torch._inductor import aoti_compile_and_package as compile_and_package
 
-    return Path(compile_and_package(exported, package_path=str(package_path), inductor_configs=inductor_configs))
+    with warnings.catch_warnings():
+        # torch pickles its own tree specs with a deprecated check (torch 2.13); nothing for users to act on.
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*", category=FutureWarning)
+        path = compile_and_package(exported, package_path=str(package_path), inductor_configs=inductor_configs)
+    return Path(path)
 
 
 def aoti_load_package(package_path: Path) -> Any:

@@ -19,7 +19,7 @@ import torch
 
 from oiv2compile import __version__
 from oiv2compile.backends import get_backend
-from oiv2compile.capture import CacheSpec, CapturedProgram, Phase, capture
+from oiv2compile.capture import DECODE, DECODE_B1, PREFILL, CacheSpec, CapturedProgram, ProgramSpec, capture
 from oiv2compile.config import Backend, BuildConfig, Device, DType
 from oiv2compile.errors import ArtifactError, ConfigError, UnsupportedModelError
 from oiv2compile.models import SUPPORTED_MODEL_TYPES, load_model
@@ -61,18 +61,18 @@ def build(
         hf = loaded.model
         arch = type(hf).__name__
         max_seq_len = _max_seq_len(cfg, hf.config)
-        _check_attention_window(hf.config, arch, max_seq_len)
+        _check_attention_kind(hf.config, arch, max_seq_len)
         spec = CacheSpec.for_model(hf.config, max_seq_len=max_seq_len, max_batch_size=cfg.max_batch_size, dtype=dtype)
 
-        programs: dict[Phase, CapturedProgram] = {}
+        programs: dict[str, CapturedProgram] = {}
         pass_report: dict[str, Any] = {}
-        for phase in Phase:
-            with phases(f"capture {phase.value}"):
-                programs[phase] = capture(hf, spec, phase)
-            with phases(f"passes {phase.value}"):
-                records = run_passes(programs[phase].graph_module, cfg, pipeline(cfg), label=phase.value)
-            check_pass_counts(records, spec, arch, phase)
-            pass_report[phase.value] = {r.name: {"count": r.count, "ms": round(r.ms, 3)} for r in records}
+        for program in _programs(cfg):
+            with phases(f"capture {program.name}"):
+                programs[program.name] = capture(hf, spec, program)
+            with phases(f"passes {program.name}"):
+                records = run_passes(programs[program.name].graph_module, cfg, pipeline(cfg), label=program.name)
+            check_pass_counts(records, spec, arch, program.name)
+            pass_report[program.name] = {r.name: {"count": r.count, "ms": round(r.ms, 3)} for r in records}
 
         verification = None
         if cfg.enable_verification:
@@ -80,12 +80,12 @@ def build(
                 verification = verify_against_hf(hf, programs, spec)
 
         with phases("save weights"):
-            weights = artifact.save_weights(_program_weights(programs[Phase.PREFILL].graph_module), staging)
+            weights = artifact.save_weights(_program_weights(programs[PREFILL.name].graph_module), staging)
         backend = get_backend(cfg.backend)
         entries = {}
-        for phase in Phase:
-            with phases(f"lower {phase.value} ({cfg.backend.value})"):
-                entries[phase.value] = backend.lower(programs[phase], staging)
+        for name, captured in programs.items():
+            with phases(f"lower {name} ({cfg.backend.value})"):
+                entries[name] = backend.lower(captured, staging, cfg)
 
         tokenizer_dir = None
         if loaded.tokenizer is not None:
@@ -144,14 +144,12 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
     with _on_device(target):
         weights = artifact.load_weights(root, manifest["weights"], target)
         backend = get_backend(cfg.backend)
-        prefill = backend.load(root, manifest["programs"][Phase.PREFILL.value], weights)
-        decode = backend.load(root, manifest["programs"][Phase.DECODE.value], weights)
+        programs = {name: backend.load(root, entry, weights) for name, entry in manifest["programs"].items()}
         tokenizer = _load_tokenizer(root, manifest)
         return Engine(
             path=root,
             manifest=manifest,
-            prefill=prefill,
-            decode=decode,
+            programs=programs,
             spec=spec,
             device=target,
             tokenizer=tokenizer,
@@ -179,6 +177,13 @@ class _Phases:
             self.progress(name, self.seconds[name])
 
 
+def _programs(cfg: BuildConfig) -> list[ProgramSpec]:
+    programs = [PREFILL, DECODE]
+    if cfg.enable_batch1_decode and cfg.device is Device.CUDA and cfg.max_batch_size > 1:
+        programs.append(DECODE_B1)
+    return programs
+
+
 def _build_device(cfg: BuildConfig) -> torch.device:
     if cfg.device is Device.CUDA:
         return torch.device("cuda", torch.cuda.current_device())
@@ -197,15 +202,28 @@ def _max_seq_len(cfg: BuildConfig, config: Any) -> int:
     return cfg.max_seq_len
 
 
-def _check_attention_window(config: Any, arch: str, max_seq_len: int) -> None:
-    """Sliding-window layers are not implemented; they are harmless only when no sequence outgrows the window."""
+def _check_attention_kind(config: Any, arch: str, max_seq_len: int) -> None:
+    """Refuse attention that the causal mask of capture does not express. Sliding-window layers are
+    harmless only while no sequence outgrows the window; other layer kinds (chunked, linear) and
+    soft-capped scores are not implemented."""
     window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    uses_window = window is not None and (layer_types is None or "sliding_attention" in layer_types)
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    uses_window = window is not None and (not layer_types or "sliding_attention" in layer_types)
     if uses_window and max_seq_len > window:
         raise UnsupportedModelError(
             f"{arch} uses sliding-window attention over {window} tokens, which this version does not implement; "
             f"build with --max-seq-len {window} or less."
+        )
+    other = layer_types - {"full_attention", "sliding_attention"}
+    if other:
+        raise UnsupportedModelError(
+            f"{arch} has {', '.join(sorted(other))} layers, which this version does not implement; supported "
+            f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise UnsupportedModelError(
+            f"{arch} soft-caps its attention scores, which this version does not implement; supported "
+            f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
 
 

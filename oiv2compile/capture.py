@@ -33,7 +33,25 @@ INPUT_NAMES = ("input_ids", "positions", "slots", "last_index")
 
 class Phase(str, enum.Enum):
     PREFILL = "prefill"  # dynamic batch and prompt length
-    DECODE = "decode"  # one new token per sequence, dynamic batch
+    DECODE = "decode"  # one new token per sequence
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """One program of the artifact: its name (and file stem), its phase, and a batch size it is
+    specialised for (None: dynamic up to max_batch_size)."""
+
+    name: str
+    phase: Phase
+    static_batch: int | None = None
+
+
+PREFILL = ProgramSpec("prefill", Phase.PREFILL)
+DECODE = ProgramSpec("decode", Phase.DECODE)
+# Decode specialised for one sequence: with the batch known to be 1, Inductor turns each linear into
+# a matrix-vector reduction that it tunes for bandwidth (coordinate-descent tuning), which beats
+# cuBLAS's matrix product at M = 1.
+DECODE_B1 = ProgramSpec("decode_b1", Phase.DECODE, static_batch=1)
 
 
 @dataclass(frozen=True)
@@ -78,10 +96,17 @@ class CacheSpec:
 
     @classmethod
     def for_model(cls, config: Any, *, max_seq_len: int, max_batch_size: int, dtype: torch.dtype) -> CacheSpec:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        heads = getattr(config, "num_attention_heads", None)
+        layers = getattr(config, "num_hidden_layers", None)
+        if not heads or not layers:
+            raise UnsupportedModelError(
+                f"{config.model_type} models have no attention layers that oiv2compile can give a KV cache; "
+                f"supported architectures: {', '.join(SUPPORTED_MODEL_TYPES)}."
+            )
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or heads
         return cls(
-            num_layers=config.num_hidden_layers,
+            num_layers=layers,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             max_seq_len=max_seq_len,
@@ -113,12 +138,14 @@ class _SlotCache:
 
 
 class CaptureModule(nn.Module):
-    """The exported forward: HF's decoder over the executor's cache, then the head at `last_index`."""
+    """The exported forward: HF's own CausalLM forward over the executor's cache, so that whatever
+    the model does to its logits (soft-capping, scaling) is part of the program."""
 
-    def __init__(self, hf_model: nn.Module, spec: CacheSpec) -> None:
+    def __init__(self, hf_model: nn.Module, spec: CacheSpec, phase: Phase) -> None:
         super().__init__()
         self.hf = hf_model
         self.max_seq_len = spec.max_seq_len
+        self.phase = phase
         # HF's eager attention adds the mask to the scores; sdpa takes a boolean mask.
         self.additive_mask = hf_model.config._attn_implementation == "eager"
 
@@ -140,29 +167,36 @@ class CaptureModule(nn.Module):
             mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
         else:
             mask = visible
-        outputs = self.hf.base_model(
+        # Decode has one new token per sequence. Prefill keeps, for every sequence, the positions
+        # of all sequences' last tokens ([B, B, vocab]: B is at most max_batch_size) and takes the
+        # diagonal, since HF's logits_to_keep selects the same positions in every row.
+        keep: int | torch.Tensor = 1 if self.phase is Phase.DECODE else last_index
+        logits = self.hf(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=position_ids,
             past_key_values=_SlotCache(caches, slots, position_ids),
             use_cache=True,
-        )
-        hidden = outputs.last_hidden_state  # [B, S, hidden]
-        last = hidden[torch.arange(B, device=device), last_index]  # [B, hidden]
-        return self.hf.get_output_embeddings()(last)  # [B, vocab]
+            logits_to_keep=keep,
+        ).logits
+        if self.phase is Phase.DECODE:
+            return logits[:, 0]  # [B, vocab]
+        rows = torch.arange(B, device=device)
+        return logits[rows, rows]  # [B, vocab]
 
 
 @dataclass
 class CapturedProgram:
-    phase: Phase
+    program: ProgramSpec
     graph_module: torch.fx.GraphModule
     example_inputs: tuple[Any, ...]
     dynamic_shapes: tuple[Any, ...]
 
 
-def example_inputs(spec: CacheSpec, phase: Phase, device: torch.device | str) -> tuple[Any, ...]:
+def example_inputs(spec: CacheSpec, program: ProgramSpec, device: torch.device | str) -> tuple[Any, ...]:
     """Inputs that trace every path: two sequences (when the batch allows), in distinct slots."""
-    batch = min(2, spec.max_batch_size)
+    phase = program.phase
+    batch = program.static_batch or min(2, spec.max_batch_size)
     seq = 1 if phase is Phase.DECODE else min(4, spec.max_seq_len)
     positions = torch.full((batch,), 0 if phase is Phase.PREFILL else min(3, spec.max_seq_len - 1), dtype=torch.long)
     return (
@@ -174,22 +208,23 @@ def example_inputs(spec: CacheSpec, phase: Phase, device: torch.device | str) ->
     )
 
 
-def dynamic_shapes(spec: CacheSpec, phase: Phase) -> tuple[Any, ...]:
+def dynamic_shapes(spec: CacheSpec, program: ProgramSpec) -> tuple[Any, ...]:
     Dim = torch.export.Dim
-    batch = Dim("batch", min=1, max=spec.max_batch_size) if spec.max_batch_size > 1 else None
+    dynamic_batch = program.static_batch is None and spec.max_batch_size > 1
+    batch = Dim("batch", min=1, max=spec.max_batch_size) if dynamic_batch else None
     tokens: dict[int, Any] = {0: batch} if batch is not None else {}
-    if phase is Phase.PREFILL:
+    if program.phase is Phase.PREFILL:
         tokens[1] = Dim("seq", min=1, max=spec.max_seq_len)
     per_seq = {0: batch} if batch is not None else None
     return (tokens or None, per_seq, per_seq, per_seq, [None] * (2 * spec.num_layers))
 
 
-def capture(hf_model: nn.Module, spec: CacheSpec, phase: Phase) -> CapturedProgram:
+def capture(hf_model: nn.Module, spec: CacheSpec, program: ProgramSpec) -> CapturedProgram:
     """Export one program and return it unlifted: weights as attributes, inputs as tagged placeholders."""
     device = next(hf_model.parameters()).device
-    inputs = example_inputs(spec, phase, device)
-    shapes = dynamic_shapes(spec, phase)
-    module = CaptureModule(hf_model, spec)
+    inputs = example_inputs(spec, program, device)
+    shapes = dynamic_shapes(spec, program)
+    module = CaptureModule(hf_model, spec, program.phase)
     try:
         with torch.no_grad():
             exported = torch.export.export(module, inputs, dynamic_shapes=shapes, strict=False)
@@ -203,7 +238,7 @@ def capture(hf_model: nn.Module, spec: CacheSpec, phase: Phase) -> CapturedProgr
     gm = unlift(exported)
     _drop_inference_no_ops(gm)
     tag_inputs(gm, spec)
-    return CapturedProgram(phase, gm, inputs, shapes)
+    return CapturedProgram(program, gm, inputs, shapes)
 
 
 def tag_inputs(gm: torch.fx.GraphModule, spec: CacheSpec) -> None:

@@ -71,6 +71,9 @@ class BuildConfig:
     # Compare the transformed graphs with the Hugging Face model before lowering; a mismatch fails
     # the build instead of producing wrong tokens.
     enable_verification: bool = True
+    # On CUDA, also compile a decode program specialised for batch 1 (matrix-vector products that
+    # Inductor tunes for bandwidth); batch-1 decode steps use it.
+    enable_batch1_decode: bool = True
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     cuda_graphs: CudaGraphConfig = field(default_factory=CudaGraphConfig)

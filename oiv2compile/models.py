@@ -167,7 +167,8 @@ def _from_preset(name: str, *, dtype: torch.dtype, device: str, seed: int) -> Lo
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(PRESETS[name])
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with _quiet_transformers():
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     # Weights are created and initialised directly on the target device: an 8B preset never sits in
@@ -199,8 +200,17 @@ def _from_directory(path: Path, *, dtype: torch.dtype, device: str) -> LoadedMod
     check_causal_lm(config)
     # Meta-device init and safetensors mmap: the weights go straight to `device`, with no second
     # full copy in host memory.
-    with _quiet_transformers():
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, attn_implementation="sdpa")
+    try:
+        with _quiet_transformers():
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, attn_implementation="sdpa")
+    except ValueError as exc:
+        arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        if "attention implementation" in str(exc):
+            raise UnsupportedModelError(
+                f"{arch} has no scaled-dot-product attention in transformers, which capture needs; supported "
+                f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}."
+            ) from None
+        raise UnsupportedModelError(f"{arch} in {path} could not be loaded by transformers: {_first_line(exc)}") from None
     hf.eval()
     tokenizer, note = _directory_tokenizer(path)
     return LoadedModel(hf, tokenizer, str(path.resolve()), note)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from oiv2compile.capture import CacheSpec, CapturedProgram, Phase
+from oiv2compile.capture import DECODE, DECODE_B1, PREFILL, CacheSpec, CapturedProgram
 from oiv2compile.errors import BuildError, UnsupportedModelError
 from oiv2compile.models import SUPPORTED_MODEL_TYPES
 from oiv2compile.passes import PassRecord
@@ -22,7 +22,7 @@ from oiv2compile.passes import PassRecord
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def check_pass_counts(records: list[PassRecord], spec: CacheSpec, arch: str, phase: Phase) -> None:
+def check_pass_counts(records: list[PassRecord], spec: CacheSpec, arch: str, program: str) -> None:
     expected = {
         "rewrite_kv_cache": (2 * spec.num_layers, "cache writes"),
         "substitute_attention": (spec.num_layers, "attention layers"),
@@ -33,14 +33,14 @@ def check_pass_counts(records: list[PassRecord], spec: CacheSpec, arch: str, pha
         want, what = expected[record.name]
         if record.count != want:
             raise UnsupportedModelError(
-                f"{arch}: {record.name} rewrote {record.count} of the {want} {what} in the {phase.value} graph, "
+                f"{arch}: {record.name} rewrote {record.count} of the {want} {what} in the {program} graph, "
                 f"so this architecture is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})."
             )
 
 
 @torch.no_grad()
 def verify_against_hf(
-    hf_model: torch.nn.Module, programs: dict[Phase, CapturedProgram], spec: CacheSpec
+    hf_model: torch.nn.Module, programs: dict[str, CapturedProgram], spec: CacheSpec
 ) -> dict[str, Any]:
     device = next(hf_model.parameters()).device
     dtype = spec.torch_dtype
@@ -56,24 +56,32 @@ def verify_against_hf(
         input_ids[i, : len(p)] = p
     lengths_t = torch.tensor(lengths, device=device)
     slots = torch.arange(batch, device=device) + (spec.max_batch_size - batch)  # not row 0: slots must matter
-    prefill = programs[Phase.PREFILL].graph_module
-    decode = programs[Phase.DECODE].graph_module
-    ours_prefill = prefill(input_ids.to(device), torch.zeros_like(lengths_t), slots, lengths_t - 1, caches)
-    next_tokens = ours_prefill.argmax(-1)
-    ours_decode = decode(next_tokens[:, None], lengths_t, slots, torch.zeros_like(lengths_t), caches)
+    prefill = programs[PREFILL.name].graph_module
+    decode = programs[DECODE.name].graph_module
+    ours = {PREFILL.name: prefill(input_ids.to(device), torch.zeros_like(lengths_t), slots, lengths_t - 1, caches)}
+    next_tokens = ours[PREFILL.name].argmax(-1)
+    ours[DECODE.name] = decode(next_tokens[:, None], lengths_t, slots, torch.zeros_like(lengths_t), caches)
+    if DECODE_B1.name in programs:
+        # Rewrites the same cache position with the same values for the first sequence.
+        one = slice(0, 1)
+        ours[DECODE_B1.name] = programs[DECODE_B1.name].graph_module(
+            next_tokens[one, None], lengths_t[one], slots[one], torch.zeros_like(lengths_t[one]), caches
+        )
 
-    worst = {"prefill": 0.0, "decode": 0.0}
+    worst = dict.fromkeys(ours, 0.0)
     for i, prompt in enumerate(prompts):
         sequence = torch.cat([prompt.to(device), next_tokens[i : i + 1]])[None]
         ref = hf_model(input_ids=sequence, use_cache=False).logits[0]  # [len + 1, vocab]
-        worst["prefill"] = max(worst["prefill"], _rel_err(ours_prefill[i], ref[lengths[i] - 1]))
-        worst["decode"] = max(worst["decode"], _rel_err(ours_decode[i], ref[lengths[i]]))
+        worst[PREFILL.name] = max(worst[PREFILL.name], _rel_err(ours[PREFILL.name][i], ref[lengths[i] - 1]))
+        for name in ours.keys() - {PREFILL.name}:
+            if i < ours[name].shape[0]:
+                worst[name] = max(worst[name], _rel_err(ours[name][i], ref[lengths[i]]))
     tolerance = TOLERANCE[dtype]
     arch = type(hf_model).__name__
-    for phase, err in worst.items():
+    for name, err in worst.items():
         if not err <= tolerance:  # NaN fails too
             raise BuildError(
-                f"The transformed {arch} differs from Hugging Face's own forward in the {phase} logits "
+                f"The transformed {arch} differs from Hugging Face's own forward in the {name} logits "
                 f"(relative error {err:.2e} > {tolerance:.0e}); this architecture is not supported "
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})."
             )

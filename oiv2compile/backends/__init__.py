@@ -1,4 +1,4 @@
-"""Lowering targets. Each backend module has `lower(program, out_dir) -> entry` and
+"""Lowering targets. Each backend module has `lower(program, out_dir, cfg) -> entry` and
 `load(artifact_dir, entry, weights) -> program callable`; `entry` is what the manifest records.
 
 A loaded program is called as program(input_ids, positions, slots, last_index, caches) -> logits.

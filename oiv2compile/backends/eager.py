@@ -13,11 +13,12 @@ import torch
 
 from oiv2compile import _torch_compat
 from oiv2compile.capture import CapturedProgram, export_transformed
+from oiv2compile.config import BuildConfig
 from oiv2compile.errors import ArtifactError
 
 
-def lower(program: CapturedProgram, out_dir: Path) -> dict[str, Any]:
-    name = f"{program.phase.value}.pt2"
+def lower(program: CapturedProgram, out_dir: Path, cfg: BuildConfig) -> dict[str, Any]:
+    name = f"{program.program.name}.pt2"
     exported = export_transformed(program)
     torch.export.save(_torch_compat.without_weights(exported), out_dir / name)
     return {"file": name, "backend": "eager"}

@@ -13,20 +13,26 @@ import torch
 
 from oiv2compile import _torch_compat
 from oiv2compile.capture import CapturedProgram, export_transformed
+from oiv2compile.config import BuildConfig, Device
 from oiv2compile.errors import ArtifactError
 
-# Patched for this compile only (passed to AOTInductor, never set globally) and recorded in the
-# manifest.
-INDUCTOR_CONFIGS: dict[str, Any] = {
-    "aot_inductor.package_constants_in_so": False,
-}
+
+def inductor_configs(cfg: BuildConfig) -> dict[str, Any]:
+    """Patched for this compile only (passed to AOTInductor, never set globally); the manifest
+    records them."""
+    configs: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
+    if cfg.device is Device.CUDA:
+        # Tunes the generated reductions, including the matrix-vector products of batch-1 decode.
+        configs["coordinate_descent_tuning"] = True
+    return configs
 
 
-def lower(program: CapturedProgram, out_dir: Path) -> dict[str, Any]:
-    name = f"{program.phase.value}.pt2"
+def lower(program: CapturedProgram, out_dir: Path, cfg: BuildConfig) -> dict[str, Any]:
+    name = f"{program.program.name}.pt2"
     exported = export_transformed(program)
-    _torch_compat.aoti_compile_and_package(exported, out_dir / name, INDUCTOR_CONFIGS)
-    return {"file": name, "backend": "inductor", "inductor_configs": INDUCTOR_CONFIGS}
+    configs = inductor_configs(cfg)
+    _torch_compat.aoti_compile_and_package(exported, out_dir / name, configs)
+    return {"file": name, "backend": "inductor", "inductor_configs": configs}
 
 
 def load(artifact_dir: Path, entry: dict[str, Any], weights: dict[str, torch.Tensor]) -> Any:

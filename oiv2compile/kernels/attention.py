@@ -41,6 +41,9 @@ def attention_ref(
     visible = torch.arange(T, device=q.device)[None, None, :] <= q_pos[:, :, None]  # [B, S, T]
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    # Zero weight times a stale NaN past the filled part would still be NaN: clear those rows of v.
+    filled = torch.arange(T, device=q.device)[None, :] < (positions + S)[:, None]  # [B, T]
+    v = v.masked_fill(~filled[:, None, :, None], 0.0)
     out = torch.einsum("bhgst,bhtd->bhgsd", probs, v)  # [B, Hkv, G, S, D]
     return out.flatten(1, 2).to(q.dtype)
 
@@ -74,7 +77,7 @@ if HAS_TRITON:
         S,
         T,
         num_kv_heads,
-        scale,
+        SCALE: tl.constexpr,
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -111,7 +114,9 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+        # exp(x) = exp2(x * log2(e)). SCALE is a compile-time constant: as a run-time argument
+        # AOTInductor would pass it as a double and turn the loop's float32 state into float64.
+        qk_scale = SCALE * 1.4426950408889634
         for n0 in range(0, kv_len, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_valid = n < kv_len
@@ -174,7 +179,7 @@ def _attention_triton(
         S,
         T,
         Hkv,
-        scale,
+        SCALE=scale,
         GROUP=group,
         HEAD_DIM=D,
         BLOCK_D=max(16, next_power_of_2(D)),

@@ -1,6 +1,6 @@
 """CUDA graphs of the decode program, one per batch bucket, captured at load.
 
-Each bucket owns static input buffers; a step copies the wave's tokens, positions and cache rows
+Each bucket owns static input buffers and may use its own program (batch 1 has a specialised one); a step copies the wave's tokens, positions and cache rows
 into the first B rows, points the remaining rows at the scratch cache row (position 0), and replays
 the smallest bucket that holds B. All buckets share one memory pool: they never run at once.
 """
@@ -26,7 +26,7 @@ class _Bucket:
 class DecodeGraphs:
     def __init__(
         self,
-        decode: Callable[..., torch.Tensor],
+        program_for: Callable[[int], Callable[..., torch.Tensor]],
         caches: list[torch.Tensor],
         buckets: Sequence[int],
         scratch_slot: int,
@@ -40,13 +40,14 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for bucket in self._by_size.values():
-                decode(bucket.input_ids, bucket.positions, bucket.slots, bucket.last_index, caches)
+                program_for(bucket.size)(bucket.input_ids, bucket.positions, bucket.slots, bucket.last_index, caches)
         torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)
         pool = None
         for size in reversed(self.buckets):  # largest first: the pool it allocates serves the rest
             bucket = self._by_size[size]
             with torch.cuda.graph(bucket.graph, pool=pool):
+                decode = program_for(size)
                 bucket.logits = decode(bucket.input_ids, bucket.positions, bucket.slots, bucket.last_index, caches)
             pool = bucket.graph.pool()
         torch.cuda.synchronize(device)

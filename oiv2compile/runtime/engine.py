@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from oiv2compile.capture import CacheSpec
+from oiv2compile.capture import DECODE, DECODE_B1, PREFILL, CacheSpec
 from oiv2compile.errors import InvalidRequestError
 from oiv2compile.runtime.cuda_graphs import DecodeGraphs
 from oiv2compile.runtime.sampling import SamplingParams, sample
@@ -57,8 +57,7 @@ class Engine:
         *,
         path: Path,
         manifest: dict[str, Any],
-        prefill: Program,
-        decode: Program,
+        programs: dict[str, Program],
         spec: CacheSpec,
         device: torch.device,
         tokenizer: Any | None,
@@ -71,12 +70,13 @@ class Engine:
         self.device = device
         self.tokenizer = tokenizer
         self.vocab_size = int(manifest["model"]["vocab_size"])
-        self._prefill = prefill
-        self._decode = decode
+        self._prefill = programs[PREFILL.name]
+        self._decode = programs[DECODE.name]
+        self._decode_b1 = programs.get(DECODE_B1.name)
         self.caches = spec.allocate(device)
         self._graphs: DecodeGraphs | None = None
         if capture_graphs and device.type == "cuda":
-            self._graphs = DecodeGraphs(decode, self.caches, decode_buckets, spec.scratch_slot, device)
+            self._graphs = DecodeGraphs(self._decode_for, self.caches, decode_buckets, spec.scratch_slot, device)
 
     @property
     def max_batch_size(self) -> int:
@@ -141,6 +141,22 @@ class Engine:
                     generated[i].append(token)
                     done[i] = token in stops
                     yield StreamToken(start + i, token, self._text_delta(generated[i], texts, i))
+
+    @torch.no_grad()
+    def logits_for(self, prompt: Sequence[int], continuation: Sequence[int] = ()) -> torch.Tensor:
+        """Teacher-forced logits: [1 + len(continuation), vocab] float32 on the host. Row 0 is the
+        prediction after the prompt (prefill); row i + 1 after feeding continuation[i] (decode)."""
+        ids, _, _ = self._prepare([list(prompt)], len(continuation) + 1, 0.0, None, None, None, [])
+        if continuation:
+            self._token_ids(0, list(continuation))
+        slots = torch.zeros(1, dtype=torch.long, device=self.device)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        length = torch.tensor([len(ids[0])], dtype=torch.long, device=self.device)
+        rows = [self._prefill(input_ids, torch.zeros_like(length), slots, length - 1, self.caches).float()]
+        for i, token in enumerate(continuation):
+            tokens = torch.tensor([token], dtype=torch.long, device=self.device)
+            rows.append(self._decode_step(tokens, length + i, slots).float().clone())
+        return torch.cat(rows).cpu()
 
     # ---- internals ------------------------------------------------------------------------------
 
@@ -233,11 +249,14 @@ class Engine:
             if step % check_every == 0 and bool(finished.all()):
                 return
 
+    def _decode_for(self, batch: int) -> Program:
+        return self._decode_b1 if batch == 1 and self._decode_b1 is not None else self._decode
+
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         if self._graphs is not None:
             return self._graphs.run(tokens, positions, slots)
         last = torch.zeros_like(tokens)
-        return self._decode(tokens[:, None], positions, slots, last, self.caches)
+        return self._decode_for(tokens.shape[0])(tokens[:, None], positions, slots, last, self.caches)
 
     def _result(
         self, prompt: list[int], row: list[int], stops: set[int], max_new_tokens: int, step_times: list[float]

@@ -1,0 +1,47 @@
+# One virtual environment for everything: make demo, make test, make lint, make bench.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+# torch 2.13.0 is the CPU build on our CI machine's disk; elsewhere pip takes PyPI's build.
+# Give TORCH_INDEX=https://download.pytorch.org/whl/cpu for a CPU-only build on any machine.
+TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11,<2.15" || echo "torch==2.13.0")
+TORCH_INDEX ?=
+DEMO_DIR ?= out/llama-tiny
+
+.PHONY: venv demo test test-cuda lint format bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: venv
+	$(VENV)/bin/oiv2compile build llama-tiny -o $(DEMO_DIR) --force
+	$(VENV)/bin/oiv2compile run $(DEMO_DIR) --prompt "def fibonacci(n):" --max-new-tokens 32
+	@echo "(llama-tiny has random weights: the text is noise until a trained model ships.)"
+
+test: venv
+	$(PY) -m pytest -q
+
+test-cuda: venv
+	$(PY) -m pytest -q -m cuda
+
+lint: venv
+	$(VENV)/bin/ruff check oiv2compile tests benchmarks
+	$(VENV)/bin/ruff format --check oiv2compile tests benchmarks
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff format oiv2compile tests benchmarks
+	$(VENV)/bin/ruff check --fix oiv2compile tests benchmarks
+
+bench: venv
+	$(PY) benchmarks/bench_generate.py --model llama-1b --out benchmarks/results/llama-1b.json
+	$(PY) benchmarks/bench_generate.py --model llama-8b --out benchmarks/results/llama-8b.json
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from oiv2compile.cli import main
+
+sys.exit(main())

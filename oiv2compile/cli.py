@@ -1,0 +1,213 @@
+"""The command line: parses arguments into a BuildConfig or a generation request and calls the API.
+
+    oiv2compile build MODEL -o OUT [--backend inductor|eager] [--dtype ...] [--max-batch-size N] ...
+    oiv2compile run OUT --prompt TEXT | --token-ids 1,2,3 [--max-new-tokens N] [--temperature T] ...
+    oiv2compile inspect OUT [--json]
+
+User errors print one sentence on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from oiv2compile.errors import Oiv2Error
+
+    try:
+        return int(args.func(args) or 0)
+    except Oiv2Error as exc:
+        print(f"oiv2compile: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("oiv2compile: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oiv2compile", description="Compile Hugging Face causal LMs and run them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="compile a model directory or preset into an artifact")
+    build.add_argument("model", help="a local Hugging Face model directory, or a preset name (`oiv2compile presets` lists them)")
+    build.add_argument("-o", "--out", required=True, type=Path, help="the artifact directory to write")
+    build.add_argument("--backend", choices=["inductor", "eager"], help="lowering backend (default: inductor)")
+    build.add_argument("--device", choices=["auto", "cpu", "cuda"], help="build for this device (default: auto)")
+    build.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights and activations")
+    build.add_argument("--max-batch-size", type=int, help="most sequences decoded together (default: 8)")
+    build.add_argument("--max-seq-len", type=int, help="cache length per sequence (default: min(2048, model limit))")
+    build.add_argument("--seed", type=int, help="seed of a preset's random weights")
+    build.add_argument("--no-verify", action="store_true", help="skip the comparison with Hugging Face's forward")
+    build.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
+    build.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    build.set_defaults(func=_build)
+
+    run = sub.add_parser("run", help="generate from an artifact")
+    run.add_argument("artifact", type=Path)
+    prompt = run.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs an artifact with a tokenizer)")
+    prompt.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    run.add_argument("--top-k", type=int)
+    run.add_argument("--top-p", type=float)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--device", help="run on this device (default: the one it was built for)")
+    run.add_argument("--stream", action="store_true", help="print tokens as they come")
+    run.set_defaults(func=_run)
+
+    inspect = sub.add_parser("inspect", help="show an artifact's manifest, pass report and file sizes")
+    inspect.add_argument("artifact", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    inspect.set_defaults(func=_inspect)
+
+    presets = sub.add_parser("presets", help="list the built-in random-weight presets")
+    presets.set_defaults(func=_presets)
+    return parser
+
+
+def _build(args: argparse.Namespace) -> int:
+    import oiv2compile
+
+    overrides: dict[str, Any] = {}
+    for name in ("backend", "device", "dtype", "max_batch_size", "max_seq_len", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.no_verify:
+        overrides["enable_verification"] = False
+    if args.no_cuda_graphs:
+        overrides["cuda_graphs"] = {"enable_capture": False}
+    print(f"building {args.model} -> {args.out}", file=sys.stderr)
+    start = time.perf_counter()
+    out = oiv2compile.build(args.model, args.out, overwrite=args.force, progress=_progress, **overrides)
+    print(f"built {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _progress(phase: str, seconds: float | None) -> None:
+    if seconds is None:
+        print(f"  {phase} ...", file=sys.stderr, flush=True)
+    else:
+        print(f"  {phase}: {seconds:.2f} s", file=sys.stderr, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import oiv2compile
+    from oiv2compile.errors import InvalidRequestError
+
+    if args.token_ids is not None:
+        try:
+            prompt: Any = [int(t) for t in args.token_ids.split(",") if t.strip()]
+        except ValueError:
+            raise InvalidRequestError(f"--token-ids takes comma-separated whole numbers, not {args.token_ids!r}.") from None
+    else:
+        prompt = args.prompt
+    start = time.perf_counter()
+    engine = oiv2compile.load(args.artifact, device=args.device)
+    print(f"loaded {args.artifact} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    request = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    if args.stream:
+        for token in engine.stream([prompt], **request):
+            sys.stdout.write(token.text if token.text is not None else f"{token.token_id} ")
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    result = engine.generate([prompt], **request)[0]
+    if result.text is not None:
+        print(result.text)
+    print("token ids: " + ",".join(str(t) for t in result.token_ids), file=sys.stderr)
+    print(
+        f"{len(result.token_ids)} tokens ({result.finish_reason}); time to first token "
+        f"{result.time_to_first_token_s * 1e3:.1f} ms; decode {result.decode_tokens_per_s:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from oiv2compile.runtime.artifact import read_manifest
+
+    manifest = read_manifest(args.artifact)
+    if args.json:
+        print(json.dumps(manifest, indent=2, sort_keys=True))
+        return 0
+    model = manifest.get("model", {})
+    device = manifest.get("device", {})
+    cfg = manifest.get("build_config", {})
+    cache = manifest.get("cache", {})
+    lines = [
+        f"artifact     {args.artifact}",
+        f"format       {manifest.get('format_version')} (oiv2compile {manifest.get('oiv2compile_version')}, "
+        f"built {manifest.get('created')})",
+        f"model        {model.get('architecture')} from {model.get('source')}, "
+        f"{model.get('num_parameters', 0) / 1e6:.1f}M parameters",
+        f"built with   torch {manifest.get('torch_version')}, transformers {manifest.get('transformers_version')}, "
+        f"CUDA {manifest.get('cuda_version')}",
+        f"device       {device.get('type')}"
+        + (f" {device.get('name')} (capability {'.'.join(map(str, device.get('capability', [])))})" if device.get("name") else ""),
+        f"config       backend {cfg.get('backend')}, dtype {cfg.get('dtype')}, max_batch_size {cfg.get('max_batch_size')}, "
+        f"max_seq_len {cache.get('max_seq_len')}, fingerprint {manifest.get('fingerprint')}",
+        f"tokenizer    {manifest.get('tokenizer_note')}",
+        "programs     " + ", ".join(sorted(manifest.get("programs", {}))),
+        "passes",
+    ]
+    for program, passes in manifest.get("passes", {}).items():
+        for name, rec in passes.items():
+            lines.append(f"  {program:<10} {name:<22} {rec['count']:>5} rewrites {rec['ms']:>9.2f} ms")
+    verification = manifest.get("verification")
+    if verification:
+        errs = ", ".join(f"{k} {v:.1e}" for k, v in verification["relative_error"].items())
+        lines.append(f"verification relative logit error vs HF: {errs} (tolerance {verification['tolerance']:.0e})")
+    else:
+        lines.append("verification skipped")
+    lines.append("phases")
+    for phase, seconds in manifest.get("phases_s", {}).items():
+        lines.append(f"  {phase:<32} {seconds:>9.2f} s")
+    lines.append("files")
+    for name in sorted(manifest.get("files", {})):
+        path = args.artifact / name
+        size = path.stat().st_size if path.exists() else 0
+        lines.append(f"  {name:<40} {_size(size):>10}")
+    print("\n".join(lines))
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from oiv2compile.models import PRESETS
+
+    for name, fields in PRESETS.items():
+        print(
+            f"{name:<14} {fields['model_type']:<8} {fields['num_hidden_layers']:>3} layers, hidden {fields['hidden_size']}, "
+            f"vocab {fields['vocab_size']}"
+        )
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

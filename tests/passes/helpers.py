@@ -1,0 +1,64 @@
+"""Capture tiny HF models and hand-written modules for the pass tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from oiv2compile.capture import DECODE, PREFILL, CacheSpec, CapturedProgram, ProgramSpec, capture, tag_inputs
+from oiv2compile.models import load_model
+
+aten = torch.ops.aten
+
+
+def captured(preset: str, program: ProgramSpec = PREFILL, attn: str = "sdpa") -> tuple[CapturedProgram, CacheSpec]:
+    hf = load_model(preset, dtype=torch.float32, device="cpu", seed=0).model
+    hf.config._attn_implementation = attn
+    spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=torch.float32)
+    return capture(hf, spec, program), spec
+
+
+def run(gm: torch.fx.GraphModule, spec: CacheSpec, program: ProgramSpec, seed: int = 0):
+    """Run a program on fixed random inputs; returns (logits, caches after)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, seq = (2, 5) if program is PREFILL else (3, 1)
+    caches = [torch.randn(spec.shape(), generator=gen) for _ in range(2 * spec.num_layers)]
+    input_ids = torch.randint(0, 200, (batch, seq), generator=gen)
+    positions = torch.tensor([0, 0] if program is PREFILL else [4, 9, 0])
+    slots = torch.tensor([2, 0] if program is PREFILL else [1, 3, 0])
+    last = torch.tensor([4, 2] if program is PREFILL else [0, 0, 0])
+    logits = gm(input_ids, positions, slots, last, caches)
+    return logits, caches
+
+
+def ops(gm: torch.fx.GraphModule) -> set[str]:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def count(gm: torch.fx.GraphModule, *targets) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in targets)
+
+
+def snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    return copy.deepcopy(gm)
+
+
+def export_toy(module: torch.nn.Module, spec: CacheSpec, seq: int = 1) -> torch.fx.GraphModule:
+    """Export a hand-written module with the executor's input contract and tag its inputs."""
+    from oiv2compile._torch_compat import unlift
+
+    inputs = (
+        torch.zeros(2, seq, dtype=torch.long),
+        torch.tensor([1, 2]),
+        torch.tensor([0, 1]),
+        torch.zeros(2, dtype=torch.long),
+        [torch.zeros(spec.shape()) for _ in range(2 * spec.num_layers)],
+    )
+    with torch.no_grad():
+        gm = unlift(torch.export.export(module, inputs, strict=False))
+    tag_inputs(gm, spec)
+    return gm
+
+
+__all__ = ["DECODE", "PREFILL", "aten", "captured", "count", "export_toy", "ops", "run", "snapshot"]

@@ -1,0 +1,51 @@
+"""The pass manager: order, report, dumps, cleanup, and errors that name the pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oiv2compile.config import BuildConfig
+from oiv2compile.passes import PassError, pipeline, run_passes
+from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
+from oiv2compile.passes.substitute_attention import substitute_attention
+from tests.passes.helpers import PREFILL, aten, captured
+
+
+def test_pipeline_follows_the_config():
+    assert pipeline(BuildConfig()) == [rewrite_kv_cache, substitute_attention]
+    only_cache = BuildConfig().replace(attention={"enable_substitution": False})
+    assert pipeline(only_cache) == [rewrite_kv_cache]
+    none = only_cache.replace(kv_cache={"enable_rewrite": False})
+    assert pipeline(none) == []
+
+
+def test_report_dump_and_cleanup(tmp_path, monkeypatch):
+    monkeypatch.setenv("OIV2_DUMP_DIR", str(tmp_path))
+    prog, spec = captured("llama-tiny", PREFILL)
+    records = run_passes(prog.graph_module, BuildConfig(), pipeline(BuildConfig()), label="prefill")
+    assert [(r.name, r.count) for r in records] == [("rewrite_kv_cache", 4), ("substitute_attention", 2)]
+    assert all(r.ms >= 0 for r in records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "prefill.00.rewrite_kv_cache.after.txt",
+        "prefill.00.rewrite_kv_cache.before.txt",
+        "prefill.01.substitute_attention.after.txt",
+        "prefill.01.substitute_attention.before.txt",
+    ]
+    assert "index_put_" in (tmp_path / "prefill.00.rewrite_kv_cache.before.txt").read_text()
+    assert "oiv2.kv_write" in (tmp_path / "prefill.00.rewrite_kv_cache.after.txt").read_text()
+    # Dead code goes after each pass: the whole-row cache reads fed only the replaced attention.
+    cache_reads = [
+        n for n in prog.graph_module.graph.nodes if n.target is aten.index.Tensor and n.args[0].op == "placeholder"
+    ]
+    assert cache_reads == []
+
+
+def test_failure_names_the_pass():
+    prog, _ = captured("llama-tiny", PREFILL)
+
+    def explode(gm: torch.fx.GraphModule, cfg: BuildConfig) -> int:
+        raise KeyError("boom")
+
+    with pytest.raises(PassError, match="pass explode failed on the prefill graph"):
+        run_passes(prog.graph_module, BuildConfig(), [explode], label="prefill")

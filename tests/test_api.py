@@ -1,0 +1,133 @@
+"""End to end: build an artifact, load it, and compare its tokens with Hugging Face's own generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import oiv2compile
+from oiv2compile.errors import BuildError, ConfigError, ModelNotFoundError, UnsupportedModelError
+from oiv2compile.models import load_model
+from tests.conftest import PROMPTS, TINY_BUILD, hf_greedy
+
+NEW_TOKENS = 32
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "mistral-tiny", "qwen2-tiny"])
+def test_inductor_artifact_greedy_equals_hf(preset, artifacts, hf_tiny):
+    engine = oiv2compile.load(artifacts(preset))
+    results = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    expected = [hf_greedy(hf_tiny(preset), p, NEW_TOKENS) for p in PROMPTS]
+    assert [r.token_ids for r in results] == expected
+    assert all(r.finish_reason == "length" and r.prompt_tokens == len(p) for r, p in zip(results, PROMPTS))
+
+
+def test_eager_backend_greedy_equals_hf(artifacts, hf_tiny):
+    engine = oiv2compile.load(artifacts("llama-tiny", "eager"))
+    results = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    assert [r.token_ids for r in results] == [hf_greedy(hf_tiny("llama-tiny"), p, NEW_TOKENS) for p in PROMPTS]
+
+
+def test_model_loaded_with_eager_attention_is_substituted(tmp_path):
+    """HF's matmul-softmax-matmul attention becomes oiv2::attention just like sdpa does."""
+    hf = load_model("mistral-tiny", dtype=torch.float32, device="cpu", seed=3).model
+    hf.config._attn_implementation = "eager"
+    out = oiv2compile.build(hf, tmp_path / "a", backend="eager", device="cpu", **TINY_BUILD)
+    manifest = json.loads((out / "manifest.json").read_text())
+    layers = hf.config.num_hidden_layers
+    for program in ("prefill", "decode"):
+        assert manifest["passes"][program]["substitute_attention"]["count"] == layers
+        assert manifest["passes"][program]["rewrite_kv_cache"]["count"] == 2 * layers
+    engine = oiv2compile.load(out)
+    got = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    assert [r.token_ids for r in got] == [hf_greedy(hf, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def test_manifest_records_build(artifacts):
+    manifest = json.loads((artifacts("llama-tiny") / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["torch_version"] == torch.__version__
+    assert manifest["device"] == {"type": "cpu"}
+    assert manifest["build_config"]["dtype"] == "float32"
+    assert manifest["build_config"]["device"] == "cpu"
+    assert set(manifest["programs"]) == {"prefill", "decode"}
+    assert manifest["passes"]["decode"] == {
+        "rewrite_kv_cache": {"count": 4, "ms": manifest["passes"]["decode"]["rewrite_kv_cache"]["ms"]},
+        "substitute_attention": {"count": 2, "ms": manifest["passes"]["decode"]["substitute_attention"]["ms"]},
+    }
+    assert manifest["verification"]["relative_error"]["prefill"] < 1e-4
+    assert manifest["model"]["architecture"] == "LlamaForCausalLM"
+    on_disk = {p.name for p in artifacts("llama-tiny").rglob("*") if p.is_file()} - {"manifest.json"}
+    assert {name.rsplit("/", 1)[-1] for name in manifest["files"]} == on_disk
+
+
+def test_weights_are_stored_once_and_shared(artifacts):
+    """One safetensors copy of the weights; the .pt2 packages hold code, not weights."""
+    from safetensors.torch import load_file
+
+    root = artifacts("qwen2-tiny")  # tied embeddings: stored once, the head is an alias
+    manifest = json.loads((root / "manifest.json").read_text())
+    weights = manifest["weights"]
+    assert len(weights["aliases"]) == 1
+    ((alias, name),) = weights["aliases"].items()
+    assert {alias, name} == {"hf.lm_head.weight", "hf.model.embed_tokens.weight"}
+    stored = {}
+    for file in weights["files"]:
+        stored.update(load_file(str(root / file)))
+    assert alias not in stored and name in stored
+    probe = stored["hf.model.layers.0.mlp.down_proj.weight"].numpy().tobytes()[:512]
+    for entry in manifest["programs"].values():
+        assert probe not in (root / entry["file"]).read_bytes()
+
+
+def test_build_refuses_existing_output_and_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "a"
+    out.mkdir()
+    with pytest.raises(BuildError, match="already exists"):
+        oiv2compile.build("llama-tiny", out, device="cpu", **TINY_BUILD)
+    missing = tmp_path / "b"
+    with pytest.raises(ModelNotFoundError):
+        oiv2compile.build(tmp_path / "no-such-model", missing, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_bad_config_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        oiv2compile.build("llama-tiny", tmp_path / "a", max_batch_size=0)
+    with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings"):
+        oiv2compile.build("llama-tiny", tmp_path / "a", device="cpu", max_seq_len=4096)
+    assert not (tmp_path / "a").exists()
+
+
+def test_sliding_window_beyond_max_seq_len_is_refused(tmp_path):
+    hf = load_model("mistral-tiny", dtype=torch.float32, device="cpu", seed=0).model
+    hf.config.sliding_window = 64
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        oiv2compile.build(hf, tmp_path / "a", device="cpu", **TINY_BUILD)
+    # Within the window the sliding mask is the plain causal mask: allowed.
+    oiv2compile.build(hf, tmp_path / "b", backend="eager", device="cpu", max_seq_len=64, max_batch_size=2)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "fields", "message"),
+    [
+        ("mamba", dict(hidden_size=64, num_hidden_layers=2, vocab_size=300, state_size=4), "linear_attention"),
+        (
+            "gemma2",
+            dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=300),
+            "soft-caps",
+        ),
+    ],
+)
+def test_unsupported_architecture_is_refused_by_name(tmp_path, model_type, fields, message):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
+    with pytest.raises(UnsupportedModelError, match=message) as info:
+        oiv2compile.build(hf, tmp_path / "a", backend="eager", device="cpu", max_seq_len=64, max_batch_size=2)
+    assert type(hf).__name__ in str(info.value)
+    assert "llama, mistral, qwen2" in str(info.value)
+    assert not (tmp_path / "a").exists()

@@ -1,0 +1,39 @@
+"""The build refuses programs that do not compute what Hugging Face computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oiv2compile
+from oiv2compile import api
+from oiv2compile.capture import CacheSpec
+from oiv2compile.config import BuildConfig
+from oiv2compile.errors import BuildError, UnsupportedModelError
+from oiv2compile.passes import PassRecord, pipeline
+from oiv2compile.verify import check_pass_counts
+
+SPEC = CacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, max_seq_len=64, max_batch_size=2, dtype="float32")
+
+
+def test_a_pass_that_changes_the_numbers_fails_the_build(tmp_path, monkeypatch):
+    def wrong_scale(gm: torch.fx.GraphModule, cfg: BuildConfig) -> int:
+        n = 0
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.oiv2.attention.default:
+                node.args = (*node.args[:5], node.args[5] * 8.0)
+                n += 1
+        return n
+
+    monkeypatch.setattr(api, "pipeline", lambda cfg: [*pipeline(cfg), wrong_scale])
+    with pytest.raises(BuildError, match="differs from Hugging Face's own forward in the prefill logits"):
+        oiv2compile.build("llama-tiny", tmp_path / "a", backend="eager", device="cpu", max_seq_len=64, max_batch_size=2)
+    assert not (tmp_path / "a").exists()
+
+
+def test_missing_rewrites_fail_with_the_architecture():
+    check_pass_counts([PassRecord("rewrite_kv_cache", 4, 1.0), PassRecord("substitute_attention", 2, 1.0)], SPEC, "X", "decode")
+    with pytest.raises(UnsupportedModelError, match=r"FooForCausalLM: substitute_attention rewrote 1 of the 2 attention"):
+        check_pass_counts([PassRecord("substitute_attention", 1, 1.0)], SPEC, "FooForCausalLM", "decode")
+    with pytest.raises(UnsupportedModelError, match="rewrote 3 of the 4 cache writes in the prefill graph"):
+        check_pass_counts([PassRecord("rewrite_kv_cache", 3, 1.0)], SPEC, "FooForCausalLM", "prefill")
