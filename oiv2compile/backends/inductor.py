@@ -12,17 +12,19 @@ from typing import Any
 import torch
 
 from oiv2compile import _torch_compat
-from oiv2compile.capture import CapturedProgram, export_transformed
+from oiv2compile.capture import CapturedProgram, Phase, ProgramSpec, export_transformed
 from oiv2compile.config import BuildConfig, Device
 from oiv2compile.errors import ArtifactError
 
 
-def inductor_configs(cfg: BuildConfig) -> dict[str, Any]:
+def inductor_configs(cfg: BuildConfig, program: ProgramSpec) -> dict[str, Any]:
     """Patched for this compile only (passed to AOTInductor, never set globally); the manifest
-    records them."""
+    records them per program."""
     configs: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
-    if cfg.device is Device.CUDA:
-        # Tunes the generated reductions, including the matrix-vector products of batch-1 decode.
+    if cfg.device is Device.CUDA and program.phase is Phase.DECODE:
+        # Tunes the generated reductions, among them the matrix-vector products that a batch of
+        # one turns each linear into. Prefill's matrix products go to cuBLAS: tuning there only
+        # costs build time.
         configs["coordinate_descent_tuning"] = True
     return configs
 
@@ -30,7 +32,7 @@ def inductor_configs(cfg: BuildConfig) -> dict[str, Any]:
 def lower(program: CapturedProgram, out_dir: Path, cfg: BuildConfig) -> dict[str, Any]:
     name = f"{program.program.name}.pt2"
     exported = export_transformed(program)
-    configs = inductor_configs(cfg)
+    configs = inductor_configs(cfg, program.program)
     _torch_compat.aoti_compile_and_package(exported, out_dir / name, configs)
     return {"file": name, "backend": "inductor", "inductor_configs": configs}
 
