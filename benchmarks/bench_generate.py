@@ -200,8 +200,10 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
-    print(f"\n{args.model} {args.dtype} batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"{result['device']}, copy {bandwidth:.0f} GB/s, roofline {roofline:.0f} tok/s")
+    print(
+        f"\n{args.model} {args.dtype} batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+        f"{result['device']}, copy {bandwidth:.0f} GB/s, roofline {roofline:.0f} tok/s"
+    )
     print("| what | decode tok/s (min-max) | share of roofline | TTFT ms | build s | load s | warm-up s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -211,13 +213,19 @@ def main() -> None:
             f"{row['ttft_s']['median'] * 1e3:.1f} | {row.get('build_s', float('nan')):.1f} | "
             f"{row.get('load_s', float('nan')):.2f} | {row.get('warmup_s', float('nan')):.1f} | {row['peak_gpu_gib']:.1f} |"
         )
-    speedup = ours["decode_tok_s"]["median"] / max(r["decode_tok_s"]["median"] for r in rows[1:]) if len(rows) > 1 else float("nan")
+    speedup = (
+        ours["decode_tok_s"]["median"] / max(r["decode_tok_s"]["median"] for r in rows[1:])
+        if len(rows) > 1
+        else float("nan")
+    )
     print(f"oiv2compile decode vs best baseline: {speedup:.2f}x")
 
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

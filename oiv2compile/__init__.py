@@ -1,16 +1,16 @@
 """oiv2compile: compile Hugging Face causal language models into artifacts that load fast and run fast.
 
-    import oiv2compile
-    oiv2compile.build("llama-tiny", "out/llama-tiny")
-    engine = oiv2compile.load("out/llama-tiny")
-    print(engine.generate(["def add(a, b):"], max_new_tokens=16)[0].text)
+import oiv2compile
+oiv2compile.build("llama-tiny", "out/llama-tiny")
+engine = oiv2compile.load("out/llama-tiny")
+print(engine.generate(["def add(a, b):"], max_new_tokens=16)[0].text)
 """
 
 __version__ = "0.1.0"
 
-from oiv2compile.api import build, load  # noqa: E402
-from oiv2compile.config import Backend, BuildConfig, Device, DType  # noqa: E402
-from oiv2compile.errors import (  # noqa: E402
+from oiv2compile.api import build, load
+from oiv2compile.config import Backend, BuildConfig, Device, DType
+from oiv2compile.errors import (
     ArtifactError,
     BuildError,
     ConfigError,

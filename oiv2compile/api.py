@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from oiv2compile import __version__
+from oiv2compile import __version__, _torch_compat
 from oiv2compile.backends import get_backend
 from oiv2compile.capture import DECODE, DECODE_B1, PREFILL, CacheSpec, CapturedProgram, ProgramSpec, capture
 from oiv2compile.config import Backend, BuildConfig, Device, DType
@@ -55,7 +55,7 @@ def build(
     device = _build_device(cfg)
     dtype = getattr(torch, cfg.dtype.value)
 
-    with artifact.staging_directory(out, overwrite=overwrite) as staging:
+    with artifact.staging_directory(out, overwrite=overwrite) as staging, _releasing_export_state():
         with phases("load model"):
             loaded = load_model(model, dtype=dtype, device=device, seed=cfg.seed, tokenizer=tokenizer)
         hf = loaded.model
@@ -196,8 +196,7 @@ def _max_seq_len(cfg: BuildConfig, config: Any) -> int:
         return min(_DEFAULT_MAX_SEQ_LEN, limit)
     if cfg.max_seq_len > limit:
         raise ConfigError(
-            f"max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings ({limit}); "
-            f"use at most {limit}."
+            f"max_seq_len {cfg.max_seq_len} exceeds the model's max_position_embeddings ({limit}); use at most {limit}."
         )
     return cfg.max_seq_len
 
@@ -209,7 +208,7 @@ def _check_attention_kind(config: Any, arch: str, max_seq_len: int) -> None:
     window = getattr(config, "sliding_window", None)
     layer_types = set(getattr(config, "layer_types", None) or ())
     uses_window = window is not None and (not layer_types or "sliding_attention" in layer_types)
-    if uses_window and max_seq_len > window:
+    if window is not None and uses_window and max_seq_len > window:
         raise UnsupportedModelError(
             f"{arch} uses sliding-window attention over {window} tokens, which this version does not implement; "
             f"build with --max-seq-len {window} or less."
@@ -229,7 +228,7 @@ def _check_attention_kind(config: Any, arch: str, max_seq_len: int) -> None:
 
 def _program_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every tensor the program holds as an attribute (parameters, buffers, constants), by name."""
-    weights = dict(gm.named_parameters(remove_duplicate=False))
+    weights: dict[str, torch.Tensor] = dict(gm.named_parameters(remove_duplicate=False))
     weights.update(gm.named_buffers(remove_duplicate=False))
     for node in gm.graph.find_nodes(op="get_attr"):
         owner_name, _, leaf = node.target.rpartition(".")
@@ -264,6 +263,14 @@ def _load_tokenizer(root: Path, manifest: dict[str, Any]) -> Any | None:
         return AutoTokenizer.from_pretrained(str(root / manifest["tokenizer"]))
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"The artifact's tokenizer could not be loaded ({exc}); rebuild the artifact.") from None
+
+
+@contextlib.contextmanager
+def _releasing_export_state() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        _torch_compat.release_export_state()
 
 
 @contextlib.contextmanager

@@ -141,7 +141,7 @@ class CaptureModule(nn.Module):
     """The exported forward: HF's own CausalLM forward over the executor's cache, so that whatever
     the model does to its logits (soft-capping, scaling) is part of the program."""
 
-    def __init__(self, hf_model: nn.Module, spec: CacheSpec, phase: Phase) -> None:
+    def __init__(self, hf_model: Any, spec: CacheSpec, phase: Phase) -> None:
         super().__init__()
         self.hf = hf_model
         self.max_seq_len = spec.max_seq_len
@@ -163,7 +163,7 @@ class CaptureModule(nn.Module):
         kv_pos = torch.arange(self.max_seq_len, device=device)
         visible = kv_pos[None, None, None, :] <= position_ids[:, None, :, None]  # [B, 1, S, T]
         if self.additive_mask:
-            dtype = self.hf.dtype
+            dtype: torch.dtype = self.hf.dtype
             mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
         else:
             mask = visible
@@ -219,7 +219,7 @@ def dynamic_shapes(spec: CacheSpec, program: ProgramSpec) -> tuple[Any, ...]:
     return (tokens or None, per_seq, per_seq, per_seq, [None] * (2 * spec.num_layers))
 
 
-def capture(hf_model: nn.Module, spec: CacheSpec, program: ProgramSpec) -> CapturedProgram:
+def capture(hf_model: Any, spec: CacheSpec, program: ProgramSpec) -> CapturedProgram:
     """Export one program and return it unlifted: weights as attributes, inputs as tagged placeholders."""
     device = next(hf_model.parameters()).device
     inputs = example_inputs(spec, program, device)
@@ -247,7 +247,7 @@ def tag_inputs(gm: torch.fx.GraphModule, spec: CacheSpec) -> None:
     expected = len(INPUT_NAMES) + 2 * spec.num_layers
     if len(placeholders) != expected:
         raise AssertionError(f"captured graph has {len(placeholders)} inputs, expected {expected}")
-    for node, name in zip(placeholders, INPUT_NAMES):
+    for node, name in zip(placeholders, INPUT_NAMES, strict=False):
         node.meta["oiv2"] = {"role": name}
     for i, node in enumerate(placeholders[len(INPUT_NAMES) :]):
         node.meta["oiv2"] = {"role": "k_cache" if i % 2 == 0 else "v_cache", "layer": i // 2}

@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="compile a model directory or preset into an artifact")
-    build.add_argument("model", help="a local Hugging Face model directory, or a preset name (`oiv2compile presets` lists them)")
+    build.add_argument(
+        "model", help="a local Hugging Face model directory, or a preset name (`oiv2compile presets` lists them)"
+    )
     build.add_argument("-o", "--out", required=True, type=Path, help="the artifact directory to write")
     build.add_argument("--backend", choices=["inductor", "eager"], help="lowering backend (default: inductor)")
     build.add_argument("--device", choices=["auto", "cpu", "cuda"], help="build for this device (default: auto)")
@@ -111,7 +113,9 @@ def _run(args: argparse.Namespace) -> int:
         try:
             prompt: Any = [int(t) for t in args.token_ids.split(",") if t.strip()]
         except ValueError:
-            raise InvalidRequestError(f"--token-ids takes comma-separated whole numbers, not {args.token_ids!r}.") from None
+            raise InvalidRequestError(
+                f"--token-ids takes comma-separated whole numbers, not {args.token_ids!r}."
+            ) from None
     else:
         prompt = args.prompt
     start = time.perf_counter()
@@ -162,7 +166,11 @@ def _inspect(args: argparse.Namespace) -> int:
         f"built with   torch {manifest.get('torch_version')}, transformers {manifest.get('transformers_version')}, "
         f"CUDA {manifest.get('cuda_version')}",
         f"device       {device.get('type')}"
-        + (f" {device.get('name')} (capability {'.'.join(map(str, device.get('capability', [])))})" if device.get("name") else ""),
+        + (
+            f" {device.get('name')} (capability {'.'.join(map(str, device.get('capability', [])))})"
+            if device.get("name")
+            else ""
+        ),
         f"config       backend {cfg.get('backend')}, dtype {cfg.get('dtype')}, max_batch_size {cfg.get('max_batch_size')}, "
         f"max_seq_len {cache.get('max_seq_len')}, fingerprint {manifest.get('fingerprint')}",
         f"tokenizer    {manifest.get('tokenizer_note')}",

@@ -141,8 +141,7 @@ class BuildConfig:
 def _validate(cfg: BuildConfig) -> None:
     if cfg.version != CONFIG_VERSION:
         raise ConfigError(
-            f"Build config version {cfg.version} is not supported; this oiv2compile reads version "
-            f"{CONFIG_VERSION}."
+            f"Build config version {cfg.version} is not supported; this oiv2compile reads version {CONFIG_VERSION}."
         )
     if not 1 <= cfg.max_batch_size <= 1024:
         raise ConfigError(f"max_batch_size must be between 1 and 1024, not {cfg.max_batch_size}.")
@@ -151,8 +150,7 @@ def _validate(cfg: BuildConfig) -> None:
     for bucket in cfg.cuda_graphs.batch_buckets:
         if not 1 <= bucket <= cfg.max_batch_size:
             raise ConfigError(
-                f"CUDA graph batch bucket {bucket} must be between 1 and max_batch_size "
-                f"({cfg.max_batch_size})."
+                f"CUDA graph batch bucket {bucket} must be between 1 and max_batch_size ({cfg.max_batch_size})."
             )
     if cfg.cuda_graphs.batch_buckets and max(cfg.cuda_graphs.batch_buckets) != cfg.max_batch_size:
         raise ConfigError("The largest CUDA graph batch bucket must equal max_batch_size.")

@@ -150,7 +150,7 @@ def load_model(
     model: str | Path | Any,
     *,
     dtype: torch.dtype,
-    device: str,
+    device: str | torch.device,
     seed: int,
     tokenizer: Any | None = None,
 ) -> LoadedModel:
@@ -163,7 +163,7 @@ def load_model(
     return _from_directory(Path(name), dtype=dtype, device=device)
 
 
-def _from_preset(name: str, *, dtype: torch.dtype, device: str, seed: int) -> LoadedModel:
+def _from_preset(name: str, *, dtype: torch.dtype, device: str | torch.device, seed: int) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(PRESETS[name])
@@ -181,7 +181,7 @@ def _from_preset(name: str, *, dtype: torch.dtype, device: str, seed: int) -> Lo
     return LoadedModel(hf, None, f"preset:{name}", "none: random-weight presets of full size carry no tokenizer")
 
 
-def _from_directory(path: Path, *, dtype: torch.dtype, device: str) -> LoadedModel:
+def _from_directory(path: Path, *, dtype: torch.dtype, device: str | torch.device) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not path.exists():
@@ -196,7 +196,9 @@ def _from_directory(path: Path, *, dtype: torch.dtype, device: str) -> LoadedMod
     try:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, OSError) as exc:
-        raise UnsupportedModelError(f"{path}/config.json could not be read by transformers: {_first_line(exc)}") from None
+        raise UnsupportedModelError(
+            f"{path}/config.json could not be read by transformers: {_first_line(exc)}"
+        ) from None
     check_causal_lm(config)
     # Meta-device init and safetensors mmap: the weights go straight to `device`, with no second
     # full copy in host memory.
@@ -210,13 +212,15 @@ def _from_directory(path: Path, *, dtype: torch.dtype, device: str) -> LoadedMod
                 f"{arch} has no scaled-dot-product attention in transformers, which capture needs; supported "
                 f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}."
             ) from None
-        raise UnsupportedModelError(f"{arch} in {path} could not be loaded by transformers: {_first_line(exc)}") from None
+        raise UnsupportedModelError(
+            f"{arch} in {path} could not be loaded by transformers: {_first_line(exc)}"
+        ) from None
     hf.eval()
     tokenizer, note = _directory_tokenizer(path)
     return LoadedModel(hf, tokenizer, str(path.resolve()), note)
 
 
-def _from_object(model: Any, *, dtype: torch.dtype, device: str, tokenizer: Any | None) -> LoadedModel:
+def _from_object(model: Any, *, dtype: torch.dtype, device: str | torch.device, tokenizer: Any | None) -> LoadedModel:
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -224,7 +228,7 @@ def _from_object(model: Any, *, dtype: torch.dtype, device: str, tokenizer: Any 
             f"build() takes a model directory, a preset name or a transformers model, not {type(model).__name__}."
         )
     check_causal_lm(model.config)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
     note = "given with the model" if tokenizer is not None else "none given"
     return LoadedModel(model, tokenizer, "object", note)
 

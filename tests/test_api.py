@@ -21,7 +21,7 @@ def test_inductor_artifact_greedy_equals_hf(preset, artifacts, hf_tiny):
     results = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
     expected = [hf_greedy(hf_tiny(preset), p, NEW_TOKENS) for p in PROMPTS]
     assert [r.token_ids for r in results] == expected
-    assert all(r.finish_reason == "length" and r.prompt_tokens == len(p) for r, p in zip(results, PROMPTS))
+    assert all(r.finish_reason == "length" and r.prompt_tokens == len(p) for r, p in zip(results, PROMPTS, strict=True))
 
 
 def test_eager_backend_greedy_equals_hf(artifacts, hf_tiny):
@@ -116,8 +116,15 @@ def test_sliding_window_beyond_max_seq_len_is_refused(tmp_path):
         ("mamba", dict(hidden_size=64, num_hidden_layers=2, vocab_size=300, state_size=4), "linear_attention"),
         (
             "gemma2",
-            dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=300),
+            dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                vocab_size=300,
+            ),
             "soft-caps",
         ),
     ],

@@ -35,8 +35,21 @@ def artifact_copy(artifacts, tmp_path):  # type: ignore[no-untyped-def]
 
 def test_build_run_inspect(capsys, tmp_path):
     out = tmp_path / "a"
-    code, _, err = _cli(capsys, "build", "llama-tiny", "-o", str(out), "--backend", "eager", "--device", "cpu",
-                        "--max-seq-len", "64", "--max-batch-size", "2")
+    code, _, err = _cli(
+        capsys,
+        "build",
+        "llama-tiny",
+        "-o",
+        str(out),
+        "--backend",
+        "eager",
+        "--device",
+        "cpu",
+        "--max-seq-len",
+        "64",
+        "--max-batch-size",
+        "2",
+    )
     assert code == 0, err
     assert "capture prefill:" in err and "lower decode (eager):" in err and f"built {out}" in err
     code, stdout, err = _cli(capsys, "run", str(out), "--token-ids", "1,2,3", "--max-new-tokens", "5")

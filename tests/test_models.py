@@ -26,7 +26,7 @@ def test_tiny_preset_is_seeded():
     a = load_model("llama-tiny", dtype=torch.float32, device="cpu", seed=1)
     b = load_model("llama-tiny", dtype=torch.float32, device="cpu", seed=1)
     assert a.source == "preset:llama-tiny" and a.tokenizer is not None
-    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 
@@ -45,10 +45,10 @@ def test_directory_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ModelNotFoundError, match="is not a directory"):
         load_model(tmp_path / "file", dtype=torch.float32, device="cpu", seed=0)
-    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"has no config\.json"):
         load_model(tmp_path, dtype=torch.float32, device="cpu", seed=0)
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelNotFoundError, match="no \\*.safetensors"):
+    with pytest.raises(ModelNotFoundError, match=r"no \*\.safetensors"):
         load_model(tmp_path, dtype=torch.float32, device="cpu", seed=0)
 
 
@@ -59,13 +59,15 @@ def test_directory_round_trip_with_tokenizer(tmp_path):
     again = load_model(tmp_path, dtype=torch.float32, device="cpu", seed=0)
     assert again.source == str(tmp_path.resolve())
     assert again.tokenizer is not None and again.tokenizer_note == "from the model directory"
-    for p, q in zip(loaded.model.parameters(), again.model.parameters()):
+    for p, q in zip(loaded.model.parameters(), again.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_non_causal_model_directory_is_refused(tmp_path):
     from transformers import ViTConfig, ViTModel
 
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path)
+    ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="not a causal language model"):
         load_model(tmp_path, dtype=torch.float32, device="cpu", seed=0)

@@ -32,8 +32,12 @@ def test_a_pass_that_changes_the_numbers_fails_the_build(tmp_path, monkeypatch):
 
 
 def test_missing_rewrites_fail_with_the_architecture():
-    check_pass_counts([PassRecord("rewrite_kv_cache", 4, 1.0), PassRecord("substitute_attention", 2, 1.0)], SPEC, "X", "decode")
-    with pytest.raises(UnsupportedModelError, match=r"FooForCausalLM: substitute_attention rewrote 1 of the 2 attention"):
+    check_pass_counts(
+        [PassRecord("rewrite_kv_cache", 4, 1.0), PassRecord("substitute_attention", 2, 1.0)], SPEC, "X", "decode"
+    )
+    with pytest.raises(
+        UnsupportedModelError, match=r"FooForCausalLM: substitute_attention rewrote 1 of the 2 attention"
+    ):
         check_pass_counts([PassRecord("substitute_attention", 1, 1.0)], SPEC, "FooForCausalLM", "decode")
     with pytest.raises(UnsupportedModelError, match="rewrote 3 of the 4 cache writes in the prefill graph"):
         check_pass_counts([PassRecord("rewrite_kv_cache", 3, 1.0)], SPEC, "FooForCausalLM", "prefill")

@@ -29,7 +29,7 @@ def attention_ref(
     scale: float,
 ) -> torch.Tensor:
     """The spec, and the CPU path. Reads whole cache rows and masks what is not yet filled."""
-    B, Hq, S, D = q.shape
+    _B, Hq, S, _D = q.shape
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
     k = k_cache[slots].float()  # [B, Hkv, T, D]
     v = v_cache[slots].float()
@@ -208,4 +208,3 @@ with registering_triton_op():
         if HAS_TRITON and q.device.type == "cuda":
             return _attention_triton(q, k_cache, v_cache, slots, positions, scale)
         return attention_ref(q, k_cache, v_cache, slots, positions, scale)
-

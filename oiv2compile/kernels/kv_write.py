@@ -18,7 +18,7 @@ from oiv2compile.kernels._triton import HAS_TRITON, next_power_of_2, registering
 
 def kv_write_ref(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> None:
     """The spec, and the CPU path."""
-    B, H, S, D = values.shape
+    _B, H, S, _D = values.shape
     heads = torch.arange(H, device=values.device)
     pos = positions[:, None] + torch.arange(S, device=values.device)[None, :]  # [B, S]
     cache.index_put_((slots[:, None, None], heads[None, :, None], pos[:, None, :]), values.to(cache.dtype))
@@ -88,4 +88,3 @@ with registering_triton_op():
             _kv_write_triton(cache, values, slots, positions)
         else:
             kv_write_ref(cache, values, slots, positions)
-

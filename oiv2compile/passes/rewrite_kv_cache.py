@@ -16,6 +16,8 @@ substitute_attention replaces the attention that consumes them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -43,7 +45,8 @@ def rewrite_kv_cache(gm: GraphModule, cfg: BuildConfig) -> int:
     for node in list(gm.graph.nodes):
         if not is_call(node, *_WRITES) or not _is_cache_write(node, slots, positions):
             continue
-        cache, _, values = node.args[:3]
+        args: Any = node.args
+        cache, _, values = args[:3]
         with gm.graph.inserting_before(node):
             write = gm.graph.call_function(torch.ops.oiv2.kv_write.default, (cache, values, slots, positions))
         write.meta["val"] = None
@@ -60,7 +63,8 @@ def rewrite_kv_cache(gm: GraphModule, cfg: BuildConfig) -> int:
 
 
 def _is_cache_write(node: Node, slots: Node, positions: Node) -> bool:
-    cache, indices, values = node.args[:3]
+    args: Any = node.args
+    cache, indices, values = args[:3]
     accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
     if accumulate or role(cache) not in ("k_cache", "v_cache") or len(indices) != 3:
         return False
@@ -83,4 +87,3 @@ def _is_cache_write(node: Node, slots: Node, positions: Node) -> bool:
         and new.shape[1] == dst.shape[1]
         and new.shape[3] == dst.shape[3]
     )
-

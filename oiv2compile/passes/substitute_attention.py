@@ -70,7 +70,11 @@ def substitute_attention(gm: GraphModule, cfg: BuildConfig) -> int:
                 (q, k_cache, v_cache, inputs["slots"], inputs["positions"], float(scale)),
             )
         attn.meta["val"] = node.meta.get("val")
-        record(attn, layer=k_cache.meta["oiv2"]["layer"], form="sdpa" if is_call(node, aten.scaled_dot_product_attention.default) else "eager")
+        record(
+            attn,
+            layer=k_cache.meta["oiv2"]["layer"],
+            form="sdpa" if is_call(node, aten.scaled_dot_product_attention.default) else "eager",
+        )
         node.replace_all_uses_with(attn)
         gm.graph.erase_node(node)
         count += 1

@@ -65,7 +65,14 @@ def save_weights(named: dict[str, torch.Tensor], out_dir: Path) -> dict[str, Any
     unique: dict[str, torch.Tensor] = {}
     for name in sorted(named):
         tensor = named[name]
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        key = (
+            tensor.device,
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+        )
         if key in canonical:
             aliases[name] = canonical[key]
         else:
@@ -91,7 +98,7 @@ def save_weights(named: dict[str, torch.Tensor], out_dir: Path) -> dict[str, Any
 
 def file_digests(root: Path, files: list[str]) -> dict[str, str]:
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 2), max(1, len(files)))) as pool:
-        return dict(zip(files, pool.map(lambda f: _sha256(root / f), files)))
+        return dict(zip(files, pool.map(lambda f: _sha256(root / f), files), strict=True))
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ and the host waits for the GPU only every few steps to see whether every sequenc
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -113,7 +114,7 @@ class Engine:
                 times.mark()
             token_rows = torch.stack(steps, dim=1).tolist()  # [B, steps]; the one sync of the wave
             step_times = times.intervals()
-            for prompt, row in zip(wave, token_rows):
+            for prompt, row in zip(wave, token_rows, strict=True):
                 results.append(self._result(prompt, row, stops, max_new_tokens, step_times))
         return results
 
@@ -175,7 +176,7 @@ class Engine:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InvalidRequestError(f"max_new_tokens must be a whole number of at least 1, not {max_new_tokens!r}.")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        ids = [self._token_ids(i, p) for i, p in enumerate(prompts)]
+        ids = [self._token_ids(i, p) for i, p in enumerate(prompts)]  # type: ignore[arg-type]
         for i, prompt in enumerate(ids):
             if len(prompt) > self.max_seq_len:
                 raise InvalidRequestError(
@@ -307,4 +308,4 @@ class _StepClock:
             stamps = [0.0] + [self.start.elapsed_time(m) / 1e3 for m in self.marks]
         else:
             stamps = [0.0] + [m - self.start for m in self.marks]
-        return [b - a for a, b in zip(stamps, stamps[1:])]
+        return [b - a for a, b in itertools.pairwise(stamps)]

@@ -22,7 +22,7 @@ def test_pipeline_follows_the_config():
 
 def test_report_dump_and_cleanup(tmp_path, monkeypatch):
     monkeypatch.setenv("OIV2_DUMP_DIR", str(tmp_path))
-    prog, spec = captured("llama-tiny", PREFILL)
+    prog, _spec = captured("llama-tiny", PREFILL)
     records = run_passes(prog.graph_module, BuildConfig(), pipeline(BuildConfig()), label="prefill")
     assert [(r.name, r.count) for r in records] == [("rewrite_kv_cache", 4), ("substitute_attention", 2)]
     assert all(r.ms >= 0 for r in records)

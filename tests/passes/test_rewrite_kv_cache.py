@@ -33,7 +33,7 @@ def test_rewrites_every_cache_write(preset, program):
     expected_logits, expected_caches = run(before, spec, program)
     logits, caches = run(gm, spec, program)
     torch.testing.assert_close(logits, expected_logits)
-    for got, want in zip(caches, expected_caches):
+    for got, want in zip(caches, expected_caches, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

@@ -38,7 +38,9 @@ def test_substitutes_every_attention(preset, attn, program):
     assert count(gm, aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default) == 0
     # The whole-row gathers of the cache for HF's attention are gone with it.
     assert not any(
-        n.target is aten.index.Tensor and n.args[0].op == "placeholder" for n in gm.graph.nodes if n.op == "call_function"
+        n.target is aten.index.Tensor and n.args[0].op == "placeholder"
+        for n in gm.graph.nodes
+        if n.op == "call_function"
     )
     assert "oiv2.kv_write.default" in ops(gm)
     expected_logits, expected_caches = run(before, spec, program)
@@ -46,7 +48,7 @@ def test_substitutes_every_attention(preset, attn, program):
     torch.testing.assert_close(logits, expected_logits)
     # Default float32 tolerances, not exact: attention sums in another order, so from the second
     # layer on the cached keys and values differ in the last bits.
-    for got, want in zip(caches, expected_caches):
+    for got, want in zip(caches, expected_caches, strict=True):
         torch.testing.assert_close(got, want)
 
 

@@ -45,7 +45,7 @@ def test_changed_weights_are_refused(copy):
 
 def test_missing_file_is_refused(copy):
     (copy / "decode.pt2").unlink()
-    with pytest.raises(ArtifactError, match="decode.pt2 is missing"):
+    with pytest.raises(ArtifactError, match=r"decode\.pt2 is missing"):
         oiv2compile.load(copy)
 
 
@@ -78,7 +78,7 @@ def test_other_device_type_is_refused(copy):
 def test_not_an_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         oiv2compile.load(tmp_path / "nothing")
-    with pytest.raises(ArtifactError, match="has no manifest.json"):
+    with pytest.raises(ArtifactError, match=r"has no manifest\.json"):
         oiv2compile.load(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):

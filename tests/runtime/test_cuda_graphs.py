@@ -17,7 +17,12 @@ def cuda_artifacts(tmp_path_factory):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("cuda")
     graphs = oiv2compile.build("llama-tiny", root / "graphs", device="cuda", dtype="float32", **TINY_BUILD)
     plain = oiv2compile.build(
-        "llama-tiny", root / "plain", device="cuda", dtype="float32", cuda_graphs={"enable_capture": False}, **TINY_BUILD
+        "llama-tiny",
+        root / "plain",
+        device="cuda",
+        dtype="float32",
+        cuda_graphs={"enable_capture": False},
+        **TINY_BUILD,
     )
     return graphs, plain
 
@@ -30,7 +35,7 @@ def test_greedy_equals_hf_with_bucket_padding_and_batch1_program(cuda_artifacts)
     expected = [hf_greedy(hf, p, 32) for p in PROMPTS]
     batch3 = engine.generate(PROMPTS, max_new_tokens=32, stop_token_ids=[])  # bucket 4, one padding row
     assert [r.token_ids for r in batch3] == expected
-    for prompt, want in zip(PROMPTS, expected):  # batch 1: the specialised program's graph
+    for prompt, want in zip(PROMPTS, expected, strict=True):  # batch 1: the specialised program's graph
         assert engine.generate([prompt], max_new_tokens=32, stop_token_ids=[])[0].token_ids == want
 
 

@@ -35,7 +35,7 @@ def test_stop_tokens_end_each_sequence(engine):
     got = engine.generate(PROMPTS, max_new_tokens=20, stop_token_ids=[stop])
     first = free[0].token_ids.index(stop)
     assert got[0].token_ids == free[0].token_ids[: first + 1] and got[0].finish_reason == "stop"
-    for before, after in zip(free[1:], got[1:]):
+    for before, after in zip(free[1:], got[1:], strict=True):
         if stop in before.token_ids:
             assert after.token_ids == before.token_ids[: before.token_ids.index(stop) + 1]
         else:

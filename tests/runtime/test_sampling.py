@@ -45,7 +45,12 @@ def test_top_k_and_top_p_restrict_the_support():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [(dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")],
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ],
 )
 def test_bad_parameters(kwargs, message):
     with pytest.raises(InvalidRequestError, match=message):
