@@ -76,6 +76,7 @@ def bench_oiv2(model: str, args: argparse.Namespace, prompts: list[list[int]], w
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     torch.cuda.synchronize()
     start = time.perf_counter()
     engine = oiv2compile.load(out)
@@ -95,7 +96,10 @@ def bench_oiv2(model: str, args: argparse.Namespace, prompts: list[list[int]], w
         "load_s": load_s,
         "ttft_s": summary(ttft),
         "decode_tok_s": summary(decode),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+        # Peak over what was allocated before the load: what this engine needs, whatever the
+        # process held already.
+        "peak_gpu_gib": (torch.cuda.max_memory_allocated() - before) / 2**30,
+        "held_before_gib": before / 2**30,
         "weight_bytes": manifest["weights"]["bytes"],
         "kv_bytes_per_token": 2
         * manifest["cache"]["num_layers"]
@@ -129,6 +133,7 @@ def _hf_generate_s(hf: Any, input_ids: torch.Tensor, new_tokens: int, **kwargs: 
 def bench_hf(model: str, args: argparse.Namespace, prompts: list[list[int]], static: bool) -> dict[str, Any]:
     from oiv2compile.models import load_model
 
+    before = torch.cuda.memory_allocated()
     hf = load_model(model, dtype=getattr(torch, args.dtype), device="cuda", seed=0).model
     input_ids = torch.tensor(prompts, device="cuda")
     kwargs: dict[str, Any] = {"cache_implementation": "static"} if static else {}
@@ -149,7 +154,8 @@ def bench_hf(model: str, args: argparse.Namespace, prompts: list[list[int]], sta
         "warmup_s": warmup_s,
         "ttft_s": summary(ttft),
         "decode_tok_s": summary(decode),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gpu_gib": (torch.cuda.max_memory_allocated() - before) / 2**30,
+        "held_before_gib": before / 2**30,
     }
     del hf
     gc.collect()
