@@ -39,9 +39,7 @@ def check_pass_counts(records: list[PassRecord], spec: CacheSpec, arch: str, pro
 
 
 @torch.no_grad()
-def verify_against_hf(
-    hf_model: Any, programs: dict[str, CapturedProgram], spec: CacheSpec
-) -> dict[str, Any]:
+def verify_against_hf(hf_model: Any, programs: dict[str, CapturedProgram], spec: CacheSpec) -> dict[str, Any]:
     device = next(hf_model.parameters()).device
     dtype = spec.torch_dtype
     vocab = hf_model.config.vocab_size
