@@ -8,6 +8,7 @@ load:   manifest -> compatibility and checksums -> weights -> backend.load -> En
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,8 @@ from oiv2compile.passes import pipeline, run_passes
 from oiv2compile.runtime import artifact
 from oiv2compile.runtime.engine import Engine
 from oiv2compile.verify import check_pass_counts, verify_against_hf
+
+log = logging.getLogger(__name__)
 
 # progress(phase, None) when a phase starts, progress(phase, seconds) when it ends.
 Progress = Callable[[str, "float | None"], None]
@@ -64,6 +67,13 @@ def build(
         if loaded.source != "object":  # a model object belongs to the caller: leave it alone
             owned.extend([*hf.parameters(), *hf.buffers()])
         arch = type(hf).__name__
+        if hf.config.model_type not in SUPPORTED_MODEL_TYPES:
+            log.warning(
+                "%s is not among the tested architectures (%s); the build goes on and fails if the passes or the "
+                "check against Hugging Face's forward do not hold",
+                arch,
+                ", ".join(SUPPORTED_MODEL_TYPES),
+            )
         max_seq_len = _max_seq_len(cfg, hf.config)
         _check_attention_kind(hf.config, arch, max_seq_len)
         spec = CacheSpec.for_model(hf.config, max_seq_len=max_seq_len, max_batch_size=cfg.max_batch_size, dtype=dtype)
