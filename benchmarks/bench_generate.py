@@ -61,6 +61,7 @@ def step_bytes(weight_bytes: int, kv_bytes_per_token: int, batch: int, filled: f
 
 def bench_oiv2(model: str, args: argparse.Namespace, prompts: list[list[int]], workdir: Path) -> dict[str, Any]:
     import oiv2compile
+    from oiv2compile.capture import CacheSpec
 
     out = workdir / "artifact"
     start = time.perf_counter()
@@ -102,11 +103,7 @@ def bench_oiv2(model: str, args: argparse.Namespace, prompts: list[list[int]], w
         "peak_gpu_gib": (torch.cuda.max_memory_allocated() - before) / 2**30,
         "held_before_gib": before / 2**30,
         "weight_bytes": manifest["weights"]["bytes"],
-        "kv_bytes_per_token": 2
-        * manifest["cache"]["num_layers"]
-        * manifest["cache"]["num_kv_heads"]
-        * manifest["cache"]["head_dim"]
-        * torch.tensor([], dtype=getattr(torch, manifest["cache"]["dtype"])).element_size(),
+        "kv_bytes_per_token": CacheSpec.from_dict(manifest["cache"]).bytes_per_token(),
         "phases_s": manifest["phases_s"],
     }
     del engine

@@ -85,10 +85,6 @@ def fake_value(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, Node) else None
 
 
-def count_calls(gm: GraphModule, target: Any) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
-
-
 def record(node: Node, **facts: Any) -> None:
     """What a pass learned about a node, kept in node.meta["oiv2"]."""
     node.meta.setdefault("oiv2", {}).update(facts)
