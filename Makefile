@@ -31,13 +31,13 @@ test-cuda: venv
 	$(PY) -m pytest -q -m cuda
 
 lint: venv
-	$(VENV)/bin/ruff check oiv2compile tests benchmarks
-	$(VENV)/bin/ruff format --check oiv2compile tests benchmarks
+	$(VENV)/bin/ruff check oiv2compile tests benchmarks tools
+	$(VENV)/bin/ruff format --check oiv2compile tests benchmarks tools
 	$(VENV)/bin/mypy
 
 format: venv
-	$(VENV)/bin/ruff format oiv2compile tests benchmarks
-	$(VENV)/bin/ruff check --fix oiv2compile tests benchmarks
+	$(VENV)/bin/ruff format oiv2compile tests benchmarks tools
+	$(VENV)/bin/ruff check --fix oiv2compile tests benchmarks tools
 
 bench: venv
 	$(PY) benchmarks/bench_generate.py --model llama-1b --out benchmarks/results/llama-1b.json

@@ -3,6 +3,7 @@
     oiv2compile build MODEL -o OUT [--backend inductor|eager] [--dtype ...] [--max-batch-size N] ...
     oiv2compile run OUT --prompt TEXT | --token-ids 1,2,3 [--max-new-tokens N] [--temperature T] ...
     oiv2compile inspect OUT [--json]
+    oiv2compile eval OUT [--data PATH] [--reference DIR] [--window N] [--max-windows N] [--json FILE]
 
 User errors print one sentence on stderr and exit with code 2.
 """
@@ -74,7 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     inspect.set_defaults(func=_inspect)
 
-    presets = sub.add_parser("presets", help="list the built-in random-weight presets")
+    evaluate = sub.add_parser(
+        "eval", help="perplexity and next-token agreement of an artifact against its Hugging Face model in fp32"
+    )
+    evaluate.add_argument("artifact", type=Path)
+    evaluate.add_argument(
+        "--data",
+        type=Path,
+        help="a directory of .py files, a text file or a .jsonl.xz archive (default: tinycode's held-out files)",
+    )
+    evaluate.add_argument("--reference", type=Path, help="the HF model directory to compare with (default: the source)")
+    evaluate.add_argument("--window", type=int, help="tokens per scored window (default: min(1024, max_seq_len + 1))")
+    evaluate.add_argument("--max-windows", type=int, help="score only the first N windows")
+    evaluate.add_argument("--device", help="run on this device (default: the one it was built for)")
+    evaluate.add_argument("--json", help="write the full report as JSON to this file ('-' for stdout)")
+    evaluate.set_defaults(func=_eval)
+
+    presets = sub.add_parser("presets", help="list the bundled trained models and the random-weight presets")
     presets.set_defaults(func=_presets)
     return parser
 
@@ -198,13 +215,54 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _presets(args: argparse.Namespace) -> int:
-    from oiv2compile.models import PRESETS
+def _eval(args: argparse.Namespace) -> int:
+    from oiv2compile.accuracy import evaluate, summary
+    from oiv2compile.errors import InvalidRequestError
 
-    for name, fields in PRESETS.items():
+    for flag in ("window", "max_windows"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise InvalidRequestError(f"--{flag.replace('_', '-')} must be at least 1, not {value}.")
+    result = evaluate(
+        args.artifact,
+        data=args.data,
+        reference=args.reference,
+        window=args.window,
+        max_windows=args.max_windows,
+        device=args.device,
+        progress=_eval_progress,
+    )
+    line = summary(result)
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+        print(line, file=sys.stderr)
+        return 0
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(line)
+    return 0
+
+
+def _eval_progress(stage: str, done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        end = "\n" if done == total else ""
+        print(f"\r  {stage}: {done}/{total} windows", end=end, file=sys.stderr, flush=True)
+    elif done == total:
+        print(f"  {stage}: {total} windows scored", file=sys.stderr, flush=True)
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from oiv2compile.models import BUNDLED_MODELS, PRESETS
+
+    rows = [
+        (name, json.loads((path / "config.json").read_text()), "trained, bundled")
+        for name, path in BUNDLED_MODELS.items()
+    ]
+    rows += [(name, fields, "random weights") for name, fields in PRESETS.items()]
+    for name, fields, kind in rows:
         print(
-            f"{name:<14} {fields['model_type']:<8} {fields['num_hidden_layers']:>3} layers, hidden {fields['hidden_size']}, "
-            f"vocab {fields['vocab_size']}"
+            f"{name:<15} {fields['model_type']:<8} {fields['num_hidden_layers']:>3} layers, hidden {fields['hidden_size']:>5}, "
+            f"vocab {fields['vocab_size']:>6}  {kind}"
         )
     return 0
 

@@ -1,8 +1,10 @@
 """Where a model comes from: a local Hugging Face directory, a built-in preset, or a model object.
 
-Presets are random-weight models made from public models' configs (no download), for benchmarking
-and tests. The `*-tiny` presets are a few MB and carry a byte-level tokenizer so that text prompts
-work offline; the full-size presets have no tokenizer (their vocabulary would need the real one).
+Presets come in two kinds. The bundled models (`tinycode`, `tinycode-draft`) have trained weights
+and a tokenizer and ship inside the package as Hugging Face directories (tools/train_tinycode.py made
+them). The others are random-weight models made from public models' configs (no download), for
+benchmarking and tests: the `*-tiny` ones are a few MB and carry a byte-level tokenizer so that text
+prompts work offline; the full-size ones have no tokenizer (their vocabulary would need the real one).
 """
 
 from __future__ import annotations
@@ -138,11 +140,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+# Trained models shipped with the package, by preset name.
+BUNDLED_MODELS = {name: BUNDLED_DIR / name for name in ("tinycode", "tinycode-draft")}
+# The held-out files of the tinycode corpus (oiv2compile.datasets), the default data of `eval`.
+TINYCODE_HELDOUT = BUNDLED_DIR / "tinycode-heldout.jsonl.xz"
+
+
+def preset_names() -> list[str]:
+    return [*BUNDLED_MODELS, *PRESETS]
+
+
+def bundled_model_dir(source: str) -> Path | None:
+    """The directory of a bundled model named by a manifest's source ("bundled:NAME"), if it is one."""
+    name = source.removeprefix("bundled:")
+    return BUNDLED_MODELS.get(name) if source.startswith("bundled:") else None
+
+
 @dataclass
 class LoadedModel:
     model: Any  # transformers.PreTrainedModel
     tokenizer: Any | None  # transformers.PreTrainedTokenizerBase
-    source: str  # "preset:NAME", a directory path, or "object"
+    source: str  # "bundled:NAME", "preset:NAME", a directory path, or "object"
     tokenizer_note: str  # why there is or is not a tokenizer
 
 
@@ -158,6 +177,10 @@ def load_model(
     if not isinstance(model, (str, Path)):
         return _from_object(model, dtype=dtype, device=device, tokenizer=tokenizer)
     name = str(model)
+    if name in BUNDLED_MODELS and not Path(name).exists():
+        loaded = _from_directory(BUNDLED_MODELS[name], dtype=dtype, device=device)
+        loaded.source = f"bundled:{name}"
+        return loaded
     if name in PRESETS and not Path(name).exists():
         return _from_preset(name, dtype=dtype, device=device, seed=seed)
     return _from_directory(Path(name), dtype=dtype, device=device)
@@ -185,7 +208,7 @@ def _from_directory(path: Path, *, dtype: torch.dtype, device: str | torch.devic
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not path.exists():
-        presets = ", ".join(PRESETS)
+        presets = ", ".join(preset_names())
         raise ModelNotFoundError(f"{path} does not exist; give a Hugging Face model directory or a preset ({presets}).")
     if not path.is_dir():
         raise ModelNotFoundError(f"{path} is not a directory; give a Hugging Face model directory.")
@@ -291,12 +314,17 @@ def _first_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet_transformers():  # type: ignore[no-untyped-def]
-    """transformers logs config warnings (e.g. rope fields of presets) that say nothing to our users."""
+    """transformers logs config warnings (e.g. rope fields of presets) and weight-loading progress bars
+    that say nothing to our users."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

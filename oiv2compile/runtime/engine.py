@@ -150,14 +150,42 @@ class Engine:
         ids, _, _ = self._prepare([list(prompt)], len(continuation) + 1, 0.0, None, None, None, [])
         if continuation:
             self._token_ids(0, list(continuation))
-        slots = torch.zeros(1, dtype=torch.long, device=self.device)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        length = torch.tensor([len(ids[0])], dtype=torch.long, device=self.device)
-        rows = [self._prefill(input_ids, torch.zeros_like(length), slots, length - 1, self.caches).float()]
-        for i, token in enumerate(continuation):
-            tokens = torch.tensor([token], dtype=torch.long, device=self.device)
-            rows.append(self._decode_step(tokens, length + i, slots).float().clone())
+        tokens = torch.tensor([ids[0] + list(continuation)], dtype=torch.long, device=self.device)
+        rows = [logits.float().clone() for logits in self._forced_steps(tokens, len(ids[0]))]
         return torch.cat(rows).cpu()
+
+    @torch.no_grad()
+    def score(
+        self, windows: Sequence[Sequence[int]], progress: Callable[[int, int], None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced scoring of equal-length token windows through the programs (and CUDA graphs)
+        that generation uses: a prefill of each window's first token, then one decode step per further
+        token, max_batch_size windows at a time. For positions 1.. of every window returns the negative
+        log-likelihood of the actual token (float64) and the most likely token, both [N, W-1] on the host.
+        `progress(done, total)` is called after each batch of windows."""
+        if not windows:
+            raise InvalidRequestError("Give at least one window of tokens to score.")
+        width = len(windows[0])
+        if width < 2 or any(len(w) != width for w in windows):
+            raise InvalidRequestError("Score windows must all have the same length, of at least 2 tokens.")
+        if width - 1 > self.max_seq_len:
+            raise InvalidRequestError(
+                f"Windows of {width} tokens need {width - 1} cache positions but the artifact holds {self.max_seq_len}."
+            )
+        all_ids = torch.tensor([self._token_ids(i, list(w)) for i, w in enumerate(windows)], dtype=torch.long)
+        nll_rows, top_rows = [], []
+        for start in range(0, len(all_ids), self.max_batch_size):
+            wave = all_ids[start : start + self.max_batch_size].to(self.device)
+            nlls, tops = [], []
+            for i, logits in enumerate(self._forced_steps(wave[:, :-1], 1)):
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                nlls.append(-logp.gather(1, wave[:, i + 1, None])[:, 0])
+                tops.append(logits.argmax(dim=-1))
+            nll_rows.append(torch.stack(nlls, dim=1).double().cpu())
+            top_rows.append(torch.stack(tops, dim=1).cpu())
+            if progress is not None:
+                progress(min(start + self.max_batch_size, len(all_ids)), len(all_ids))
+        return torch.cat(nll_rows), torch.cat(top_rows)
 
     # ---- internals ------------------------------------------------------------------------------
 
@@ -249,6 +277,16 @@ class Engine:
             yield tokens
             if step % check_every == 0 and bool(finished.all()):
                 return
+
+    def _forced_steps(self, tokens: torch.Tensor, prompt_len: int) -> Iterator[torch.Tensor]:
+        """Logits [B, vocab] after the first prompt_len tokens of every row (one prefill), then after
+        each further token (one decode step each). Each is valid until the next is asked for."""
+        batch, total = tokens.shape
+        slots = torch.arange(batch, dtype=torch.long, device=self.device)
+        zeros = torch.zeros(batch, dtype=torch.long, device=self.device)
+        yield self._prefill(tokens[:, :prompt_len].contiguous(), zeros, slots, zeros + prompt_len - 1, self.caches)
+        for position in range(prompt_len, total):
+            yield self._decode_step(tokens[:, position].contiguous(), zeros + position, slots)
 
     def _decode_for(self, batch: int) -> Program:
         return self._decode_b1 if batch == 1 and self._decode_b1 is not None else self._decode
