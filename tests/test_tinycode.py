@@ -128,3 +128,12 @@ def test_eval_cli_json_and_errors(artifacts, capsys, tmp_path):
     code = main(["eval", str(artifacts("tinycode")), "--data", str(tmp_path / "missing")])
     _, err = capsys.readouterr()
     assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.cuda
+def test_bf16_cuda_artifact_tracks_the_fp32_reference(tmp_path):
+    out = oiv2compile.build("tinycode", tmp_path / "bf16", device="cuda", dtype="bfloat16", max_seq_len=256)
+    result = evaluate(out, window=256, max_windows=16)
+    assert result["artifact"]["device"].startswith("cuda") and result["reference"]["dtype"] == "float32"
+    assert abs(result["perplexity"]["relative_difference"]) < 0.02
+    assert result["next_token_agreement"] >= 0.95
