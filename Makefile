@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 # Give TORCH_INDEX=https://download.pytorch.org/whl/cpu for a CPU-only build on any machine.
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11,<2.15" || echo "torch==2.13.0")
 TORCH_INDEX ?=
-DEMO_DIR ?= out/llama-tiny
+DEMO_DIR ?= out/tinycode
 
 .PHONY: venv demo test test-cuda lint format bench clean
 
@@ -20,9 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(VENV)/bin/oiv2compile build llama-tiny -o $(DEMO_DIR) --force
-	$(VENV)/bin/oiv2compile run $(DEMO_DIR) --prompt "def fibonacci(n):" --max-new-tokens 32
-	@echo "(llama-tiny has random weights: the text is noise until a trained model ships.)"
+	$(VENV)/bin/oiv2compile build tinycode -o $(DEMO_DIR) --force
+	$(VENV)/bin/oiv2compile run $(DEMO_DIR) --echo --prompt "$$(printf 'def fibonacci(n):\n    if n')" --max-new-tokens 48
 
 test: venv
 	$(PY) -m pytest -q

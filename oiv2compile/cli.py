@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--device", help="run on this device (default: the one it was built for)")
     run.add_argument("--stream", action="store_true", help="print tokens as they come")
+    run.add_argument("--echo", action="store_true", help="print the prompt text before the completion")
     run.set_defaults(func=_run)
 
     inspect = sub.add_parser("inspect", help="show an artifact's manifest, pass report and file sizes")
@@ -145,6 +146,9 @@ def _run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
+    if args.echo and isinstance(prompt, str):
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
     if args.stream:
         for token in engine.stream([prompt], **request):
             sys.stdout.write(token.text if token.text is not None else f"{token.token_id} ")

@@ -65,7 +65,7 @@ def test_model_card_perplexity_is_far_below_the_unigram_baseline(name):
     model_ppl = float(re.search(rf"^\| {re.escape(name)} \| ([\d.]+) \|$", card, re.M).group(1))
     unigram = float(re.search(r"^\| unigram baseline[^|]*\| ([\d.]+) \|$", card, re.M).group(1))
     assert model_ppl < unigram / 10
-    assert card.count("```python") == 3  # three sample completions
+    assert card.split("## Samples")[1].split("## Use")[0].count("```python") == 3  # three sample completions
 
 
 def test_model_card_perplexity_on_a_slice(tinycode_hf):
@@ -137,3 +137,10 @@ def test_bf16_cuda_artifact_tracks_the_fp32_reference(tmp_path):
     assert result["artifact"]["device"].startswith("cuda") and result["reference"]["dtype"] == "float32"
     assert abs(result["perplexity"]["relative_difference"]) < 0.02
     assert result["next_token_agreement"] >= 0.95
+
+
+def test_run_echoes_the_prompt_before_the_completion(artifacts, capsys):
+    prompt = "def fibonacci(n):\n    if n"
+    assert main(["run", str(artifacts("tinycode")), "--echo", "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and len(out) > len(prompt) + 4
