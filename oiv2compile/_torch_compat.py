@@ -35,10 +35,28 @@ def aoti_compile_and_package(
 
 
 def aoti_load_package(package_path: Path) -> Any:
-    """Load an AOTInductor package. Single-threaded runners can be captured in CUDA graphs."""
-    from torch._inductor import aoti_load_package as load_package
+    """Load an AOTInductor package. Single-threaded runners can be captured in CUDA graphs.
 
-    return load_package(str(package_path), run_single_threaded=True)
+    The runner is made directly: torch's load_package first probes the host CPU's vector ISA by
+    compiling test programs (41 s seen on a fresh H100 machine) only to log a warning on a mismatch;
+    the manifest check (runtime.artifact.check_compatible) covers compatibility instead.
+    """
+    from torch._inductor.package import package as aoti_package
+
+    loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    compiled_model = getattr(aoti_package, "AOTICompiledModel", None)
+    if loader is None or compiled_model is None:
+        return aoti_package.load_package(str(package_path), run_single_threaded=True)
+    # (path, model name inside the package, run_single_threaded, num_runners, device index)
+    return compiled_model(loader(str(package_path), "model", True, 1, -1))
+
+
+def host_cpu_isas() -> list[str]:
+    """The CPU vector instruction sets Inductor can compile for on this host, best first (probes by
+    compiling small programs once per process; cached on disk by Inductor)."""
+    from torch._inductor import cpu_vec_isa
+
+    return [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
 
 
 def without_weights(exported: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -255,6 +255,10 @@ def _program_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
 
 
 def _device_record(device: torch.device) -> dict[str, Any]:
+    if device.type == "cpu":
+        # Compiled CPU code uses the best vector ISA of the build host; load checks the host has it.
+        isas = _torch_compat.host_cpu_isas()
+        return {"type": "cpu", "machine": platform.machine(), "cpu_isa": isas[0] if isas else "none"}
     if device.type != "cuda":
         return {"type": device.type}
     return {

@@ -145,6 +145,13 @@ def check_compatible(manifest: dict[str, Any], device: torch.device) -> None:
             f"The artifact was built for {built.get('type')} and cannot run on {device.type}; "
             f"rebuild it with --device {device.type}."
         )
+    if device.type == "cpu" and built.get("cpu_isa") not in (None, "none"):
+        from oiv2compile import _torch_compat
+
+        if built["cpu_isa"] not in _torch_compat.host_cpu_isas():
+            raise ArtifactError(
+                f"The artifact's CPU code was compiled for {built['cpu_isa']}, which this CPU lacks; rebuild it here."
+            )
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ArtifactError("The artifact was built for CUDA but no GPU is visible here.")

@@ -75,6 +75,15 @@ def test_other_device_type_is_refused(copy):
         artifact.check_compatible(json.loads((copy / "manifest.json").read_text()), torch.device("cuda", 0))
 
 
+def test_cpu_code_for_an_isa_this_cpu_lacks_is_refused(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["device"]["cpu_isa"]  # recorded at build
+    artifact.check_compatible(manifest, torch.device("cpu"))
+    manifest["device"]["cpu_isa"] = "amx_tile_of_the_future"
+    with pytest.raises(ArtifactError, match="compiled for amx_tile_of_the_future, which this CPU lacks"):
+        artifact.check_compatible(manifest, torch.device("cpu"))
+
+
 def test_not_an_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         oiv2compile.load(tmp_path / "nothing")
