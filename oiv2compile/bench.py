@@ -108,9 +108,12 @@ class BenchRequest:
         if not self.batch_sizes or any(
             isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes
         ):
-            raise InvalidRequestError(f"--batch-sizes takes whole numbers of at least 1, not {self.batch_sizes}.")
+            sizes = ",".join(str(b) for b in self.batch_sizes)
+            raise InvalidRequestError(f"--batch-sizes takes whole numbers of at least 1, not {sizes!r}.")
         if len(set(self.batch_sizes)) != len(self.batch_sizes):
-            raise InvalidRequestError(f"--batch-sizes lists a batch size twice: {self.batch_sizes}.")
+            raise InvalidRequestError(
+                f"--batch-sizes lists a batch size twice: {','.join(map(str, self.batch_sizes))}."
+            )
         if self.prompt_len < 1:
             raise InvalidRequestError(f"--prompt-len must be at least 1, not {self.prompt_len}.")
         if self.new_tokens < 2:
@@ -128,11 +131,14 @@ class BenchRequest:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
-            for f in dataclasses.fields(self)
-            for v in [getattr(self, f.name)]
-        }
+        """The request as JSON values (lists and strings), for the report."""
+        plain: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            plain[f.name] = (
+                str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+            )
+        return plain
 
 
 def _check_names(flag: str, names: Sequence[str], known: Sequence[str]) -> None:
