@@ -44,6 +44,7 @@ from oiv2compile import __version__
 from oiv2compile.capture import CacheSpec
 from oiv2compile.config import Backend, BuildConfig, DType
 from oiv2compile.errors import InvalidRequestError, ModelNotFoundError, Oiv2Error
+from oiv2compile.models import _first_line
 
 SCHEMA_VERSION = 1
 BACKENDS = ("inductor", "eager", "onnx", "tensorrt")
@@ -51,8 +52,9 @@ BASELINES = ("hf-eager", "hf-static")
 QUANTS = ("none", "int8", "int4")
 REPORT = "bench.json"
 PLOTS = ("tokens_per_s_vs_batch.png", "time_per_token.png")
-# A row's figures; every row has every key, None where a figure does not apply or the row is unavailable.
-ROW_FIGURES = (
+# A row's fields after kind, backend, quant, batch, status and reason; every row has every key, None where a
+# figure does not apply or the row is unavailable.
+ROW_FIELDS = (
     "decode_tok_s",  # {median, min, max} over the repeats, all sequences of the batch together
     "ttft_s",  # {median, min, max}: time to first token, the prefill
     "tpot_ms",  # {p50, p95, p99}: time per output token over every decode step of every repeat
@@ -256,7 +258,7 @@ class _Target:
 
 def run_bench(request: BenchRequest, progress: Progress | None = None) -> dict[str, Any]:
     """Build (or reuse), load and measure every requested backend × quantization × batch size and
-    every baseline × batch size; return the report, whose rows carry the figures of ROW_FIGURES."""
+    every baseline × batch size; return the report, whose rows carry the fields of ROW_FIELDS."""
     source = _resolve_source(request)
     cfg = _base_config(request, source)
     device = torch.device(cfg.device.value)
@@ -318,9 +320,9 @@ class _Tracker:
 
 
 def _row(kind: str, backend: str, quant: str, batch: int, **figures: Any) -> dict[str, Any]:
-    """A measured row: every key of ROW_FIGURES, None where a figure does not apply."""
+    """A measured row: every key of ROW_FIELDS, None where a figure does not apply."""
     row = {"kind": kind, "backend": backend, "quant": quant, "batch": batch, "status": "ok", "reason": None}
-    row.update(dict.fromkeys(ROW_FIGURES))
+    row.update(dict.fromkeys(ROW_FIELDS))
     row.update(figures)
     return row
 
@@ -393,9 +395,13 @@ def _short_hash(text: str) -> str:
 def _base_config(request: BenchRequest, source: _Source) -> BuildConfig:
     """The resolved config every artifact of the run shares (backend and quantization aside); for an
     artifact, the one it was built with."""
+    from oiv2compile.runtime.artifact import check_compatible
+
     needed = request.prompt_len + request.new_tokens
     if source.manifest is not None:
         cfg = BuildConfig.from_dict(source.manifest["build_config"])
+        # An artifact this machine cannot run leaves nothing to measure: say so before measuring anything.
+        check_compatible(source.manifest, torch.device(cfg.device.value))
         held = int(source.manifest["cache"]["max_seq_len"])
         if needed > held:
             raise InvalidRequestError(
@@ -471,9 +477,9 @@ def _prepare_artifact(target: _Target, request: BenchRequest, source: _Source, c
     from oiv2compile.api import build
     from oiv2compile.runtime.artifact import read_manifest
 
-    if source.artifact is not None:
+    if source.artifact is not None and source.manifest is not None:
         target.path, target.reused = source.artifact, True
-        target.build_s = sum(source.manifest["phases_s"].values()) if source.manifest else None
+        target.build_s = sum(source.manifest["phases_s"].values())
         return
     try:
         config = cfg.replace(backend=target.backend, **_quant_overrides(target.quant))
@@ -612,7 +618,7 @@ def _measure_baseline(
     with _PeakMemory(device) as memory:
         start = time.perf_counter()
         try:
-            hf = load_model(source.hf_model, dtype=dtype, device=device, seed=cfg.seed).model
+            hf = load_model(source.hf_model, dtype=dtype, device=device.type, seed=cfg.seed).model
         except Oiv2Error as exc:
             reason = str(exc)
             return [
@@ -723,11 +729,6 @@ def _tensor_bytes(module: torch.nn.Module) -> int:
         t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*module.parameters(), *module.buffers())
     }
     return sum(storages.values())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else "no message"
 
 
 class _PeakMemory:
