@@ -605,7 +605,8 @@ def _measure_baseline(
     device: torch.device,
     tracker: _Tracker,
 ) -> list[dict[str, Any]]:
-    """Load the Hugging Face model once and time its generate() at each batch size, as bench_generate.py did."""
+    """Load the Hugging Face model once and time its generate() at each batch size: the decode rate from
+    the difference between a full and a 1-token generate, the per-step times from a streamer."""
     from oiv2compile.models import load_model
 
     if source.hf_model is None:
