@@ -38,9 +38,13 @@ format: venv
 	$(VENV)/bin/ruff format oiv2compile tests benchmarks tools
 	$(VENV)/bin/ruff check --fix oiv2compile tests benchmarks tools
 
+# Every backend, quantization and batch size against the HF baselines (GPU); JSON and plots in the --out folders.
+# benchmarks/bench_generate.py reruns the batch-1 setup of the rows in benchmarks/RESULTS.md.
+BENCH_ARGS ?= --quant none,int8,int4 --batch-sizes 1,8,32 --repeats 3
+
 bench: venv
-	$(PY) benchmarks/bench_generate.py --model llama-1b --out benchmarks/results/llama-1b.json
-	$(PY) benchmarks/bench_generate.py --model llama-8b --out benchmarks/results/llama-8b.json
+	$(VENV)/bin/oiv2compile bench llama-1b $(BENCH_ARGS) --out benchmarks/results/llama-1b
+	$(VENV)/bin/oiv2compile bench llama-8b $(BENCH_ARGS) --out benchmarks/results/llama-8b
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -4,6 +4,7 @@
     oiv2compile run OUT --prompt TEXT | --token-ids 1,2,3 [--max-new-tokens N] [--temperature T] ...
     oiv2compile inspect OUT [--json]
     oiv2compile eval OUT [--data PATH] [--reference DIR] [--window N] [--max-windows N] [--json FILE]
+    oiv2compile bench MODEL [--backends ...] [--baselines ...] [--quant ...] [--batch-sizes 1,8,32] [--out DIR] ...
 
 User errors print one sentence on stderr and exit with code 2.
 """
@@ -11,10 +12,11 @@ User errors print one sentence on stderr and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,32 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="run on this device (default: the one it was built for)")
     evaluate.add_argument("--json", help="write the full report as JSON to this file ('-' for stdout)")
     evaluate.set_defaults(func=_eval)
+
+    bench = sub.add_parser(
+        "bench", help="measure every backend and the Hugging Face baselines side by side: table, JSON and plots"
+    )
+    bench.add_argument("model", help="a preset, a local Hugging Face model directory, or a built artifact")
+    bench.add_argument(
+        "--backends", help="comma-separated, of inductor,eager,onnx,tensorrt (default: all; an artifact: its own)"
+    )
+    bench.add_argument("--baselines", help="comma-separated, of hf-eager,hf-static; '' for none (default: both)")
+    bench.add_argument("--quant", help="weight quantizations, comma-separated, of none,int8,int4 (default: none)")
+    bench.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights and activations")
+    bench.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8,32 (default: 1)")
+    bench.add_argument("--prompt-len", type=int, help="random prompt tokens per sequence (default: 128)")
+    bench.add_argument("--new-tokens", type=int, help="greedy new tokens per sequence (default: 128)")
+    bench.add_argument(
+        "--max-seq-len", type=int, help="cache length of the built artifacts (default: prompt + new tokens, to 128)"
+    )
+    bench.add_argument("--warmup", type=int, help="unmeasured runs before each row (default: 1)")
+    bench.add_argument("--repeats", type=int, help="measured runs per row (default: 5)")
+    bench.add_argument("--seed", type=int, help="seed of the prompts and of a preset's random weights (default: 0)")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"), help="where bench.json and the plots go")
+    bench.add_argument(
+        "--cache-dir", type=Path, help="built artifacts kept between runs (default: ~/.cache/oiv2compile/bench)"
+    )
+    bench.add_argument("--rebuild", action="store_true", help="build again even where the cache holds the artifact")
+    bench.set_defaults(func=_bench)
 
     presets = sub.add_parser("presets", help="list the bundled trained models and the random-weight presets")
     presets.set_defaults(func=_presets)
@@ -253,6 +281,67 @@ def _eval_progress(stage: str, done: int, total: int) -> None:
         print(f"\r  {stage}: {done}/{total} windows", end=end, file=sys.stderr, flush=True)
     elif done == total:
         print(f"  {stage}: {total} windows scored", file=sys.stderr, flush=True)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from oiv2compile.bench import BenchRequest, markdown_table, run_bench, write_report
+
+    fields: dict[str, Any] = {}
+    for name in ("dtype", "prompt_len", "new_tokens", "max_seq_len", "warmup", "repeats", "seed", "cache_dir"):
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = value
+    for flag, name in (("backends", "backends"), ("baselines", "baselines"), ("quant", "quants")):
+        value = getattr(args, flag)
+        if value is not None:
+            fields[name] = _names(value)
+    if args.batch_sizes is not None:
+        fields["batch_sizes"] = _batch_sizes(args.batch_sizes)
+    request = BenchRequest(model=args.model, rebuild=args.rebuild, **fields)
+    with _progress_bar() as progress:
+        report = run_bench(request, progress)
+    path, note = write_report(report, args.out)
+    if note:
+        print(f"oiv2compile: warning: {note}", file=sys.stderr)
+    print(markdown_table(report), end="")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    from oiv2compile.errors import InvalidRequestError
+
+    try:
+        return tuple(int(size) for size in _names(text))
+    except ValueError:
+        raise InvalidRequestError(
+            f"--batch-sizes takes comma-separated whole numbers such as 1,8,32, not {text!r}."
+        ) from None
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr, shown from the first report on: rows measured, and what runs now."""
+    from tqdm import tqdm
+
+    bars: list[Any] = []
+
+    def update(what: str, done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, file=sys.stderr, unit="row", dynamic_ncols=True))
+        bars[0].set_description_str(what, refresh=False)
+        bars[0].n = done
+        bars[0].refresh()
+
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _presets(args: argparse.Namespace) -> int:

@@ -1,0 +1,265 @@
+"""`oiv2compile bench` on CPU: the whole command on llama-tiny, the artifact cache, user errors, and the
+arithmetic of its figures on known numbers."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oiv2compile.bench import (
+    PLOTS,
+    REPORT,
+    ROW_FIELDS,
+    _engine_timings,
+    percentile,
+    roofline_tok_s,
+    spread,
+    step_bytes,
+    write_report,
+)
+from oiv2compile.cli import main
+
+BACKENDS = ("inductor", "eager", "onnx", "tensorrt")
+QUANTS = ("none", "int8")
+BATCHES = (1, 2)
+PROMPT_LEN, NEW_TOKENS, REPEATS = 8, 8, 2
+REPORT_KEYS = {
+    "schema_version",
+    "model",
+    "args",
+    "device",
+    "dtype",
+    "date",
+    "environment",
+    "copy_bandwidth_gbs",
+    "rows",
+    "plots",
+    "plots_note",
+}
+ENVIRONMENT_KEYS = {
+    "device",
+    "driver",
+    "cuda",
+    "torch",
+    "transformers",
+    "triton",
+    "python",
+    "platform",
+    "cpu_count",
+    "oiv2compile",
+    "commit",
+}
+ROW_KEYS = {"kind", "backend", "quant", "batch", "status", "reason", *ROW_FIELDS}
+
+
+def _bench(out: Path, *argv: str) -> tuple[int, str, str]:
+    """Run the command in-process; return its exit code, stdout and stderr."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["bench", *argv, "--out", str(out)])
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def _tiny_args(cache: Path, *argv: str) -> list[str]:
+    lengths = ["--prompt-len", str(PROMPT_LEN), "--new-tokens", str(NEW_TOKENS)]
+    runs = ["--repeats", str(REPEATS), "--warmup", "1", "--cache-dir", str(cache)]
+    return [*argv, *lengths, *runs]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The full command once: two builds (inductor, eager), unavailable rows, the hf-eager baseline."""
+    cache = tmp_path_factory.mktemp("bench-cache")
+    out = tmp_path_factory.mktemp("bench-out")
+    argv = _tiny_args(
+        cache,
+        "llama-tiny",
+        "--backends",
+        ",".join(BACKENDS),
+        "--baselines",
+        "hf-eager",
+        "--quant",
+        ",".join(QUANTS),
+        "--batch-sizes",
+        ",".join(map(str, BATCHES)),
+    )
+    code, stdout, stderr = _bench(out, *argv)
+    return {"code": code, "stdout": stdout, "stderr": stderr, "out": out, "cache": cache}
+
+
+def _report(out: Path) -> dict[str, Any]:
+    return json.loads((out / REPORT).read_text())
+
+
+def _positive_finite(value: Any) -> bool:
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+def _check_ok_row(row: dict[str, Any]) -> None:
+    for name in ("decode_tok_s", "ttft_s", "tpot_ms", "e2e_s", "step_ms", "load_s", "warmup_s"):
+        assert _positive_finite(row[name]), (name, row)
+    for name in ("weight_bytes", "kv_bytes_per_token", "step_bytes", "roofline_tok_s", "share_of_roofline"):
+        assert _positive_finite(row[name]), (name, row)
+    assert len(row["step_ms"]) == REPEATS * (NEW_TOKENS - 1)
+    d = row["decode_tok_s"]
+    assert d["min"] <= d["median"] <= d["max"]
+    assert row["tpot_ms"]["p50"] <= row["tpot_ms"]["p95"] <= row["tpot_ms"]["p99"]
+    # Resident-set growth on the CPU can be 0: the allocator reuses memory an earlier row freed.
+    assert isinstance(row["peak_memory_bytes"], int) and row["peak_memory_bytes"] >= 0
+    assert row["memory_kind"] == "rss"
+    if row["kind"] == "oiv2compile":
+        assert _positive_finite(row["build_s"]) and isinstance(row["reused"], bool)
+        assert (Path(row["artifact"]) / "manifest.json").is_file()
+    else:
+        assert row["build_s"] is None and row["artifact"] is None
+
+
+def test_bench_measures_every_requested_row(first_run):
+    assert first_run["code"] == 0, first_run["stderr"]
+    report = _report(first_run["out"])
+    assert set(report) == REPORT_KEYS
+    assert report["schema_version"] == 1 and report["model"] == "llama-tiny" and report["device"] == "cpu"
+    assert set(report["environment"]) == ENVIRONMENT_KEYS and report["environment"]["driver"] == "cpu"
+    assert _positive_finite(report["copy_bandwidth_gbs"])
+
+    keys = [(r["backend"], r["quant"], r["batch"]) for r in report["rows"]]
+    expected = [(b, q, n) for b in BACKENDS for q in QUANTS for n in BATCHES]
+    expected += [("hf-eager", "none", n) for n in BATCHES]
+    assert keys == expected
+    for row in report["rows"]:
+        assert set(row) == ROW_KEYS
+        if row["backend"] in ("inductor", "eager", "hf-eager") and row["quant"] == "none":
+            assert row["status"] == "ok" and row["reason"] is None, row
+            _check_ok_row(row)
+            assert row["reused"] in (False, None)
+        else:
+            assert row["status"] == "unavailable" and row["decode_tok_s"] is None, row
+            expected_reason = "quantization" if row["backend"] in ("inductor", "eager") else "no " + row["backend"]
+            assert expected_reason in row["reason"]
+
+    table = [line for line in first_run["stdout"].splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(expected)  # the header, then one line per row
+    assert "| onnx | none | 1 | unavailable: oiv2compile has no onnx backend in this version |" in first_run["stdout"]
+    assert report["plots"] == list(PLOTS) and report["plots_note"] is None
+    assert all((first_run["out"] / name).stat().st_size > 0 for name in PLOTS)
+
+
+def test_bench_reuses_cached_artifacts(first_run, tmp_path):
+    assert first_run["code"] == 0, first_run["stderr"]
+    built = {(r["backend"], r["batch"]): r for r in _report(first_run["out"])["rows"] if r["status"] == "ok"}
+    manifests = {
+        r["artifact"]: (Path(r["artifact"]) / "manifest.json").stat().st_mtime_ns
+        for r in built.values()
+        if r["kind"] == "oiv2compile"
+    }
+    assert len(manifests) == 2  # one artifact per backend serves both batch sizes
+    argv = _tiny_args(
+        first_run["cache"], "llama-tiny", "--backends", "inductor,eager", "--baselines", "", "--batch-sizes", "1,2"
+    )
+    code, _, err = _bench(tmp_path, *argv)
+    assert code == 0, err
+    rows = _report(tmp_path)["rows"]
+    assert [(r["backend"], r["batch"]) for r in rows] == [("inductor", 1), ("inductor", 2), ("eager", 1), ("eager", 2)]
+    for row in rows:
+        _check_ok_row(row)
+        assert row["reused"] is True and row["artifact"] == built[(row["backend"], row["batch"])]["artifact"]
+        manifest = json.loads((Path(row["artifact"]) / "manifest.json").read_text())
+        assert row["build_s"] == pytest.approx(sum(manifest["phases_s"].values()))
+    assert {a: (Path(a) / "manifest.json").stat().st_mtime_ns for a in manifests} == manifests
+
+
+def test_report_without_matplotlib(monkeypatch, tmp_path):
+    """Without matplotlib the report is written all the same, and says why it has no plots."""
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    path, note = write_report({"schema_version": 1, "rows": []}, tmp_path)
+    assert note is not None and "matplotlib is not installed" in note
+    assert json.loads(path.read_text()) == {"schema_version": 1, "rows": [], "plots": [], "plots_note": note}
+    assert not any((tmp_path / name).exists() for name in PLOTS)
+
+
+def test_bench_an_artifact(first_run, tmp_path):
+    """An artifact is measured as it is: a batch beyond its max_batch_size is an unavailable row, and the
+    baseline recreates the preset's weights from the recorded seed."""
+    assert first_run["code"] == 0, first_run["stderr"]
+    artifact = next(r["artifact"] for r in _report(first_run["out"])["rows"] if r["backend"] == "inductor")
+    argv = _tiny_args(tmp_path / "unused-cache", artifact, "--baselines", "hf-eager", "--batch-sizes", "1,4")
+    code, _, err = _bench(tmp_path / "out", *argv)
+    assert code == 0, err
+    rows = _report(tmp_path / "out")["rows"]
+    assert [(r["backend"], r["batch"], r["status"]) for r in rows] == [
+        ("inductor", 1, "ok"),
+        ("inductor", 4, "unavailable"),
+        ("hf-eager", 1, "ok"),
+        ("hf-eager", 4, "ok"),
+    ]
+    assert "at most 2" in rows[1]["reason"]
+    assert rows[0]["reused"] is True and rows[0]["artifact"] == artifact
+    for row in (rows[0], rows[2], rows[3]):
+        _check_ok_row(row)
+    assert not (tmp_path / "unused-cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["llama-tiny", "--batch-sizes", "0"], "--batch-sizes takes whole numbers of at least 1"),
+        (["llama-tiny", "--batch-sizes", "a"], "--batch-sizes takes comma-separated whole numbers"),
+        (["llama-tiny", "--backends", "inductor,foo"], "--backends has 'foo'"),
+        (["llama-tiny", "--quant", "int3"], "--quant has 'int3'"),
+        (["llama-tiny", "--new-tokens", "1"], "--new-tokens must be at least 2"),
+        (["llama-tiny", "--prompt-len", "600"], "max_position_embeddings"),
+        (["no-such-model"], "does not exist"),
+    ],
+)
+def test_bench_user_errors(argv, fragment, tmp_path):
+    code, stdout, err = _bench(tmp_path / "out", *argv, "--cache-dir", str(tmp_path / "cache"))
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("oiv2compile: error:")]
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err and stdout == ""
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_bench_artifact_too_short_for_the_lengths(first_run, tmp_path):
+    assert first_run["code"] == 0, first_run["stderr"]
+    artifact = next(r["artifact"] for r in _report(first_run["out"])["rows"] if r["backend"] == "eager")
+    code, _, err = _bench(tmp_path / "out", artifact, "--prompt-len", "200", "--new-tokens", "8")
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("oiv2compile: error:")]
+    assert len(lines) == 1 and "needs 208 cache positions but the artifact holds 128" in lines[0], err
+
+
+def test_percentile_and_spread_on_known_numbers():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 95) == pytest.approx(4.8)
+    assert percentile(values, 99) == pytest.approx(4.96)
+    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 5.0
+    assert percentile([7.0], 99) == 7.0
+    assert spread([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0}
+
+
+def test_roofline_on_known_numbers():
+    # 1000 weight bytes, 10 cache bytes per token, 2 sequences of 5.5 filled tokens each: 1110 bytes a step.
+    assert step_bytes(1000, 10, 2, 5.5) == 1110.0
+    # 1 GB/s streams 1e6-byte steps 1000 times a second; a batch of 4 makes 4 tokens a step.
+    assert roofline_tok_s(1.0, 1e6, 4) == pytest.approx(4000.0)
+
+
+def test_engine_timings_on_known_numbers():
+    # token_times_s of two repeats at batch 2: time to first token, then three decode steps.
+    figures = _engine_timings(2, [[0.5, 0.1, 0.1, 0.2], [0.4, 0.2, 0.2, 0.2]])
+    assert figures["ttft_s"] == pytest.approx({"median": 0.45, "min": 0.4, "max": 0.5})
+    # 2 sequences × 3 steps over 0.4 s and over 0.6 s.
+    assert figures["decode_tok_s"] == pytest.approx({"median": 12.5, "min": 10.0, "max": 15.0})
+    assert figures["e2e_s"] == pytest.approx({"median": 0.95, "min": 0.9, "max": 1.0})
+    assert figures["step_ms"] == pytest.approx([100.0, 100.0, 200.0, 200.0, 200.0, 200.0])
+    assert figures["tpot_ms"] == pytest.approx({"p50": 200.0, "p95": 200.0, "p99": 200.0})
