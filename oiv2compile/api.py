@@ -21,10 +21,11 @@ import torch
 from oiv2compile import __version__, _torch_compat
 from oiv2compile.backends import get_backend
 from oiv2compile.capture import DECODE, DECODE_B1, PREFILL, CacheSpec, CapturedProgram, ProgramSpec, capture
-from oiv2compile.config import Backend, BuildConfig, Device, DType
+from oiv2compile.config import Backend, BuildConfig, Device, DType, Quantization
 from oiv2compile.errors import ArtifactError, ConfigError, UnsupportedModelError
 from oiv2compile.models import SUPPORTED_MODEL_TYPES, load_model
 from oiv2compile.passes import pipeline, run_passes
+from oiv2compile.passes.quantize_weights import DECODER_LAYER as _DECODER_LAYER
 from oiv2compile.runtime import artifact
 from oiv2compile.runtime.engine import Engine
 from oiv2compile.verify import check_pass_counts, verify_against_hf
@@ -87,7 +88,7 @@ def build(
                 owned.extend(_program_weights(programs[program.name].graph_module).values())
             with phases(f"passes {program.name}"):
                 records = run_passes(programs[program.name].graph_module, cfg, pipeline(cfg), label=program.name)
-            check_pass_counts(records, spec, arch, program.name)
+            check_pass_counts(records, spec, arch, program.name, _linears_to_quantize(hf, cfg))
             pass_report[program.name] = {r.name: {"count": r.count, "ms": round(r.ms, 3)} for r in records}
 
         verification = None
@@ -134,6 +135,7 @@ def build(
             "weights": weights,
             "tokenizer": tokenizer_dir,
             "tokenizer_note": loaded.tokenizer_note,
+            "quantization": _quantization_record(cfg, programs[PREFILL.name].graph_module),
             "passes": pass_report,
             "verification": verification,
             "phases_s": phases.seconds,
@@ -240,6 +242,36 @@ def _check_attention_kind(config: Any, arch: str, max_seq_len: int) -> None:
             f"{arch} soft-caps its attention scores, which this version does not implement; supported "
             f"architectures: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
+
+
+def _linears_to_quantize(hf: Any, cfg: BuildConfig) -> int:
+    """How many linear layers quantize_weights must rewrite: those of the decoder layers, and the
+    output head when it is included."""
+    if cfg.quantization is Quantization.NONE:
+        return 0
+    linears = [name for name, m in hf.named_modules() if isinstance(m, torch.nn.Linear)]
+    in_layers = [name for name in linears if _DECODER_LAYER.search(f".{name}.")]
+    return len(linears) if cfg.quant.include_output_head else len(in_layers)
+
+
+def _quantization_record(cfg: BuildConfig, gm: torch.fx.GraphModule) -> dict[str, Any] | None:
+    """What the manifest says of the quantized weights: scheme, method, group, layout and bytes."""
+    if cfg.quantization is Quantization.NONE:
+        return None
+    from oiv2compile.kernels.linear_int4 import LAYOUT as INT4_LAYOUT
+    from oiv2compile.kernels.linear_int8 import LAYOUT as INT8_LAYOUT
+
+    int8 = cfg.quantization is Quantization.INT8
+    rewritten = [n for n in gm.graph.nodes if n.op == "call_function" and "quantized" in n.meta.get("oiv2", {})]
+    return {
+        "scheme": cfg.quantization.value,
+        "method": cfg.quant.method,
+        "group_size": None if int8 else cfg.quant.group_size,
+        "layout": INT8_LAYOUT if int8 else INT4_LAYOUT,
+        "output_head": cfg.quant.include_output_head,
+        "linears": len(rewritten),
+        "weights": sorted(n.meta["oiv2"]["quantized"] for n in rewritten),
+    }
 
 
 def _program_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--max-batch-size", type=int, help="most sequences decoded together (default: 8)")
     build.add_argument("--max-seq-len", type=int, help="cache length per sequence (default: min(2048, model limit))")
     build.add_argument("--seed", type=int, help="seed of a preset's random weights")
+    build.add_argument("--quant", choices=["none", "int8", "int4"], help="weight-only quantization (default: none)")
+    build.add_argument("--quant-group-size", type=int, choices=[32, 64, 128], help="int4 group size (default: 128)")
+    build.add_argument("--no-quantize-head", action="store_true", help="keep the output head in full precision")
     build.add_argument("--no-verify", action="store_true", help="skip the comparison with Hugging Face's forward")
     build.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     build.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -133,6 +136,15 @@ def _build(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
+    if args.quant is not None:
+        overrides["quantization"] = args.quant
+    quant: dict[str, Any] = {}
+    if args.quant_group_size is not None:
+        quant["group_size"] = args.quant_group_size
+    if args.no_quantize_head:
+        quant["include_output_head"] = False
+    if quant:
+        overrides["quant"] = quant
     if args.no_verify:
         overrides["enable_verification"] = False
     if args.no_cuda_graphs:
@@ -223,6 +235,7 @@ def _inspect(args: argparse.Namespace) -> int:
         f"config       backend {cfg.get('backend')}, dtype {cfg.get('dtype')}, max_batch_size {cfg.get('max_batch_size')}, "
         f"max_seq_len {cache.get('max_seq_len')}, fingerprint {manifest.get('fingerprint')}",
         f"tokenizer    {manifest.get('tokenizer_note')}",
+        f"quantization {_quantization_line(manifest.get('quantization'))}",
         "programs     " + ", ".join(sorted(manifest.get("programs", {}))),
         "passes",
     ]
@@ -358,6 +371,17 @@ def _presets(args: argparse.Namespace) -> int:
             f"vocab {fields['vocab_size']:>6}  {kind}"
         )
     return 0
+
+
+def _quantization_line(record: dict[str, Any] | None) -> str:
+    if not record:
+        return "none"
+    group = f", groups of {record['group_size']}" if record.get("group_size") else ""
+    head = "" if record.get("output_head") else ", output head in full precision"
+    return (
+        f"{record['scheme']} weight-only ({record['method']}{group}{head}), {record['linears']} linears, "
+        f"layout {record['layout']}"
+    )
 
 
 def _size(n: float) -> str:

@@ -37,6 +37,25 @@ class DType(str, enum.Enum):
     FLOAT16 = "float16"
 
 
+class Quantization(str, enum.Enum):
+    NONE = "none"
+    INT8 = "int8"  # per output channel, symmetric
+    INT4 = "int4"  # groups along the input dimension, asymmetric (scale and zero point per group)
+
+
+QUANT_GROUP_SIZES = (32, 64, 128)
+QUANT_METHODS = ("rtn",)  # round to nearest; a calibrated method (GPTQ, AWQ) goes next to it
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    # int4 only: input features per scale and zero point.
+    group_size: int = 128
+    # Quantize the output head too (tied embeddings keep a full-precision copy for the lookup).
+    include_output_head: bool = True
+    method: str = "rtn"
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
     # Replace HF's attention (sdpa or eager matmul-softmax-matmul) by oiv2::attention, which reads
@@ -74,6 +93,9 @@ class BuildConfig:
     # On CUDA, also compile a decode program specialised for batch 1 (matrix-vector products that
     # Inductor tunes for bandwidth); batch-1 decode steps use it.
     enable_batch1_decode: bool = True
+    # Weight-only quantization of the linear layers (passes/quantize_weights.py).
+    quantization: Quantization = Quantization.NONE
+    quant: QuantConfig = field(default_factory=QuantConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     cuda_graphs: CudaGraphConfig = field(default_factory=CudaGraphConfig)
@@ -154,6 +176,10 @@ def _validate(cfg: BuildConfig) -> None:
             )
     if cfg.cuda_graphs.batch_buckets and max(cfg.cuda_graphs.batch_buckets) != cfg.max_batch_size:
         raise ConfigError("The largest CUDA graph batch bucket must equal max_batch_size.")
+    if cfg.quant.group_size not in QUANT_GROUP_SIZES:
+        raise ConfigError(f"quant.group_size must be one of {list(QUANT_GROUP_SIZES)}, not {cfg.quant.group_size}.")
+    if cfg.quant.method not in QUANT_METHODS:
+        raise ConfigError(f"quant.method must be one of {list(QUANT_METHODS)}, not {cfg.quant.method!r}.")
     if cfg.attention.enable_substitution and not cfg.kv_cache.enable_rewrite:
         raise ConfigError("Attention substitution reads the rewritten cache; enable the KV-cache rewrite too.")
 

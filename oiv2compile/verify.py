@@ -7,6 +7,8 @@ own forward on a short random batch (two prompts of different lengths, then one 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,10 +24,13 @@ from oiv2compile.passes import PassRecord
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def check_pass_counts(records: list[PassRecord], spec: CacheSpec, arch: str, program: str) -> None:
+def check_pass_counts(
+    records: list[PassRecord], spec: CacheSpec, arch: str, program: str, linears_to_quantize: int = 0
+) -> None:
     expected = {
         "rewrite_kv_cache": (2 * spec.num_layers, "cache writes"),
         "substitute_attention": (spec.num_layers, "attention layers"),
+        "quantize_weights": (linears_to_quantize, "linear layers"),
     }
     for record in records:
         if record.name not in expected:
@@ -69,7 +74,8 @@ def verify_against_hf(hf_model: Any, programs: dict[str, CapturedProgram], spec:
     worst = dict.fromkeys(ours, 0.0)
     for i, prompt in enumerate(prompts):
         sequence = torch.cat([prompt.to(device), next_tokens[i : i + 1]])[None]
-        ref = hf_model(input_ids=sequence, use_cache=False).logits[0]  # [len + 1, vocab]
+        with _quantized_linears(hf_model, prefill):
+            ref = hf_model(input_ids=sequence, use_cache=False).logits[0]  # [len + 1, vocab]
         worst[PREFILL.name] = max(worst[PREFILL.name], _rel_err(ours[PREFILL.name][i], ref[lengths[i] - 1]))
         for name in ours.keys() - {PREFILL.name}:
             if i < ours[name].shape[0]:
@@ -84,6 +90,40 @@ def verify_against_hf(hf_model: Any, programs: dict[str, CapturedProgram], spec:
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})."
             )
     return {"relative_error": worst, "tolerance": tolerance, "prompt_lengths": lengths}
+
+
+@contextlib.contextmanager
+def _quantized_linears(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator[None]:
+    """While inside, each HF linear whose weight the program reads quantized computes with the weight
+    that the quantized layout stands for, so that the comparison checks the program, not the rounding.
+    Only the linear modules change: a tied embedding keeps its float weight for the lookup."""
+    from oiv2compile.kernels.linear_int4 import dequantize as dequantize_int4
+    from oiv2compile.kernels.linear_int8 import dequantize as dequantize_int8
+
+    dequantized: dict[int, torch.Tensor] = {}
+    for node in gm.graph.nodes:
+        facts = node.meta.get("oiv2", {})
+        if node.op != "call_function" or "quantized" not in facts:
+            continue
+        int8 = facts["scheme"] == "int8"
+        layout = node.args[1:3] if int8 else node.args[1:4]  # (qweight, scales) or (packed, scales, zeros)
+        tensors = [_attr(gm, a.target) for a in layout]  # type: ignore[union-attr]
+        dequantized[facts["storage"]] = dequantize_int8(*tensors) if int8 else dequantize_int4(*tensors)
+    swapped = []
+    for module in hf_model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.data_ptr() in dequantized:
+            swapped.append((module, module.weight))
+            module.weight = torch.nn.Parameter(dequantized[module.weight.data_ptr()], requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, weight in swapped:
+            module.weight = weight
+
+
+def _attr(gm: torch.fx.GraphModule, target: Any) -> torch.Tensor:
+    owner, _, leaf = str(target).rpartition(".")
+    return getattr(gm.get_submodule(owner), leaf)
 
 
 def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

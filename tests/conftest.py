@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,14 +27,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """Build an artifact once per (preset, backend) and reuse it across tests."""
-    built: dict[tuple[str, str], Path] = {}
+    """Build an artifact once per (preset, backend, other build options) and reuse it across tests."""
+    built: dict[str, Path] = {}
 
-    def get(preset: str, backend: str = "inductor") -> Path:
-        key = (preset, backend)
+    def get(preset: str, backend: str = "inductor", **overrides: Any) -> Path:
+        key = f"{preset}-{backend}" + "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
         if key not in built:
             out = tmp_path_factory.mktemp("artifacts") / f"{preset}-{backend}"
-            oiv2compile.build(preset, out, backend=backend, device="cpu", dtype="float32", **TINY_BUILD)
+            options = {**TINY_BUILD, **overrides}
+            oiv2compile.build(preset, out, backend=backend, device="cpu", dtype="float32", **options)
             built[key] = out
         return built[key]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import oiv2compile
+from oiv2compile import _torch_compat
 from oiv2compile.errors import BuildError, ConfigError, ModelNotFoundError, UnsupportedModelError
 from oiv2compile.models import load_model
 from tests.conftest import PROMPTS, TINY_BUILD, hf_greedy
@@ -49,7 +50,7 @@ def test_manifest_records_build(artifacts):
     manifest = json.loads((artifacts("llama-tiny") / "manifest.json").read_text())
     assert manifest["format_version"] == 1
     assert manifest["torch_version"] == torch.__version__
-    assert manifest["device"] == {"type": "cpu"}
+    assert manifest["device"]["type"] == "cpu" and manifest["device"]["cpu_isa"] in _torch_compat.host_cpu_isas()
     assert manifest["build_config"]["dtype"] == "float32"
     assert manifest["build_config"]["device"] == "cpu"
     assert set(manifest["programs"]) == {"prefill", "decode"}

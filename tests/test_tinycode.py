@@ -144,3 +144,21 @@ def test_run_echoes_the_prompt_before_the_completion(artifacts, capsys):
     assert main(["run", str(artifacts("tinycode")), "--echo", "--prompt", prompt, "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(prompt) and len(out) > len(prompt) + 4
+
+
+@pytest.mark.parametrize("quant, group, ppl_rise, agreement", [("int8", 128, 0.01, 0.95), ("int4", 64, 0.10, 0.7)])
+def test_quantized_tinycode_artifacts(artifacts, quant, group, ppl_rise, agreement):
+    """Weight-only quantized artifacts of the trained model: smaller, recorded, and close to the
+    reference on held-out code (the full-data figures are in benchmarks/RESULTS.md)."""
+    path = artifacts("tinycode", quantization=quant, quant={"group_size": group})
+    manifest = oiv2compile.load(path).manifest
+    record = manifest["quantization"]
+    assert record["scheme"] == quant and record["linears"] == 4 * 7 + 1 and record["output_head"]
+    assert record["layout"].startswith(quant) and record["group_size"] == (group if quant == "int4" else None)
+    full = oiv2compile.load(artifacts("tinycode")).manifest["weights"]["bytes"]
+    assert manifest["weights"]["bytes"] < 0.5 * full
+
+    result = evaluate(path, window=64, max_windows=6)
+    assert result["artifact"]["quantization"]["scheme"] == quant
+    assert abs(result["perplexity"]["relative_difference"]) < ppl_rise
+    assert result["next_token_agreement"] >= agreement

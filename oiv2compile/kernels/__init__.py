@@ -5,5 +5,16 @@ Importing this package registers every op; artifacts that call them need it impo
 
 from oiv2compile.kernels.attention import attention, attention_ref
 from oiv2compile.kernels.kv_write import kv_write, kv_write_ref
+from oiv2compile.kernels.linear_int4 import linear_int4, linear_int4_ref
+from oiv2compile.kernels.linear_int8 import linear_int8, linear_int8_ref
 
-__all__ = ["attention", "attention_ref", "kv_write", "kv_write_ref"]
+__all__ = [
+    "attention",
+    "attention_ref",
+    "kv_write",
+    "kv_write_ref",
+    "linear_int4",
+    "linear_int4_ref",
+    "linear_int8",
+    "linear_int8_ref",
+]

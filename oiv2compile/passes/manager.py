@@ -17,6 +17,7 @@ from pathlib import Path
 from torch.fx import GraphModule
 
 from oiv2compile.config import BuildConfig
+from oiv2compile.errors import Oiv2Error
 from oiv2compile.passes.registry import Pass
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def run_passes(gm: GraphModule, cfg: BuildConfig, passes: list[Pass], *, label: 
         try:
             count = fn(gm, cfg)
             cleanup(gm)
+        except Oiv2Error:
+            raise  # a user-facing refusal (a model this option cannot apply to) says so itself
         except Exception as exc:
             raise PassError(f"pass {name} failed on the {label} graph: {exc}") from exc
         ms = (time.perf_counter() - start) * 1e3

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 from torch.fx import GraphModule
 
-from oiv2compile.config import BuildConfig
+from oiv2compile.config import BuildConfig, Quantization
+from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
 from oiv2compile.passes.substitute_attention import substitute_attention
 
@@ -18,6 +19,7 @@ Pass = Callable[[GraphModule, BuildConfig], int]
 PASSES: dict[str, Pass] = {
     "rewrite_kv_cache": rewrite_kv_cache,
     "substitute_attention": substitute_attention,
+    "quantize_weights": quantize_weights,
 }
 
 
@@ -28,4 +30,6 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
         passes.append(rewrite_kv_cache)
     if cfg.attention.enable_substitution:
         passes.append(substitute_attention)
+    if cfg.quantization is not Quantization.NONE:
+        passes.append(quantize_weights)
     return passes

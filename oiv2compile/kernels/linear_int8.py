@@ -1,0 +1,55 @@
+"""oiv2::linear_int8: y = x @ W^T (+ bias) with W stored as int8, one scale per output channel.
+
+Layout ("int8-rowmajor-v1"): qweight [N, K] int8, row n holding output channel n, values in
+[-127, 127]; scales [N] in the activation dtype; W[n, k] = qweight[n, k] * scales[n] (symmetric, no
+zero point). `quantize` makes the layout from a float weight by rounding to nearest.
+
+The op's body is its reference (the spec): on the CPU, and for now on CUDA, Inductor inlines it, so
+the conversion of the int8 weight fuses into the code around the matrix product. The streaming CUDA
+kernel of issue 5 replaces the CUDA path behind the same schema.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.library import triton_op
+
+from oiv2compile.kernels._triton import registering_triton_op
+
+LAYOUT = "int8-rowmajor-v1"
+QMAX = 127
+
+
+def quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight [N, K] int8, scales [N] in `dtype`) of a float weight [N, K], round to nearest.
+
+    The scale is rounded to `dtype` before the weights are divided by it, so that dequantizing with
+    the stored scale gives back what was rounded."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / QMAX).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scales
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float weight [N, K] (in the scales' dtype) that the layout stands for."""
+    return (qweight.float() * scales.float()[:, None]).to(scales.dtype)
+
+
+def linear_int8_ref(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The spec, and the CPU path: the per-channel scale applies to the product's columns, so the
+    int8 values (exact in any float dtype) multiply the activations unchanged."""
+    y = F.linear(x, qweight.to(x.dtype)) * scales.to(x.dtype)
+    return y + bias if bias is not None else y
+
+
+with registering_triton_op():
+
+    @triton_op("oiv2::linear_int8", mutates_args=())
+    def linear_int8(
+        x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return linear_int8_ref(x, qweight, scales, bias)

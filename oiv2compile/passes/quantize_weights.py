@@ -1,0 +1,110 @@
+"""quantize_weights: linear layers read weight-only quantized weights through oiv2::linear_int8 or
+oiv2::linear_int4.
+
+Before (W a 2-D floating attribute of the graph):
+    y = aten.linear(x, W, bias)
+After:
+    y = oiv2.linear_int8(x, W_int8, W_scales, bias)                       # --quant int8
+    y = oiv2.linear_int4(x, W_int4, W_scales, W_zeros, bias)              # --quant int4
+The quantized tensors (layouts in kernels/linear_int8.py and kernels/linear_int4.py, made by round to
+nearest) become attributes next to W, named W's attribute name plus `_int8`/`_int4`, `_scales`,
+`_zeros`; W itself goes when nothing else reads it (a tied embedding still does). Every linear under
+a decoder layer (`.layers.<n>.`) is rewritten; the others (the output head) when
+cfg.quant.include_output_head. A calibrated method (GPTQ, AWQ) would replace `_quantized_tensors`,
+which sees the float weight and returns the same layout.
+
+Every program of a build runs this on the same weights and gets the same tensors under the same
+names, so the artifact stores them once.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from oiv2compile import kernels  # noqa: F401  (registers the oiv2 ops this pass inserts)
+from oiv2compile.config import BuildConfig, Quantization
+from oiv2compile.errors import ConfigError
+from oiv2compile.kernels.linear_int4 import quantize as quantize_int4
+from oiv2compile.kernels.linear_int8 import quantize as quantize_int8
+from oiv2compile.passes.fx_utils import aten, call_args, fake_value, is_call, record
+
+DECODER_LAYER = re.compile(r"\.layers\.\d+\.")
+
+
+def quantize_weights(gm: GraphModule, cfg: BuildConfig) -> int:
+    if cfg.quantization is Quantization.NONE:
+        return 0
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not is_call(node, aten.linear.default):
+            continue
+        args = call_args(node)
+        weight = args["weight"]
+        if not isinstance(weight, Node) or weight.op != "get_attr":
+            continue
+        owner_name, _, leaf = str(weight.target).rpartition(".")
+        owner = gm.get_submodule(owner_name)
+        tensor = getattr(owner, leaf)
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or not tensor.is_floating_point():
+            continue
+        if DECODER_LAYER.search(str(weight.target)) is None and not cfg.quant.include_output_head:
+            continue
+        out = fake_value(node)
+        dtype = out.dtype if out is not None else tensor.dtype
+        tensors = _quantized_tensors(str(weight.target), tensor, cfg, dtype)
+        attrs = []
+        with gm.graph.inserting_before(node):
+            for suffix, value in tensors.items():
+                name = f"{leaf}_{suffix}"
+                if not hasattr(owner, name):
+                    owner.register_buffer(name, value)
+                attr = gm.graph.get_attr(f"{owner_name}.{name}")
+                attr.meta["val"] = _fake_like(weight, value)
+                attrs.append(attr)
+            op = (
+                torch.ops.oiv2.linear_int8.default
+                if cfg.quantization is Quantization.INT8
+                else torch.ops.oiv2.linear_int4.default
+            )
+            new = gm.graph.call_function(op, (args["input"], *attrs, args.get("bias")))
+        new.meta.update(node.meta)
+        # verify.py finds the HF linear that read this weight by its storage, to compare like with like.
+        record(new, quantized=str(weight.target), scheme=cfg.quantization.value, storage=tensor.data_ptr())
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        if not weight.users:
+            gm.graph.erase_node(weight)
+            if not any(n.op == "get_attr" and n.target == weight.target for n in gm.graph.nodes):
+                delattr(owner, leaf)
+        count += 1
+    return count
+
+
+def _quantized_tensors(
+    name: str, weight: torch.Tensor, cfg: BuildConfig, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The quantized layout of one weight, by attribute suffix; round to nearest."""
+    if cfg.quantization is Quantization.INT8:
+        q, scales = quantize_int8(weight, dtype)
+        return {"int8": q, "scales": scales}
+    group = cfg.quant.group_size
+    if weight.shape[1] % group:
+        raise ConfigError(
+            f"{name} has {weight.shape[1]} input features, not a multiple of the int4 group size {group}; "
+            "choose another --quant-group-size (32, 64, 128) or --quant int8."
+        )
+    packed, scales, zeros = quantize_int4(weight, group, dtype)
+    return {"int4": packed, "scales": scales, "zeros": zeros}
+
+
+def _fake_like(like: Node, value: torch.Tensor) -> Any:
+    """A fake tensor for a new attribute, in the fake mode of the graph's other values."""
+    fake = fake_value(like)
+    mode = getattr(fake, "fake_mode", None)
+    if mode is None:
+        return None
+    return mode.from_tensor(value, static_shapes=True)

@@ -1,0 +1,85 @@
+"""quantize_weights: which linears it rewrites, what it stores, and that the program then computes
+what HF computes with the weights the quantized layout stands for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oiv2compile.capture import DECODE, PREFILL, CacheSpec, capture
+from oiv2compile.config import BuildConfig
+from oiv2compile.errors import ConfigError
+from oiv2compile.models import load_model
+from oiv2compile.passes.manager import run_passes
+from oiv2compile.passes.registry import pipeline
+from oiv2compile.verify import verify_against_hf
+from tests.passes.helpers import aten, count
+
+INT8 = torch.ops.oiv2.linear_int8.default
+INT4 = torch.ops.oiv2.linear_int4.default
+
+
+def _programs(preset: str, cfg: BuildConfig):
+    hf = load_model(preset, dtype=torch.float32, device="cpu", seed=0).model
+    spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=torch.float32)
+    programs = {p.name: capture(hf, spec, p) for p in (PREFILL, DECODE)}
+    records = {name: run_passes(c.graph_module, cfg, pipeline(cfg), label=name) for name, c in programs.items()}
+    return hf, spec, programs, records
+
+
+@pytest.mark.parametrize(
+    "preset, quant, group", [("llama-tiny", "int8", 128), ("llama-tiny", "int4", 32), ("qwen2-tiny", "int4", 64)]
+)
+def test_every_linear_is_rewritten_and_matches_hf(preset, quant, group):
+    cfg = BuildConfig().replace(quantization=quant, quant={"group_size": group})
+    hf, spec, programs, records = _programs(preset, cfg)
+    op = INT8 if quant == "int8" else INT4
+    for name, program in programs.items():
+        gm = program.graph_module
+        assert {r.name: r.count for r in records[name]}["quantize_weights"] == 15  # 2 layers x 7 + head
+        assert count(gm, aten.linear.default) == 0 and count(gm, op) == 15
+        params = dict(gm.named_parameters())
+        assert not any(n.endswith("proj.weight") for n in params)  # the float weights are gone
+        buffers = dict(gm.named_buffers())
+        suffix = "weight_int8" if quant == "int8" else "weight_int4"
+        assert buffers[f"hf.model.layers.0.mlp.down_proj.{suffix}"].dtype == (
+            torch.int8 if quant == "int8" else torch.uint8
+        )
+        # The head is quantized too; with tied embeddings (qwen2-tiny) the float table stays for the lookup.
+        assert f"hf.lm_head.{suffix}" in buffers and "hf.lm_head.weight" not in params
+        assert "hf.model.embed_tokens.weight" in params
+    report = verify_against_hf(hf, programs, spec)
+    assert max(report["relative_error"].values()) < 1e-4
+
+
+def test_the_output_head_can_stay_in_full_precision():
+    cfg = BuildConfig().replace(quantization="int8", quant={"include_output_head": False})
+    _, _, programs, _ = _programs("llama-tiny", cfg)
+    gm = programs[DECODE.name].graph_module
+    assert count(gm, INT8) == 14 and count(gm, aten.linear.default) == 1
+    head = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.linear.default)
+    assert head.args[1].target == "hf.lm_head.weight"
+
+
+def test_quantization_changes_the_numbers_by_the_expected_amount():
+    """Against the float program: int8 barely moves the logits, int4 moves them more."""
+    base_cfg = BuildConfig()
+    _, spec, float_programs, _ = _programs("llama-tiny", base_cfg)
+    x = (torch.tensor([[5, 17, 99, 3]]), torch.tensor([0]), torch.tensor([0]), torch.tensor([3]))
+    errs = {}
+    for quant in ("int8", "int4"):
+        _, _, programs, _ = _programs("llama-tiny", base_cfg.replace(quantization=quant, quant={"group_size": 32}))
+        ref = float_programs[PREFILL.name].graph_module(*x, spec.allocate("cpu"))
+        out = programs[PREFILL.name].graph_module(*x, spec.allocate("cpu"))
+        errs[quant] = float((out - ref).detach().norm() / ref.detach().norm())
+    assert 0 < errs["int8"] < 0.02 < errs["int4"] < 0.5
+
+
+def test_a_group_size_that_does_not_divide_the_features_is_refused():
+    cfg = BuildConfig().replace(quantization="int4", quant={"group_size": 128})  # llama-tiny's hidden size is 64
+    with pytest.raises(ConfigError, match="not a multiple of the int4 group size 128"):
+        _programs("llama-tiny", cfg)
+
+
+def test_no_quantization_leaves_the_graph_alone():
+    assert pipeline(BuildConfig())[-1].__name__ != "quantize_weights"
