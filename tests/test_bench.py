@@ -75,7 +75,8 @@ def _tiny_args(cache: Path, *argv: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The full command once: two builds (inductor, eager), unavailable rows, the hf-eager baseline."""
+    """The full command once: four builds (inductor and eager, float and int8), unavailable rows, the hf-eager
+    baseline."""
     cache = tmp_path_factory.mktemp("bench-cache")
     out = tmp_path_factory.mktemp("bench-out")
     argv = _tiny_args(
@@ -136,14 +137,16 @@ def test_bench_measures_every_requested_row(first_run):
     assert keys == expected
     for row in report["rows"]:
         assert set(row) == ROW_KEYS
-        if row["backend"] in ("inductor", "eager", "hf-eager") and row["quant"] == "none":
+        if row["backend"] in ("inductor", "eager", "hf-eager"):
             assert row["status"] == "ok" and row["reason"] is None, row
             _check_ok_row(row)
             assert row["reused"] in (False, None)
         else:
             assert row["status"] == "unavailable" and row["decode_tok_s"] is None, row
-            expected_reason = "quantization" if row["backend"] in ("inductor", "eager") else "no " + row["backend"]
-            assert expected_reason in row["reason"]
+            assert "no " + row["backend"] in row["reason"]
+    int8 = {(r["backend"], r["batch"]): r for r in report["rows"] if r["quant"] == "int8"}
+    none = {(r["backend"], r["batch"]): r for r in report["rows"] if r["quant"] == "none"}
+    assert int8[("inductor", 1)]["weight_bytes"] < none[("inductor", 1)]["weight_bytes"]
 
     table = [line for line in first_run["stdout"].splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(expected)  # the header, then one line per row
@@ -154,7 +157,11 @@ def test_bench_measures_every_requested_row(first_run):
 
 def test_bench_reuses_cached_artifacts(first_run, tmp_path):
     assert first_run["code"] == 0, first_run["stderr"]
-    built = {(r["backend"], r["batch"]): r for r in _report(first_run["out"])["rows"] if r["status"] == "ok"}
+    built = {
+        (r["backend"], r["batch"]): r
+        for r in _report(first_run["out"])["rows"]
+        if r["status"] == "ok" and r["quant"] == "none"
+    }
     manifests = {
         r["artifact"]: (Path(r["artifact"]) / "manifest.json").stat().st_mtime_ns
         for r in built.values()
