@@ -43,7 +43,7 @@ def evaluate(
     the held-out files of the tinycode corpus, for artifacts of the bundled models.
     reference: a Hugging Face model directory; by default the directory the artifact was built from.
     """
-    from oiv2compile.api import load
+    from oiv2compile.api import load, transformers_version
 
     artifact = Path(artifact)
     engine = load(artifact, device=device)
@@ -113,7 +113,7 @@ def evaluate(
             "reference": float((ref_top == targets).double().mean()),
         },
         "seconds": {"artifact": round(art_seconds, 2), "reference": round(ref_seconds, 2)},
-        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+        "versions": {"torch": torch.__version__, "transformers": transformers_version()},
     }
 
 
@@ -137,8 +137,8 @@ def _reference_dir(source: str, reference: str | Path | None) -> Path:
     bundled = bundled_model_dir(source)
     if bundled is not None:
         return bundled
-    path = Path(source)
-    if source not in ("object",) and not source.startswith("preset:") and (path / "config.json").is_file():
+    path = Path(source)  # a directory build() read the model from; "preset:…" and "object" are none
+    if (path / "config.json").is_file():
         return path
     raise InvalidRequestError(
         f"The artifact was built from {source}, whose weights are not in a model directory here; give the "
@@ -194,9 +194,3 @@ def _reference_scores(
         if progress is not None:
             progress(min(start + per_pass, len(ids)), len(ids))
     return torch.cat(nll_rows), torch.cat(top_rows)
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__

@@ -115,7 +115,7 @@ def build(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "python_version": platform.python_version(),
             "torch_version": torch.__version__,
-            "transformers_version": _transformers_version(),
+            "transformers_version": transformers_version(),
             "cuda_version": torch.version.cuda if device.type == "cuda" else None,
             "device": _device_record(device),
             "model": {
@@ -300,7 +300,7 @@ def _device_record(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _transformers_version() -> str:
+def transformers_version() -> str:
     import transformers
 
     return transformers.__version__

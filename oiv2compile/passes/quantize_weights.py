@@ -78,7 +78,7 @@ def quantize_weights(gm: GraphModule, cfg: BuildConfig) -> int:
         gm.graph.erase_node(node)
         if not weight.users:
             gm.graph.erase_node(weight)
-            if not any(n.op == "get_attr" and n.target == weight.target for n in gm.graph.nodes):
+            if not gm.graph.find_nodes(op="get_attr", target=weight.target):
                 delattr(owner, leaf)
         count += 1
     return count
