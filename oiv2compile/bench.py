@@ -51,6 +51,7 @@ BACKENDS = ("inductor", "eager", "onnx", "tensorrt")
 BASELINES = ("hf-eager", "hf-static")
 QUANTS = ("none", "int8", "int4")
 REPORT = "bench.json"
+TABLE = "bench.md"
 PLOTS = ("tokens_per_s_vs_batch.png", "time_per_token.png")
 # A row's fields after kind, backend, quant, batch, status and reason; every row has every key, None where a
 # figure does not apply or the row is unavailable.
@@ -78,6 +79,8 @@ _MEMORY_SAMPLE_S = 0.005
 
 # progress(what is happening now, rows done, rows in all)
 Progress = Callable[[str, int, int], None]
+# checkpoint(the report so far): called after each row, with "complete" False until the last
+Checkpoint = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -256,36 +259,19 @@ class _Target:
     reused: bool | None = None
 
 
-def run_bench(request: BenchRequest, progress: Progress | None = None) -> dict[str, Any]:
+def run_bench(
+    request: BenchRequest, progress: Progress | None = None, checkpoint: Checkpoint | None = None
+) -> dict[str, Any]:
     """Build (or reuse), load and measure every requested backend × quantization × batch size and
-    every baseline × batch size; return the report, whose rows carry the fields of ROW_FIELDS."""
+    every baseline × batch size; return the report, whose rows carry the fields of ROW_FIELDS.
+    `checkpoint` gets the report so far after each row (its "complete" False until the last), so that a
+    run stopped part-way keeps what it measured."""
     source = _resolve_source(request)
     cfg = _base_config(request, source)
     device = torch.device(cfg.device.value)
     backends = request.backends if request.backends is not None else _default_backends(source)
     targets = [_target(backend, quant, source) for backend in backends for quant in request.quants]
-    tracker = _Tracker(progress, len(request.batch_sizes) * (len(targets) + len(request.baselines)))
-
-    for target in targets:
-        if target.reason is None:
-            tracker.start(f"build {target.backend}/{target.quant}")
-            _prepare_artifact(target, request, source, cfg)
-    tracker.start("copy bandwidth")
-    bandwidth = copy_bandwidth_gbs(device)
-    prompts = _prompts(request, int(source.fields["vocab_size"]))
-
-    rows: list[dict[str, Any]] = []
-    for target in targets:
-        rows.extend(_measure_engine(target, request, prompts, device, tracker))
-    for baseline in request.baselines:
-        rows.extend(_measure_baseline(baseline, request, source, cfg, prompts, device, tracker))
-    filled = request.prompt_len + request.new_tokens / 2  # the average filled length over the decode
-    for row in rows:
-        if row["status"] == "ok":
-            row["step_bytes"] = step_bytes(row["weight_bytes"], row["kv_bytes_per_token"], row["batch"], filled)
-            row["roofline_tok_s"] = roofline_tok_s(bandwidth, row["step_bytes"], row["batch"])
-            row["share_of_roofline"] = row["decode_tok_s"]["median"] / row["roofline_tok_s"]
-    return {
+    report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "model": request.model,
         "args": request.to_dict(),
@@ -293,17 +279,47 @@ def run_bench(request: BenchRequest, progress: Progress | None = None) -> dict[s
         "dtype": cfg.dtype.value,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(device),
-        "copy_bandwidth_gbs": bandwidth,
-        "rows": rows,
+        "copy_bandwidth_gbs": None,
+        "rows": [],
+        "complete": False,
     }
+    total = len(request.batch_sizes) * (len(targets) + len(request.baselines))
+    filled = request.prompt_len + request.new_tokens / 2  # the average filled length over the decode
+
+    def record(row: dict[str, Any]) -> None:
+        if row["status"] == "ok":
+            row["step_bytes"] = step_bytes(row["weight_bytes"], row["kv_bytes_per_token"], row["batch"], filled)
+            row["roofline_tok_s"] = roofline_tok_s(report["copy_bandwidth_gbs"], row["step_bytes"], row["batch"])
+            row["share_of_roofline"] = row["decode_tok_s"]["median"] / row["roofline_tok_s"]
+        report["rows"].append(row)
+        report["complete"] = len(report["rows"]) == total
+        if checkpoint is not None:
+            checkpoint(report)
+
+    tracker = _Tracker(progress, total, record)
+    for target in targets:
+        if target.reason is None:
+            tracker.start(f"build {target.backend}/{target.quant}")
+            _prepare_artifact(target, request, source, cfg)
+    tracker.start("copy bandwidth")
+    report["copy_bandwidth_gbs"] = copy_bandwidth_gbs(device)
+    prompts = _prompts(request, int(source.fields["vocab_size"]))
+
+    for target in targets:
+        _measure_engine(target, request, prompts, device, tracker)
+    for baseline in request.baselines:
+        _measure_baseline(baseline, request, source, cfg, prompts, device, tracker)
+    report["complete"] = True
+    return report
 
 
 class _Tracker:
-    """Counts measured rows and tells `progress` what runs now."""
+    """Counts measured rows, hands each to `record` as it is made, and tells `progress` what runs now."""
 
-    def __init__(self, progress: Progress | None, total: int) -> None:
+    def __init__(self, progress: Progress | None, total: int, record: Callable[[dict[str, Any]], None]) -> None:
         self.progress = progress
         self.total = total
+        self.record = record
         self.done = 0
 
     def start(self, what: str) -> None:
@@ -311,12 +327,18 @@ class _Tracker:
             self.progress(what, self.done, self.total)
 
     def each_batch(self, label: str, batch_sizes: Sequence[int]) -> Iterator[int]:
-        """Yield each batch size; the caller appends that batch's row before asking for the next."""
+        """Yield each batch size; the caller records that batch's row before asking for the next."""
         for batch in batch_sizes:
             self.start(f"{label} batch {batch}")
             yield batch
             self.done += 1
             self.start(f"{label} batch {batch}")
+
+    def unavailable(self, kind: str, backend: str, quant: str, batch_sizes: Sequence[int], reason: str) -> None:
+        """Record one unavailable row per batch size."""
+        label = f"{backend}/{quant}" if kind == "oiv2compile" else backend
+        for batch in self.each_batch(label, batch_sizes):
+            self.record(_unavailable(kind, backend, quant, batch, reason))
 
 
 def _row(kind: str, backend: str, quant: str, batch: int, **figures: Any) -> dict[str, Any]:
@@ -526,28 +548,21 @@ def _prompts(request: BenchRequest, vocab_size: int) -> list[list[int]]:
 
 def _measure_engine(
     target: _Target, request: BenchRequest, prompts: list[list[int]], device: torch.device, tracker: _Tracker
-) -> list[dict[str, Any]]:
+) -> None:
     """Load the artifact once and measure each batch size: warm-up runs, then `repeats` timed ones."""
     from oiv2compile.api import load
 
     label = f"{target.backend}/{target.quant}"
     if target.path is None:  # unavailable: _target or _prepare_artifact said why
-        reason = str(target.reason)
-        return [
-            _unavailable("oiv2compile", target.backend, target.quant, b, reason)
-            for b in tracker.each_batch(label, request.batch_sizes)
-        ]
-    rows = []
+        tracker.unavailable("oiv2compile", target.backend, target.quant, request.batch_sizes, str(target.reason))
+        return
     with _PeakMemory(device) as memory:
         start = time.perf_counter()
         try:
             engine = load(target.path)
         except Oiv2Error as exc:
-            reason = str(exc)
-            return [
-                _unavailable("oiv2compile", target.backend, target.quant, b, reason)
-                for b in tracker.each_batch(label, request.batch_sizes)
-            ]
+            tracker.unavailable("oiv2compile", target.backend, target.quant, request.batch_sizes, str(exc))
+            return
         _synchronize(device)
         load_s = time.perf_counter() - start
         common = dict(
@@ -565,7 +580,7 @@ def _measure_engine(
                     f"the artifact serves batches of at most {engine.max_batch_size}; bench the model it was built "
                     f"from to build one for batch {batch}"
                 )
-                rows.append(_unavailable("oiv2compile", target.backend, target.quant, batch, reason))
+                tracker.record(_unavailable("oiv2compile", target.backend, target.quant, batch, reason))
                 continue
             memory.reset_peak()
             batch_prompts = prompts[:batch]
@@ -579,7 +594,7 @@ def _measure_engine(
                 for _ in range(request.repeats)
             ]
             figures = _engine_timings(batch, runs)
-            rows.append(
+            tracker.record(
                 _row(
                     "oiv2compile",
                     target.backend,
@@ -593,7 +608,6 @@ def _measure_engine(
             )
         del engine
     _release(device)
-    return rows
 
 
 def _measure_baseline(
@@ -604,28 +618,22 @@ def _measure_baseline(
     prompts: list[list[int]],
     device: torch.device,
     tracker: _Tracker,
-) -> list[dict[str, Any]]:
+) -> None:
     """Load the Hugging Face model once and time its generate() at each batch size: the decode rate from
     the difference between a full and a 1-token generate, the per-step times from a streamer."""
     from oiv2compile.models import load_model
 
     if source.hf_model is None:
-        return [
-            _unavailable("baseline", baseline, "none", b, source.hf_missing)
-            for b in tracker.each_batch(baseline, request.batch_sizes)
-        ]
+        tracker.unavailable("baseline", baseline, "none", request.batch_sizes, source.hf_missing)
+        return
     dtype = getattr(torch, cfg.dtype.value)
-    rows = []
     with _PeakMemory(device) as memory:
         start = time.perf_counter()
         try:
             hf = load_model(source.hf_model, dtype=dtype, device=device.type, seed=cfg.seed).model
         except Oiv2Error as exc:
-            reason = str(exc)
-            return [
-                _unavailable("baseline", baseline, "none", b, reason)
-                for b in tracker.each_batch(baseline, request.batch_sizes)
-            ]
+            tracker.unavailable("baseline", baseline, "none", request.batch_sizes, str(exc))
+            return
         _synchronize(device)
         load_s = time.perf_counter() - start
         common = dict(
@@ -645,11 +653,11 @@ def _measure_baseline(
                 Exception
             ) as exc:  # HF's own generate (its static cache compiles itself) failing here is the row's result
                 reason = f"Hugging Face generate failed here: {type(exc).__name__}: {_first_line(exc)}"
-                rows.append(_unavailable("baseline", baseline, "none", batch, reason))
+                tracker.record(_unavailable("baseline", baseline, "none", batch, reason))
                 continue
             decode = [batch * (request.new_tokens - 1) / (f - s) for s, f in zip(first, full, strict=True)]
             figures = _timing_figures(ttft=first, e2e=full, decode=decode, steps=steps)
-            rows.append(
+            tracker.record(
                 _row(
                     "baseline",
                     baseline,
@@ -663,7 +671,6 @@ def _measure_baseline(
             )
         del hf
     _release(device)
-    return rows
 
 
 def _hf_runs(
@@ -915,14 +922,26 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, str | None]:
-    """Write the plots (when matplotlib is installed) and bench.json into `out_dir`. Returns the JSON's
-    path and, when no plot was written, why; the JSON records both as "plots" and "plots_note"."""
+def write_report(report: dict[str, Any], out_dir: Path, *, plots: bool = True) -> tuple[Path, str | None]:
+    """Write the plots (when matplotlib is installed and `plots` is set), bench.json and the markdown table
+    (bench.md) into `out_dir`. Returns the JSON's path and, when no plot was written, why; the JSON records
+    both as "plots" and "plots_note". Each file is replaced whole, so a run stopped while writing leaves
+    the previous version, not half a file."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots, note = write_plots(report, out_dir)
+    if plots:
+        names, note = write_plots(report, out_dir)
+    else:
+        names, note = [], "plots are written when the run completes"
     path = out_dir / REPORT
-    path.write_text(json.dumps({**report, "plots": plots, "plots_note": note}, indent=2) + "\n")
+    _replace(path, json.dumps({**report, "plots": names, "plots_note": note}, indent=2) + "\n")
+    _replace(out_dir / TABLE, markdown_table(report))
     return path, note
+
+
+def _replace(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> tuple[list[str], str | None]:

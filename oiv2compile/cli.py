@@ -311,8 +311,13 @@ def _bench(args: argparse.Namespace) -> int:
     if args.batch_sizes is not None:
         fields["batch_sizes"] = _batch_sizes(args.batch_sizes)
     request = BenchRequest(model=args.model, rebuild=args.rebuild, **fields)
+
+    def checkpoint(partial: dict[str, Any]) -> None:  # a run stopped part-way keeps the rows it measured
+        if not partial["complete"]:
+            write_report(partial, args.out, plots=False)
+
     with _progress_bar() as progress:
-        report = run_bench(request, progress)
+        report = run_bench(request, progress, checkpoint)
     path, note = write_report(report, args.out)
     if note:
         print(f"oiv2compile: warning: {note}", file=sys.stderr)

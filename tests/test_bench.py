@@ -17,9 +17,13 @@ from oiv2compile.bench import (
     PLOTS,
     REPORT,
     ROW_FIELDS,
+    TABLE,
+    BenchRequest,
     _engine_timings,
+    markdown_table,
     percentile,
     roofline_tok_s,
+    run_bench,
     spread,
     step_bytes,
     write_report,
@@ -40,6 +44,7 @@ REPORT_KEYS = {
     "environment",
     "copy_bandwidth_gbs",
     "rows",
+    "complete",
     "plots",
     "plots_note",
 }
@@ -153,6 +158,28 @@ def test_bench_measures_every_requested_row(first_run):
     assert "| onnx | none | 1 | unavailable: oiv2compile has no onnx backend in this version |" in first_run["stdout"]
     assert report["plots"] == list(PLOTS) and report["plots_note"] is None
     assert all((first_run["out"] / name).stat().st_size > 0 for name in PLOTS)
+    assert report["complete"] is True
+    assert (first_run["out"] / TABLE).read_text() == first_run["stdout"]
+
+
+def test_bench_writes_each_row_as_it_is_measured(tmp_path):
+    """The checkpoint sees the report after every row, so a run stopped part-way keeps what it measured;
+    write_report of a partial report writes the JSON and the table, no plots."""
+    request = BenchRequest(
+        model="llama-tiny", backends=(), baselines=("hf-eager",), batch_sizes=(1, 2), prompt_len=4, new_tokens=4
+    )
+    seen = []
+
+    def checkpoint(partial: dict[str, Any]) -> None:
+        write_report(partial, tmp_path, plots=False)
+        on_disk = _report(tmp_path)
+        seen.append(([r["batch"] for r in on_disk["rows"]], on_disk["complete"], on_disk["plots"]))
+        assert (tmp_path / TABLE).read_text() == markdown_table(partial)
+
+    report = run_bench(request, checkpoint=checkpoint)
+    assert seen == [([1], False, []), ([1, 2], True, [])]
+    assert report["complete"] is True and [r["batch"] for r in report["rows"]] == [1, 2]
+    assert not any((tmp_path / name).exists() for name in PLOTS)
 
 
 def test_bench_reuses_cached_artifacts(first_run, tmp_path):
@@ -186,9 +213,19 @@ def test_bench_reuses_cached_artifacts(first_run, tmp_path):
 def test_report_without_matplotlib(monkeypatch, tmp_path):
     """Without matplotlib the report is written all the same, and says why it has no plots."""
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
-    path, note = write_report({"schema_version": 1, "rows": []}, tmp_path)
+    report = {
+        "schema_version": 1,
+        "model": "m",
+        "dtype": "float32",
+        "device": "cpu",
+        "environment": {"device": "cpu", "torch": "t", "commit": "c"},
+        "args": {"prompt_len": 1, "new_tokens": 2, "batch_sizes": [1]},
+        "copy_bandwidth_gbs": 1.0,
+        "rows": [],
+    }
+    path, note = write_report(report, tmp_path)
     assert note is not None and "matplotlib is not installed" in note
-    assert json.loads(path.read_text()) == {"schema_version": 1, "rows": [], "plots": [], "plots_note": note}
+    assert json.loads(path.read_text()) == {**report, "plots": [], "plots_note": note}
     assert not any((tmp_path / name).exists() for name in PLOTS)
 
 
