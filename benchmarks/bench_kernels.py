@@ -7,11 +7,13 @@ measured in the same run. Candidates, all in the same run:
   bf16 F.linear · oiv2::linear_int8 · oiv2::linear_int4 (group 128) · aten._weight_int8pack_mm ·
   Inductor's fused dequantize-then-linear (torch.compile of the int8 reference) ·
   aten._weight_int4pack_mm (tinygemm, group 128)
-The oiv2 ops are called as an artifact's code would call them (until their CUDA kernels exist, that is
-their PyTorch reference, run eagerly). A candidate that cannot run here is a row
-`unavailable: <why>`. Weights rotate over enough copies
-that the last-level cache never holds them (as ANCHORS.md measured). CUDA events; median of
---repeats timed calls after warm-up.
+  oiv2::linear_int8_gemv (the CUDA C++ kernel, M <= 4) · dequantize into bf16, then F.linear (the
+  prefill alternative to a mixed-input GEMM)
+The oiv2 ops are called as an artifact's code calls them (on CPU: their PyTorch reference). A
+candidate that cannot run here is a row `unavailable: <why>`. Weights rotate over enough copies that
+the last-level cache never holds them (as ANCHORS.md measured). On CUDA the calls are replayed from a
+CUDA graph, as a decode step runs them, so no host launch time is counted; CUDA events, median over
+replays after warm-up.
 
     python benchmarks/bench_kernels.py --models llama-1b,llama-8b,llama2-7b --out benchmarks/results/kernels.json
 """
@@ -32,9 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from oiv2compile.bench import copy_bandwidth_gbs, environment
+from oiv2compile.kernels.linear_int4 import dequantize as dequantize_int4
 from oiv2compile.kernels.linear_int4 import quantize as quantize_int4
 from oiv2compile.kernels.linear_int4 import unpack as unpack_int4
+from oiv2compile.kernels.linear_int8 import dequantize as dequantize_int8
 from oiv2compile.kernels.linear_int8 import quantize as quantize_int8
+from oiv2compile.kernels.linear_int8_gemv import MAX_ROWS as MAX_GEMV_ROWS
+from oiv2compile.kernels.linear_int8_gemv import load_extension
 from oiv2compile.models import PRESETS
 
 ROTATE_BYTES = 512 << 20  # weights cycled per candidate: far beyond any L2 / last-level cache
@@ -77,6 +83,19 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
         p, s, z = quantize_int4(torch.randn(n, k, device=device) * 0.02, GROUP, dtype)
         return [p, s, z], p.nbytes + s.nbytes + z.nbytes, lambda x, p, s, z: torch.ops.oiv2.linear_int4(x, p, s, z)
 
+    def int8_gemv() -> tuple[list[Any], int, Callable]:
+        q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
+        return [q, s], q.nbytes + s.nbytes, lambda x, q, s: _int8_gemv(x, q, s)
+
+    def int8_dequant_linear() -> tuple[list[Any], int, Callable]:
+        q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
+        return [q, s], q.nbytes + s.nbytes, lambda x, q, s: F.linear(x, dequantize_int8(q, s))
+
+    def int4_dequant_linear() -> tuple[list[Any], int, Callable]:
+        _check_groups(k)
+        p, s, z = quantize_int4(torch.randn(n, k, device=device) * 0.02, GROUP, dtype)
+        return [p, s, z], p.nbytes + s.nbytes + z.nbytes, lambda x, p, s, z: F.linear(x, dequantize_int4(p, s, z))
+
     def int8pack() -> tuple[list[Any], int, Callable]:
         q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
         return [q, s], q.nbytes + s.nbytes, lambda x, q, s: torch.ops.aten._weight_int8pack_mm(x, q, s)
@@ -90,7 +109,7 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
     def int4pack() -> tuple[list[Any], int, Callable]:
         _check_groups(k)
         p, s, z = quantize_int4(torch.randn(n, k, device=device) * 0.02, GROUP, dtype)
-        q = unpack_int4(p).to(torch.int32)
+        q = unpack_int4(p, GROUP).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
         # tinygemm's zero point is in float units around the middle level: w = (q - 8) * s + zero.
         zero = (8 - z.float()) * s.float()
@@ -102,10 +121,19 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
         "bf16 F.linear": bf16,
         "oiv2::linear_int8": int8_ours,
         "oiv2::linear_int4 g128": int4_ours,
+        "oiv2::linear_int8_gemv (CUDA C++)": int8_gemv,
+        "int8 dequantize, then F.linear": int8_dequant_linear,
+        "int4 g128 dequantize, then F.linear": int4_dequant_linear,
         "aten._weight_int8pack_mm": int8pack,
         "Inductor dequantize+linear (int8)": int8_inductor,
         "aten._weight_int4pack_mm g128": int4pack,
     }
+
+
+def _int8_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] > MAX_GEMV_ROWS:
+        raise RuntimeError(f"the CUDA C++ kernel takes at most {MAX_GEMV_ROWS} rows")
+    return torch.ops.oiv2.linear_int8_gemv(x, q, s)
 
 
 def _check_groups(k: int) -> None:
@@ -121,22 +149,41 @@ def time_candidate(make: Callable, m: int, k: int, device: torch.device, repeats
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     for weights in copies[:3]:
         call(x, *weights)
-    cuda = device.type == "cuda"
+    if device.type == "cuda":
+        return _graph_seconds(
+            lambda i: call(x, *copies[i % len(copies)]), max(len(copies), 16), repeats
+        ), nbytes + x.nbytes
     times = []
     for i in range(repeats):
         weights = copies[i % len(copies)]
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call(x, *weights)
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            call(x, *weights)
-            times.append(time.perf_counter() - begin)
+        begin = time.perf_counter()
+        call(x, *weights)
+        times.append(time.perf_counter() - begin)
     return statistics.median(times), nbytes + x.nbytes
+
+
+def _graph_seconds(call: Callable[[int], Any], calls: int, repeats: int) -> float:
+    """Median seconds per call of `calls` calls replayed from one CUDA graph: what a decode step's
+    graph pays, with no host launch cost between kernels."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as graph capture requires
+        call(0)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            call(i)
+    graph.replay()
+    times = []
+    for _ in range(max(3, repeats // 10)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
 
 
 def main() -> int:
@@ -148,6 +195,8 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda":
+        load_extension()  # the CUDA C++ kernel: nvcc once, cached after
     bandwidth = copy_bandwidth_gbs(device)
     rows = []
     for n, k, where in linear_shapes(args.models.split(",")):

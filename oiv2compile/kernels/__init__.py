@@ -7,6 +7,7 @@ from oiv2compile.kernels.attention import attention, attention_ref
 from oiv2compile.kernels.kv_write import kv_write, kv_write_ref
 from oiv2compile.kernels.linear_int4 import linear_int4, linear_int4_ref
 from oiv2compile.kernels.linear_int8 import linear_int8, linear_int8_ref
+from oiv2compile.kernels.linear_int8_gemv import linear_int8_gemv_ref
 
 __all__ = [
     "attention",
@@ -16,5 +17,6 @@ __all__ = [
     "linear_int4",
     "linear_int4_ref",
     "linear_int8",
+    "linear_int8_gemv_ref",
     "linear_int8_ref",
 ]

@@ -4,9 +4,10 @@ Layout ("int8-rowmajor-v1"): qweight [N, K] int8, row n holding output channel n
 [-127, 127]; scales [N] in the activation dtype; W[n, k] = qweight[n, k] * scales[n] (symmetric, no
 zero point). `quantize` makes the layout from a float weight by rounding to nearest.
 
-The op's body is its reference (the spec): on the CPU, and for now on CUDA, Inductor inlines it, so
-the conversion of the int8 weight fuses into the code around the matrix product. The streaming CUDA
-kernel of issue 5 replaces the CUDA path behind the same schema.
+On the CPU, and for prefill-sized inputs on CUDA, the op's body is its reference (the spec), which
+Inductor inlines: one conversion of the int8 weight, one matrix product, the scales in its epilogue.
+For decode-sized inputs on CUDA it is the Triton kernel of `_quant_matmul`, which streams the int8
+weights once and converts them in registers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op
 
-from oiv2compile.kernels._triton import registering_triton_op
+from oiv2compile.kernels._quant_matmul import quant_matmul, takes
+from oiv2compile.kernels._triton import HAS_TRITON, registering_triton_op
 
 LAYOUT = "int8-rowmajor-v1"
 QMAX = 127
@@ -52,4 +54,7 @@ with registering_triton_op():
     def linear_int8(
         x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if HAS_TRITON and x.device.type == "cuda" and takes(x, 8, 0):
+            y = quant_matmul(x, qweight, scales, None, bits=8, group=0)
+            return y + bias if bias is not None else y
         return linear_int8_ref(x, qweight, scales, bias)

@@ -44,9 +44,14 @@ def test_int4_layout(group):
     assert packed.dtype == torch.uint8 and packed.shape == (37, 128)
     assert scales.shape == zeros.shape == (37, 256 // group)
     assert bool((zeros == zeros.round()).all()) and 0 <= float(zeros.min()) and float(zeros.max()) <= 15
-    q = unpack(packed)
-    assert int(q.max()) <= 15 and torch.equal(pack(q), packed)
-    assert torch.equal(unpack(torch.tensor([[0x21, 0xF0]], dtype=torch.uint8)), torch.tensor([[1, 2, 0, 15]]))
+    q = unpack(packed, group)
+    assert int(q.max()) <= 15 and torch.equal(pack(q, group), packed)
+    # Within a group, byte j holds feature j (low nibble) and feature g/2 + j (high nibble).
+    two_groups = torch.arange(64).remainder(16).reshape(1, 64)
+    packed2 = pack(two_groups, 32)
+    assert packed2.shape == (1, 32) and int(packed2[0, 0]) == 0 | (0 << 4) and int(packed2[0, 1]) == 1 | (1 << 4)
+    assert int(pack(torch.tensor([[3] * 16 + [9] * 16]), 32)[0, 0]) == 3 | (9 << 4)
+    assert torch.equal(unpack(packed2, 32), two_groups.to(torch.uint8))
     # Each weight is within half a step of its group's levels, or clipped at the group's range.
     err = (dequantize_int4(packed, scales, zeros) - w).abs().reshape(37, -1, group)
     half_step = scales[..., None] / 2
@@ -103,3 +108,103 @@ def test_sqnr_against_the_float_linear(dtype, device):
         results[group] = sqnr_db(ref, torch.ops.oiv2.linear_int4(x.to(dtype), packed, scales4, zeros))
     assert results[128] >= 20.0
     assert results[32] > results[64] > results[128]  # smaller groups, smaller error
+
+
+def test_tiling_choices():
+    """Decode tiles: K tiles divide K (whole int4 groups), K split only where columns leave SMs idle;
+    prefill-sized and odd inputs go to the reference."""
+    from oiv2compile.kernels._quant_matmul import DECODE_ROWS, choose_tiling, rows_hint, takes
+
+    t = choose_tiling(1, 4096, 14336, 8, 0, 132)
+    assert (t.block_m, t.block_n, t.split_k) == (16, 32, 1) and 14336 % t.block_k == 0
+    assert choose_tiling(1, 4096, 4096, 4, 128, 132).block_k == 512  # four groups, 256 bytes a row
+    assert choose_tiling(1, 4096, 4096, 4, 32, 132).block_k == 256
+    assert choose_tiling(1, 64, 96, 8, 0, 132).block_k == 32
+    assert choose_tiling(1, 64, 384, 4, 128, 132).block_k == 384
+    kv = choose_tiling(DECODE_ROWS, 1024, 4096, 8, 0, 132)
+    assert kv.split_k > 1 and (1024 // kv.block_n) * kv.split_k >= 132 // 2
+    assert rows_hint(torch.empty(3, 1, 64)) == 3
+    assert takes(torch.empty(2, 1, 64), 8, 0) and not takes(torch.empty(1, 72), 8, 0)
+    assert not takes(torch.empty(2, 40, 64), 8, 0)  # 80 rows: a prefill, the reference's
+    assert not takes(torch.empty(1, 96), 4, 96 // 2) and takes(torch.empty(1, 128), 4, 64)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32), (4, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize(
+    "tiling",
+    [(16, 32, 256, 1, 4, 4), (16, 32, 128, 4, 4, 3), (16, 128, 512, 2, 8, 2), (32, 64, 128, 1, 4, 3)],
+    ids=["decode", "split4", "wide", "rows32"],
+)
+def test_triton_tilings_match_the_reference(tiling, rows, bits, group, dtype):
+    """Tilings on sizes that leave partial tiles in M and N; the wide tiles (block_k 512) cover
+    several int4 groups per step."""
+    from oiv2compile.kernels._quant_matmul import Tiling, quant_matmul
+
+    n, k = 201, 2048
+    gen = torch.Generator().manual_seed(rows * n + bits)
+    x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
+    w = _weight(n, k, rows).cuda()
+    if bits == 8:
+        q, scales = quantize_int8(w, dtype)
+        zeros, dense = None, dequantize_int8(q, scales)
+    else:
+        q, scales, zeros = quantize_int4(w, group, dtype)
+        dense = dequantize_int4(q, scales, zeros)
+    expected = F.linear(x.double(), dense.double())
+    out = quant_matmul(x, q, scales, zeros, bits, group, Tiling(*tiling))
+    assert out.dtype == dtype and out.shape == (rows, n)
+    assert (out.double() - expected).norm() / expected.norm() < 1e-2
+
+
+@pytest.mark.cuda
+def test_quantized_linears_compile_with_dynamic_rows():
+    """As an artifact traces them: a decode step [B, 1, K] and a prefill [B, S, K] with B and S
+    symbolic take the decode and prefill tiles, and match the reference."""
+    k, n = 512, 384
+    w = _weight(n, k, 3).cuda()
+    q8, s8 = quantize_int8(w, torch.bfloat16)
+    p4, s4, z4 = quantize_int4(w, 64, torch.bfloat16)
+
+    def f(x):
+        return torch.ops.oiv2.linear_int8(x, q8, s8) + torch.ops.oiv2.linear_int4(x, p4, s4, z4)
+
+    compiled = torch.compile(f, dynamic=True, fullgraph=True)
+    for shape in ((3, 1, k), (5, 1, k), (2, 37, k), (4, 9, k)):
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        expected = F.linear(x.double(), dequantize_int8(q8, s8).double() + dequantize_int4(p4, s4, z4).double())
+        out = compiled(x)
+        assert (out.double() - expected).norm() / expected.norm() < 1e-2
+
+
+def test_int8_gemv_reference_and_fake():
+    from oiv2compile.kernels.linear_int8_gemv import linear_int8_gemv_ref
+
+    w = _weight(40, 64, 5)
+    q, scales = quantize_int8(w, torch.float32)
+    x = torch.randn(3, 64)
+    torch.library.opcheck(torch.ops.oiv2.linear_int8_gemv.default, (x, q, scales))
+    expected = F.linear(x.double(), dequantize_int8(q, scales).double())
+    out = linear_int8_gemv_ref(x, q, scales)
+    assert (out.double() - expected).norm() / expected.norm() < 1e-6
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_int8_gemv_cuda_kernel(rows, dtype):
+    """The CUDA C++ kernel on sizes whose K is not a multiple of a warp's step (2064 = 4 * 512 + 16)."""
+    from oiv2compile.kernels.linear_int8_gemv import load_extension
+
+    load_extension()
+    n, k = 1001, 2064
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
+    q, scales = quantize_int8(_weight(n, k, rows).cuda(), dtype)
+    expected = F.linear(x.double(), dequantize_int8(q, scales).double())
+    out = torch.ops.oiv2.linear_int8_gemv(x, q, scales)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    assert (out.double() - expected).norm() / expected.norm() < 5e-3
+    torch.library.opcheck(torch.ops.oiv2.linear_int8_gemv.default, (x, q, scales))

@@ -1,0 +1,251 @@
+"""The Triton kernel behind oiv2::linear_int8 and oiv2::linear_int4 for decode-sized inputs on CUDA:
+y = x @ W^T with W read as 8-bit or packed 4-bit integers and converted in registers, so the weights
+cross memory once at their stored width.
+
+Bytes first. With M rows of x, the product reads N * K weight bytes (int8) or N * K / 2 (int4) plus
+the scales, for 2 * M * N * K FLOPs: up to a few dozen rows it is bound by memory, and the kernel's
+job is to keep enough weight bytes in flight on every SM. Each program streams [BLOCK_N, BLOCK_K]
+tiles of W through `num_stages` buffers, converts them to x's dtype (the integers are exact there)
+and feeds a tensor-core `tl.dot` with a [BLOCK_M, BLOCK_K] tile of x; BLOCK_M = 16 wastes
+tensor-core rows at M = 1, which costs nothing where memory is the bound.
+
+The scales stay out of the inner loop. int8 (one scale per output channel):
+  y[m, n] = s[n] * sum_k x[m, k] q[n, k].
+int4 (scale s and zero z per group g of input features, layout int4-grouphalves-v2): per group,
+  sum_k x[m, k] (q[n, k] - z[n, g]) s[n, g] = s[n, g] * (sum_k x[m, k] q[n, k] - z[n, g] sum_k x[m, k]),
+and a group's bytes are two contiguous tiles, its first half of features in the low nibbles and its
+second half in the high nibbles, so each half is one masked shift away from a dot operand. The 4-bit
+level v becomes a float with integer operations alone: the 16-bit pattern MAGIC | v is MAGIC_VALUE + v
+in x's dtype (bf16 0x4300 = 128, fp16 0x6400 = 1024), and MAGIC_VALUE folds into the zero point.
+
+Measured on an H100 (copy 3.0 TB/s, 2026-11-27, bf16, M = 1, CUDA-graph replay, weights cycled past
+L2): int8 4096 x 14336 at 77% of the copy bandwidth and 14336 x 4096 at 82% with BLOCK_N = 32 and no
+split of K; splitting K over programs (float32 partial sums) lost on both, and converting int8
+through two 4-bit halves (the int4 trick) lost to a plain conversion (45% against 60%).
+
+Prefill-sized inputs do not come here: a mixed-input Triton GEMM at M = 2048 took 2-5x the time of
+bf16 cuBLAS, while dequantizing into bf16 (fused by Inductor) and cuBLAS costs one extra pass over
+the weights. The ops' bodies route those to their reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.library import wrap_triton
+
+from oiv2compile.kernels._triton import HAS_TRITON, tl, triton
+
+# The 16-bit pattern of a value in each activation dtype whose mantissa's low 4 bits are free:
+# (MAGIC | v) is exactly MAGIC_VALUE + v for v in 0..15.
+MAGIC = {torch.bfloat16: 0x4300, torch.float16: 0x6400}
+MAGIC_VALUE = {torch.bfloat16: 128.0, torch.float16: 1024.0}
+
+# Tiles for a decode step whose batch is only known at run time (up to MAX_ROWS rows).
+DECODE_ROWS = 16
+# Above this many rows the kernel stops being bound by memory (its tiles recompute nothing, but each
+# block of 16 rows reads the weights again): the reference's dequantize-then-GEMM wins.
+MAX_ROWS = 64
+
+
+@dataclass(frozen=True)
+class Tiling:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _quant_matmul_kernel(
+        X,
+        W,
+        Scales,
+        Zeros,
+        Out,
+        M,
+        stride_xm,
+        stride_wn,
+        stride_sn,
+        stride_zn,
+        stride_os,
+        stride_om,
+        N: tl.constexpr,
+        K: tl.constexpr,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        IEEE: tl.constexpr,
+        MAGIC: tl.constexpr,
+        MAGIC_VALUE: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        # Programs that share a weight tile (one per block of rows) run next to each other, so the
+        # second read of a tile comes from L2.
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m
+        pid_n = pid // num_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_valid = rm < M
+        n_valid = rn < N
+        rn_safe = tl.where(n_valid, rn, 0)  # rows past N read row 0 and are never stored
+        k_len: tl.constexpr = K // SPLIT_K
+        k_start = pid_k * k_len
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        x_rows = X + rm[:, None].to(tl.int64) * stride_xm
+        w_rows = W + rn_safe[:, None].to(tl.int64) * stride_wn
+        HALF: tl.constexpr = GROUP // 2
+        for k_step in range(0, k_len, BLOCK_K):
+            k0 = k_start + k_step
+            if BITS == 8:
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_rows + rk[None, :], mask=m_valid[:, None], other=0.0)
+                q = tl.load(w_rows + rk[None, :]).to(x.dtype)
+                if IEEE:
+                    acc += tl.dot(x, tl.trans(q), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, tl.trans(q))
+            else:
+                for j in tl.static_range(BLOCK_K // GROUP):
+                    kg = k0 + j * GROUP
+                    rh = tl.arange(0, HALF)
+                    x_lo = tl.load(x_rows + (kg + rh)[None, :], mask=m_valid[:, None], other=0.0)
+                    x_hi = tl.load(x_rows + (kg + HALF + rh)[None, :], mask=m_valid[:, None], other=0.0)
+                    packed = tl.load(w_rows + (kg // 2 + rh)[None, :])
+                    if IEEE:
+                        lo = (packed & 0xF).to(tl.float32)
+                        hi = (packed >> 4).to(tl.float32)
+                        part = tl.dot(x_lo, tl.trans(lo), input_precision="ieee")
+                        part += tl.dot(x_hi, tl.trans(hi), input_precision="ieee")
+                    else:
+                        p16 = packed.to(tl.uint16)
+                        lo = ((p16 & 0xF) | MAGIC).to(x_lo.dtype, bitcast=True)  # MAGIC_VALUE + level
+                        hi = ((p16 >> 4) | MAGIC).to(x_lo.dtype, bitcast=True)
+                        part = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))
+                    g = kg // GROUP
+                    s = tl.load(Scales + rn_safe * stride_sn + g).to(tl.float32)
+                    z = tl.load(Zeros + rn_safe * stride_zn + g).to(tl.float32) + MAGIC_VALUE
+                    x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
+                    acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
+        if BITS == 8:
+            acc *= tl.load(Scales + rn_safe).to(tl.float32)[None, :]
+        out = Out + pid_k * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+        tl.store(out, acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+def choose_tiling(m: int, n: int, k: int, bits: int, group: int, sm_count: int) -> Tiling:
+    """Tiles for `m` rows (at most MAX_ROWS; DECODE_ROWS where the batch is dynamic), from sizes
+    fixed when the graph is compiled."""
+    if bits == 8:
+        block_k = 512
+        while k % block_k:
+            block_k //= 2
+    else:  # whole groups per step, about 256 bytes of a weight row
+        block_k = group * max(1, min(8, 512 // group))
+        while k % block_k:
+            block_k -= group
+    block_n = 32
+    split_k = 1
+    programs = -(-m // 16) * -(-n // block_n)
+    # Split K only where the column tiles alone would leave most SMs idle (the k/v projections):
+    # the partial sums cost a float32 round trip that lost wherever the SMs were already busy.
+    while programs * split_k < sm_count // 2 and k % (2 * split_k * block_k) == 0:
+        split_k *= 2
+    return Tiling(16, block_n, block_k, split_k, num_warps=4, num_stages=4)
+
+
+def takes(x: torch.Tensor, bits: int, group: int) -> bool:
+    """Whether the kernel takes x [..., K]: decode-sized rows (a fixed count up to MAX_ROWS, or a
+    dynamic batch of one token each) and K in whole tiles; False sends the op to its reference."""
+    rows = rows_hint(x)
+    k = x.shape[-1]
+    if rows is None or rows > MAX_ROWS or not isinstance(k, int):
+        return False
+    if bits == 4:
+        return group in (32, 64, 128) and k % group == 0
+    return k % 16 == 0
+
+
+def rows_hint(x: torch.Tensor) -> int | None:
+    """The number of rows of x [..., K] where the graph fixes it; DECODE_ROWS where only the batch is
+    dynamic and each sequence brings one token (a decode step); None where it may be a prefill.
+    Sizes may be symbolic when an artifact is traced: branch only on ints, so no guard is added."""
+    rows = 1
+    for size in x.shape[:-1]:
+        rows = rows * size
+    if isinstance(rows, int):
+        return rows
+    if x.dim() >= 3 and isinstance(x.shape[-2], int) and x.shape[-2] == 1:
+        return DECODE_ROWS
+    return None
+
+
+def quant_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group: int,
+    tiling: Tiling | None = None,
+) -> torch.Tensor:
+    """x [..., K] times the quantized weight, transposed: [..., N] in x's dtype. The caller checks
+    `takes(x, bits, group)` first."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if tiling is None:
+        rows = rows_hint(x)
+        if rows is None:
+            raise ValueError("quant_matmul takes decode-sized inputs; check takes() first")
+        tiling = choose_tiling(rows, n, k, bits, group, _sm_count(x.device))
+    out_dtype = torch.float32 if tiling.split_k > 1 else x.dtype
+    out = torch.empty((tiling.split_k, m, n), dtype=out_dtype, device=x.device)
+    grid = (triton.cdiv(m, tiling.block_m) * triton.cdiv(n, tiling.block_n), tiling.split_k)
+    wrap_triton(_quant_matmul_kernel)[grid](
+        x2,
+        weight,
+        scales,
+        scales if zeros is None else zeros,
+        out,
+        m,
+        x2.stride(0),
+        weight.stride(0),
+        scales.stride(0),
+        scales.stride(0) if zeros is None else zeros.stride(0),
+        out.stride(0),
+        out.stride(1),
+        N=n,
+        K=k,
+        BITS=bits,
+        GROUP=group,
+        BLOCK_M=tiling.block_m,
+        BLOCK_N=tiling.block_n,
+        BLOCK_K=tiling.block_k,
+        SPLIT_K=tiling.split_k,
+        IEEE=x.dtype == torch.float32,
+        MAGIC=MAGIC.get(x.dtype, 0),
+        MAGIC_VALUE=MAGIC_VALUE.get(x.dtype, 0.0),
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+    )
+    # The float32 partial sums of a split K: their sum and cast fuse into whatever reads y.
+    y = out[0] if tiling.split_k == 1 else out.sum(0).to(x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
