@@ -62,6 +62,7 @@ ROW_FIELDS = (
     "e2e_s",  # {median, min, max}: whole request, prefill and every new token
     "step_ms",  # every decode step's time, all repeats, for the distribution plot
     "build_s",  # seconds to build the artifact (from its manifest when reused)
+    "build_phases_s",  # {phase: seconds} of that build, from the artifact's manifest
     "reused",  # whether the artifact came from the cache
     "load_s",  # oiv2compile.load (or the HF model's load) until ready to generate
     "warmup_s",  # the warm-up runs before measuring (HF static compiles itself there)
@@ -567,6 +568,7 @@ def _measure_engine(
         load_s = time.perf_counter() - start
         common = dict(
             build_s=target.build_s,
+            build_phases_s=engine.manifest.get("phases_s"),
             reused=target.reused,
             load_s=load_s,
             memory_kind=memory.kind,

@@ -207,6 +207,7 @@ def test_bench_reuses_cached_artifacts(first_run, tmp_path):
         assert row["reused"] is True and row["artifact"] == built[(row["backend"], row["batch"])]["artifact"]
         manifest = json.loads((Path(row["artifact"]) / "manifest.json").read_text())
         assert row["build_s"] == pytest.approx(sum(manifest["phases_s"].values()))
+        assert row["build_phases_s"] == manifest["phases_s"]
     assert {a: (Path(a) / "manifest.json").stat().st_mtime_ns for a in manifests} == manifests
 
 
