@@ -5,7 +5,7 @@ Layout ("int8-rowmajor-v1"): qweight [N, K] int8, row n holding output channel n
 zero point). `quantize` makes the layout from a float weight by rounding to nearest.
 
 On the CPU, and for prefill-sized inputs on CUDA, the op's body is its reference (the spec), which
-Inductor inlines: one conversion of the int8 weight, one matrix product, the scales in its epilogue.
+Inductor inlines: one fused pass that dequantizes the weight, then one matrix product.
 For decode-sized inputs on CUDA it is the Triton kernel of `_quant_matmul`, which streams the int8
 weights once and converts them in registers.
 """
@@ -42,9 +42,12 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def linear_int8_ref(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The spec, and the CPU path: the per-channel scale applies to the product's columns, so the
-    int8 values (exact in any float dtype) multiply the activations unchanged."""
-    y = F.linear(x, qweight.to(x.dtype)) * scales.to(x.dtype)
+    """The spec, the CPU path and the prefill path: dequantize (one fused pass), then one matrix
+    product. Scaling the product's columns instead would be one pass less, but Inductor rewrites
+    that form (convert, mm, multiply by the scales, in bf16) to aten._weight_int8pack_mm, whose
+    AOTInductor CPU program crashed (torch 2.13, 2026-11-27) and whose CUDA kernel is slower than bf16
+    (ANCHORS.md)."""
+    y = F.linear(x, dequantize(qweight, scales.to(x.dtype)))
     return y + bias if bias is not None else y
 
 

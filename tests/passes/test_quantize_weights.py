@@ -83,3 +83,25 @@ def test_a_group_size_that_does_not_divide_the_features_is_refused():
 
 def test_no_quantization_leaves_the_graph_alone():
     assert pipeline(BuildConfig())[-1].__name__ != "quantize_weights"
+
+
+def test_a_bf16_int8_artifact_runs_on_cpu(tmp_path):
+    """In bf16, Inductor rewrites `mm(x, convert(W_int8)) * scales` to aten._weight_int8pack_mm, whose
+    AOTInductor CPU program crashed with a segmentation fault; the op's reference dequantizes first so
+    that the rewrite never applies. Run in a child process: a crash must fail this test, not the run."""
+    import subprocess
+    import sys
+    import zipfile
+
+    import oiv2compile
+
+    out = tmp_path / "int8-bf16"
+    oiv2compile.build("llama-tiny", out, device="cpu", dtype="bfloat16", quantization="int8", max_batch_size=1)
+    for package in ("prefill.pt2", "decode.pt2"):
+        with zipfile.ZipFile(out / package) as archive:
+            code = "".join(archive.read(n).decode() for n in archive.namelist() if n.endswith("wrapper.cpp"))
+        assert code and "_weight_int8pack_mm" not in code
+    script = f"import oiv2compile; r = oiv2compile.load({str(out)!r}).generate([[1, 2, 3]], max_new_tokens=4); print(len(r[0].token_ids))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "4"
