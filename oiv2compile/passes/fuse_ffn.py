@@ -1,0 +1,121 @@
+"""fuse_ffn: the gate and up projections of a gated MLP become one linear and one oiv2::gated_act.
+
+Before (Llama, Mistral, Qwen2 MLP; act is SiLU or GELU as the model's hidden_act says):
+    g   = aten.linear(x, W_gate[, b_gate])                       # [..., I]
+    u   = aten.linear(x, W_up[, b_up])                           # [..., I]
+    h   = aten.mul(act(g), u)                                    # [..., I]
+After:
+    gu  = aten.linear(x, W_gate_up[, b_gate_up])                 # [..., 2I], W_gate_up = cat(W_gate, W_up)
+    h   = oiv2.gated_act(gu, "silu" | "gelu" | "gelu_tanh")      # [..., I]
+W_gate_up is concatenated once, at build time, and registered next to the originals as
+`<mlp>.gate_up_proj.weight` (and `.bias`), a name under the decoder layer, so quantize_weights (which
+runs after) quantizes it like any other linear of the layer. The originals go when nothing else reads
+them. The fused linear records `parts` (the original weights' storage and rows) so that verification
+can hand each HF linear its share of a quantized fused weight.
+
+Preconditions: both weights are 2-D floating attributes of one module's children with the same shape
+and dtype; both linears have a bias or neither does; the activation is aten.silu or aten.gelu (erf or
+tanh). Skips anything else, such as a non-gated MLP (act(up(x)) with no product), and a gate or up
+projection that something else also reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from oiv2compile import kernels  # noqa: F401  (registers the oiv2 ops this pass inserts)
+from oiv2compile.config import BuildConfig
+from oiv2compile.passes.fx_utils import (
+    Match,
+    add_weight,
+    aten,
+    attr_tensor,
+    common_parent,
+    drop_attr,
+    find_pattern,
+    join_target,
+    record,
+    same_2d_floats,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _silu(x, w_gate, w_up):  # type: ignore[no-untyped-def]
+    return aten.mul.Tensor(aten.silu.default(aten.linear.default(x, w_gate)), aten.linear.default(x, w_up))
+
+
+def _gelu(x, w_gate, w_up, approximate):  # type: ignore[no-untyped-def]
+    gate = aten.gelu.default(aten.linear.default(x, w_gate), approximate=approximate)
+    return aten.mul.Tensor(gate, aten.linear.default(x, w_up))
+
+
+def _silu_bias(x, w_gate, w_up, b_gate, b_up):  # type: ignore[no-untyped-def]
+    gate = aten.silu.default(aten.linear.default(x, w_gate, b_gate))
+    return aten.mul.Tensor(gate, aten.linear.default(x, w_up, b_up))
+
+
+def _gelu_bias(x, w_gate, w_up, b_gate, b_up, approximate):  # type: ignore[no-untyped-def]
+    gate = aten.gelu.default(aten.linear.default(x, w_gate, b_gate), approximate=approximate)
+    return aten.mul.Tensor(gate, aten.linear.default(x, w_up, b_up))
+
+
+_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}  # aten.gelu's `approximate` -> gated_act's name
+
+
+def fuse_ffn(gm: GraphModule, cfg: BuildConfig) -> int:
+    count = 0
+    for pattern in (_silu, _gelu, _silu_bias, _gelu_bias):
+        for match in find_pattern(gm, pattern):
+            count += _rewrite(gm, match)
+    log.debug("fuse_ffn: %d gated MLPs fused", count)
+    return count
+
+
+def _rewrite(gm: GraphModule, match: Match) -> int:
+    args = match.args
+    activation = "silu" if "approximate" not in args else _ACTIVATION.get(args["approximate"])
+    (product,) = match.outputs
+    act, up = product.args[:2]
+    gate = act.args[0]  # type: ignore[union-attr]
+    weights = [args["w_gate"], args["w_up"]]
+    biases = [args["b_gate"], args["b_up"]] if "b_gate" in args else []
+    tensors = [attr_tensor(gm, n) for n in weights]
+    bias_tensors = [attr_tensor(gm, n) for n in biases]
+    parent = common_parent(weights)
+    if activation is None or parent is None or not same_2d_floats(tensors) or None in bias_tensors:
+        return 0
+    if tensors[0].shape != tensors[1].shape:  # type: ignore[union-attr]
+        return 0
+    fused_w = torch.cat(tensors, dim=0)  # type: ignore[arg-type]  # [2I, H]
+    x = gate.args[0]  # type: ignore[union-attr]  # read now: an earlier rewrite may have replaced the matched input
+    with gm.graph.inserting_before(product):
+        w = add_weight(gm, join_target(parent, "gate_up_proj.weight"), fused_w, like=weights[0])
+        b: Any = None
+        if biases:
+            b = add_weight(gm, join_target(parent, "gate_up_proj.bias"), torch.cat(bias_tensors), like=biases[0])  # type: ignore[arg-type]
+        linear = gm.graph.call_function(aten.linear.default, (x, w, b) if biases else (x, w))
+        out = gm.graph.call_function(torch.ops.oiv2.gated_act.default, (linear, activation))
+    linear.meta["val"] = _fake_cat(gate, up)
+    out.meta["val"] = product.meta.get("val")
+    # verify.py hands each HF linear its rows of the fused weight, found by the original's storage.
+    record(linear, parts=[(t.data_ptr(), t.shape[0]) for t in tensors])  # type: ignore[union-attr]
+    record(out, activation=activation)
+    product.replace_all_uses_with(out)
+    for node in (product, act, gate, up):
+        gm.graph.erase_node(node)  # type: ignore[arg-type]
+    for node in weights + biases:
+        drop_attr(gm, node)
+    return 1
+
+
+def _fake_cat(a: Node, b: Node) -> Any:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    if va is None or vb is None:
+        return None
+    return torch.cat([va, vb], dim=-1)
+
