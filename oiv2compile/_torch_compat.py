@@ -60,13 +60,13 @@ def host_cpu_isas() -> list[str]:
 
 
 def match_subgraphs(pattern: torch.fx.Graph, graph: torch.fx.Graph) -> list[Any]:
-    """torch.fx's subgraph matcher (not covered by torch's backward-compatibility promise): the
-    non-overlapping, self-contained matches of `pattern` in `graph`. Pattern placeholders are
+    """torch.fx's subgraph matcher (not covered by torch's backward-compatibility promise): every
+    self-contained match of `pattern` in `graph`, overlapping ones included. Pattern placeholders are
     wildcards that also match literals; each match's `nodes_map` maps pattern nodes to graph nodes
     or literals, and `returning_nodes` are the graph nodes behind the pattern's outputs."""
     from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 
-    return SubgraphMatcher(pattern, remove_overlapping_matches=True).match(graph)
+    return SubgraphMatcher(pattern, remove_overlapping_matches=False).match(graph)
 
 
 def without_weights(exported: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

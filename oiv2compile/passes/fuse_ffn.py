@@ -70,47 +70,62 @@ _ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}  # aten.gelu's `approximate`
 def fuse_ffn(gm: GraphModule, cfg: BuildConfig) -> int:
     count = 0
     for pattern in (_silu, _gelu, _silu_bias, _gelu_bias):
-        for match in find_pattern(gm, pattern):
-            count += _rewrite(gm, match)
+        for match in find_pattern(gm, pattern, lambda m: _fits(gm, m)):
+            _rewrite(gm, match)
+            count += 1
     log.debug("fuse_ffn: %d gated MLPs fused", count)
     return count
 
 
-def _rewrite(gm: GraphModule, match: Match) -> int:
+def _weights(match: Match) -> tuple[list[Node], list[Node]]:
     args = match.args
-    activation = "silu" if "approximate" not in args else _ACTIVATION.get(args["approximate"])
+    biases = [args["b_gate"], args["b_up"]] if "b_gate" in args else []
+    return [args["w_gate"], args["w_up"]], biases
+
+
+def _activation(match: Match) -> str | None:
+    return "silu" if "approximate" not in match.args else _ACTIVATION.get(match.args["approximate"])
+
+
+def _fits(gm: GraphModule, match: Match) -> bool:
+    weights, biases = _weights(match)
+    tensors = [attr_tensor(gm, n) for n in weights]
+    return (
+        _activation(match) is not None
+        and common_parent(weights) is not None
+        and same_2d_floats(tensors)
+        and tensors[0].shape == tensors[1].shape  # type: ignore[union-attr]
+        and None not in [attr_tensor(gm, n) for n in biases]
+    )
+
+
+def _rewrite(gm: GraphModule, match: Match) -> None:
+    weights, biases = _weights(match)
+    tensors = [attr_tensor(gm, n) for n in weights]
+    parent = common_parent(weights)
+    assert parent is not None  # _fits checked it
     (product,) = match.outputs
     act, up = product.args[:2]
     gate = act.args[0]  # type: ignore[union-attr]
-    weights = [args["w_gate"], args["w_up"]]
-    biases = [args["b_gate"], args["b_up"]] if "b_gate" in args else []
-    tensors = [attr_tensor(gm, n) for n in weights]
-    bias_tensors = [attr_tensor(gm, n) for n in biases]
-    parent = common_parent(weights)
-    if activation is None or parent is None or not same_2d_floats(tensors) or None in bias_tensors:
-        return 0
-    if tensors[0].shape != tensors[1].shape:  # type: ignore[union-attr]
-        return 0
-    fused_w = torch.cat(tensors, dim=0)  # type: ignore[arg-type]  # [2I, H]
     x = gate.args[0]  # type: ignore[union-attr]  # read now: an earlier rewrite may have replaced the matched input
     with gm.graph.inserting_before(product):
-        w = add_weight(gm, join_target(parent, "gate_up_proj.weight"), fused_w, like=weights[0])
+        w = add_weight(gm, join_target(parent, "gate_up_proj.weight"), torch.cat(tensors), like=weights[0])  # type: ignore[arg-type]  # [2I, H]
         b: Any = None
         if biases:
-            b = add_weight(gm, join_target(parent, "gate_up_proj.bias"), torch.cat(bias_tensors), like=biases[0])  # type: ignore[arg-type]
-        linear = gm.graph.call_function(aten.linear.default, (x, w, b) if biases else (x, w))
-        out = gm.graph.call_function(torch.ops.oiv2.gated_act.default, (linear, activation))
+            fused_b = torch.cat([attr_tensor(gm, n) for n in biases])  # type: ignore[misc]
+            b = add_weight(gm, join_target(parent, "gate_up_proj.bias"), fused_b, like=biases[0])
+        linear = gm.graph.call_function(aten.linear.default, (x, w, b) if biases else (x, w))  # [..., 2I]
+        out = gm.graph.call_function(torch.ops.oiv2.gated_act.default, (linear, _activation(match)))  # [..., I]
     linear.meta["val"] = _fake_cat(gate, up)
     out.meta["val"] = product.meta.get("val")
     # verify.py hands each HF linear its rows of the fused weight, found by the original's storage.
     record(linear, parts=[(t.data_ptr(), t.shape[0]) for t in tensors])  # type: ignore[union-attr]
-    record(out, activation=activation)
+    record(out, activation=_activation(match))
     product.replace_all_uses_with(out)
     for node in (product, act, gate, up):
         gm.graph.erase_node(node)  # type: ignore[arg-type]
     for node in weights + biases:
         drop_attr(gm, node)
-    return 1
 
 
 def _fake_cat(a: Node, b: Node) -> Any:

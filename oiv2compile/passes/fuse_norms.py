@@ -43,34 +43,39 @@ def _add_rms_norm(x, residual, weight, eps, dtype):  # type: ignore[no-untyped-d
 
 def fuse_norms(gm: GraphModule, cfg: BuildConfig) -> int:
     count = 0
-    for match in find_pattern(gm, _add_rms_norm):
-        count += _rewrite(gm, match)
+    for match in find_pattern(gm, _add_rms_norm, _fits):
+        _rewrite(gm, match)
+        count += 1
     log.debug("fuse_norms: %d residual adds and RMSNorms fused", count)
     return count
 
 
-def _rewrite(gm: GraphModule, match: Match) -> int:
+def _fits(match: Match) -> bool:
     out, hidden, h = match.outputs
     weight, eps, dtype = match.args["weight"], match.args["eps"], match.args["dtype"]
-    # Read the add's operands now: an earlier rewrite may have replaced the matched ones.
-    x, residual = hidden.args[:2]
-    vx, vr, vw, vout = fake_value(x), fake_value(residual), fake_value(weight), fake_value(out)
+    vx, vr, vw, vout = (fake_value(n) for n in (match.args["x"], match.args["residual"], weight, out))
     if any(v is None for v in (vx, vr, vw, vout)) or not isinstance(eps, (int, float)) or isinstance(eps, bool):
-        return 0
+        return False
     if not (vx.shape == vr.shape == vout.shape and vx.dtype == vr.dtype == vout.dtype == vw.dtype == dtype):
-        return 0
+        return False
     if vw.dim() != 1 or vw.shape[0] != vx.shape[-1]:
-        return 0
-    if dtype != torch.float32 and any(user not in match.nodes for user in h.users):
-        return 0  # the float32 copy of a low-precision residual feeds something else
+        return False
+    # In float32 the upcast is the residual itself; in a lower precision its readers want float32 values.
+    return dtype == torch.float32 or all(user in match.nodes for user in h.users)
+
+
+def _rewrite(gm: GraphModule, match: Match) -> None:
+    out, hidden, h = match.outputs
+    x, residual = hidden.args[:2]  # read now: an earlier rewrite may have replaced the matched operands
     with gm.graph.inserting_before(hidden):
-        fused = gm.graph.call_function(torch.ops.oiv2.add_rms_norm.default, (x, residual, weight, float(eps)))
-        normed = gm.graph.call_function(operator.getitem, (fused, 0))
-        new_hidden = gm.graph.call_function(operator.getitem, (fused, 1))
-    fused.meta["val"] = (vout, hidden.meta.get("val"))
-    normed.meta["val"], new_hidden.meta["val"] = vout, hidden.meta.get("val")
-    record(fused, eps=float(eps))
+        fused = gm.graph.call_function(
+            torch.ops.oiv2.add_rms_norm.default, (x, residual, match.args["weight"], float(match.args["eps"]))
+        )
+        normed = gm.graph.call_function(operator.getitem, (fused, 0))  # [..., N]
+        new_hidden = gm.graph.call_function(operator.getitem, (fused, 1))  # [..., N]
+    fused.meta["val"] = (out.meta.get("val"), hidden.meta.get("val"))
+    normed.meta["val"], new_hidden.meta["val"] = fused.meta["val"]
+    record(fused, eps=float(match.args["eps"]))
     out.replace_all_uses_with(normed)
     h.replace_all_uses_with(new_hidden)
     hidden.replace_all_uses_with(new_hidden)
-    return 1

@@ -26,7 +26,7 @@ import operator
 from typing import Any
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from oiv2compile.config import BuildConfig
 from oiv2compile.passes.fx_utils import (
@@ -56,22 +56,34 @@ def _qkv_bias(x, w_q, w_k, w_v, b_q, b_k, b_v):  # type: ignore[no-untyped-def]
 def fuse_qkv(gm: GraphModule, cfg: BuildConfig) -> int:
     count = 0
     for pattern in (_qkv, _qkv_bias):
-        for match in find_pattern(gm, pattern):
-            count += _rewrite(gm, match)
+        for match in find_pattern(gm, pattern, lambda m: _fits(gm, m)):
+            _rewrite(gm, match)
+            count += 1
     log.debug("fuse_qkv: %d attention projections fused", count)
     return count
 
 
-def _rewrite(gm: GraphModule, match: Match) -> int:
+def _weights(match: Match) -> tuple[list[Node], list[Node]]:
     args = match.args
-    weights = [args["w_q"], args["w_k"], args["w_v"]]
     biases = [args["b_q"], args["b_k"], args["b_v"]] if "b_q" in args else []
+    return [args["w_q"], args["w_k"], args["w_v"]], biases
+
+
+def _fits(gm: GraphModule, match: Match) -> bool:
+    weights, biases = _weights(match)
+    return (
+        common_parent(weights) is not None
+        and same_2d_floats([attr_tensor(gm, n) for n in weights])
+        and None not in [attr_tensor(gm, n) for n in biases]
+    )
+
+
+def _rewrite(gm: GraphModule, match: Match) -> None:
+    weights, biases = _weights(match)
     tensors = [attr_tensor(gm, n) for n in weights]
-    bias_tensors = [attr_tensor(gm, n) for n in biases]
     parent = common_parent(weights)
-    if parent is None or not same_2d_floats(tensors) or None in bias_tensors:
-        return 0
-    linears = match.outputs
+    assert parent is not None  # _fits checked it
+    linears = match.outputs  # q, k, v
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     first = min(linears, key=order.__getitem__)
     x = linears[0].args[0]  # read now: an earlier rewrite may have replaced the matched input
@@ -80,19 +92,21 @@ def _rewrite(gm: GraphModule, match: Match) -> int:
         w = add_weight(gm, join_target(parent, "qkv_proj.weight"), torch.cat(tensors), like=weights[0])  # type: ignore[arg-type]
         b: Any = None
         if biases:
-            b = add_weight(gm, join_target(parent, "qkv_proj.bias"), torch.cat(bias_tensors), like=biases[0])  # type: ignore[arg-type]
-        fused = gm.graph.call_function(aten.linear.default, (x, w, b) if biases else (x, w))
+            fused_b = torch.cat([attr_tensor(gm, n) for n in biases])  # type: ignore[misc]
+            b = add_weight(gm, join_target(parent, "qkv_proj.bias"), fused_b, like=biases[0])
+        fused = gm.graph.call_function(aten.linear.default, (x, w, b) if biases else (x, w))  # [..., sum(sizes)]
         split = gm.graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
         outs = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(3)]  # q, k, v
     vals = [n.meta.get("val") for n in linears]
-    fused.meta["val"] = torch.cat(vals, dim=-1) if None not in vals else None
-    split.meta["val"] = vals if None not in vals else None
+    known = None not in vals
+    fused.meta["val"] = torch.cat(vals, dim=-1) if known else None
+    split.meta["val"] = vals if known else None
     for out, val in zip(outs, vals, strict=True):
         out.meta["val"] = val
+    # verify.py hands each HF linear its rows of the fused weight, found by the original's storage.
     record(fused, parts=[(t.data_ptr(), t.shape[0]) for t in tensors])  # type: ignore[union-attr]
     for linear, out in zip(linears, outs, strict=True):
         linear.replace_all_uses_with(out)
         gm.graph.erase_node(linear)
     for node in weights + biases:
         drop_attr(gm, node)
-    return 1

@@ -118,15 +118,25 @@ class Match:
     nodes: frozenset[Node]
 
 
-def find_pattern(gm: GraphModule, pattern: Callable[..., Any]) -> list[Match]:
-    """The non-overlapping matches of `pattern`, a plain function of ATen calls (its parameters are
-    wildcards, literals included), whose inner values nothing outside the match reads."""
+def find_pattern(
+    gm: GraphModule, pattern: Callable[..., Any], check: Callable[[Match], bool] = lambda m: True
+) -> list[Match]:
+    """The matches of `pattern`, a plain function of ATen calls whose parameters are wildcards
+    (literals included), for which `check` holds, in the matcher's order (by the graph position of
+    the first output), none overlapping an earlier one.
+    A match's inner values are read by nothing outside it. `check` runs before overlaps are removed,
+    so a match it refuses does not hide one it would take."""
     traced = torch.fx.symbolic_trace(pattern)
+    taken: set[Node] = set()
     matches = []
     for m in _torch_compat.match_subgraphs(traced.graph, gm.graph):
         args = {pn.target: value for pn, value in m.nodes_map.items() if pn.op == "placeholder"}
         nodes = frozenset(gn for pn, gn in m.nodes_map.items() if pn.op not in ("placeholder", "output"))
-        matches.append(Match(args, list(m.returning_nodes), nodes))
+        match = Match(args, list(m.returning_nodes), nodes)
+        if nodes & taken or not check(match):
+            continue
+        taken |= nodes
+        matches.append(match)
     return matches
 
 

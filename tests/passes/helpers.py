@@ -6,7 +6,16 @@ import copy
 
 import torch
 
-from oiv2compile.capture import DECODE, PREFILL, CacheSpec, CapturedProgram, ProgramSpec, capture, tag_inputs
+from oiv2compile.capture import (
+    DECODE,
+    PREFILL,
+    CacheSpec,
+    CapturedProgram,
+    ProgramSpec,
+    _drop_inference_no_ops,
+    capture,
+    tag_inputs,
+)
 from oiv2compile.models import load_model
 
 aten = torch.ops.aten
@@ -57,6 +66,7 @@ def export_toy(module: torch.nn.Module, spec: CacheSpec, seq: int = 1) -> torch.
     )
     with torch.no_grad():
         gm = unlift(torch.export.export(module, inputs, strict=False))
+    _drop_inference_no_ops(gm)  # as capture does
     tag_inputs(gm, spec)
     return gm
 
