@@ -152,9 +152,7 @@ def _build(args: argparse.Namespace) -> int:
         overrides["enable_verification"] = False
     if args.no_cuda_graphs:
         overrides["cuda_graphs"] = {"enable_capture": False}
-    fusion = {
-        f"enable_{name}": False for name in ("qkv", "ffn", "norms") if getattr(args, f"no_fuse_{name}")
-    }
+    fusion = {f"enable_{name}": False for name in ("qkv", "ffn", "norms") if getattr(args, f"no_fuse_{name}")}
     if fusion:
         overrides["fusion"] = fusion
     print(f"building {args.model} -> {args.out}", file=sys.stderr)

@@ -44,7 +44,11 @@ def check_pass_counts(
             continue
         want, what = expected[record.name]
         if record.count != want:
-            hint = f"; build with --no-{record.name.replace('_', '-')} to skip that fusion" if record.name in _FUSIONS else ""
+            hint = (
+                f"; build with --no-{record.name.replace('_', '-')} to skip that fusion"
+                if record.name in _FUSIONS
+                else ""
+            )
             raise UnsupportedModelError(
                 f"{arch}: {record.name} rewrote {record.count} of the {want} {what} in the {program} graph, "
                 f"so this architecture is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)}){hint}."

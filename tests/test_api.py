@@ -14,11 +14,17 @@ from oiv2compile.models import load_model
 from tests.conftest import PROMPTS, TINY_BUILD, hf_greedy
 
 NEW_TOKENS = 32
+# Rewrites per program of a tiny (two-layer) preset built with the default passes.
+PASS_COUNTS = {"rewrite_kv_cache": 4, "substitute_attention": 2, "fuse_qkv": 2, "fuse_ffn": 2, "fuse_norms": 4}
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "mistral-tiny", "qwen2-tiny"])
 def test_inductor_artifact_greedy_equals_hf(preset, artifacts, hf_tiny):
     engine = oiv2compile.load(artifacts(preset))
+    # Built with every pass, the fusions included: one per layer, two norms per layer.
+    for program in ("prefill", "decode"):
+        counts = {name: p["count"] for name, p in engine.manifest["passes"][program].items()}
+        assert counts == PASS_COUNTS
     results = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
     expected = [hf_greedy(hf_tiny(preset), p, NEW_TOKENS) for p in PROMPTS]
     assert [r.token_ids for r in results] == expected
@@ -55,8 +61,7 @@ def test_manifest_records_build(artifacts):
     assert manifest["build_config"]["device"] == "cpu"
     assert set(manifest["programs"]) == {"prefill", "decode"}
     assert manifest["passes"]["decode"] == {
-        "rewrite_kv_cache": {"count": 4, "ms": manifest["passes"]["decode"]["rewrite_kv_cache"]["ms"]},
-        "substitute_attention": {"count": 2, "ms": manifest["passes"]["decode"]["substitute_attention"]["ms"]},
+        name: {"count": n, "ms": manifest["passes"]["decode"][name]["ms"]} for name, n in PASS_COUNTS.items()
     }
     assert manifest["verification"]["relative_error"]["prefill"] < 1e-4
     assert manifest["model"]["architecture"] == "LlamaForCausalLM"

@@ -37,12 +37,12 @@ def gated_act_ref(x: torch.Tensor, activation: str) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _gated_act_kernel(X, Out, stride_x, stride_o, I, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    def _gated_act_kernel(X, Out, stride_x, stride_o, width, ACT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        valid = cols < I
+        valid = cols < width
         gate = tl.load(X + row * stride_x + cols, mask=valid, other=0.0)
-        up = tl.load(X + row * stride_x + I + cols, mask=valid, other=0.0)
+        up = tl.load(X + row * stride_x + width + cols, mask=valid, other=0.0)
         g = gate.to(tl.float32)
         if ACT == 0:  # silu
             a = g * tl.sigmoid(g)

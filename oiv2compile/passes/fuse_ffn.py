@@ -22,7 +22,7 @@ projection that something else also reads.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.fx import GraphModule, Node
@@ -33,7 +33,7 @@ from oiv2compile.passes.fx_utils import (
     Match,
     add_weight,
     aten,
-    attr_tensor,
+    attr_tensors,
     common_parent,
     drop_attr,
     find_pattern,
@@ -89,48 +89,40 @@ def _activation(match: Match) -> str | None:
 
 def _fits(gm: GraphModule, match: Match) -> bool:
     weights, biases = _weights(match)
-    tensors = [attr_tensor(gm, n) for n in weights]
+    tensors = attr_tensors(gm, weights)
     return (
         _activation(match) is not None
         and common_parent(weights) is not None
+        and tensors is not None
         and same_2d_floats(tensors)
-        and tensors[0].shape == tensors[1].shape  # type: ignore[union-attr]
-        and None not in [attr_tensor(gm, n) for n in biases]
+        and tensors[0].shape == tensors[1].shape
+        and attr_tensors(gm, biases) is not None
     )
 
 
 def _rewrite(gm: GraphModule, match: Match) -> None:
     weights, biases = _weights(match)
-    tensors = [attr_tensor(gm, n) for n in weights]
-    parent = common_parent(weights)
-    assert parent is not None  # _fits checked it
+    tensors, bias_tensors, parent = attr_tensors(gm, weights), attr_tensors(gm, biases), common_parent(weights)
+    assert tensors is not None and bias_tensors is not None and parent is not None  # _fits checked them
     (product,) = match.outputs
-    act, up = product.args[:2]
-    gate = act.args[0]  # type: ignore[union-attr]
-    x = gate.args[0]  # type: ignore[union-attr]  # read now: an earlier rewrite may have replaced the matched input
+    act, up = (cast(Node, a) for a in product.args[:2])
+    gate = cast(Node, act.args[0])
+    x = gate.args[0]  # read now: an earlier rewrite may have replaced the matched input
     with gm.graph.inserting_before(product):
-        w = add_weight(gm, join_target(parent, "gate_up_proj.weight"), torch.cat(tensors), like=weights[0])  # type: ignore[arg-type]  # [2I, H]
-        b: Any = None
+        w = add_weight(gm, join_target(parent, "gate_up_proj.weight"), torch.cat(tensors), like=weights[0])  # [2I, H]
+        b = None
         if biases:
-            fused_b = torch.cat([attr_tensor(gm, n) for n in biases])  # type: ignore[misc]
-            b = add_weight(gm, join_target(parent, "gate_up_proj.bias"), fused_b, like=biases[0])
-        linear = gm.graph.call_function(aten.linear.default, (x, w, b) if biases else (x, w))  # [..., 2I]
+            b = add_weight(gm, join_target(parent, "gate_up_proj.bias"), torch.cat(bias_tensors), like=biases[0])
+        linear = gm.graph.call_function(aten.linear.default, (x, w, b) if b is not None else (x, w))  # [..., 2I]
         out = gm.graph.call_function(torch.ops.oiv2.gated_act.default, (linear, _activation(match)))  # [..., I]
-    linear.meta["val"] = _fake_cat(gate, up)
+    vals: list[Any] = [gate.meta.get("val"), up.meta.get("val")]
+    linear.meta["val"] = torch.cat(vals, dim=-1) if None not in vals else None
     out.meta["val"] = product.meta.get("val")
     # verify.py hands each HF linear its rows of the fused weight, found by the original's storage.
-    record(linear, parts=[(t.data_ptr(), t.shape[0]) for t in tensors])  # type: ignore[union-attr]
+    record(linear, parts=[(t.data_ptr(), t.shape[0]) for t in tensors])
     record(out, activation=_activation(match))
     product.replace_all_uses_with(out)
     for node in (product, act, gate, up):
-        gm.graph.erase_node(node)  # type: ignore[arg-type]
+        gm.graph.erase_node(node)
     for node in weights + biases:
         drop_attr(gm, node)
-
-
-def _fake_cat(a: Node, b: Node) -> Any:
-    va, vb = a.meta.get("val"), b.meta.get("val")
-    if va is None or vb is None:
-        return None
-    return torch.cat([va, vb], dim=-1)
-

@@ -51,7 +51,7 @@ def fuse_norms(gm: GraphModule, cfg: BuildConfig) -> int:
 
 
 def _fits(match: Match) -> bool:
-    out, hidden, h = match.outputs
+    out, _, h = match.outputs
     weight, eps, dtype = match.args["weight"], match.args["eps"], match.args["dtype"]
     vx, vr, vw, vout = (fake_value(n) for n in (match.args["x"], match.args["residual"], weight, out))
     if any(v is None for v in (vx, vr, vw, vout)) or not isinstance(eps, (int, float)) or isinstance(eps, bool):

@@ -33,7 +33,7 @@ from oiv2compile.passes.fx_utils import (
     Match,
     add_weight,
     aten,
-    attr_tensor,
+    attr_tensors,
     common_parent,
     drop_attr,
     find_pattern,
@@ -73,38 +73,36 @@ def _fits(gm: GraphModule, match: Match) -> bool:
     weights, biases = _weights(match)
     return (
         common_parent(weights) is not None
-        and same_2d_floats([attr_tensor(gm, n) for n in weights])
-        and None not in [attr_tensor(gm, n) for n in biases]
+        and same_2d_floats(attr_tensors(gm, weights))
+        and attr_tensors(gm, biases) is not None
     )
 
 
 def _rewrite(gm: GraphModule, match: Match) -> None:
     weights, biases = _weights(match)
-    tensors = [attr_tensor(gm, n) for n in weights]
-    parent = common_parent(weights)
-    assert parent is not None  # _fits checked it
+    tensors, bias_tensors, parent = attr_tensors(gm, weights), attr_tensors(gm, biases), common_parent(weights)
+    assert tensors is not None and bias_tensors is not None and parent is not None  # _fits checked them
     linears = match.outputs  # q, k, v
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     first = min(linears, key=order.__getitem__)
     x = linears[0].args[0]  # read now: an earlier rewrite may have replaced the matched input
-    sizes = [t.shape[0] for t in tensors]  # type: ignore[union-attr]
+    sizes = [t.shape[0] for t in tensors]
     with gm.graph.inserting_before(first):
-        w = add_weight(gm, join_target(parent, "qkv_proj.weight"), torch.cat(tensors), like=weights[0])  # type: ignore[arg-type]
-        b: Any = None
+        w = add_weight(gm, join_target(parent, "qkv_proj.weight"), torch.cat(tensors), like=weights[0])
+        b = None
         if biases:
-            fused_b = torch.cat([attr_tensor(gm, n) for n in biases])  # type: ignore[misc]
-            b = add_weight(gm, join_target(parent, "qkv_proj.bias"), fused_b, like=biases[0])
-        fused = gm.graph.call_function(aten.linear.default, (x, w, b) if biases else (x, w))  # [..., sum(sizes)]
+            b = add_weight(gm, join_target(parent, "qkv_proj.bias"), torch.cat(bias_tensors), like=biases[0])
+        fused = gm.graph.call_function(aten.linear.default, (x, w, b) if b is not None else (x, w))  # [..., sum(sizes)]
         split = gm.graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
         outs = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(3)]  # q, k, v
-    vals = [n.meta.get("val") for n in linears]
+    vals: list[Any] = [n.meta.get("val") for n in linears]
     known = None not in vals
     fused.meta["val"] = torch.cat(vals, dim=-1) if known else None
     split.meta["val"] = vals if known else None
     for out, val in zip(outs, vals, strict=True):
         out.meta["val"] = val
     # verify.py hands each HF linear its rows of the fused weight, found by the original's storage.
-    record(fused, parts=[(t.data_ptr(), t.shape[0]) for t in tensors])  # type: ignore[union-attr]
+    record(fused, parts=[(t.data_ptr(), t.shape[0]) for t in tensors])
     for linear, out in zip(linears, outs, strict=True):
         linear.replace_all_uses_with(out)
         gm.graph.erase_node(linear)

@@ -149,6 +149,12 @@ def attr_tensor(gm: GraphModule, node: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def attr_tensors(gm: GraphModule, nodes: list[Any]) -> list[torch.Tensor] | None:
+    """The tensors behind get_attr nodes, or None if any is not one."""
+    tensors = [attr_tensor(gm, n) for n in nodes]
+    return None if any(t is None for t in tensors) else tensors  # type: ignore[return-value]
+
+
 def add_weight(gm: GraphModule, target: str, value: torch.Tensor, like: Node) -> Node:
     """Register `value` as the buffer `target` (its owner module made if missing) and return a get_attr
     node for it, inserted at the current insertion point, with a fake value in `like`'s fake mode."""
@@ -190,14 +196,12 @@ def join_target(parent: str, name: str) -> str:
     return f"{parent}.{name}" if parent else name
 
 
-def same_2d_floats(tensors: list[torch.Tensor | None]) -> bool:
+def same_2d_floats(tensors: list[torch.Tensor] | None) -> bool:
     """True when every tensor is a 2-D floating tensor with the first one's input features and dtype."""
+    if not tensors:
+        return False
     first = tensors[0]
-    return first is not None and all(
-        t is not None
-        and t.dim() == 2
-        and t.is_floating_point()
-        and t.shape[1] == first.shape[1]
-        and t.dtype == first.dtype
+    return all(
+        t.dim() == 2 and t.is_floating_point() and t.shape[1] == first.shape[1] and t.dtype == first.dtype
         for t in tensors
     )
