@@ -144,3 +144,22 @@ def test_unsupported_architecture_is_refused_by_name(tmp_path, model_type, field
     assert type(hf).__name__ in str(info.value)
     assert "llama, mistral, qwen2" in str(info.value)
     assert not (tmp_path / "a").exists()
+
+
+def test_programs_share_the_weights_the_passes_make():
+    """The decode program's fused weights are the prefill program's tensors, not a second copy."""
+    from oiv2compile.api import _share_pass_weights
+
+    def program(seed: int) -> torch.fx.GraphModule:
+        gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+        gm.add_module("mlp", torch.nn.Module())
+        gm.mlp.register_buffer("gate_up", torch.full((4, 2), float(seed)))
+        gm.mlp.register_buffer("scratch", torch.zeros(3), persistent=False)
+        gm.mlp.register_buffer("other_shape", torch.zeros(seed + 1))
+        return gm
+
+    first, second = program(0), program(1)
+    _share_pass_weights(first, second)
+    assert second.mlp.gate_up is first.mlp.gate_up and second.mlp.scratch is first.mlp.scratch
+    assert "scratch" in second.mlp._non_persistent_buffers_set
+    assert second.mlp.other_shape is not first.mlp.other_shape
