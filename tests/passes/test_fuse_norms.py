@@ -8,9 +8,11 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from oiv2compile.capture import CacheSpec
 from oiv2compile.config import BuildConfig
+from oiv2compile.passes.fuse_ffn import fuse_ffn
 from oiv2compile.passes.fuse_norms import fuse_norms
+from oiv2compile.passes.fuse_qkv import fuse_qkv
 from oiv2compile.passes.manager import cleanup
-from tests.passes.helpers import DECODE, PREFILL, aten, count, export_toy, run, snapshot
+from tests.passes.helpers import DECODE, PREFILL, aten, captured, count, export_toy, run, snapshot
 
 ADD_RMS_NORM = torch.ops.oiv2.add_rms_norm.default
 
@@ -34,6 +36,21 @@ def test_fuses_every_residual_norm(preset, program, tiny_program):
     torch.testing.assert_close(logits, expected_logits)
     for got, want in zip(caches, expected_caches, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_bfloat16_model():
+    """In a bf16 graph the residual is the add itself and the upcast a real copy; all three fusions
+    still fire once per layer (twice for the norms) and compute what the unfused graph computes."""
+    prog, spec = captured("qwen2-tiny", DECODE, dtype=torch.bfloat16)
+    gm = prog.graph_module
+    before = snapshot(gm)
+    cfg = BuildConfig()
+    assert (fuse_qkv(gm, cfg), fuse_ffn(gm, cfg), fuse_norms(gm, cfg)) == (2, 2, 4)
+    cleanup(gm)
+    expected_logits, _ = run(before, spec, DECODE)
+    logits, _ = run(gm, spec, DECODE)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, expected_logits)
 
 
 class _NotResidualNorm(torch.nn.Module):
