@@ -1,4 +1,5 @@
-"""FX helpers shared by the passes: node roles, op tests, and walks through view-like ops."""
+"""FX helpers shared by the passes: node roles, op tests, walks through view-like ops, pattern matches
+and the weight attributes that fusions add and drop."""
 
 from __future__ import annotations
 
