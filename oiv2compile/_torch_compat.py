@@ -59,6 +59,16 @@ def host_cpu_isas() -> list[str]:
     return [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
 
 
+def match_subgraphs(pattern: torch.fx.Graph, graph: torch.fx.Graph) -> list[Any]:
+    """torch.fx's subgraph matcher (not covered by torch's backward-compatibility promise): every
+    self-contained match of `pattern` in `graph`, overlapping ones included. Pattern placeholders are
+    wildcards that also match literals; each match's `nodes_map` maps pattern nodes to graph nodes
+    or literals, and `returning_nodes` are the graph nodes behind the pattern's outputs."""
+    from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
+
+    return SubgraphMatcher(pattern, remove_overlapping_matches=False).match(graph)
+
+
 def without_weights(exported: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """The same program with every weight and constant tensor on the meta device, for saving a graph
     whose weights live elsewhere (the artifact's safetensors)."""

@@ -88,6 +88,8 @@ def build(
                 owned.extend(_program_weights(programs[program.name].graph_module).values())
             with phases(f"passes {program.name}"):
                 records = run_passes(programs[program.name].graph_module, cfg, pipeline(cfg), label=program.name)
+            if program is not PREFILL:
+                _share_pass_weights(programs[PREFILL.name].graph_module, programs[program.name].graph_module)
             check_pass_counts(records, spec, arch, program.name, _linears_to_quantize(hf, cfg))
             pass_report[program.name] = {r.name: {"count": r.count, "ms": round(r.ms, 3)} for r in records}
 
@@ -284,6 +286,21 @@ def _program_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
         if isinstance(value, torch.Tensor):
             weights[node.target] = value
     return weights
+
+
+def _share_pass_weights(first: torch.fx.GraphModule, gm: torch.fx.GraphModule) -> None:
+    """Point `gm`'s pass-made buffers (fused and quantized weights) at the first program's tensors of
+    the same name. The passes make them the same way from the same weights in every program, so one
+    copy is enough; without this each program would hold its own until the build ends (9 GB of fused
+    bf16 weights per program for an 8B model)."""
+    shared = dict(first.named_buffers())
+    for name, tensor in list(gm.named_buffers()):
+        other = shared.get(name)
+        if other is None or other is tensor or other.shape != tensor.shape or other.dtype != tensor.dtype:
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_name)
+        owner.register_buffer(leaf, other, persistent=leaf not in owner._non_persistent_buffers_set)
 
 
 def _device_record(device: torch.device) -> dict[str, Any]:

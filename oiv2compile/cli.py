@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--no-quantize-head", action="store_true", help="keep the output head in full precision")
     build.add_argument("--no-verify", action="store_true", help="skip the comparison with Hugging Face's forward")
     build.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
+    build.add_argument("--no-fuse-qkv", action="store_true", help="keep the q, k and v projections apart")
+    build.add_argument("--no-fuse-ffn", action="store_true", help="keep the MLP's gate and up projections apart")
+    build.add_argument("--no-fuse-norms", action="store_true", help="keep residual adds and RMSNorms apart")
     build.add_argument("--force", action="store_true", help="replace OUT if it exists")
     build.set_defaults(func=_build)
 
@@ -149,6 +152,9 @@ def _build(args: argparse.Namespace) -> int:
         overrides["enable_verification"] = False
     if args.no_cuda_graphs:
         overrides["cuda_graphs"] = {"enable_capture": False}
+    fusion = {f"enable_{name}": False for name in ("qkv", "ffn", "norms") if getattr(args, f"no_fuse_{name}")}
+    if fusion:
+        overrides["fusion"] = fusion
     print(f"building {args.model} -> {args.out}", file=sys.stderr)
     start = time.perf_counter()
     out = oiv2compile.build(args.model, args.out, overwrite=args.force, progress=_progress, **overrides)

@@ -70,6 +70,16 @@ class KVCacheConfig:
 
 
 @dataclass(frozen=True)
+class FusionConfig:
+    # q, k and v projections as one linear over concatenated weights (passes/fuse_qkv.py).
+    enable_qkv: bool = True
+    # Gate and up projections as one linear, then act(gate) * up in one oiv2::gated_act (passes/fuse_ffn.py).
+    enable_ffn: bool = True
+    # Residual add and RMSNorm as one oiv2::add_rms_norm (passes/fuse_norms.py).
+    enable_norms: bool = True
+
+
+@dataclass(frozen=True)
 class CudaGraphConfig:
     enable_capture: bool = True
     # Decode batch sizes captured at load; empty means powers of two up to max_batch_size (and it).
@@ -98,6 +108,7 @@ class BuildConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     cuda_graphs: CudaGraphConfig = field(default_factory=CudaGraphConfig)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """Build-time checks that the transformed programs compute what the Hugging Face model computes.
 
 Two checks guard against wrong tokens: every pass must rewrite exactly what each layer has (one
-cache write per k and v cache, one attention), and the transformed programs' logits must match HF's
+cache write per k and v cache, one attention, one fused q/k/v, gated MLP and pair of norms), and the transformed programs' logits must match HF's
 own forward on a short random batch (two prompts of different lengths, then one decode step).
 """
 
@@ -27,20 +27,35 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 def check_pass_counts(
     records: list[PassRecord], spec: CacheSpec, arch: str, program: str, linears_to_quantize: int = 0
 ) -> None:
+    counts = {r.name: r.count for r in records}
+    # Each fused q, k, v leaves one linear of three, each fused gate and up one of two.
+    fused_away = 2 * counts.get("fuse_qkv", 0) + counts.get("fuse_ffn", 0)
     expected = {
         "rewrite_kv_cache": (2 * spec.num_layers, "cache writes"),
         "substitute_attention": (spec.num_layers, "attention layers"),
-        "quantize_weights": (linears_to_quantize, "linear layers"),
+        "fuse_qkv": (spec.num_layers, "q, k, v projection triples"),
+        "fuse_ffn": (spec.num_layers, "gated MLPs"),
+        # The first layer's input norm has no residual add before it; the final norm has one.
+        "fuse_norms": (2 * spec.num_layers, "residual adds followed by an RMSNorm"),
+        "quantize_weights": (linears_to_quantize - fused_away, "linear layers"),
     }
     for record in records:
         if record.name not in expected:
             continue
         want, what = expected[record.name]
         if record.count != want:
+            hint = (
+                f"; build with --no-{record.name.replace('_', '-')} to skip that fusion"
+                if record.name in _FUSIONS
+                else ""
+            )
             raise UnsupportedModelError(
                 f"{arch}: {record.name} rewrote {record.count} of the {want} {what} in the {program} graph, "
-                f"so this architecture is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})."
+                f"so this architecture is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)}){hint}."
             )
+
+
+_FUSIONS = ("fuse_qkv", "fuse_ffn", "fuse_norms")
 
 
 @torch.no_grad()
@@ -108,7 +123,11 @@ def _quantized_linears(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator[None
         int8 = facts["scheme"] == "int8"
         layout = node.args[1:3] if int8 else node.args[1:4]  # (qweight, scales) or (packed, scales, zeros)
         tensors = [_attr(gm, a.target) for a in layout]  # type: ignore[union-attr]
-        dequantized[facts["storage"]] = dequantize_int8(*tensors) if int8 else dequantize_int4(*tensors)
+        weight = dequantize_int8(*tensors) if int8 else dequantize_int4(*tensors)
+        # A fused weight (fuse_qkv, fuse_ffn) stands for several HF linears: each gets its rows.
+        parts = facts.get("parts") or [(facts["storage"], weight.shape[0])]
+        for (storage, _), rows in zip(parts, weight.split([p[1] for p in parts]), strict=True):
+            dequantized[storage] = rows
     swapped = []
     for module in hf_model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.data_ptr() in dequantized:

@@ -14,11 +14,17 @@ from oiv2compile.models import load_model
 from tests.conftest import PROMPTS, TINY_BUILD, hf_greedy
 
 NEW_TOKENS = 32
+# Rewrites per program of a tiny (two-layer) preset built with the default passes.
+PASS_COUNTS = {"rewrite_kv_cache": 4, "substitute_attention": 2, "fuse_qkv": 2, "fuse_ffn": 2, "fuse_norms": 4}
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "mistral-tiny", "qwen2-tiny"])
 def test_inductor_artifact_greedy_equals_hf(preset, artifacts, hf_tiny):
     engine = oiv2compile.load(artifacts(preset))
+    # Built with every pass, the fusions included: one per layer, two norms per layer.
+    for program in ("prefill", "decode"):
+        counts = {name: p["count"] for name, p in engine.manifest["passes"][program].items()}
+        assert counts == PASS_COUNTS
     results = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
     expected = [hf_greedy(hf_tiny(preset), p, NEW_TOKENS) for p in PROMPTS]
     assert [r.token_ids for r in results] == expected
@@ -55,8 +61,7 @@ def test_manifest_records_build(artifacts):
     assert manifest["build_config"]["device"] == "cpu"
     assert set(manifest["programs"]) == {"prefill", "decode"}
     assert manifest["passes"]["decode"] == {
-        "rewrite_kv_cache": {"count": 4, "ms": manifest["passes"]["decode"]["rewrite_kv_cache"]["ms"]},
-        "substitute_attention": {"count": 2, "ms": manifest["passes"]["decode"]["substitute_attention"]["ms"]},
+        name: {"count": n, "ms": manifest["passes"]["decode"][name]["ms"]} for name, n in PASS_COUNTS.items()
     }
     assert manifest["verification"]["relative_error"]["prefill"] < 1e-4
     assert manifest["model"]["architecture"] == "LlamaForCausalLM"
@@ -139,3 +144,22 @@ def test_unsupported_architecture_is_refused_by_name(tmp_path, model_type, field
     assert type(hf).__name__ in str(info.value)
     assert "llama, mistral, qwen2" in str(info.value)
     assert not (tmp_path / "a").exists()
+
+
+def test_programs_share_the_weights_the_passes_make():
+    """The decode program's fused weights are the prefill program's tensors, not a second copy."""
+    from oiv2compile.api import _share_pass_weights
+
+    def program(seed: int) -> torch.fx.GraphModule:
+        gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+        gm.add_module("mlp", torch.nn.Module())
+        gm.mlp.register_buffer("gate_up", torch.full((4, 2), float(seed)))
+        gm.mlp.register_buffer("scratch", torch.zeros(3), persistent=False)
+        gm.mlp.register_buffer("other_shape", torch.zeros(seed + 1))
+        return gm
+
+    first, second = program(0), program(1)
+    _share_pass_weights(first, second)
+    assert second.mlp.gate_up is first.mlp.gate_up and second.mlp.scratch is first.mlp.scratch
+    assert "scratch" in second.mlp._non_persistent_buffers_set
+    assert second.mlp.other_shape is not first.mlp.other_shape

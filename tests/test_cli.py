@@ -49,6 +49,7 @@ def test_build_run_inspect(capsys, tmp_path):
         "64",
         "--max-batch-size",
         "2",
+        "--no-fuse-norms",
     )
     assert code == 0, err
     assert "capture prefill:" in err and "lower decode (eager):" in err and f"built {out}" in err
@@ -62,7 +63,10 @@ def test_build_run_inspect(capsys, tmp_path):
     assert code == 0
     assert "substitute_attention" in stdout and "weights-00001-of-00001.safetensors" in stdout
     code, stdout, _ = _cli(capsys, "inspect", str(out), "--json")
-    assert json.loads(stdout)["model"]["architecture"] == "LlamaForCausalLM"
+    manifest = json.loads(stdout)
+    assert manifest["model"]["architecture"] == "LlamaForCausalLM"
+    assert manifest["build_config"]["fusion"] == {"enable_qkv": True, "enable_ffn": True, "enable_norms": False}
+    assert "fuse_norms" not in manifest["passes"]["decode"] and manifest["passes"]["decode"]["fuse_ffn"]["count"] == 2
 
 
 def test_build_errors(capsys, tmp_path):

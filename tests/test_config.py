@@ -15,6 +15,7 @@ def test_defaults_and_frozen():
     assert cfg.backend is Backend.INDUCTOR and cfg.device is Device.AUTO and cfg.dtype is DType.AUTO
     assert cfg.max_batch_size == 8 and cfg.max_seq_len is None
     assert cfg.enable_verification and cfg.attention.enable_substitution and cfg.kv_cache.enable_rewrite
+    assert cfg.fusion.enable_qkv and cfg.fusion.enable_ffn and cfg.fusion.enable_norms
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.max_batch_size = 2  # type: ignore[misc]
 

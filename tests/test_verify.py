@@ -41,3 +41,14 @@ def test_missing_rewrites_fail_with_the_architecture():
         check_pass_counts([PassRecord("substitute_attention", 1, 1.0)], SPEC, "FooForCausalLM", "decode")
     with pytest.raises(UnsupportedModelError, match="rewrote 3 of the 4 cache writes in the prefill graph"):
         check_pass_counts([PassRecord("rewrite_kv_cache", 3, 1.0)], SPEC, "FooForCausalLM", "prefill")
+
+
+def test_fusion_counts_are_checked_and_name_the_flag():
+    layers = SPEC.num_layers
+    fused = [PassRecord("fuse_qkv", layers, 1.0), PassRecord("fuse_ffn", layers, 1.0)]
+    # 2 layers x 7 linears + head, less 2 per fused q/k/v and 1 per fused gate/up.
+    check_pass_counts([*fused, PassRecord("quantize_weights", 9, 1.0)], SPEC, "X", "decode", linears_to_quantize=15)
+    with pytest.raises(UnsupportedModelError, match="rewrote 15 of the 9 linear layers"):
+        check_pass_counts([*fused, PassRecord("quantize_weights", 15, 1.0)], SPEC, "X", "decode", 15)
+    with pytest.raises(UnsupportedModelError, match=r"fuse_norms rewrote 3 of the 4 .*build with --no-fuse-norms"):
+        check_pass_counts([PassRecord("fuse_norms", 3, 1.0)], SPEC, "FooForCausalLM", "prefill")

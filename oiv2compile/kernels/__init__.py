@@ -3,15 +3,21 @@
 Importing this package registers every op; artifacts that call them need it imported before load.
 """
 
+from oiv2compile.kernels.add_rms_norm import add_rms_norm, add_rms_norm_ref
 from oiv2compile.kernels.attention import attention, attention_ref
+from oiv2compile.kernels.gated_act import gated_act, gated_act_ref
 from oiv2compile.kernels.kv_write import kv_write, kv_write_ref
 from oiv2compile.kernels.linear_int4 import linear_int4, linear_int4_ref
 from oiv2compile.kernels.linear_int8 import linear_int8, linear_int8_ref
 from oiv2compile.kernels.linear_int8_gemv import linear_int8_gemv_ref
 
 __all__ = [
+    "add_rms_norm",
+    "add_rms_norm_ref",
     "attention",
     "attention_ref",
+    "gated_act",
+    "gated_act_ref",
     "kv_write",
     "kv_write_ref",
     "linear_int4",

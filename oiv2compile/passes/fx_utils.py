@@ -1,12 +1,16 @@
-"""FX helpers shared by the passes: node roles, op tests, and walks through view-like ops."""
+"""FX helpers shared by the passes: node roles, op tests, walks through view-like ops, pattern matches
+and the weight attributes that fusions add and drop."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
+
+from oiv2compile import _torch_compat
 
 aten = torch.ops.aten
 
@@ -102,3 +106,103 @@ def call_args(node: Node) -> dict[str, Any]:
         elif arg.has_default_value():
             values[arg.name] = arg.default_value
     return values
+
+
+@dataclass(frozen=True)
+class Match:
+    """One match of a pattern function: `args` maps the function's parameter names to graph nodes
+    (or to the literals they matched), `outputs` are the graph nodes behind its return values, in order,
+    and `nodes` every graph node the match covers (its operations, not its inputs)."""
+
+    args: dict[str, Any]
+    outputs: list[Node]
+    nodes: frozenset[Node]
+
+
+def find_pattern(
+    gm: GraphModule, pattern: Callable[..., Any], check: Callable[[Match], bool] = lambda m: True
+) -> list[Match]:
+    """The matches of `pattern`, a plain function of ATen calls whose parameters are wildcards
+    (literals included), for which `check` holds, in the matcher's order (by the graph position of
+    the first output), none overlapping an earlier one.
+    A match's inner values are read by nothing outside it. `check` runs before overlaps are removed,
+    so a match it refuses does not hide one it would take."""
+    traced = torch.fx.symbolic_trace(pattern)
+    taken: set[Node] = set()
+    matches = []
+    for m in _torch_compat.match_subgraphs(traced.graph, gm.graph):
+        args = {pn.target: value for pn, value in m.nodes_map.items() if pn.op == "placeholder"}
+        nodes = frozenset(gn for pn, gn in m.nodes_map.items() if pn.op not in ("placeholder", "output"))
+        match = Match(args, list(m.returning_nodes), nodes)
+        if nodes & taken or not check(match):
+            continue
+        taken |= nodes
+        matches.append(match)
+    return matches
+
+
+def attr_tensor(gm: GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor behind a get_attr node, or None."""
+    if not isinstance(node, Node) or node.op != "get_attr":
+        return None
+    owner_name, _, leaf = str(node.target).rpartition(".")
+    value = getattr(gm.get_submodule(owner_name), leaf, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def attr_tensors(gm: GraphModule, nodes: list[Any]) -> list[torch.Tensor] | None:
+    """The tensors behind get_attr nodes, or None if any is not one."""
+    tensors = [attr_tensor(gm, n) for n in nodes]
+    return None if any(t is None for t in tensors) else tensors  # type: ignore[return-value]
+
+
+def add_weight(gm: GraphModule, target: str, value: torch.Tensor, like: Node) -> Node:
+    """Register `value` as the buffer `target` (its owner module made if missing) and return a get_attr
+    node for it, inserted at the current insertion point, with a fake value in `like`'s fake mode."""
+    owner_name, _, leaf = target.rpartition(".")
+    owner = gm
+    for part in owner_name.split(".") if owner_name else []:
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    if not hasattr(owner, leaf):
+        owner.register_buffer(leaf, value)
+    node = gm.graph.get_attr(target)
+    fake = fake_value(like)
+    mode = getattr(fake, "fake_mode", None)
+    node.meta["val"] = mode.from_tensor(value, static_shapes=True) if mode is not None else None
+    return node
+
+
+def drop_attr(gm: GraphModule, node: Node) -> None:
+    """Erase a get_attr node nothing reads any more, and its attribute when no other node names it."""
+    if node.users:
+        return
+    gm.graph.erase_node(node)
+    if not gm.graph.find_nodes(op="get_attr", target=node.target):
+        owner_name, _, leaf = str(node.target).rpartition(".")
+        delattr(gm.get_submodule(owner_name), leaf)
+
+
+def common_parent(weights: list[Node]) -> str | None:
+    """The module holding the layers whose weights these are (`a.mlp` of `a.mlp.gate_proj.weight`; ""
+    for the root), if every one is an attribute and they share it."""
+    if any(not isinstance(w, Node) or w.op != "get_attr" for w in weights):
+        return None
+    parents = {str(w.target).rpartition(".")[0].rpartition(".")[0] for w in weights}
+    return parents.pop() if len(parents) == 1 else None
+
+
+def join_target(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
+
+
+def same_2d_floats(tensors: list[torch.Tensor] | None) -> bool:
+    """True when every tensor is a 2-D floating tensor with the first one's input features and dtype."""
+    if not tensors:
+        return False
+    first = tensors[0]
+    return all(
+        t.dim() == 2 and t.is_floating_point() and t.shape[1] == first.shape[1] and t.dtype == first.dtype
+        for t in tensors
+    )

@@ -10,6 +10,9 @@ from collections.abc import Callable
 from torch.fx import GraphModule
 
 from oiv2compile.config import BuildConfig, Quantization
+from oiv2compile.passes.fuse_ffn import fuse_ffn
+from oiv2compile.passes.fuse_norms import fuse_norms
+from oiv2compile.passes.fuse_qkv import fuse_qkv
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
 from oiv2compile.passes.substitute_attention import substitute_attention
@@ -19,17 +22,28 @@ Pass = Callable[[GraphModule, BuildConfig], int]
 PASSES: dict[str, Pass] = {
     "rewrite_kv_cache": rewrite_kv_cache,
     "substitute_attention": substitute_attention,
+    "fuse_qkv": fuse_qkv,
+    "fuse_ffn": fuse_ffn,
+    "fuse_norms": fuse_norms,
     "quantize_weights": quantize_weights,
 }
 
 
 def pipeline(cfg: BuildConfig) -> list[Pass]:
-    """The passes to run, in order. The cache rewrite comes first: attention reads the rewritten cache."""
+    """The passes to run, in order. The cache rewrite comes first: attention reads the rewritten cache.
+    The fusions come before quantization, which then quantizes the fused weights as it would the
+    originals."""
     passes: list[Pass] = []
     if cfg.kv_cache.enable_rewrite:
         passes.append(rewrite_kv_cache)
     if cfg.attention.enable_substitution:
         passes.append(substitute_attention)
+    if cfg.fusion.enable_qkv:
+        passes.append(fuse_qkv)
+    if cfg.fusion.enable_ffn:
+        passes.append(fuse_ffn)
+    if cfg.fusion.enable_norms:
+        passes.append(fuse_norms)
     if cfg.quantization is not Quantization.NONE:
         passes.append(quantize_weights)
     return passes

@@ -6,16 +6,27 @@ import copy
 
 import torch
 
-from oiv2compile.capture import DECODE, PREFILL, CacheSpec, CapturedProgram, ProgramSpec, capture, tag_inputs
+from oiv2compile.capture import (
+    DECODE,
+    PREFILL,
+    CacheSpec,
+    CapturedProgram,
+    ProgramSpec,
+    _drop_inference_no_ops,
+    capture,
+    tag_inputs,
+)
 from oiv2compile.models import load_model
 
 aten = torch.ops.aten
 
 
-def captured(preset: str, program: ProgramSpec = PREFILL, attn: str = "sdpa") -> tuple[CapturedProgram, CacheSpec]:
-    hf = load_model(preset, dtype=torch.float32, device="cpu", seed=0).model
+def captured(
+    preset: str, program: ProgramSpec = PREFILL, attn: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> tuple[CapturedProgram, CacheSpec]:
+    hf = load_model(preset, dtype=dtype, device="cpu", seed=0).model
     hf.config._attn_implementation = attn
-    spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=torch.float32)
+    spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=dtype)
     return capture(hf, spec, program), spec
 
 
@@ -23,7 +34,7 @@ def run(gm: torch.fx.GraphModule, spec: CacheSpec, program: ProgramSpec, seed: i
     """Run a program on fixed random inputs; returns (logits, caches after)."""
     gen = torch.Generator().manual_seed(seed)
     batch, seq = (2, 5) if program is PREFILL else (3, 1)
-    caches = [torch.randn(spec.shape(), generator=gen) for _ in range(2 * spec.num_layers)]
+    caches = [torch.randn(spec.shape(), generator=gen).to(spec.torch_dtype) for _ in range(2 * spec.num_layers)]
     input_ids = torch.randint(0, 200, (batch, seq), generator=gen)
     positions = torch.tensor([0, 0] if program is PREFILL else [4, 9, 0])
     slots = torch.tensor([2, 0] if program is PREFILL else [1, 3, 0])
@@ -57,6 +68,7 @@ def export_toy(module: torch.nn.Module, spec: CacheSpec, seq: int = 1) -> torch.
     )
     with torch.no_grad():
         gm = unlift(torch.export.export(module, inputs, strict=False))
+    _drop_inference_no_ops(gm)  # as capture does
     tag_inputs(gm, spec)
     return gm
 

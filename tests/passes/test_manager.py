@@ -7,14 +7,22 @@ import torch
 
 from oiv2compile.config import BuildConfig
 from oiv2compile.passes import PassError, pipeline, run_passes
+from oiv2compile.passes.fuse_ffn import fuse_ffn
+from oiv2compile.passes.fuse_norms import fuse_norms
+from oiv2compile.passes.fuse_qkv import fuse_qkv
+from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
 from oiv2compile.passes.substitute_attention import substitute_attention
 from tests.passes.helpers import PREFILL, aten, captured
 
 
 def test_pipeline_follows_the_config():
-    assert pipeline(BuildConfig()) == [rewrite_kv_cache, substitute_attention]
-    only_cache = BuildConfig().replace(attention={"enable_substitution": False})
+    assert pipeline(BuildConfig()) == [rewrite_kv_cache, substitute_attention, fuse_qkv, fuse_ffn, fuse_norms]
+    # The fusions come before quantization, which quantizes the fused weights.
+    int8 = BuildConfig().replace(quantization="int8", fusion={"enable_norms": False})
+    assert pipeline(int8) == [rewrite_kv_cache, substitute_attention, fuse_qkv, fuse_ffn, quantize_weights]
+    unfused = {"enable_qkv": False, "enable_ffn": False, "enable_norms": False}
+    only_cache = BuildConfig().replace(attention={"enable_substitution": False}, fusion=unfused)
     assert pipeline(only_cache) == [rewrite_kv_cache]
     none = only_cache.replace(kv_cache={"enable_rewrite": False})
     assert pipeline(none) == []
@@ -23,7 +31,8 @@ def test_pipeline_follows_the_config():
 def test_report_dump_and_cleanup(tmp_path, monkeypatch):
     monkeypatch.setenv("OIV2_DUMP_DIR", str(tmp_path))
     prog, _spec = captured("llama-tiny", PREFILL)
-    records = run_passes(prog.graph_module, BuildConfig(), pipeline(BuildConfig()), label="prefill")
+    cfg = BuildConfig().replace(fusion={"enable_qkv": False, "enable_ffn": False, "enable_norms": False})
+    records = run_passes(prog.graph_module, cfg, pipeline(cfg), label="prefill")
     assert [(r.name, r.count) for r in records] == [("rewrite_kv_cache", 4), ("substitute_attention", 2)]
     assert all(r.ms >= 0 for r in records)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
