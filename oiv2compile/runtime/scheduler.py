@@ -180,6 +180,11 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="oiv2-scheduler", daemon=True)
         self._thread.start()
 
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        """The checked token ids of a prompt (InvalidRequestError if it is empty or fills the cache)."""
+        with self._tokenizer_lock:
+            return self.engine.prompt_ids(prompt, 1)
+
     def submit(self, prompt: str | Sequence[int], params: RequestParams, sink: Sink) -> RequestHandle:
         """Queue a request. Raises InvalidRequestError (bad or too long prompt), QueueFullError or
         NotAcceptingError at once; everything after comes through `sink`."""
