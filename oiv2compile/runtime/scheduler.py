@@ -253,6 +253,8 @@ class Scheduler:
     # ---- the worker thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        cancelled: list[_Sequence] = []
+        admitted: list[_Sequence] = []
         try:
             while True:
                 with self._cond:
@@ -271,10 +273,15 @@ class Scheduler:
             with self._cond:
                 self.state = self.FAILED
                 self.error = f"{type(exc).__name__}: {exc}"
-                pending = [*self._waiting, *self._running, *self._cancelled_waiting]
+                pending = {id(s): s for s in [*admitted, *cancelled, *self._waiting, *self._running]}
+                pending.update((id(s), s) for s in self._cancelled_waiting)
                 self._waiting.clear()
+                self._running.clear()
                 self._cancelled_waiting.clear()
-            for seq in pending:
+            for seq in pending.values():
+                if seq.slot >= 0:
+                    self.engine.release([seq.slot])
+                    seq.slot = -1
                 self._emit(seq, self._error_output(seq, exc))
 
     def _admit(self) -> list[_Sequence]:

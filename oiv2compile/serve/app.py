@@ -391,6 +391,7 @@ def serve(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # connections from now on wait in the backlog until uvicorn runs
     except OSError as exc:
         raise Oiv2Error(f"Cannot listen on {host}:{port} ({exc.strerror}); pick another --host or --port.") from None
     bound = sock.getsockname()[1]
