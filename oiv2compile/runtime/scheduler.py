@@ -419,8 +419,7 @@ class Scheduler:
             if seq in self._running:
                 self._running.remove(seq)
         self._emit(seq, out)
-        assert out.finish_reason is not None
-        self.observer.finished(out.finish_reason, time.perf_counter() - seq.arrival)
+        self.observer.finished(out.finish_reason or "error", time.perf_counter() - seq.arrival)
 
     def _emit(self, seq: _Sequence, out: Output) -> None:
         try:
