@@ -26,6 +26,7 @@ An exception outside those (a bug of the loop) fails every request and leaves th
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -253,6 +254,12 @@ class Scheduler:
     # ---- the worker thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        # The engine's CUDA graphs and streams belong to its device; a new thread starts on device 0.
+        device = self.engine.device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            self._run()
+
+    def _run(self) -> None:
         cancelled: list[_Sequence] = []
         admitted: list[_Sequence] = []
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import socket
@@ -315,8 +316,6 @@ async def _generate(
 async def _sse(
     request: _Request, head: dict[str, Any], chat: bool, prompt_tokens: int, include_usage: bool
 ) -> AsyncIterator[str]:
-    import json
-
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(text: str | None, finish: str | None, *, role: bool = False) -> str:
