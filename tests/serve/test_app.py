@@ -25,7 +25,7 @@ import pytest
 import uvicorn
 
 import oiv2compile
-from oiv2compile.runtime.scheduler import Scheduler
+from oiv2compile.runtime.scheduler import QueueFullError, RequestParams, Scheduler
 from oiv2compile.serve import create_app, render_chat
 from oiv2compile.serve.protocol import ChatMessage
 
@@ -314,7 +314,7 @@ def test_queue_bound_not_ready_and_failed_health(reference):
         outputs: list[Any] = []
         for prompt in PROMPTS[:2]:
             live.scheduler.submit(prompt, _params(4), outputs.append)
-        with pytest.raises(Exception, match="already waiting"):
+        with pytest.raises(QueueFullError, match="already waiting"):
             live.scheduler.submit(PROMPTS[2], _params(4), outputs.append)
         live.scheduler.start()
         assert live.wait_health(200)["status"] == "ok"
@@ -357,9 +357,7 @@ def test_queue_bound_not_ready_and_failed_health(reference):
     assert reference.free_slots == reference.max_batch_size  # a failed loop gives its slots back
 
 
-def _params(n: int) -> Any:
-    from oiv2compile.runtime.scheduler import RequestParams
-
+def _params(n: int) -> RequestParams:
     return RequestParams(max_tokens=n)
 
 
