@@ -8,7 +8,7 @@ TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11,<2
 TORCH_INDEX ?=
 DEMO_DIR ?= out/tinycode
 
-.PHONY: venv demo test test-cuda lint format bench clean
+.PHONY: venv demo test test-cuda lint format bench bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -45,6 +45,14 @@ BENCH_ARGS ?= --quant none,int8,int4 --batch-sizes 1,8,32 --repeats 3
 bench: venv
 	$(VENV)/bin/oiv2compile bench llama-1b $(BENCH_ARGS) --out benchmarks/results/llama-1b
 	$(VENV)/bin/oiv2compile bench llama-8b $(BENCH_ARGS) --out benchmarks/results/llama-8b
+
+# oiv2compile serve on llama-8b (GPU) under 1, 8, 32 and 64 concurrent clients: serve.json and serve.md.
+SERVE_ARTIFACT ?= out/llama-8b
+
+bench-serve: venv
+	test -d $(SERVE_ARTIFACT) || $(VENV)/bin/oiv2compile build llama-8b -o $(SERVE_ARTIFACT) --max-batch-size 64 --max-seq-len 512
+	$(PY) benchmarks/bench_serve.py --serve $(SERVE_ARTIFACT) --clients 1,8,32,64 --requests 256 \
+		--prompt-len 128 --output-len 128 --out benchmarks/results/serve-llama-8b
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

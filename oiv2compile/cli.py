@@ -5,6 +5,7 @@
     oiv2compile inspect OUT [--json]
     oiv2compile eval OUT [--data PATH] [--reference DIR] [--window N] [--max-windows N] [--json FILE]
     oiv2compile bench MODEL [--backends ...] [--baselines ...] [--quant ...] [--batch-sizes 1,8,32] [--out DIR] ...
+    oiv2compile serve OUT [--host 127.0.0.1] [--port 8000] [--max-queue N]   (needs the `serve` extra)
 
 User errors print one sentence on stderr and exit with code 2.
 """
@@ -125,6 +126,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--rebuild", action="store_true", help="build again even where the cache holds the artifact")
     bench.set_defaults(func=_bench)
+
+    serve = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API (continuous batching)")
+    serve.add_argument("artifact", type=Path)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    serve.add_argument(
+        "--max-queue", type=int, default=256, help="requests that may wait for a slot; past it, 429 (default: 256)"
+    )
+    serve.add_argument(
+        "--prefill-token-budget",
+        type=int,
+        default=2048,
+        help="most prompt tokens prefilled in one step (default: 2048)",
+    )
+    serve.add_argument("--model-name", help="the model id clients use (default: the artifact directory's name)")
+    serve.add_argument("--device", help="run on this device (default: the one it was built for)")
+    serve.set_defaults(func=_serve)
 
     presets = sub.add_parser("presets", help="list the bundled trained models and the random-weight presets")
     presets.set_defaults(func=_presets)
@@ -366,6 +384,29 @@ def _progress_bar() -> Iterator[Callable[[str, int, int], None]]:
     finally:
         for bar in bars:
             bar.close()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from oiv2compile.errors import InvalidRequestError, Oiv2Error
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise Oiv2Error(
+            f"oiv2compile serve needs the 'serve' extra ({', '.join(missing)} missing): pip install 'oiv2compile[serve]'."
+        )
+    if args.max_queue is not None and args.max_queue < 0:
+        raise InvalidRequestError(f"--max-queue must be at least 0, not {args.max_queue}.")
+    if args.prefill_token_budget is not None and args.prefill_token_budget < 1:
+        raise InvalidRequestError(f"--prefill-token-budget must be at least 1, not {args.prefill_token_budget}.")
+    if not 0 <= args.port <= 65535:
+        raise InvalidRequestError(f"--port must be between 0 and 65535, not {args.port}.")
+    from oiv2compile.serve import serve
+
+    options = {k: getattr(args, k) for k in ("max_queue", "prefill_token_budget") if getattr(args, k) is not None}
+    serve(args.artifact, host=args.host, port=args.port, model_name=args.model_name, device=args.device, **options)
+    return 0
 
 
 def _presets(args: argparse.Namespace) -> int:

@@ -1,10 +1,14 @@
 """The executor: owns the KV cache, runs the prefill and decode programs, samples tokens.
 
-One wave of up to max_batch_size prompts runs at a time: a batched prefill of the right-padded
-prompts, then one decode step per new token for all of them together. Sequence i of a wave lives in
-cache row i. On CUDA each decode step replays a CUDA graph captured at load for the smallest batch
-bucket that holds the wave (padding rows write into a scratch cache row), sampling runs on the GPU,
-and the host waits for the GPU only every few steps to see whether every sequence has stopped.
+Step level (what the serving scheduler drives): `prefill` puts new sequences into free cache rows
+(slots) with one batched prefill of the right-padded prompts; `decode` runs one step for any set of
+slots, each at its own position; `release` frees slots. On CUDA each decode step replays a CUDA
+graph captured at load for the smallest batch bucket that holds the set (padding rows write into a
+scratch cache row).
+
+`generate` and `stream` run waves of up to max_batch_size prompts on top of these: one prefill,
+then one decode step per new token for the whole wave, sampling on the device, and the host waits
+for the GPU only every few steps to see whether every sequence has stopped.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class Engine:
         self._decode = programs[DECODE.name]
         self._decode_b1 = programs.get(DECODE_B1.name)
         self.caches = spec.allocate(device)
+        self._free_slots = list(range(spec.max_batch_size))  # cache rows no sequence holds
         self._graphs: DecodeGraphs | None = None
         if capture_graphs and device.type == "cuda":
             self._graphs = DecodeGraphs(self._decode_for, self.caches, decode_buckets, spec.scratch_slot, device)
@@ -90,6 +95,83 @@ class Engine:
     @property
     def cuda_graph_buckets(self) -> tuple[int, ...]:
         return self._graphs.buckets if self._graphs else ()
+
+    @property
+    def free_slots(self) -> int:
+        """Cache rows free for new sequences."""
+        return len(self._free_slots)
+
+    @property
+    def default_stop_token_ids(self) -> list[int]:
+        """The model's end-of-sequence token ids."""
+        eos = self.manifest["model"].get("eos_token_id")
+        if eos is None:
+            return []
+        return list(eos) if isinstance(eos, list) else [eos]
+
+    # ---- step level: what a scheduler drives ----------------------------------------------------
+
+    def prompt_ids(self, prompt: str | Sequence[int], max_new_tokens: int, label: str = "The prompt") -> list[int]:
+        """Token ids of one prompt, checked: not empty, in the vocabulary, and with max_new_tokens
+        fitting in a cache row. `label` names the prompt in the error."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be a whole number of at least 1, not {max_new_tokens!r}.")
+        ids = self._token_ids(label, prompt)
+        if len(ids) > self.max_seq_len:
+            raise InvalidRequestError(
+                f"{label} has {len(ids)} tokens but the artifact's max_seq_len is {self.max_seq_len}; "
+                "shorten it or rebuild with a larger --max-seq-len."
+            )
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise InvalidRequestError(
+                f"{label} ({len(ids)} tokens) plus max_new_tokens={max_new_tokens} needs "
+                f"{len(ids) + max_new_tokens} cache positions but the artifact holds {self.max_seq_len}; "
+                "lower max_new_tokens or rebuild with a larger --max-seq-len."
+            )
+        return ids
+
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[list[int], torch.Tensor]:
+        """Put each prompt (checked token ids) into a free cache row with one batched prefill.
+        Returns the slot of each and the logits after its last token, [B, vocab] on the device
+        (valid until the next program runs). The slots stay held until `release`."""
+        slots = self._acquire(len(prompts))
+        try:
+            lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+            input_ids = torch.zeros((len(prompts), int(lengths.max())), dtype=torch.long)  # right-padded
+            for i, prompt in enumerate(prompts):
+                input_ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            input_ids, lengths = input_ids.to(self.device), lengths.to(self.device)
+            slot_ids = torch.tensor(slots, dtype=torch.long, device=self.device)
+            logits = self._prefill(input_ids, torch.zeros_like(lengths), slot_ids, lengths - 1, self.caches)
+        except BaseException:
+            self.release(slots)
+            raise
+        return slots, logits
+
+    @torch.no_grad()
+    def decode(
+        self,
+        tokens: torch.Tensor | Sequence[int],
+        positions: torch.Tensor | Sequence[int],
+        slots: torch.Tensor | Sequence[int],
+    ) -> torch.Tensor:
+        """One decode step: feed tokens[b] at positions[b] of cache row slots[b] (all [B]) and return
+        the logits after it, [B, vocab] on the device (valid until the next program runs). On CUDA
+        this replays the graph of the smallest batch bucket that holds B."""
+        tokens, positions, slots = (self._on_device(t) for t in (tokens, positions, slots))
+        if self._graphs is not None:
+            return self._graphs.run(tokens, positions, slots)
+        last = torch.zeros_like(tokens)
+        return self._decode_for(tokens.shape[0])(tokens[:, None], positions, slots, last, self.caches)
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Free cache rows. What they hold is not cleared: attention reads only positions a
+        sequence has written, and its next holder writes before it reads."""
+        for slot in slots:
+            if slot in self._free_slots or not 0 <= slot < self.max_batch_size:
+                raise ValueError(f"slot {slot} is not held")
+            self._free_slots.append(slot)
 
     # ---- public API -----------------------------------------------------------------------------
 
@@ -149,7 +231,7 @@ class Engine:
         prediction after the prompt (prefill); row i + 1 after feeding continuation[i] (decode)."""
         ids, _, _ = self._prepare([list(prompt)], len(continuation) + 1, 0.0, None, None, None, [])
         if continuation:
-            self._token_ids(0, list(continuation))
+            self._token_ids("The continuation", list(continuation))
         tokens = torch.tensor([ids[0] + list(continuation)], dtype=torch.long, device=self.device)
         rows = [logits.float().clone() for logits in self._forced_steps(tokens, len(ids[0]))]
         return torch.cat(rows).cpu()
@@ -172,7 +254,9 @@ class Engine:
             raise InvalidRequestError(
                 f"Windows of {width} tokens need {width - 1} cache positions but the artifact holds {self.max_seq_len}."
             )
-        all_ids = torch.tensor([self._token_ids(i, list(w)) for i, w in enumerate(windows)], dtype=torch.long)
+        all_ids = torch.tensor(
+            [self._token_ids(f"Window {i}", list(w)) for i, w in enumerate(windows)], dtype=torch.long
+        )
         nll_rows, top_rows = [], []
         for start in range(0, len(all_ids), self.max_batch_size):
             wave = all_ids[start : start + self.max_batch_size].to(self.device)
@@ -201,48 +285,43 @@ class Engine:
     ) -> tuple[list[list[int]], SamplingParams, set[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise InvalidRequestError("Give a non-empty list of prompts (strings or lists of token ids).")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InvalidRequestError(f"max_new_tokens must be a whole number of at least 1, not {max_new_tokens!r}.")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        ids = [self._token_ids(i, p) for i, p in enumerate(prompts)]  # type: ignore[arg-type]
-        for i, prompt in enumerate(ids):
-            if len(prompt) > self.max_seq_len:
-                raise InvalidRequestError(
-                    f"Prompt {i} has {len(prompt)} tokens but the artifact's max_seq_len is {self.max_seq_len}; "
-                    "shorten it or rebuild with a larger --max-seq-len."
-                )
-            if len(prompt) + max_new_tokens > self.max_seq_len:
-                raise InvalidRequestError(
-                    f"Prompt {i} ({len(prompt)} tokens) plus max_new_tokens={max_new_tokens} needs "
-                    f"{len(prompt) + max_new_tokens} cache positions but the artifact holds {self.max_seq_len}; "
-                    "lower max_new_tokens or rebuild with a larger --max-seq-len."
-                )
-        stops = set(self._default_stops() if stop_token_ids is None else stop_token_ids)
+        ids = [self.prompt_ids(p, max_new_tokens, label=f"Prompt {i}") for i, p in enumerate(prompts)]  # type: ignore[arg-type]
+        stops = set(self.default_stop_token_ids if stop_token_ids is None else stop_token_ids)
         return ids, params, stops
 
-    def _token_ids(self, i: int, prompt: str | Sequence[int]) -> list[int]:
+    def _token_ids(self, label: str, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("This artifact has no tokenizer; pass prompts as lists of token ids.")
             if not prompt:
-                raise InvalidRequestError(f"Prompt {i} is empty; give at least one character.")
+                raise InvalidRequestError(f"{label} is empty; give at least one character.")
             ids = list(self.tokenizer(prompt)["input_ids"])
         else:
             ids = list(prompt)
         if not ids:
-            raise InvalidRequestError(f"Prompt {i} is empty; give at least one token.")
+            raise InvalidRequestError(f"{label} is empty; give at least one token.")
         bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(
-                f"Prompt {i} has token id {bad[0]!r}, outside the vocabulary [0, {self.vocab_size})."
+                f"{label} has token id {bad[0]!r}, outside the vocabulary [0, {self.vocab_size})."
             )
         return ids
 
-    def _default_stops(self) -> list[int]:
-        eos = self.manifest["model"].get("eos_token_id")
-        if eos is None:
-            return []
-        return list(eos) if isinstance(eos, list) else [eos]
+    def _acquire(self, n: int) -> list[int]:
+        if n > len(self._free_slots):
+            raise InvalidRequestError(
+                f"{n} sequences need cache rows but {len(self._free_slots)} of {self.max_batch_size} are free; "
+                "release finished sequences first."
+            )
+        self._free_slots.sort()
+        taken, self._free_slots = self._free_slots[:n], self._free_slots[n:]
+        return taken
+
+    def _on_device(self, values: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        if isinstance(values, torch.Tensor):
+            return values.to(self.device)
+        return torch.tensor(list(values), dtype=torch.long, device=self.device)
 
     def _run_wave(
         self,
@@ -252,50 +331,46 @@ class Engine:
         stops: set[int],
         check_every: int,
     ) -> Iterator[torch.Tensor]:
-        """Yield the [B] token tensor of each step, on the device, without waiting for it."""
-        device = self.device
-        batch = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-        input_ids = torch.zeros((batch, int(lengths.max())), dtype=torch.long)  # right-padded
-        for i, prompt in enumerate(prompts):
-            input_ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        slots = torch.arange(batch, dtype=torch.long, device=device)
-        input_ids, lengths = input_ids.to(device), lengths.to(device)
-        generator = params.generator(device)
-        stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=device)
-
-        logits = self._prefill(input_ids, torch.zeros_like(lengths), slots, lengths - 1, self.caches)
-        tokens = sample(logits, params, generator)
-        finished = torch.isin(tokens, stop_ids)
-        yield tokens
-        positions = lengths  # where each fed token goes
-        for step in range(1, max_new_tokens):
-            logits = self._decode_step(tokens, positions, slots)
+        """Yield the [B] token tensor of each step, on the device, without waiting for it. The wave
+        holds its cache rows until the generator ends."""
+        generator = params.generator(self.device)
+        stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
+        slots, logits = self.prefill(prompts)
+        try:
+            slot_ids = self._on_device(slots)
             tokens = sample(logits, params, generator)
-            finished = finished | torch.isin(tokens, stop_ids)
-            positions = positions + 1
+            finished = torch.isin(tokens, stop_ids)
             yield tokens
-            if step % check_every == 0 and bool(finished.all()):
-                return
+            positions = self._on_device([len(p) for p in prompts])  # where each fed token goes
+            for step in range(1, max_new_tokens):
+                logits = self.decode(tokens, positions, slot_ids)
+                tokens = sample(logits, params, generator)
+                finished = finished | torch.isin(tokens, stop_ids)
+                positions = positions + 1
+                yield tokens
+                if step % check_every == 0 and bool(finished.all()):
+                    return
+        finally:
+            self.release(slots)
 
     def _forced_steps(self, tokens: torch.Tensor, prompt_len: int) -> Iterator[torch.Tensor]:
         """Logits [B, vocab] after the first prompt_len tokens of every row (one prefill), then after
         each further token (one decode step each). Each is valid until the next is asked for."""
         batch, total = tokens.shape
-        slots = torch.arange(batch, dtype=torch.long, device=self.device)
-        zeros = torch.zeros(batch, dtype=torch.long, device=self.device)
-        yield self._prefill(tokens[:, :prompt_len].contiguous(), zeros, slots, zeros + prompt_len - 1, self.caches)
-        for position in range(prompt_len, total):
-            yield self._decode_step(tokens[:, position].contiguous(), zeros + position, slots)
+        slots = self._acquire(batch)
+        try:
+            slot_ids = self._on_device(slots)
+            zeros = torch.zeros(batch, dtype=torch.long, device=self.device)
+            yield self._prefill(
+                tokens[:, :prompt_len].contiguous(), zeros, slot_ids, zeros + prompt_len - 1, self.caches
+            )
+            for position in range(prompt_len, total):
+                yield self.decode(tokens[:, position].contiguous(), zeros + position, slot_ids)
+        finally:
+            self.release(slots)
 
     def _decode_for(self, batch: int) -> Program:
         return self._decode_b1 if batch == 1 and self._decode_b1 is not None else self._decode
-
-    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        if self._graphs is not None:
-            return self._graphs.run(tokens, positions, slots)
-        last = torch.zeros_like(tokens)
-        return self._decode_for(tokens.shape[0])(tokens[:, None], positions, slots, last, self.caches)
 
     def _result(
         self, prompt: list[int], row: list[int], stops: set[int], max_new_tokens: int, step_times: list[float]
