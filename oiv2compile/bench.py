@@ -621,8 +621,9 @@ def _measure_baseline(
     device: torch.device,
     tracker: _Tracker,
 ) -> None:
-    """Load the Hugging Face model once and time its generate() at each batch size: the decode rate from
-    the difference between a full and a 1-token generate, the per-step times from a streamer."""
+    """Load the Hugging Face model once and time its generate() at each batch size: time to first
+    token from a 1-token generate, the decode rate and per-step times from a streamer's notes within
+    each full generate (never a difference of two runs, which noise can make negative)."""
     from oiv2compile.models import load_model
 
     if source.hf_model is None:
@@ -650,14 +651,16 @@ def _measure_baseline(
             memory.reset_peak()
             input_ids = torch.tensor(prompts[:batch], device=device)
             try:
-                warmup_s, first, full, steps = _hf_runs(hf, input_ids, request, static=baseline == "hf-static")
+                warmup_s, first, full, decoding, steps = _hf_runs(
+                    hf, input_ids, request, static=baseline == "hf-static"
+                )
             except (
                 Exception
             ) as exc:  # HF's own generate (its static cache compiles itself) failing here is the row's result
                 reason = f"Hugging Face generate failed here: {type(exc).__name__}: {_first_line(exc)}"
                 tracker.record(_unavailable("baseline", baseline, "none", batch, reason))
                 continue
-            decode = [batch * (request.new_tokens - 1) / (f - s) for s, f in zip(first, full, strict=True)]
+            decode = [batch * (request.new_tokens - 1) / seconds for seconds in decoding]
             figures = _timing_figures(ttft=first, e2e=full, decode=decode, steps=steps)
             tracker.record(
                 _row(
@@ -677,22 +680,25 @@ def _measure_baseline(
 
 def _hf_runs(
     hf: Any, input_ids: torch.Tensor, request: BenchRequest, *, static: bool
-) -> tuple[float, list[float], list[float], list[float]]:
-    """Warm-up seconds; then per repeat the seconds of a 1-token generate and of a full one; and the
-    time of every decode step of the full ones. The static cache compiles during its first two runs."""
+) -> tuple[float, list[float], list[float], list[float], list[float]]:
+    """Warm-up seconds; then per repeat the seconds of a 1-token generate, of a full one, and of the
+    full one's decode steps (first new token to last); and the time of every decode step of the full
+    ones. The static cache compiles during its first two runs."""
     kwargs: dict[str, Any] = {"cache_implementation": "static"} if static else {}
     start = time.perf_counter()
     for _ in range(max(request.warmup, 2) if static else request.warmup):
         _hf_generate_s(hf, input_ids, request.new_tokens, **kwargs)
         _hf_generate_s(hf, input_ids, 1, **kwargs)
     warmup_s = time.perf_counter() - start
-    first, full, steps = [], [], []
+    first, full, decoding, steps = [], [], [], []
     for _ in range(request.repeats):
         first.append(_hf_generate_s(hf, input_ids, 1, **kwargs))
         clock = _TokenClock()
         full.append(_hf_generate_s(hf, input_ids, request.new_tokens, streamer=clock, **kwargs))
-        steps.extend(clock.gaps())
-    return warmup_s, first, full, steps
+        gaps = clock.gaps()
+        decoding.append(sum(gaps))
+        steps.extend(gaps)
+    return warmup_s, first, full, decoding, steps
 
 
 def _hf_generate_s(hf: Any, input_ids: torch.Tensor, new_tokens: int, **kwargs: Any) -> float:
