@@ -54,6 +54,8 @@ def build(
     """
     cfg = (config or BuildConfig()).replace(**overrides)
     cfg = cfg.resolve(cuda_available=torch.cuda.is_available())
+    backend = get_backend(cfg.backend)
+    backend.check(cfg)  # before any work: a missing extra or a refused option fails at once
     out = Path(out)
     phases = _Phases(progress)
     device = _build_device(cfg)
@@ -98,7 +100,6 @@ def build(
 
         with phases("save weights"):
             weights = artifact.save_weights(_program_weights(programs[PREFILL.name].graph_module), staging)
-        backend = get_backend(cfg.backend)
         entries = {}
         for name, captured in programs.items():
             with phases(f"lower {name} ({cfg.backend.value})"):
