@@ -86,6 +86,9 @@ def lower(program: CapturedProgram, out_dir: Path, cfg: BuildConfig) -> dict[str
     exported.save(str(raw), external_data=True)
     path = out_dir / f"{name}.onnx"
     try:
+        model = onnx.load(str(raw), load_external_data=False)  # the weights stay in raw's .data file
+        rewrites = rsqrt_as_division(model)
+        onnx.save(model, str(raw))
         _optimize(raw, path, cfg)
     finally:
         raw.unlink(missing_ok=True)
@@ -98,6 +101,7 @@ def lower(program: CapturedProgram, out_dir: Path, cfg: BuildConfig) -> dict[str
         "inputs": names["inputs"],
         "outputs": names["outputs"],
         "optimization_level": "extended",
+        "rsqrt_as_division": rewrites,
         "contrib_ops": counts,
     }
 
@@ -210,6 +214,38 @@ def _export(
         )
 
 
+def rsqrt_as_division(model: Any) -> int:
+    """x * Reciprocal(Sqrt(v)) → x / Sqrt(v), in place; returns how many products it rewrote.
+
+    torch.onnx writes aten.rsqrt as Reciprocal(Sqrt), but ONNX Runtime's SimplifiedLayerNormFusion
+    (RMSNorm → SimplifiedLayerNormalization, and with the residual Add before it
+    SkipSimplifiedLayerNormalization) matches Pow, ReduceMean, Add, Sqrt, Div, Mul only."""
+    nodes = list(model.graph.node)
+    producer = {out: n for n in nodes for out in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in nodes:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    graph_outputs = {o.name for o in model.graph.output}
+    count = 0
+    for n in nodes:
+        if n.op_type != "Reciprocal" or n.domain or producer.get(n.input[0]) is None:
+            continue
+        if producer[n.input[0]].op_type != "Sqrt" or n.output[0] in graph_outputs:
+            continue
+        users = consumers.get(n.output[0], [])
+        if not users or any(u.op_type != "Mul" or u.domain or list(u.input).count(n.output[0]) != 1 for u in users):
+            continue
+        for mul in users:
+            other = mul.input[1] if mul.input[0] == n.output[0] else mul.input[0]
+            mul.op_type = "Div"
+            del mul.input[:]
+            mul.input.extend([other, n.input[0]])
+            count += 1
+        model.graph.node.remove(n)
+    return count
+
+
 def _optimize(raw: Path, path: Path, cfg: BuildConfig) -> None:
     import onnxruntime as ort
 
@@ -218,6 +254,9 @@ def _optimize(raw: Path, path: Path, cfg: BuildConfig) -> None:
     options.optimized_model_filepath = str(path)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{path.name}.data")
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    # The optimizer fuses our int8 DequantizeLinear + MatMul into MatMulNBits with this accuracy
+    # level; its default (4) quantizes the activations to int8 too, which moved fp32 logits by ~1%.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     ort.InferenceSession(str(raw), options, providers=_providers(cfg.device is Device.CUDA))
 
 
