@@ -10,15 +10,19 @@ from typing import Any
 
 import onnxscript
 import torch
-from onnxscript import opset18 as op
 
-import oiv2compile.kernels  # noqa: F401  (registers the ops the table names)
-import oiv2compile.kernels.cached_attention  # noqa: F401
+import oiv2compile.kernels
+import oiv2compile.kernels.cached_attention  # noqa: F401  (registers the ops the table names)
+
+# Untyped on purpose: ONNX Script's typed opsets reject the Constant shapes these functions pass.
+op: Any = onnxscript.opset18
 
 _MSFT = onnxscript.values.Opset("com.microsoft", 1)
 
 
-def _contrib_op(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]], attributes: dict[str, Any]) -> Any:
+def _contrib_op(
+    name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]], attributes: dict[str, Any]
+) -> Any:
     """An ONNX Script op for an ONNX Runtime contrib op. The onnx package does not know their
     schemas; this states the part of each that the translations use (input and output names with
     their type variables, attribute types), enough for the exporter to build the node."""

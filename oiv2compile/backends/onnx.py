@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from oiv2compile.capture import INPUT_NAMES, CapturedProgram, Phase
+from oiv2compile.capture import INPUT_NAMES, CapturedProgram
 from oiv2compile.config import BuildConfig, Device, DType
 from oiv2compile.errors import ArtifactError, BuildError, ConfigError
 
