@@ -14,8 +14,9 @@ Translations (what the exported graph holds, and `contrib_op_counts` counts):
     oiv2::linear_int4      → com.microsoft MatMulNBits; the int4-grouphalves-v2 bytes are repacked
                              (in the graph, constant-folded by the optimizer) into MatMulNBits' order
     oiv2::linear_int8      → DequantizeLinear (per output channel) + MatMul, standard ops
-RMSNorm becomes SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization through ONNX
-Runtime's own fusions at the extended level.
+RMSNorm becomes SimplifiedLayerNormalization through ONNX Runtime's fusion at the extended level, and
+with the residual Add before it SkipSimplifiedLayerNormalization through the fusion of ONNX
+Runtime's offline transformer optimizer (fuse_skip_norms).
 
 The program contract differs in one way: cache row b belongs to sequence b (GroupQueryAttention
 has no slot indirection), so a program refuses slots other than 0 .. B-1, which is what the Engine
@@ -91,6 +92,7 @@ def lower(program: CapturedProgram, out_dir: Path, cfg: BuildConfig) -> dict[str
         rewrites = rsqrt_as_division(model)
         onnx.save(model, str(raw))
         _optimize(raw, path, cfg)
+        skip_norms = fuse_skip_norms(path)
     finally:
         raw.unlink(missing_ok=True)
         Path(f"{raw}.data").unlink(missing_ok=True)
@@ -104,6 +106,7 @@ def lower(program: CapturedProgram, out_dir: Path, cfg: BuildConfig) -> dict[str
         "outputs": names["outputs"],
         "optimization_level": "extended",
         "rsqrt_as_division": rewrites,
+        "skip_norm_fusions": skip_norms,
         "contrib_ops": counts,
         "check_max_abs_diff": max_diff,
     }
@@ -283,6 +286,26 @@ def rsqrt_as_division(model: Any) -> int:
             count += 1
         model.graph.node.remove(n)
     return count
+
+
+def fuse_skip_norms(path: Path) -> int:
+    """Residual Add + SimplifiedLayerNormalization → SkipSimplifiedLayerNormalization, in the saved
+    model; returns how many it fused. ONNX Runtime's session optimizer has no such fusion; its offline
+    transformer optimizer (onnxruntime.transformers, in the same wheel) has, and is run here on its own.
+    The Add's sum, which the next residual reads, becomes the fused node's fourth output."""
+    import onnx
+    from onnxruntime.transformers.fusion_skiplayernorm import FusionSkipLayerNormalization
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(path), load_external_data=False))  # weights stay in the .data file
+    before = sum(n.op_type == "SimplifiedLayerNormalization" for n in model.model.graph.node)
+    # Without shape inference the fusion takes the Add's second input as the skip; both are [B, S, H] here.
+    FusionSkipLayerNormalization(
+        model, "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", shape_infer=False
+    ).apply()
+    after = sum(n.op_type == "SimplifiedLayerNormalization" for n in model.model.graph.node)
+    onnx.save(model.model, str(path))
+    return before - after
 
 
 def _optimize(raw: Path, path: Path, cfg: BuildConfig) -> None:

@@ -39,19 +39,23 @@ def test_onnx_artifact_greedy_equals_hf(preset, artifacts, hf_tiny):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_onnx_graphs_hold_one_attention_and_two_norms_per_layer(preset, artifacts):
+def test_onnx_graphs_hold_one_attention_and_two_skip_norms_per_layer(preset, artifacts):
     path = artifacts(preset, "onnx")
     manifest = json.loads((path / "manifest.json").read_text())
     layers = manifest["cache"]["num_layers"]
     for program in ("prefill", "decode"):
         ops = _ops(path, program)
         assert ops.get(("com.microsoft", "GroupQueryAttention")) == layers
-        # Two RMSNorms per layer and the final one, fused by ONNX Runtime (its own op, in the onnx domain).
-        assert ops.get(("", "SimplifiedLayerNormalization")) == 2 * layers + 1
+        # Two RMSNorms per layer and the final one: each after a residual Add becomes one
+        # SkipSimplifiedLayerNormalization; the first, after the embedding, a SimplifiedLayerNormalization
+        # (ONNX Runtime's own op, in the onnx domain).
+        assert ops.get(("com.microsoft", "SkipSimplifiedLayerNormalization")) == 2 * layers
+        assert ops.get(("", "SimplifiedLayerNormalization")) == 1
         assert ("", "Pow") not in ops and ("", "Softmax") not in ops  # nothing left unfused
         recorded = manifest["programs"][program]["contrib_ops"]
         assert recorded == {op: n for (domain, op), n in ops.items() if domain == "com.microsoft"}
         assert manifest["programs"][program]["rsqrt_as_division"] == 2 * layers + 1
+        assert manifest["programs"][program]["skip_norm_fusions"] == 2 * layers
 
 
 def test_onnx_stream_matches_generate(artifacts):
