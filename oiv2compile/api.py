@@ -173,7 +173,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
             device=target,
             tokenizer=tokenizer,
             decode_buckets=cfg.decode_buckets(),
-            capture_graphs=cfg.cuda_graphs.enable_capture,
+            # ONNX Runtime launches its own kernels: its programs are not captured in CUDA graphs.
+            capture_graphs=cfg.cuda_graphs.enable_capture and cfg.backend is not Backend.ONNX,
         )
 
 

@@ -382,7 +382,7 @@ class OnnxProgram:
             raise AssertionError("onnx programs serve cache rows 0 .. B-1; the engine passed other slots")
         binding = self.session.io_binding()
         logits_dtype = caches[0].dtype
-        vocab = self._vocab(batch)
+        vocab = self._vocab()
         logits = torch.empty((batch, vocab), dtype=logits_dtype, device=self.device)
         tensors = [input_ids.contiguous(), positions.contiguous(), last_index.contiguous()]
         for name, tensor in zip(self.inputs, tensors, strict=False):
@@ -395,7 +395,7 @@ class OnnxProgram:
         self.session.run_with_iobinding(binding)
         return logits
 
-    def _vocab(self, batch: int) -> int:
+    def _vocab(self) -> int:
         shape = self.session.get_outputs()[0].shape
         if not isinstance(shape[-1], int):
             raise ArtifactError("The onnx program's logits have no fixed vocabulary size; rebuild the artifact.")
