@@ -21,6 +21,9 @@ NEW_TOKENS = 32
 PRESETS = ["llama-tiny", "mistral-tiny", "qwen2-tiny"]
 # int4 groups of 32: the tiny presets' 64 input features are not a multiple of the default 128.
 QUANT = {"int8": {"quantization": "int8"}, "int4": {"quantization": "int4", "quant": {"group_size": 32}}}
+# These tests compare with Hugging Face themselves, and the onnx build checks its model against the
+# transformed graph: the build's own comparison with Hugging Face is left out to save test time.
+FAST = {"enable_verification": False}
 
 
 def _ops(path, program: str) -> dict[tuple[str, str], int]:
@@ -33,14 +36,14 @@ def _ops(path, program: str) -> dict[tuple[str, str], int]:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_onnx_artifact_greedy_equals_hf(preset, artifacts, hf_tiny):
-    engine = oiv2compile.load(artifacts(preset, "onnx"))
+    engine = oiv2compile.load(artifacts(preset, "onnx", **FAST))
     results = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
     assert [r.token_ids for r in results] == [hf_greedy(hf_tiny(preset), p, NEW_TOKENS) for p in PROMPTS]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_onnx_graphs_hold_one_attention_and_two_skip_norms_per_layer(preset, artifacts):
-    path = artifacts(preset, "onnx")
+    path = artifacts(preset, "onnx", **FAST)
     manifest = json.loads((path / "manifest.json").read_text())
     layers = manifest["cache"]["num_layers"]
     for program in ("prefill", "decode"):
@@ -59,7 +62,7 @@ def test_onnx_graphs_hold_one_attention_and_two_skip_norms_per_layer(preset, art
 
 
 def test_onnx_stream_matches_generate(artifacts):
-    engine = oiv2compile.load(artifacts("llama-tiny", "onnx"))
+    engine = oiv2compile.load(artifacts("llama-tiny", "onnx", **FAST))
     streamed: list[list[int]] = [[] for _ in PROMPTS]
     for token in engine.stream(PROMPTS, max_new_tokens=8):
         streamed[token.index].append(token.token_id)
@@ -71,7 +74,7 @@ def test_quantized_onnx_artifacts_run_every_linear_as_matmul_nbits(quant, artifa
     """Every linear becomes MatMulNBits: int4 by translation (repacked), int8 by ONNX Runtime's
     DequantizeLinear + MatMul fusion. The build's own check compared the logits with the transformed
     graph, whose quantized linears are the oiv2 ops' references; here the greedy tokens too."""
-    path = artifacts("llama-tiny", "onnx", **QUANT[quant])
+    path = artifacts("llama-tiny", "onnx", **QUANT[quant], **FAST)
     engine = oiv2compile.load(path)
     for program in ("prefill", "decode"):
         assert engine.manifest["programs"][program]["check_max_abs_diff"] < 1e-4
@@ -84,7 +87,7 @@ def test_quantized_onnx_artifacts_run_every_linear_as_matmul_nbits(quant, artifa
 
 
 def test_onnx_program_refuses_other_cache_rows(artifacts):
-    engine = oiv2compile.load(artifacts("llama-tiny", "onnx"))
+    engine = oiv2compile.load(artifacts("llama-tiny", "onnx", **FAST))
     ids = torch.tensor([[5, 17]])
     with pytest.raises(AssertionError, match="cache rows"):
         one = torch.ones(1, dtype=torch.long)
@@ -109,7 +112,7 @@ def test_bfloat16_is_refused(tmp_path):
 
 def test_bench_measures_an_onnx_artifact(artifacts, tmp_path, capsys):
     out = tmp_path / "bench"
-    argv = ["bench", str(artifacts("llama-tiny", "onnx")), "--batch-sizes", "1,2", "--baselines", ""]
+    argv = ["bench", str(artifacts("llama-tiny", "onnx", **FAST)), "--batch-sizes", "1,2", "--baselines", ""]
     runs = ["--prompt-len", "8", "--new-tokens", "8", "--repeats", "1", "--warmup", "1", "--out", str(out)]
     assert main([*argv, *runs]) == 0, capsys.readouterr().err
     rows = json.loads((out / "bench.json").read_text())["rows"]
