@@ -359,6 +359,9 @@ class OnnxProgram:
         options = ort.SessionOptions()
         # Optimized at build time; loading does no graph work.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # The engine runs torch ops (sampling) between steps on the same cores: ONNX Runtime's
+        # worker threads must not keep spinning after a step returns.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=_providers(device.type == "cuda"))
         except Exception as exc:  # ORT raises its own exception types for unreadable models
