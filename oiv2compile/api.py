@@ -54,6 +54,8 @@ def build(
     """
     cfg = (config or BuildConfig()).replace(**overrides)
     cfg = cfg.resolve(cuda_available=torch.cuda.is_available())
+    backend = get_backend(cfg.backend)
+    backend.check(cfg)  # before any work: a missing extra or a refused option fails at once
     out = Path(out)
     phases = _Phases(progress)
     device = _build_device(cfg)
@@ -100,7 +102,6 @@ def build(
 
         with phases("save weights"):
             weights = artifact.save_weights(_program_weights(programs[PREFILL.name].graph_module), staging)
-        backend = get_backend(cfg.backend)
         entries = {}
         for name, captured in programs.items():
             with phases(f"lower {name} ({cfg.backend.value})"):
@@ -174,7 +175,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
             device=target,
             tokenizer=tokenizer,
             decode_buckets=cfg.decode_buckets(),
-            capture_graphs=cfg.cuda_graphs.enable_capture,
+            # ONNX Runtime launches its own kernels: its programs are not captured in CUDA graphs.
+            capture_graphs=cfg.cuda_graphs.enable_capture and cfg.backend is not Backend.ONNX,
         )
 
 

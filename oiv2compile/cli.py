@@ -1,6 +1,6 @@
 """The command line: parses arguments into a BuildConfig or a generation request and calls the API.
 
-    oiv2compile build MODEL -o OUT [--backend inductor|eager] [--dtype ...] [--max-batch-size N] ...
+    oiv2compile build MODEL -o OUT [--backend inductor|eager|onnx] [--dtype ...] [--max-batch-size N] ...
     oiv2compile run OUT --prompt TEXT | --token-ids 1,2,3 [--max-new-tokens N] [--temperature T] ...
     oiv2compile inspect OUT [--json]
     oiv2compile eval OUT [--data PATH] [--reference DIR] [--window N] [--max-windows N] [--json FILE]
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "model", help="a local Hugging Face model directory, or a preset name (`oiv2compile presets` lists them)"
     )
     build.add_argument("-o", "--out", required=True, type=Path, help="the artifact directory to write")
-    build.add_argument("--backend", choices=["inductor", "eager"], help="lowering backend (default: inductor)")
+    build.add_argument("--backend", choices=["inductor", "eager", "onnx"], help="lowering backend (default: inductor)")
     build.add_argument("--device", choices=["auto", "cpu", "cuda"], help="build for this device (default: auto)")
     build.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights and activations")
     build.add_argument("--max-batch-size", type=int, help="most sequences decoded together (default: 8)")

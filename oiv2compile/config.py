@@ -22,6 +22,7 @@ CONFIG_VERSION = 1
 class Backend(str, enum.Enum):
     INDUCTOR = "inductor"  # AOTInductor: compiled ahead of time into .pt2 packages
     EAGER = "eager"  # the transformed graphs run op by op; for debugging
+    ONNX = "onnx"  # exported to ONNX, optimized and run by ONNX Runtime (extra: oiv2compile[onnx])
 
 
 class Device(str, enum.Enum):

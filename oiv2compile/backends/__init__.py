@@ -1,4 +1,5 @@
-"""Lowering targets. Each backend module has `lower(program, out_dir, cfg) -> entry` and
+"""Lowering targets. Each backend module has `check(cfg)` (raises a user error, before the build
+starts, for what it cannot build), `lower(program, out_dir, cfg) -> entry` and
 `load(artifact_dir, entry, weights) -> program callable`; `entry` is what the manifest records.
 
 A loaded program is called as program(input_ids, positions, slots, last_index, caches) -> logits.
@@ -20,4 +21,8 @@ def get_backend(backend: Backend) -> ModuleType:
         from oiv2compile.backends import eager
 
         return eager
+    if backend is Backend.ONNX:
+        from oiv2compile.backends import onnx
+
+        return onnx
     raise ValueError(f"no backend {backend!r}")

@@ -17,6 +17,10 @@ from oiv2compile.config import BuildConfig
 from oiv2compile.errors import ArtifactError
 
 
+def check(cfg: BuildConfig) -> None:
+    """Every configuration builds: nothing to refuse before the work starts."""
+
+
 def lower(program: CapturedProgram, out_dir: Path, cfg: BuildConfig) -> dict[str, Any]:
     name = f"{program.program.name}.pt2"
     exported = export_transformed(program)

@@ -1,0 +1,165 @@
+"""ONNX translations of the oiv2 ops, written with ONNX Script for torch.onnx's custom_translation_table.
+
+Imported only by backends/onnx.py, once onnxscript is known to be installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import onnxscript
+import torch
+
+import oiv2compile.kernels
+import oiv2compile.kernels.cached_attention  # noqa: F401  (registers the ops the table names)
+
+# Untyped on purpose: ONNX Script's typed opsets reject the Constant shapes these functions pass.
+op: Any = onnxscript.opset18
+
+_MSFT = onnxscript.values.Opset("com.microsoft", 1)
+
+
+def _contrib_op(
+    name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]], attributes: dict[str, Any]
+) -> Any:
+    """An ONNX Script op for an ONNX Runtime contrib op. The onnx package does not know their
+    schemas; this states the part of each that the translations use (input and output names with
+    their type variables, attribute types), enough for the exporter to build the node."""
+    from onnx.defs import OpSchema
+
+    floats = ["tensor(float)", "tensor(float16)"]
+    types = {"T": floats, "T1": floats, "T2": ["tensor(uint8)"], "M": ["tensor(int32)"]}
+    used = {t for _, t in inputs + outputs}
+    schema = OpSchema(
+        name,
+        "com.microsoft",
+        1,
+        inputs=[OpSchema.FormalParameter(n, t) for n, t in inputs],
+        outputs=[OpSchema.FormalParameter(n, t) for n, t in outputs],
+        type_constraints=[(t, types[t], "") for t in sorted(used)],
+        attributes=[OpSchema.Attribute(a, kind, "") for a, kind in attributes.items()],
+    )
+    return onnxscript.values.Op(_MSFT, name, schema)
+
+
+def _attr(kind: str) -> Any:
+    from onnx.defs import OpSchema
+
+    return {"int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}[kind]
+
+
+_GROUP_QUERY_ATTENTION = _contrib_op(
+    "GroupQueryAttention",
+    [
+        ("query", "T"),
+        ("key", "T"),
+        ("value", "T"),
+        ("past_key", "T"),
+        ("past_value", "T"),
+        ("seqlens_k", "M"),
+        ("total_sequence_length", "M"),
+    ],
+    [("output", "T"), ("present_key", "T"), ("present_value", "T")],
+    {"num_heads": _attr("int"), "kv_num_heads": _attr("int"), "scale": _attr("float")},
+)
+_MATMUL_NBITS = _contrib_op(
+    "MatMulNBits",
+    [("A", "T1"), ("B", "T2"), ("scales", "T1"), ("zero_points", "T1")],
+    [("Y", "T1")],
+    {name: _attr("int") for name in ("K", "N", "bits", "block_size", "accuracy_level")},
+)
+
+_INT32 = 6  # onnx.TensorProto.INT32
+_INT64 = 7
+
+
+def cached_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    k_cache: Any,
+    v_cache: Any,
+    positions: Any,
+    scale: float,
+    num_heads: int,
+    kv_heads: int,
+) -> tuple[Any, Any, Any]:
+    """GroupQueryAttention over caches [B, Hkv, T, D] (BNSH). seqlens_k[b] is the index of sequence
+    b's last new token; a right-padded prompt's padding is treated as tokens, which only its own
+    (discarded) query rows can see under the causal mask."""
+    to_bsh = op.Constant(value_ints=[0, 0, -1])
+    q_bsh = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), to_bsh)  # [B, S, Hq*D]
+    k_bsh = op.Reshape(op.Transpose(k, perm=[0, 2, 1, 3]), to_bsh)  # [B, S, Hkv*D]
+    v_bsh = op.Reshape(op.Transpose(v, perm=[0, 2, 1, 3]), to_bsh)
+    seq = op.Shape(q, start=2, end=3)  # [1]
+    ends = op.Add(positions, seq)  # [B]: one past each sequence's last new token
+    seqlens_k = op.Cast(op.Sub(ends, op.Constant(value_ints=[1])), to=_INT32)
+    total = op.Cast(op.ReduceMax(ends, keepdims=0), to=_INT32)  # scalar
+    out, present_k, present_v = _GROUP_QUERY_ATTENTION(
+        q_bsh,
+        k_bsh,
+        v_bsh,
+        k_cache,
+        v_cache,
+        seqlens_k,
+        total,
+        num_heads=num_heads,
+        kv_num_heads=kv_heads,
+        scale=scale,
+    )
+    out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, num_heads, -1])), perm=[0, 2, 1, 3])
+    return out, present_k, present_v  # [B, Hq, S, D], caches
+
+
+def linear_int8(x: Any, qweight: Any, scales: Any, bias: Any = None) -> Any:
+    """y = x @ (qweight * scales[:, None])^T: DequantizeLinear per output channel on the transposed
+    int8 weight (the transpose of a constant is folded at build time), then MatMul."""
+    w = op.DequantizeLinear(op.Transpose(qweight, perm=[1, 0]), scales, axis=1)  # [K, N]
+    y = op.MatMul(x, w)
+    return y if bias is None else op.Add(y, bias)
+
+
+def linear_int4(x: Any, packed: Any, scales: Any, zeros: Any, bias: Any = None) -> Any:
+    """MatMulNBits. Our layout holds features j and g/2 + j of a group in byte j; MatMulNBits holds
+    features 2i and 2i + 1 in byte i (low nibble first). The repack is written as graph ops on the
+    constant weight, which ONNX Runtime folds into a new initializer when it optimizes the model."""
+    n, half_k = packed.shape
+    groups = scales.shape[1]
+    k = 2 * half_k
+    group = k // groups
+    blocks = op.Reshape(packed, op.Constant(value_ints=[n, groups, group // 2]))  # [N, G, g/2]
+    four = op.Constant(value=_uint8(4))
+    low = op.BitwiseAnd(blocks, op.Constant(value=_uint8(15)))  # features 0 .. g/2-1 of each group
+    high = op.BitShift(blocks, four, direction="RIGHT")  # features g/2 .. g-1
+    q = op.Reshape(op.Concat(low, high, axis=2), op.Constant(value_ints=[n, groups, group // 2, 2]))
+    even, odd = op.Split(q, axis=3, num_outputs=2)
+    repacked = op.BitwiseOr(even, op.BitShift(odd, four, direction="LEFT"))
+    repacked = op.Reshape(repacked, op.Constant(value_ints=[n, groups, group // 2]))  # [N, G, g/2]
+    flat = op.Constant(value_ints=[-1])
+    y = _MATMUL_NBITS(
+        x,
+        repacked,
+        op.Reshape(scales, flat),
+        op.Reshape(zeros, flat),
+        K=k,
+        N=n,
+        bits=4,
+        block_size=group,
+        accuracy_level=0,
+    )
+    return y if bias is None else op.Add(y, bias)
+
+
+def _uint8(value: int) -> Any:
+    import onnx
+
+    return onnx.helper.make_tensor("c", onnx.TensorProto.UINT8, [], [value])
+
+
+def table() -> dict[Callable[..., Any], Callable[..., Any]]:
+    return {
+        torch.ops.oiv2.cached_attention.default: cached_attention,
+        torch.ops.oiv2.linear_int8.default: linear_int8,
+        torch.ops.oiv2.linear_int4.default: linear_int4,
+    }
