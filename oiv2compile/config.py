@@ -146,7 +146,10 @@ class BuildConfig:
         return BuildConfig.from_dict(merged)
 
     def resolve(self, *, cuda_available: bool) -> BuildConfig:
-        """Turn `auto` device and dtype into the concrete choice for this machine."""
+        """Turn `auto` device and dtype into the concrete choice for this machine, and drop what the
+        backend cannot lower: the onnx backend builds without fuse_ffn and fuse_norms (their oiv2 ops
+        have no ONNX translation yet; ONNX Runtime fuses RMSNorm and the residual add before it
+        itself), and the manifest records the config as built."""
         device = self.device
         if device is Device.AUTO:
             device = Device.CUDA if cuda_available else Device.CPU
@@ -155,7 +158,10 @@ class BuildConfig:
         dtype = self.dtype
         if dtype is DType.AUTO:
             dtype = DType.BFLOAT16 if device is Device.CUDA else DType.FLOAT32
-        return dataclasses.replace(self, device=device, dtype=dtype)
+        fusion = self.fusion
+        if self.backend is Backend.ONNX:
+            fusion = dataclasses.replace(fusion, enable_ffn=False, enable_norms=False)
+        return dataclasses.replace(self, device=device, dtype=dtype, fusion=fusion)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]

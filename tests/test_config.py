@@ -68,3 +68,11 @@ def test_decode_buckets():
     assert BuildConfig(max_batch_size=8).decode_buckets() == (1, 2, 4, 8)
     assert BuildConfig(max_batch_size=6).decode_buckets() == (1, 2, 4, 6)
     assert BuildConfig(max_batch_size=1).decode_buckets() == (1,)
+
+
+def test_the_onnx_backend_builds_without_the_fusions_it_cannot_lower():
+    from oiv2compile.config import FusionConfig
+
+    onnx = BuildConfig().replace(backend="onnx").resolve(cuda_available=False)
+    assert onnx.fusion == FusionConfig(enable_qkv=True, enable_ffn=False, enable_norms=False)
+    assert BuildConfig().resolve(cuda_available=False).fusion == FusionConfig()
