@@ -51,7 +51,7 @@ SERVE_ARTIFACT ?= out/llama-8b
 
 bench-serve: venv
 	test -d $(SERVE_ARTIFACT) || $(VENV)/bin/oiv2compile build llama-8b -o $(SERVE_ARTIFACT) --max-batch-size 64 --max-seq-len 512
-	$(PY) benchmarks/bench_serve.py --serve $(SERVE_ARTIFACT) --clients 1,8,32,64 --requests 256 \
+	$(PY) benchmarks/bench_serve.py --serve $(SERVE_ARTIFACT) --clients 1,8,32,64 --requests 32,128,256,256 \
 		--prompt-len 128 --output-len 128 --out benchmarks/results/serve-llama-8b
 
 clean:

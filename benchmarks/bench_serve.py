@@ -2,7 +2,8 @@
 latency percentiles, failures, at one or more numbers of concurrent clients.
 
 Each run sends `--requests` streaming completions from N concurrent clients (`--clients 1,8,32,64`:
-one run per count). Request arrival times follow a Poisson process at `--rate` requests/s (`inf`:
+one run per count; `--requests 32,128,256,256` gives each run its own count, so that one client
+is not left running 256 requests in sequence). Request arrival times follow a Poisson process at `--rate` requests/s (`inf`:
 each client sends its next request as soon as its last one ends). Prompts are random token ids
 (`--prompt-len` tokens on average) and every request asks for `--output-len` tokens on average
 with `ignore_eos`, so the lengths are exactly what was drawn: uniform within ±`--spread` of the
@@ -12,10 +13,11 @@ back for an incomplete UTF-8 sequence).
 
     oiv2compile serve out/llama-8b --max-queue 1024 &
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --clients 1,8,32,64 \\
-        --requests 256 --prompt-len 128 --output-len 128 --out benchmarks/results/serve-llama-8b
+        --requests 32,128,256,256 --prompt-len 128 --output-len 128 --out benchmarks/results/serve-llama-8b
 
 or let it start the server (and stop it at the end): `--serve out/llama-8b`. Prints a markdown
-table and writes serve.json (every figure, the setup, the commit from OIV2_COMMIT or git) to --out.
+table and writes serve.json (every figure, the setup, the machine, the commit from OIV2_COMMIT or git) to
+--out after every run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import asyncio
 import itertools
 import json
 import math
-import os
 import random
 import re
 import statistics
@@ -37,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
+
+from oiv2compile.bench import environment
 
 
 @dataclass
@@ -101,7 +105,7 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
     return RequestResult(True, tokens, stamps[0] - start, itl, end - start)
 
 
-async def run_load(args: argparse.Namespace, clients: int, seed: int) -> dict[str, Any]:
+async def run_load(args: argparse.Namespace, clients: int, requests: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
 
     def draw(mean: int) -> int:
@@ -109,7 +113,7 @@ async def run_load(args: argparse.Namespace, clients: int, seed: int) -> dict[st
 
     jobs = [
         ([rng.randrange(1, args.token_range) for _ in range(draw(args.prompt_len))], draw(args.output_len))
-        for _ in range(args.requests)
+        for _ in range(requests)
     ]
     # Poisson arrivals: exponential gaps at the given rate; every request is due at once at rate inf.
     due, t = [], 0.0
@@ -188,13 +192,20 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def commit() -> str | None:
-    if os.environ.get("OIV2_COMMIT"):
-        return os.environ["OIV2_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return None
+def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], complete: bool) -> None:
+    """serve.json (setup, machine, commit, rows) and serve.md (the table) in args.out."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    setup = {k: v for k, v in vars(args).items() if k != "out"}
+    setup["rate"] = "inf" if math.isinf(args.rate) else args.rate
+    report = {
+        "setup": setup,
+        "environment": environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "complete": complete,
+        "rows": rows,
+    }
+    (args.out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "serve.md").write_text(markdown(rows))
 
 
 def main() -> int:
@@ -205,7 +216,11 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0, help="with --serve: the port (default: a free one)")
     parser.add_argument("--model", help="the model id (default: the server's only model)")
     parser.add_argument("--clients", default="1,8,32,64", help="concurrent clients, one run each (default: 1,8,32,64)")
-    parser.add_argument("--requests", type=int, default=256, help="requests per run (default: 256)")
+    parser.add_argument(
+        "--requests",
+        default="256",
+        help="requests per run: one count, or one per --clients entry (default: 256)",
+    )
     parser.add_argument("--rate", type=float, default=math.inf, help="Poisson arrival rate, requests/s (default: inf)")
     parser.add_argument("--prompt-len", type=int, default=128, help="mean prompt tokens (default: 128)")
     parser.add_argument("--output-len", type=int, default=128, help="mean output tokens (default: 128)")
@@ -219,38 +234,36 @@ def main() -> int:
     if not 0 <= args.spread < 1:
         parser.error("--spread must be in [0, 1)")
     client_counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    request_counts = [int(r) for r in args.requests.split(",") if r.strip()]
+    if len(request_counts) == 1:
+        request_counts *= len(client_counts)
+    if len(request_counts) != len(client_counts) or min(request_counts + client_counts) < 1:
+        parser.error("--requests takes one positive count or one per --clients entry")
 
     proc = None
+    rows: list[dict[str, Any]] = []
     if args.serve:
-        proc, args.url = start_server(args.serve, args.port, max(1024, args.requests))
+        proc, args.url = start_server(args.serve, args.port, max(1024, *request_counts))
     try:
         if args.model is None:
             args.model = httpx.get(f"{args.url}/v1/models").json()["data"][0]["id"]
         if args.warmup:
-            warm = argparse.Namespace(**{**vars(args), "requests": args.warmup, "rate": math.inf})
-            asyncio.run(run_load(warm, min(args.warmup, 4), args.seed + 1))
-        rows = []
-        for clients in client_counts:
-            row = asyncio.run(run_load(args, clients, args.seed))
+            warm = argparse.Namespace(**{**vars(args), "rate": math.inf})
+            asyncio.run(run_load(warm, min(args.warmup, 4), args.warmup, args.seed + 1))
+        for clients, requests in zip(client_counts, request_counts, strict=True):
+            row = asyncio.run(run_load(args, clients, requests, args.seed))
             rows.append(row)
             print(
                 f"clients {clients}: {row['output_tokens_per_s']:.1f} output tok/s, {row['failed']} failed",
                 file=sys.stderr,
             )
+            if args.out:  # after every run, so a run stopped at a time limit keeps what it measured
+                write_report(args, rows, complete=len(rows) == len(client_counts))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(120)
-    table = markdown(rows)
-    print(table, end="")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        setup = {k: v for k, v in vars(args).items() if k != "out"}
-        setup["rate"] = "inf" if math.isinf(args.rate) else args.rate
-        report = {"setup": setup, "commit": commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        report["rows"] = rows
-        (args.out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "serve.md").write_text(table)
+    print(markdown(rows), end="")
     return 1 if any(r["failed"] for r in rows) else 0
 
 
