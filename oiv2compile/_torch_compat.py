@@ -6,8 +6,10 @@ changes and nothing else does.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,46 @@ def aoti_compile_and_package(
 ) -> Path:
     from torch._inductor import aoti_compile_and_package as compile_and_package
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _fresh_int_array_declarations():
         # torch pickles its own tree specs with a deprecated check (torch 2.13); nothing for users to act on.
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*", category=FutureWarning)
         path = compile_and_package(exported, package_path=str(package_path), inductor_configs=inductor_configs)
     return Path(path)
+
+
+@contextlib.contextmanager
+def _fresh_int_array_declarations() -> Iterator[None]:
+    """Make AOTInductor's C++ wrapper declare every size/stride array where it is used.
+
+    torch 2.11's wrapper caches these declarations by (array text, id of the output buffer's owner):
+    building llama-8b's decode program on an H100 produced a wrapper.cpp that used `int_array_38`
+    where it was never declared (C++ compile error, 2026-11-27), a cache entry pointing at a
+    declaration that is not in scope there. A fresh declaration per use costs a few lines of C++.
+    """
+    try:
+        from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    except ImportError:
+        yield
+        return
+    cached = getattr(CppWrapperCpu, "codegen_int_array_var", None)
+    impl = getattr(CppWrapperCpu, "_codegen_int_array_var_impl", None)
+    wrapped = getattr(cached, "__wrapped__", None)  # releases that cache with functools.cache
+    if cached is None or (impl is None and wrapped is None):
+        yield
+        return
+
+    def declare_here(
+        self: Any, int_array: str, writeline: Any, known_statically: bool = False, graph: Any = None
+    ) -> str:
+        if impl is not None:
+            return impl(self, int_array, writeline, known_statically)
+        return wrapped(self, int_array, writeline, known_statically, graph)
+
+    CppWrapperCpu.codegen_int_array_var = declare_here  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        CppWrapperCpu.codegen_int_array_var = cached  # type: ignore[method-assign]
 
 
 def aoti_load_package(package_path: Path) -> Any:
