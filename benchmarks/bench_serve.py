@@ -8,8 +8,8 @@ each client sends its next request as soon as its last one ends). Prompts are ra
 (`--prompt-len` tokens on average) and every request asks for `--output-len` tokens on average
 with `ignore_eos`, so the lengths are exactly what was drawn: uniform within ±`--spread` of the
 mean, as vLLM's random dataset does. TTFT is from sending a request to its first token; ITL the
-gaps between its following streamed chunks (one token each, except where the server holds text
-back for an incomplete UTF-8 sequence).
+gaps between its following streamed chunks (the server streams one per decode step, with the
+token's text and id; the id alone where the artifact has no tokenizer).
 
     oiv2compile serve out/llama-8b --max-queue 1024 &
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --clients 1,8,32,64 \\
@@ -92,7 +92,8 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
                     return RequestResult(False, error=chunk["error"]["message"])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                # A chunk per step: its text, or its token ids where the artifact has no tokenizer.
+                if chunk.get("choices") and (chunk["choices"][0].get("text") or chunk["choices"][0].get("token_ids")):
                     stamps.append(time.perf_counter())
             if not done:
                 return RequestResult(False, error="the stream ended without [DONE]")

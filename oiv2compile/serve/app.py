@@ -290,11 +290,12 @@ async def _generate(
         events = _sse(request, head, chat, prompt_tokens, include_usage)
         return _Stream(events, request.close)
 
-    text, out = [], None
+    text, token_ids, out = [], [], None
     try:
         while out is None or out.finish_reason is None:
             out = await request.next()
             text.append(out.text)
+            token_ids += out.token_ids
     except _ClientGone:
         return Response(status_code=499)
     finally:
@@ -305,7 +306,8 @@ async def _generate(
         choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": "".join(text)}
+        # token_ids (an extension, as in vLLM): the only output of an artifact without a tokenizer
+        choice = {"index": 0, "text": "".join(text), "token_ids": token_ids}
         obj = "text_completion"
     choice.update(logprobs=None, finish_reason=out.finish_reason)
     return JSONResponse(
@@ -318,14 +320,14 @@ async def _sse(
 ) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish: str | None, *, role: bool = False) -> str:
+    def chunk(text: str | None, finish: str | None, token_ids: list[int] | None = None, *, role: bool = False) -> str:
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
             choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
-            choice = {"index": 0, "text": text or ""}
+            choice = {"index": 0, "text": text or "", "token_ids": token_ids or []}
         choice.update(logprobs=None, finish_reason=finish)
         return "data: " + json.dumps({**head, "object": obj, "choices": [choice]}) + "\n\n"
 
@@ -342,8 +344,10 @@ async def _sse(
                 break
             if out.finish_reason == "cancelled":
                 return
-            if out.text or out.finish_reason:
-                yield chunk(out.text, out.finish_reason)
+            # A completion streams a chunk per step even where the step adds no text (no tokenizer,
+            # or text held back while a stop string may start): its token ids are in it.
+            if out.text or out.finish_reason or (out.token_ids and not chat):
+                yield chunk(out.text, out.finish_reason, out.token_ids)
             if out.finish_reason:
                 break
     except _ClientGone:

@@ -165,13 +165,21 @@ def test_streaming_completion_and_chat(server, client, reference):
     assert parts[-1].choices == [] and parts[-1].usage.total_tokens == want.prompt_tokens + 8
 
 
-def test_sse_wire_format_ends_with_done(server):
+def test_sse_wire_format_ends_with_done(server, reference):
     body = {"model": "tinycode", "prompt": [5, 17, 99], "max_tokens": 4, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+    chunks = [json.loads(e[6:])["choices"][0] for e in events[:-1]]
+    assert chunks[-1]["finish_reason"] == "length"
+    # One chunk per decode step, each with its token's id, even where the step adds no text.
+    assert [len(c["token_ids"]) for c in chunks] == [1, 1, 1, 1]
+    want = _greedy(reference, [5, 17, 99], 4)
+    assert [i for c in chunks for i in c["token_ids"]] == list(want.token_ids)
+    body["stream"] = False
+    full = httpx.post(f"{server.url}/v1/completions", json=body).json()["choices"][0]
+    assert full["token_ids"] == list(want.token_ids) and full["text"] == want.text
 
 
 def test_eight_concurrent_requests_equal_generate_alone(server, client, reference):
