@@ -36,7 +36,8 @@ ROTATE_BYTES = 400 << 20
 
 def _grid(bits: int, group: int, k: int) -> list[Tiling]:
     """The tilings to try, in a fixed shuffled order so that a time budget samples the whole grid."""
-    steps = (128, 256, 512, 1024) if bits == 8 else tuple(group * g for g in (1, 2, 4, 8))
+    # K steps are powers of two (the kernel's ranges); int4 steps hold whole groups.
+    steps = tuple(bk for bk in (128, 256, 512, 1024) if bits == 8 or bk >= group)
     grid = [
         Tiling(16, bn, bk, sk, warps, stages)
         for bn, bk, sk, warps, stages in itertools.product((16, 32, 64), steps, (1, 2), (2, 4), (3, 4, 6))

@@ -9,19 +9,24 @@ tiles of W through `num_stages` buffers, converts them to x's dtype (the integer
 and feeds a tensor-core `tl.dot` with a [BLOCK_M, BLOCK_K] tile of x; BLOCK_M = 16 wastes
 tensor-core rows at M = 1, which costs nothing where memory is the bound.
 
-The scales stay out of the inner loop. int8 (one scale per output channel):
+int8 (one scale per output channel) keeps its scale out of the inner loop:
   y[m, n] = s[n] * sum_k x[m, k] q[n, k].
-int4 (scale s and zero z per group g of input features, layout int4-grouphalves-v2): per group,
-  sum_k x[m, k] (q[n, k] - z[n, g]) s[n, g] = s[n, g] * (sum_k x[m, k] q[n, k] - z[n, g] sum_k x[m, k]),
-and a group's bytes are two contiguous tiles, its first half of features in the low nibbles and its
-second half in the high nibbles, so each half is one masked shift away from a dot operand. The 4-bit
-level v becomes a float with integer operations alone: the 16-bit pattern MAGIC | v is MAGIC_VALUE + v
-in x's dtype (bf16 0x4300 = 128, fp16 0x6400 = 1024), and MAGIC_VALUE folds into the zero point.
+int4 (scale s and zero z per group g of input features, layout int4-grouphalves-v2): a group's
+bytes hold its first half of features in the low nibbles and its second half in the high nibbles,
+so a [BLOCK_N, BLOCK_K / 2] tile of bytes is two dot operands one masked shift apart. Each is
+dequantized in registers, (q - z) * s with the group's scale and zero gathered per column, and a
+step is two dots over BLOCK_K / 2 features whatever the group size. The 4-bit level v becomes a
+float with integer operations alone: the 16-bit pattern MAGIC | v is MAGIC_VALUE + v in x's dtype
+(bf16 0x4300 = 128, fp16 0x6400 = 1024), and MAGIC_VALUE folds into the zero point.
 
 Measured on an H100 (copy 3.0 TB/s, 2026-11-27, bf16, M = 1, CUDA-graph replay, weights cycled past
-L2): int8 4096 x 14336 at 77% of the copy bandwidth and 14336 x 4096 at 82% with BLOCK_N = 32 and no
-split of K; splitting K over programs (float32 partial sums) lost on both, and converting int8
-through two 4-bit halves (the int4 trick) lost to a plain conversion (45% against 60%).
+L2): int8 4096 x 14336 at 77% of the copy bandwidth and 14336 x 4096 at 73-79% with BLOCK_N = 32 and
+no split of K; splitting K over programs (float32 partial sums) lost on both, and converting int8
+through two 4-bit halves (the int4 trick) lost to a plain conversion (45% against 60%). int4: the
+interleaved v1 layout stayed near 30% whatever the tiling; v2 with one pair of small dots per group
+and the scales applied to the dot results (a per-group correction with row sums of x) fell to
+10-15% (tiling sweep, commit 0851b65): the small dots, not the bytes, were the bound. The one-tile
+form above replaces it and is not yet measured on a GPU.
 
 Prefill-sized inputs do not come here: a mixed-input Triton GEMM at M = 2048 took 2-5x the time of
 bf16 cuBLAS, while dequantizing into bf16 (fused by Inductor) and cuBLAS costs one extra pass over
@@ -105,6 +110,9 @@ if HAS_TRITON:
         x_rows = X + rm[:, None].to(tl.int64) * stride_xm
         w_rows = W + rn_safe[:, None].to(tl.int64) * stride_wn
         HALF: tl.constexpr = GROUP // 2
+        c_half = tl.arange(0, BLOCK_K // 2)
+        c_group = c_half // HALF
+        c_in_group = c_half % HALF
         for k_step in range(0, k_len, BLOCK_K):
             k0 = k_start + k_step
             if BITS == 8:
@@ -116,27 +124,35 @@ if HAS_TRITON:
                 else:
                     acc += tl.dot(x, tl.trans(q))
             else:
-                for j in tl.static_range(BLOCK_K // GROUP):
-                    kg = k0 + j * GROUP
-                    rh = tl.arange(0, HALF)
-                    x_lo = tl.load(x_rows + (kg + rh)[None, :], mask=m_valid[:, None], other=0.0)
-                    x_hi = tl.load(x_rows + (kg + HALF + rh)[None, :], mask=m_valid[:, None], other=0.0)
-                    packed = tl.load(w_rows + (kg // 2 + rh)[None, :])
-                    if IEEE:
-                        lo = (packed & 0xF).to(tl.float32)
-                        hi = (packed >> 4).to(tl.float32)
-                        part = tl.dot(x_lo, tl.trans(lo), input_precision="ieee")
-                        part += tl.dot(x_hi, tl.trans(hi), input_precision="ieee")
-                    else:
-                        p16 = packed.to(tl.uint16)
-                        lo = ((p16 & 0xF) | MAGIC).to(x_lo.dtype, bitcast=True)  # MAGIC_VALUE + level
-                        hi = ((p16 >> 4) | MAGIC).to(x_lo.dtype, bitcast=True)
-                        part = tl.dot(x_lo, tl.trans(lo)) + tl.dot(x_hi, tl.trans(hi))
-                    g = kg // GROUP
-                    s = tl.load(Scales + rn_safe * stride_sn + g).to(tl.float32)
-                    z = tl.load(Zeros + rn_safe * stride_zn + g).to(tl.float32) + MAGIC_VALUE
-                    x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
-                    acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
+                # A step covers BLOCK_K // GROUP whole groups: packed bytes [BLOCK_N, BLOCK_K / 2], column
+                # c of it holding feature (c // HALF) * GROUP + c % HALF in its low nibble and that
+                # plus HALF in its high nibble. Both halves are dequantized in registers with their
+                # group's scale and zero point (gathered per column; the repeats hit L1) and feed two
+                # dots, so a step is two large dots whatever the group size.
+                packed = tl.load(w_rows + (k0 // 2 + c_half)[None, :])
+                k_lo = k0 + c_group * GROUP + c_in_group
+                x_lo = tl.load(x_rows + k_lo[None, :], mask=m_valid[:, None], other=0.0)
+                x_hi = tl.load(x_rows + (k_lo + HALF)[None, :], mask=m_valid[:, None], other=0.0)
+                g = k0 // GROUP + c_group
+                s = tl.load(Scales + rn_safe[:, None] * stride_sn + g[None, :])
+                z = tl.load(Zeros + rn_safe[:, None] * stride_zn + g[None, :])
+                if IEEE:
+                    s = s.to(tl.float32)
+                    z = z.to(tl.float32)
+                    lo = ((packed & 0xF).to(tl.float32) - z) * s
+                    hi = ((packed >> 4).to(tl.float32) - z) * s
+                    acc += tl.dot(x_lo, tl.trans(lo), input_precision="ieee")
+                    acc += tl.dot(x_hi, tl.trans(hi), input_precision="ieee")
+                else:
+                    # (MAGIC | level) is MAGIC_VALUE + level in x's dtype; both differences are exact
+                    # there, so (q - z) * s rounds once, as the reference's dequantize does.
+                    p16 = packed.to(tl.uint16)
+                    z = z.to(x_lo.dtype) + MAGIC_VALUE
+                    s = s.to(x_lo.dtype)
+                    lo = (((p16 & 0xF) | MAGIC).to(x_lo.dtype, bitcast=True) - z) * s
+                    hi = (((p16 >> 4) | MAGIC).to(x_lo.dtype, bitcast=True) - z) * s
+                    acc += tl.dot(x_lo, tl.trans(lo.to(x_lo.dtype)))
+                    acc += tl.dot(x_hi, tl.trans(hi.to(x_lo.dtype)))
         if BITS == 8:
             acc *= tl.load(Scales + rn_safe).to(tl.float32)[None, :]
         out = Out + pid_k * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
@@ -146,14 +162,11 @@ if HAS_TRITON:
 def choose_tiling(m: int, n: int, k: int, bits: int, group: int, sm_count: int) -> Tiling:
     """Tiles for `m` rows (at most MAX_ROWS; DECODE_ROWS where the batch is dynamic), from sizes
     fixed when the graph is compiled."""
-    if bits == 8:
-        block_k = 512
-        while k % block_k:
-            block_k //= 2
-    else:  # whole groups per step, about 256 bytes of a weight row
-        block_k = group * max(1, min(8, 512 // group))
-        while k % block_k:
-            block_k -= group
+    # 512 features per step (a power of two for the kernel's ranges) or the largest power of two that
+    # divides K: int4 groups are powers of two that divide K, so a step always holds whole groups.
+    block_k = 512
+    while k % block_k:
+        block_k //= 2
     block_n = 32
     split_k = 1
     programs = -(-m // 16) * -(-n // block_n)
@@ -231,7 +244,7 @@ def quant_matmul(
         N=n,
         K=k,
         BITS=bits,
-        GROUP=group,
+        GROUP=group if bits == 4 else 2,  # int8 has no groups; 2 keeps the unused int4 ranges valid
         BLOCK_M=tiling.block_m,
         BLOCK_N=tiling.block_n,
         BLOCK_K=tiling.block_k,

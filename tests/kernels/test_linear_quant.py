@@ -118,9 +118,9 @@ def test_tiling_choices():
     t = choose_tiling(1, 4096, 14336, 8, 0, 132)
     assert (t.block_m, t.block_n, t.split_k) == (16, 32, 1) and 14336 % t.block_k == 0
     assert choose_tiling(1, 4096, 4096, 4, 128, 132).block_k == 512  # four groups, 256 bytes a row
-    assert choose_tiling(1, 4096, 4096, 4, 32, 132).block_k == 256
+    assert choose_tiling(1, 4096, 4096, 4, 32, 132).block_k == 512  # sixteen groups
     assert choose_tiling(1, 64, 96, 8, 0, 132).block_k == 32
-    assert choose_tiling(1, 64, 384, 4, 128, 132).block_k == 384
+    assert choose_tiling(1, 64, 384, 4, 128, 132).block_k == 128  # a power of two dividing K
     kv = choose_tiling(DECODE_ROWS, 1024, 4096, 8, 0, 132)
     assert kv.split_k > 1 and (1024 // kv.block_n) * kv.split_k >= 132 // 2
     assert rows_hint(torch.empty(3, 1, 64)) == 3
