@@ -2,7 +2,7 @@
 # Held-out perplexity of tinycode in bf16, int8 and int4 (groups 32, 64, 128) on a GPU: each artifact
 # is built, then scored on tinycode's held-out files against the fp32 reference (`oiv2compile eval`),
 # one after another on the same card (five Inductor builds at once on a 16-core machine each took
-# more than 170 s, against about 60 s alone). JSON per artifact in $OUT.
+# more than 170 s and none finished). JSON per artifact in $OUT.
 #   OUT=out/quant-eval bash benchmarks/quant_tinycode_eval.sh
 set -euo pipefail
 OUT=${OUT:-out/quant-eval}
