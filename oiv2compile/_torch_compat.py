@@ -51,8 +51,8 @@ def _fresh_int_array_declarations() -> Iterator[None]:
         yield
         return
     cached = getattr(CppWrapperCpu, "codegen_int_array_var", None)
-    impl = getattr(CppWrapperCpu, "_codegen_int_array_var_impl", None)
-    wrapped = getattr(cached, "__wrapped__", None)  # releases that cache with functools.cache
+    impl: Any = getattr(CppWrapperCpu, "_codegen_int_array_var_impl", None)
+    wrapped: Any = getattr(cached, "__wrapped__", None)  # releases that cache with functools.cache
     if cached is None or (impl is None and wrapped is None):
         yield
         return

@@ -92,7 +92,9 @@ def build(
                 records = run_passes(programs[program.name].graph_module, cfg, pipeline(cfg), label=program.name)
             if program is not PREFILL:
                 _share_pass_weights(programs[PREFILL.name].graph_module, programs[program.name].graph_module)
-            check_pass_counts(records, spec, arch, program.name, _linears_to_quantize(hf, cfg))
+            check_pass_counts(
+                records, spec, arch, program.name, _linears_to_quantize(hf, cfg), _embeddings_to_quantize(hf, cfg)
+            )
             pass_report[program.name] = {r.name: {"count": r.count, "ms": round(r.ms, 3)} for r in records}
 
         verification = None
@@ -258,6 +260,15 @@ def _linears_to_quantize(hf: Any, cfg: BuildConfig) -> int:
     return len(linears) if cfg.quant.include_output_head else len(in_layers)
 
 
+def _embeddings_to_quantize(hf: Any, cfg: BuildConfig) -> int:
+    """How many token-embedding lookups quantize_embedding must rewrite: the one lookup, unless a
+    table tied to a head left in full precision stays float."""
+    if cfg.quantization is Quantization.NONE or not cfg.quant.include_embedding:
+        return 0
+    tied = bool(getattr(hf.config, "tie_word_embeddings", False))
+    return 0 if tied and not cfg.quant.include_output_head else 1
+
+
 def _quantization_record(cfg: BuildConfig, gm: torch.fx.GraphModule) -> dict[str, Any] | None:
     """What the manifest says of the quantized weights: scheme, method, group, layout and bytes."""
     if cfg.quantization is Quantization.NONE:
@@ -267,13 +278,15 @@ def _quantization_record(cfg: BuildConfig, gm: torch.fx.GraphModule) -> dict[str
 
     int8 = cfg.quantization is Quantization.INT8
     rewritten = [n for n in gm.graph.nodes if n.op == "call_function" and "quantized" in n.meta.get("oiv2", {})]
+    lookups = [n for n in rewritten if n.meta["oiv2"].get("lookup")]
     return {
         "scheme": cfg.quantization.value,
         "method": cfg.quant.method,
         "group_size": None if int8 else cfg.quant.group_size,
         "layout": INT8_LAYOUT if int8 else INT4_LAYOUT,
         "output_head": cfg.quant.include_output_head,
-        "linears": len(rewritten),
+        "embedding": bool(lookups),
+        "linears": len(rewritten) - len(lookups),
         "weights": sorted(n.meta["oiv2"]["quantized"] for n in rewritten),
     }
 

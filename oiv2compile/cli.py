@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--quant", choices=["none", "int8", "int4"], help="weight-only quantization (default: none)")
     build.add_argument("--quant-group-size", type=int, choices=[32, 64, 128], help="int4 group size (default: 128)")
     build.add_argument("--no-quantize-head", action="store_true", help="keep the output head in full precision")
+    build.add_argument(
+        "--no-quantize-embedding", action="store_true", help="keep the token-embedding table in full precision"
+    )
     build.add_argument("--no-verify", action="store_true", help="skip the comparison with Hugging Face's forward")
     build.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     build.add_argument("--no-fuse-qkv", action="store_true", help="keep the q, k and v projections apart")
@@ -164,6 +167,8 @@ def _build(args: argparse.Namespace) -> int:
         quant["group_size"] = args.quant_group_size
     if args.no_quantize_head:
         quant["include_output_head"] = False
+    if args.no_quantize_embedding:
+        quant["include_embedding"] = False
     if quant:
         overrides["quant"] = quant
     if args.no_verify:

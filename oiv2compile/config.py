@@ -52,8 +52,11 @@ QUANT_METHODS = ("rtn",)  # round to nearest; a calibrated method (GPTQ, AWQ) go
 class QuantConfig:
     # int4 only: input features per scale and zero point.
     group_size: int = 128
-    # Quantize the output head too (tied embeddings keep a full-precision copy for the lookup).
+    # Quantize the output head too.
     include_output_head: bool = True
+    # Quantize the token-embedding table too (passes/quantize_embedding.py); a table tied to a
+    # quantized head reads the head's tensors.
+    include_embedding: bool = True
     method: str = "rtn"
 
 
@@ -147,9 +150,9 @@ class BuildConfig:
 
     def resolve(self, *, cuda_available: bool) -> BuildConfig:
         """Turn `auto` device and dtype into the concrete choice for this machine, and drop what the
-        backend cannot lower: the onnx backend builds without fuse_ffn and fuse_norms (their oiv2 ops
-        have no ONNX translation yet; ONNX Runtime fuses RMSNorm and the residual add before it
-        itself), and the manifest records the config as built."""
+        backend cannot lower: the onnx backend builds without fuse_ffn, fuse_norms and the quantized
+        embedding (their oiv2 ops have no ONNX translation yet; ONNX Runtime fuses RMSNorm and the
+        residual add before it itself), and the manifest records the config as built."""
         device = self.device
         if device is Device.AUTO:
             device = Device.CUDA if cuda_available else Device.CPU
@@ -158,10 +161,11 @@ class BuildConfig:
         dtype = self.dtype
         if dtype is DType.AUTO:
             dtype = DType.BFLOAT16 if device is Device.CUDA else DType.FLOAT32
-        fusion = self.fusion
+        fusion, quant = self.fusion, self.quant
         if self.backend is Backend.ONNX:
             fusion = dataclasses.replace(fusion, enable_ffn=False, enable_norms=False)
-        return dataclasses.replace(self, device=device, dtype=dtype, fusion=fusion)
+            quant = dataclasses.replace(quant, include_embedding=False)
+        return dataclasses.replace(self, device=device, dtype=dtype, fusion=fusion, quant=quant)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]

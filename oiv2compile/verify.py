@@ -25,7 +25,12 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 def check_pass_counts(
-    records: list[PassRecord], spec: CacheSpec, arch: str, program: str, linears_to_quantize: int = 0
+    records: list[PassRecord],
+    spec: CacheSpec,
+    arch: str,
+    program: str,
+    linears_to_quantize: int = 0,
+    embeddings_to_quantize: int = 0,
 ) -> None:
     counts = {r.name: r.count for r in records}
     # Each fused q, k, v leaves one linear of three, each fused gate and up one of two.
@@ -38,6 +43,7 @@ def check_pass_counts(
         # The first layer's input norm has no residual add before it; the final norm has one.
         "fuse_norms": (2 * spec.num_layers, "residual adds followed by an RMSNorm"),
         "quantize_weights": (linears_to_quantize - fused_away, "linear layers"),
+        "quantize_embedding": (embeddings_to_quantize, "token-embedding lookups"),
     }
     for record in records:
         if record.name not in expected:
@@ -109,9 +115,9 @@ def verify_against_hf(hf_model: Any, programs: dict[str, CapturedProgram], spec:
 
 @contextlib.contextmanager
 def _quantized_linears(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator[None]:
-    """While inside, each HF linear whose weight the program reads quantized computes with the weight
-    that the quantized layout stands for, so that the comparison checks the program, not the rounding.
-    Only the linear modules change: a tied embedding keeps its float weight for the lookup."""
+    """While inside, each HF linear or embedding whose weight the program reads quantized computes with
+    the weight that the quantized layout stands for, so that the comparison checks the program, not
+    the rounding. A tied pair gets the same table in both."""
     from oiv2compile.kernels.linear_int4 import dequantize as dequantize_int4
     from oiv2compile.kernels.linear_int8 import dequantize as dequantize_int8
 
@@ -130,7 +136,7 @@ def _quantized_linears(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator[None
             dequantized[storage] = rows
     swapped = []
     for module in hf_model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.data_ptr() in dequantized:
+        if isinstance(module, torch.nn.Linear | torch.nn.Embedding) and module.weight.data_ptr() in dequantized:
             swapped.append((module, module.weight))
             module.weight = torch.nn.Parameter(dequantized[module.weight.data_ptr()], requires_grad=False)
     try:

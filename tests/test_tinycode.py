@@ -155,6 +155,7 @@ def test_quantized_tinycode_artifacts(artifacts, quant, group, ppl_rise, agreeme
     record = manifest["quantization"]
     # 4 layers of (fused qkv, o, fused gate_up, down), and the head.
     assert record["scheme"] == quant and record["linears"] == 4 * 4 + 1 and record["output_head"]
+    assert record["embedding"]  # the tied table is read from the head's quantized tensors
     assert record["layout"].startswith(quant) and record["group_size"] == (group if quant == "int4" else None)
     full = oiv2compile.load(artifacts("tinycode")).manifest["weights"]["bytes"]
     assert manifest["weights"]["bytes"] < 0.5 * full

@@ -20,7 +20,6 @@ names, so the artifact stores them once.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
@@ -30,7 +29,7 @@ from oiv2compile.config import BuildConfig, Quantization
 from oiv2compile.errors import ConfigError
 from oiv2compile.kernels.linear_int4 import quantize as quantize_int4
 from oiv2compile.kernels.linear_int8 import quantize as quantize_int8
-from oiv2compile.passes.fx_utils import aten, call_args, fake_value, is_call, record
+from oiv2compile.passes.fx_utils import add_weight, aten, call_args, drop_attr, fake_value, is_call, record
 
 DECODER_LAYER = re.compile(r"\.layers\.\d+\.")
 
@@ -55,16 +54,8 @@ def quantize_weights(gm: GraphModule, cfg: BuildConfig) -> int:
             continue
         out = fake_value(node)
         dtype = out.dtype if out is not None else tensor.dtype
-        tensors = _quantized_tensors(str(weight.target), tensor, cfg, dtype)
-        attrs = []
         with gm.graph.inserting_before(node):
-            for suffix, value in tensors.items():
-                name = f"{leaf}_{suffix}"
-                if not hasattr(owner, name):
-                    owner.register_buffer(name, value)
-                attr = gm.graph.get_attr(f"{owner_name}.{name}")
-                attr.meta["val"] = _fake_like(weight, value)
-                attrs.append(attr)
+            attrs = quantized_attrs(gm, weight, tensor, cfg, dtype)
             op = (
                 torch.ops.oiv2.linear_int8.default
                 if cfg.quantization is Quantization.INT8
@@ -76,12 +67,26 @@ def quantize_weights(gm: GraphModule, cfg: BuildConfig) -> int:
         record(new, quantized=str(weight.target), scheme=cfg.quantization.value, storage=tensor.data_ptr())
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        if not weight.users:
-            gm.graph.erase_node(weight)
-            if not gm.graph.find_nodes(op="get_attr", target=weight.target):
-                delattr(owner, leaf)
+        drop_attr(gm, weight)
         count += 1
     return count
+
+
+def quantized_attrs(
+    gm: GraphModule, weight: Node, tensor: torch.Tensor, cfg: BuildConfig, dtype: torch.dtype
+) -> list[Node]:
+    """get_attr nodes, at the insertion point, for the quantized layout of the float weight `tensor`
+    that the get_attr `weight` reads: attributes named after it plus `_int8`/`_int4`, `_scales`,
+    `_zeros`, computed once (a tied table and its head, or a later program, find them made)."""
+    target = str(weight.target)
+    suffixes = ("int8", "scales") if cfg.quantization is Quantization.INT8 else ("int4", "scales", "zeros")
+    owner_name, _, leaf = target.rpartition(".")
+    owner = gm.get_submodule(owner_name)
+    if all(hasattr(owner, f"{leaf}_{suffix}") for suffix in suffixes):
+        tensors = {suffix: getattr(owner, f"{leaf}_{suffix}") for suffix in suffixes}
+    else:
+        tensors = _quantized_tensors(target, tensor, cfg, dtype)
+    return [add_weight(gm, f"{target}_{suffix}", value, weight) for suffix, value in tensors.items()]
 
 
 def _quantized_tensors(
@@ -99,12 +104,3 @@ def _quantized_tensors(
         )
     packed, scales, zeros = quantize_int4(weight, group, dtype)
     return {"int4": packed, "scales": scales, "zeros": zeros}
-
-
-def _fake_like(like: Node, value: torch.Tensor) -> Any:
-    """A fake tensor for a new attribute, in the fake mode of the graph's other values."""
-    fake = fake_value(like)
-    mode = getattr(fake, "fake_mode", None)
-    if mode is None:
-        return None
-    return mode.from_tensor(value, static_shapes=True)

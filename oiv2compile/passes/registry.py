@@ -13,6 +13,7 @@ from oiv2compile.config import BuildConfig, Quantization
 from oiv2compile.passes.fuse_ffn import fuse_ffn
 from oiv2compile.passes.fuse_norms import fuse_norms
 from oiv2compile.passes.fuse_qkv import fuse_qkv
+from oiv2compile.passes.quantize_embedding import quantize_embedding
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
 from oiv2compile.passes.substitute_attention import substitute_attention
@@ -26,6 +27,7 @@ PASSES: dict[str, Pass] = {
     "fuse_ffn": fuse_ffn,
     "fuse_norms": fuse_norms,
     "quantize_weights": quantize_weights,
+    "quantize_embedding": quantize_embedding,
 }
 
 
@@ -46,4 +48,6 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
         passes.append(fuse_norms)
     if cfg.quantization is not Quantization.NONE:
         passes.append(quantize_weights)
+        if cfg.quant.include_embedding:  # after the head, whose quantized tensors a tied table reuses
+            passes.append(quantize_embedding)
     return passes
