@@ -291,8 +291,10 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_D)
         d_valid = d < HEAD_DIM
         base = pid.to(tl.int64) * NUM_SPLITS
-        m_run = float("-inf")
-        l_run = 0.0
+        # Loop-carried scalars typed as float32 tensors from the start (a Python float would enter the
+        # loop as a constant of another type).
+        m_run = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
+        l_run = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
         acc_run = tl.zeros([BLOCK_D], tl.float32)
         for s0 in range(0, NUM_SPLITS, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
