@@ -8,7 +8,7 @@ TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11,<2
 TORCH_INDEX ?=
 DEMO_DIR ?= out/tinycode
 
-.PHONY: venv demo test test-cuda lint format bench bench-serve clean
+.PHONY: venv demo test test-cuda test-interpret lint format bench bench-serve clean
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ test: venv
 
 test-cuda: venv
 	$(PY) -m pytest -q -m cuda
+
+# The Triton kernels in Triton's CPU interpreter (needs Triton installed, as on the GPU machine).
+test-interpret: venv
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not cuda" tests/kernels/test_attention.py
 
 lint: venv
 	$(VENV)/bin/ruff check oiv2compile tests benchmarks tools

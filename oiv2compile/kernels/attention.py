@@ -10,6 +10,18 @@ in q's dtype; softmax is computed in float32.
 Prefill (S > 1) and decode (S = 1) are the same op. On CUDA one Triton program handles one
 (sequence, kv head) pair and a block of its query rows (the group's heads times the new tokens), so
 each K/V byte of the filled part is read once per block and nothing past positions[b] + S is read.
+
+Decode (flash-decoding). At S = 1 that grid is B * Hkv programs: 8 at batch 1 of an 8-kv-head model,
+on a GPU of 132 SMs, each walking thousands of positions alone. A decode call therefore splits every
+sequence's positions into chunks of DECODE_CHUNK: grid (splits, B * Hkv), splits = ceil(T / chunk).
+Each program reads its chunk of K and V once for all the group's query heads and writes float32
+partials (running max m, sum l, un-normalized output acc); a second kernel combines a head's
+partials by log-sum-exp rescaling. A chunk that starts at or past the filled length loads nothing
+and writes m = -inf, l = 0, and the combine reads only the chunks below the filled length, so the
+time follows the filled length, not T. Bytes per (sequence, kv head): the K/V of the filled part,
+2 * filled * D * 2 in bf16, plus the float32 partials written and read again, about
+2 * (filled / chunk) * GROUP * D * 4: 2 * GROUP / chunk of the K/V bytes, 1/16 at GROUP = 4 and
+chunk 128. Prefill (S > 1, or S symbolic as in the prefill graph) keeps the single-pass kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +30,14 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from oiv2compile.kernels._triton import HAS_TRITON, next_power_of_2, registering_triton_op, tl, triton
+
+# Keys per inner step of both kernels.
+BLOCK_N = 64
+# Positions per program of a split decode call, a multiple of BLOCK_N. Fixed, not derived from T, so
+# that a call's work follows the filled length: filled 4000 runs the same programs in a cache of 4096
+# as in one of 8192, plus programs that return at once. At batch 1 with 8 kv heads, 4000 positions
+# make 32 chunks per head, 256 programs: about 2 per SM of an H100.
+DECODE_CHUNK = 128
 
 
 def attention_ref(
@@ -149,8 +169,205 @@ if HAS_TRITON:
             mask=row_valid[:, None] & d_valid[None, :],
         )
 
+    @triton.jit
+    def _attention_split_kernel(
+        Q,
+        K,
+        V,
+        MaxPart,
+        SumPart,
+        AccPart,
+        Slots,
+        Positions,
+        stride_qb,
+        stride_qh,
+        stride_qd,
+        stride_kn,
+        stride_kh,
+        stride_kt,
+        stride_kd,
+        stride_vn,
+        stride_vh,
+        stride_vt,
+        stride_vd,
+        T,
+        num_kv_heads,
+        SCALE: tl.constexpr,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        CHUNK: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        split = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // num_kv_heads
+        kvh = pid_bh % num_kv_heads
+        # The group's query heads are the rows of one tile: each K/V byte of the chunk is read once.
+        rows = tl.arange(0, BLOCK_M)
+        row_valid = rows < GROUP
+        head = kvh * GROUP + rows
+        d = tl.arange(0, BLOCK_D)
+        d_valid = d < HEAD_DIM
+        # Partials are [B, Hq, NUM_SPLITS] (and [..., HEAD_DIM] for acc), row-major.
+        part = (b.to(tl.int64) * num_kv_heads * GROUP + head) * NUM_SPLITS + split  # [BLOCK_M]
+        kv_len = tl.minimum(tl.load(Positions + b) + 1, T)
+        lo = split * CHUNK
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        # A chunk past the filled length loads nothing: its partial is empty (m = -inf, l = 0).
+        if lo < kv_len:
+            slot = tl.load(Slots + b)
+            q = tl.load(
+                Q + b * stride_qb + head[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=row_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
+            k_base = K + slot.to(tl.int64) * stride_kn + kvh * stride_kh
+            v_base = V + slot.to(tl.int64) * stride_vn + kvh * stride_vh
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            qk_scale = SCALE * 1.4426950408889634  # exp(x) = exp2(x * log2(e)); see _attention_kernel
+            # A constant trip count: the last filled chunk masks its tail (a loop bounded by a loaded
+            # value also fails in Triton's interpreter under numpy 2, where scalars are 1-element arrays).
+            for i in range(0, CHUNK // BLOCK_N):
+                n = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_valid = n < kv_len
+                kv_mask = n_valid[:, None] & d_valid[None, :]
+                k = tl.load(k_base + n[:, None] * stride_kt + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                # One new token per sequence: every filled position is visible to every row.
+                s = tl.where(n_valid[None, :], s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                v = tl.load(v_base + n[:, None] * stride_vt + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+                if IEEE:
+                    pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
+            tl.store(
+                AccPart + part[:, None] * HEAD_DIM + d[None, :],
+                acc,
+                mask=row_valid[:, None] & d_valid[None, :],
+            )
+        tl.store(MaxPart + part, m_i, mask=row_valid)
+        tl.store(SumPart + part, l_i, mask=row_valid)
+
+    @triton.jit
+    def _attention_combine_kernel(
+        MaxPart,
+        SumPart,
+        AccPart,
+        Out,
+        Positions,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        T,
+        num_heads,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        CHUNK: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)  # b * Hq + head
+        b = pid // num_heads
+        h = pid % num_heads
+        kv_len = tl.minimum(tl.load(Positions + b) + 1, T)
+        # Only the chunks below the filled length were written with data; the rest are never read.
+        used = (kv_len + CHUNK - 1) // CHUNK
+        d = tl.arange(0, BLOCK_D)
+        d_valid = d < HEAD_DIM
+        base = pid.to(tl.int64) * NUM_SPLITS
+        # Loop-carried scalars typed as float32 tensors from the start (a Python float would enter the
+        # loop as a constant of another type).
+        m_run = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
+        l_run = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
+        acc_run = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            s_valid = s < used
+            m = tl.load(MaxPart + base + s, mask=s_valid, other=float("-inf"))
+            total = tl.load(SumPart + base + s, mask=s_valid, other=0.0)
+            acc = tl.load(
+                AccPart + (base + s)[:, None] * HEAD_DIM + d[None, :],
+                mask=s_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
+            m_new = tl.maximum(m_run, tl.max(m, axis=0))
+            # Split 0 always holds position 0, so m_new is finite; the guard keeps a tile of empty
+            # partials (m = -inf) at weight 0 instead of exp2(-inf + inf) = NaN all the same.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_run - m_safe)
+            w = tl.exp2(m - m_safe)  # [BLOCK_S]; 0 for empty and unused splits
+            l_run = l_run * alpha + tl.sum(w * total, axis=0)
+            acc_run = acc_run * alpha + tl.sum(w[:, None] * acc, axis=0)
+            m_run = m_new
+        out = acc_run / tl.where(l_run > 0.0, l_run, 1.0)
+        tl.store(
+            Out + b * stride_ob + h * stride_oh + d * stride_od,
+            out.to(Out.dtype.element_ty),
+            mask=d_valid,
+        )
+
+
+def decode_splits(
+    new_tokens: int | torch.SymInt,
+    batch: int | torch.SymInt,
+    kv_heads: int,
+    cache_len: int | torch.SymInt,
+    sm_count: int,
+    chunk: int = DECODE_CHUNK,
+) -> int:
+    """How many programs share each (sequence, kv head) of a call: ceil(cache_len / chunk) for a
+    decode call (one new token per sequence) over a cache longer than one chunk; 1, the single-pass
+    kernel, for prefill, for a short cache, and where the batch alone gives every SM two programs.
+    Sizes may be symbolic when an artifact is traced (the prompt length of prefill, the batch of
+    decode): branch only on ints, so no guard is added. A symbolic batch counts as 1."""
+    if not (isinstance(new_tokens, int) and new_tokens == 1 and isinstance(cache_len, int)):
+        return 1
+    if isinstance(batch, int) and batch * kv_heads >= 2 * sm_count:
+        return 1
+    return -(-cache_len // chunk)
+
 
 def _attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """splits: programs per (sequence, kv head) of a decode call; None plans them (decode_splits),
+    1 forces the single-pass kernel (the benchmark's baseline)."""
+    B, _Hq, S, _D = q.shape
+    Hkv, T = k_cache.shape[1], k_cache.shape[2]
+    if splits is None:
+        splits = decode_splits(S, B, Hkv, T, _sm_count(q.device))
+    if splits == 1:
+        return _attention_single(q, k_cache, v_cache, slots, positions, scale)
+    if not (isinstance(S, int) and S == 1 and isinstance(T, int)):
+        raise ValueError(f"split attention takes one new token per sequence and a fixed cache length, not S={S}, T={T}")
+    # Whole steps of BLOCK_N per chunk; the last chunk may end past T (its tail is masked).
+    chunk = BLOCK_N * triton.cdiv(triton.cdiv(T, BLOCK_N), splits)
+    return _attention_split(q, k_cache, v_cache, slots, positions, scale, chunk)
+
+
+def _attention_single(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -184,11 +401,85 @@ def _attention_triton(
         HEAD_DIM=D,
         BLOCK_D=max(16, next_power_of_2(D)),
         BLOCK_M=block_m,
-        BLOCK_N=64,
+        BLOCK_N=BLOCK_N,
         IEEE=q.dtype == torch.float32,
         num_warps=4,
     )
     return out
+
+
+def _attention_split(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+    chunk: int,
+) -> torch.Tensor:
+    """Flash-decoding of q [B, Hq, 1, D]: programs of `chunk` positions (a multiple of BLOCK_N), then
+    one program per (sequence, query head) combining their partials."""
+    B, Hq, _S, D = q.shape
+    Hkv, T = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    splits = triton.cdiv(T, chunk)
+    block_d = max(16, next_power_of_2(D))
+    # Each program's running max, sum and un-normalized output, float32.
+    max_part = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)  # [B, Hq, splits]
+    sum_part = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+    acc_part = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)  # [B, Hq, splits, D]
+    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
+    wrap_triton(_attention_split_kernel)[(splits, B * Hkv)](
+        q,
+        k_cache,
+        v_cache,
+        max_part,
+        sum_part,
+        acc_part,
+        slots,
+        positions,
+        q.stride(0),
+        q.stride(1),
+        q.stride(3),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        T,
+        Hkv,
+        SCALE=scale,
+        GROUP=group,
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        # tl.dot takes at least 16 rows; rows past the group are masked.
+        BLOCK_M=max(16, next_power_of_2(group)),
+        BLOCK_N=BLOCK_N,
+        CHUNK=chunk,
+        NUM_SPLITS=splits,
+        IEEE=q.dtype == torch.float32,
+        num_warps=4,
+    )
+    wrap_triton(_attention_combine_kernel)[(B * Hq,)](
+        max_part,
+        sum_part,
+        acc_part,
+        out,
+        positions,
+        out.stride(0),
+        out.stride(1),
+        out.stride(3),
+        T,
+        Hq,
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        BLOCK_S=min(32, next_power_of_2(splits)),
+        CHUNK=chunk,
+        NUM_SPLITS=splits,
+        num_warps=4,
+    )
+    return out
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # triton_op, not custom_op: AOTInductor sees into the Triton kernel and compiles it into the package.
