@@ -34,8 +34,9 @@ from oiv2compile.kernels.linear_int8 import quantize as quantize_int8
 ROTATE_BYTES = 400 << 20
 
 
-def _grid(bits: int, group: int, k: int) -> list[Tiling]:
-    """The tilings to try, in a fixed shuffled order so that a time budget samples the whole grid."""
+def _grid(bits: int, group: int, k: int, m: int) -> list[Tiling]:
+    """The tilings to try, in a fixed shuffled order so that a time budget samples the whole grid; at
+    M = 1 the one-row (GEMV) kernel's tilings too."""
     # K steps are powers of two (the kernel's ranges); int4 steps hold whole groups.
     steps = tuple(bk for bk in (128, 256, 512, 1024) if bits == 8 or bk >= group)
     grid = [
@@ -43,6 +44,12 @@ def _grid(bits: int, group: int, k: int) -> list[Tiling]:
         for bn, bk, sk, warps, stages in itertools.product((16, 32, 64), steps, (1, 2), (2, 4), (3, 4, 6))
         if k % (sk * bk) == 0
     ]
+    if m == 1:
+        grid += [
+            Tiling(1, bn, bk, sk, warps, stages, gemv=True)
+            for bn, bk, sk, warps, stages in itertools.product((16, 32, 64, 128), steps, (1, 2), (4, 8), (2, 3, 4))
+            if k % (sk * bk) == 0
+        ]
     random.Random(0).shuffle(grid)
     return grid
 
@@ -118,7 +125,7 @@ def main() -> int:
                 x = torch.randn(m, k, device=device, dtype=dtype)
                 bf16_s = _dense_seconds(x, dense_copies)
                 chosen = choose_tiling(m, n, k, bits, group, sms)
-                tilings = [chosen, *(t for t in _grid(bits, group, k) if t != chosen)]
+                tilings = [chosen, *(t for t in _grid(bits, group, k, m) if t != chosen)]
                 results = _time_tilings(x, weights, bits, group, tilings, nbytes, bandwidth, args.budget_s)
                 timed = [r for r in results if "us" in r]
                 best = min(timed, key=lambda r: r["us"])

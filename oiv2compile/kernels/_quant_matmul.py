@@ -62,6 +62,9 @@ class Tiling:
     split_k: int
     num_warps: int
     num_stages: int
+    # One row of x (M = 1, fixed at compile time): multiply-adds on the CUDA cores and a sum over K
+    # (_quant_gemv_kernel) instead of a tensor-core dot over 16 rows of which 15 are padding.
+    gemv: bool = False
 
 
 if HAS_TRITON:
@@ -159,6 +162,67 @@ if HAS_TRITON:
         tl.store(out, acc.to(Out.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _quant_gemv_kernel(
+        X,
+        W,
+        Scales,
+        Zeros,
+        Out,
+        stride_wn,
+        stride_sn,
+        stride_zn,
+        stride_os,
+        N: tl.constexpr,
+        K: tl.constexpr,
+        BITS: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+    ):
+        """y[n] = sum_k x[k] W[n, k] for one row of x: each program streams [BLOCK_N, BLOCK_K] tiles
+        of W (int4: [BLOCK_N, BLOCK_K / 2] bytes, both nibbles used, as in _quant_matmul_kernel),
+        converts them to float32 and reduces over K in registers. float32 throughout, so it does not
+        round the dequantized weight to x's dtype as the reference does: differences of that size."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_valid = rn < N
+        rn_safe = tl.where(n_valid, rn, 0)
+        k_len: tl.constexpr = K // SPLIT_K
+        k_start = pid_k * k_len
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        w_rows = W + rn_safe[:, None].to(tl.int64) * stride_wn
+        HALF: tl.constexpr = GROUP // 2
+        c_half = tl.arange(0, BLOCK_K // 2)
+        c_group = c_half // HALF
+        c_in_group = c_half % HALF
+        for k_step in range(0, k_len, BLOCK_K):
+            k0 = k_start + k_step
+            if BITS == 8:
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(X + rk).to(tl.float32)
+                q = tl.load(w_rows + rk[None, :]).to(tl.float32)
+                acc += tl.sum(q * x[None, :], axis=1)
+            else:
+                packed = tl.load(w_rows + (k0 // 2 + c_half)[None, :])
+                k_lo = k0 + c_group * GROUP + c_in_group
+                x_lo = tl.load(X + k_lo).to(tl.float32)
+                x_hi = tl.load(X + k_lo + HALF).to(tl.float32)
+                g = k0 // GROUP + c_group
+                s = tl.load(Scales + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)
+                z = tl.load(Zeros + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32)
+                lo = ((packed & 0xF).to(tl.float32) - z) * s
+                hi = ((packed >> 4).to(tl.float32) - z) * s
+                acc += tl.sum(lo * x_lo[None, :] + hi * x_hi[None, :], axis=1)
+        if BITS == 8:
+            acc *= tl.load(Scales + rn_safe).to(tl.float32)
+        tl.store(Out + pid_k * stride_os + rn, acc.to(Out.dtype.element_ty), mask=n_valid)
+
+
 def choose_tiling(m: int, n: int, k: int, bits: int, group: int, sm_count: int) -> Tiling:
     """Tiles for `m` rows (at most MAX_ROWS; DECODE_ROWS where the batch is dynamic), from sizes
     fixed when the graph is compiled."""
@@ -227,6 +291,31 @@ def quant_matmul(
         tiling = choose_tiling(rows, n, k, bits, group, _sm_count(x.device))
     out_dtype = torch.float32 if tiling.split_k > 1 else x.dtype
     out = torch.empty((tiling.split_k, m, n), dtype=out_dtype, device=x.device)
+    if tiling.gemv:
+        if not (isinstance(m, int) and m == 1):
+            raise ValueError(f"the GEMV tiling takes one row of x, not {m}")
+        wrap_triton(_quant_gemv_kernel)[(triton.cdiv(n, tiling.block_n), tiling.split_k)](
+            x2,
+            weight,
+            scales,
+            scales if zeros is None else zeros,
+            out,
+            weight.stride(0),
+            scales.stride(0),
+            scales.stride(0) if zeros is None else zeros.stride(0),
+            out.stride(0),
+            N=n,
+            K=k,
+            BITS=bits,
+            GROUP=group if bits == 4 else 2,
+            BLOCK_N=tiling.block_n,
+            BLOCK_K=tiling.block_k,
+            SPLIT_K=tiling.split_k,
+            num_warps=tiling.num_warps,
+            num_stages=tiling.num_stages,
+        )
+        y = out[0] if tiling.split_k == 1 else out.sum(0).to(x.dtype)
+        return y.reshape(*x.shape[:-1], n)
     grid = (triton.cdiv(m, tiling.block_m) * triton.cdiv(n, tiling.block_n), tiling.split_k)
     wrap_triton(_quant_matmul_kernel)[grid](
         x2,
