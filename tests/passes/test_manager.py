@@ -10,6 +10,7 @@ from oiv2compile.passes import PassError, pipeline, run_passes
 from oiv2compile.passes.fuse_ffn import fuse_ffn
 from oiv2compile.passes.fuse_norms import fuse_norms
 from oiv2compile.passes.fuse_qkv import fuse_qkv
+from oiv2compile.passes.quantize_embedding import quantize_embedding
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
 from oiv2compile.passes.substitute_attention import substitute_attention
@@ -18,9 +19,19 @@ from tests.passes.helpers import PREFILL, aten, captured
 
 def test_pipeline_follows_the_config():
     assert pipeline(BuildConfig()) == [rewrite_kv_cache, substitute_attention, fuse_qkv, fuse_ffn, fuse_norms]
-    # The fusions come before quantization, which quantizes the fused weights.
+    # The fusions come before quantization, which quantizes the fused weights; the table after the
+    # head, whose quantized tensors a tied table reads.
     int8 = BuildConfig().replace(quantization="int8", fusion={"enable_norms": False})
-    assert pipeline(int8) == [rewrite_kv_cache, substitute_attention, fuse_qkv, fuse_ffn, quantize_weights]
+    assert pipeline(int8) == [
+        rewrite_kv_cache,
+        substitute_attention,
+        fuse_qkv,
+        fuse_ffn,
+        quantize_weights,
+        quantize_embedding,
+    ]
+    no_table = int8.replace(quant={"include_embedding": False})
+    assert pipeline(no_table)[-1] is quantize_weights
     unfused = {"enable_qkv": False, "enable_ffn": False, "enable_norms": False}
     only_cache = BuildConfig().replace(attention={"enable_substitution": False}, fusion=unfused)
     assert pipeline(only_cache) == [rewrite_kv_cache]
