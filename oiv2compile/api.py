@@ -287,7 +287,7 @@ def _quantization_record(cfg: BuildConfig, gm: torch.fx.GraphModule) -> dict[str
         "output_head": cfg.quant.include_output_head,
         "embedding": bool(lookups),
         "linears": len(rewritten) - len(lookups),
-        "weights": sorted(n.meta["oiv2"]["quantized"] for n in rewritten),
+        "weights": sorted(n.meta["oiv2"]["quantized"] for n in rewritten if n not in lookups),
     }
 
 

@@ -175,12 +175,20 @@ def add_weight(gm: GraphModule, target: str, value: torch.Tensor, like: Node) ->
 
 
 def drop_attr(gm: GraphModule, node: Node) -> None:
-    """Erase a get_attr node nothing reads any more, and its attribute when no other node names it."""
+    """Erase a get_attr node nothing reads any more, and its attribute when no other node names it,
+    with every other name of the same tensor that no node reads (a tied embedding's second name):
+    the artifact saves each name it finds."""
     if node.users:
         return
     gm.graph.erase_node(node)
-    if not gm.graph.find_nodes(op="get_attr", target=node.target):
-        owner_name, _, leaf = str(node.target).rpartition(".")
+    if gm.graph.find_nodes(op="get_attr", target=node.target):
+        return
+    owner_name, _, leaf = str(node.target).rpartition(".")
+    tensor = getattr(gm.get_submodule(owner_name), leaf)
+    read = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    for name in {name for name, value in named if value is tensor and name not in read} | {str(node.target)}:
+        owner_name, _, leaf = name.rpartition(".")
         delattr(gm.get_submodule(owner_name), leaf)
 
 

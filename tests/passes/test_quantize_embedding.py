@@ -42,6 +42,8 @@ def test_the_lookup_reads_the_quantized_table_and_matches_hf(preset, quant, tied
         assert lookup.args[1].target == f"{table}.{suffix}"  # the head's tensors where tied
         read = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}  # what the artifact stores
         assert not {"hf.model.embed_tokens.weight", "hf.lm_head.weight"} & read  # no float table left
+        params = dict(gm.named_parameters(remove_duplicate=False))  # what the artifact saves
+        assert not {"hf.model.embed_tokens.weight", "hf.lm_head.weight"} & set(params)  # nor its tied name
         assert sum(n.endswith(suffix) and ("embed" in n or "lm_head" in n) for n in read) == (1 if tied else 2)
     report = verify_against_hf(hf, programs, spec)
     assert max(report["relative_error"].values()) < 1e-4
