@@ -141,10 +141,29 @@ def test_tiling_choices():
 def test_triton_tilings_match_the_reference(tiling, rows, bits, group, dtype):
     """Tilings on sizes that leave partial tiles in M and N; the wide tiles (block_k 512) cover
     several int4 groups per step."""
-    from oiv2compile.kernels._quant_matmul import Tiling, quant_matmul
+    from oiv2compile.kernels._quant_matmul import Tiling
+
+    _check_tiling(Tiling(*tiling), rows, bits, group, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32), (4, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tiling", [(1, 32, 256, 1, 4, 3), (1, 64, 512, 2, 8, 2), (1, 16, 128, 4, 2, 4)])
+def test_gemv_tilings_match_the_reference(tiling, bits, group, dtype):
+    """The one-row kernel (CUDA-core multiply-adds, float32 weights): partial tiles in N, K split."""
+    from oiv2compile.kernels._quant_matmul import Tiling
+
+    _check_tiling(Tiling(*tiling, gemv=True), 1, bits, group, dtype)
+
+
+def _check_tiling(tiling, rows: int, bits: int, group: int, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    """quant_matmul with one tiling on [rows, 2048] x [201, 2048] (partial tiles in N) against the
+    float64 product with the weight the layout stands for."""
+    from oiv2compile.kernels._quant_matmul import quant_matmul
 
     n, k = 201, 2048
-    gen = torch.Generator().manual_seed(rows * n + bits)
+    gen = torch.Generator().manual_seed(rows * n + bits + group)
     x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
     w = _weight(n, k, rows).cuda()
     if bits == 8:
@@ -154,32 +173,8 @@ def test_triton_tilings_match_the_reference(tiling, rows, bits, group, dtype):
         q, scales, zeros = quantize_int4(w, group, dtype)
         dense = dequantize_int4(q, scales, zeros)
     expected = F.linear(x.double(), dense.double())
-    out = quant_matmul(x, q, scales, zeros, bits, group, Tiling(*tiling))
+    out = quant_matmul(x, q, scales, zeros, bits, group, tiling)
     assert out.dtype == dtype and out.shape == (rows, n)
-    assert (out.double() - expected).norm() / expected.norm() < 1e-2
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32), (4, 128)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tiling", [(1, 32, 256, 1, 4, 3), (1, 64, 512, 2, 8, 2), (1, 16, 128, 4, 2, 4)])
-def test_gemv_tilings_match_the_reference(tiling, bits, group, dtype):
-    """The one-row kernel (CUDA-core multiply-adds, float32 weights): partial tiles in N, K split."""
-    from oiv2compile.kernels._quant_matmul import Tiling, quant_matmul
-
-    n, k = 201, 2048
-    gen = torch.Generator().manual_seed(n + bits + group)
-    x = torch.randn(1, k, generator=gen).to("cuda", dtype)
-    w = _weight(n, k, 1).cuda()
-    if bits == 8:
-        q, scales = quantize_int8(w, dtype)
-        zeros, dense = None, dequantize_int8(q, scales)
-    else:
-        q, scales, zeros = quantize_int4(w, group, dtype)
-        dense = dequantize_int4(q, scales, zeros)
-    expected = F.linear(x.double(), dense.double())
-    out = quant_matmul(x, q, scales, zeros, bits, group, Tiling(*tiling, gemv=True))
-    assert out.dtype == dtype and out.shape == (1, n)
     assert (out.double() - expected).norm() / expected.norm() < 1e-2
 
 

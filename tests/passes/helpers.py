@@ -43,6 +43,19 @@ def run(gm: torch.fx.GraphModule, spec: CacheSpec, program: ProgramSpec, seed: i
     return logits, caches
 
 
+def built_programs(preset: str, cfg):  # type: ignore[no-untyped-def]
+    """The prefill and decode programs of a tiny preset after the pipeline `cfg` asks for:
+    (hf, spec, programs by name, pass records by name)."""
+    from oiv2compile.passes.manager import run_passes
+    from oiv2compile.passes.registry import pipeline
+
+    hf = load_model(preset, dtype=torch.float32, device="cpu", seed=0).model
+    spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=torch.float32)
+    programs = {p.name: capture(hf, spec, p) for p in (PREFILL, DECODE)}
+    records = {name: run_passes(c.graph_module, cfg, pipeline(cfg), label=name) for name, c in programs.items()}
+    return hf, spec, programs, records
+
+
 def ops(gm: torch.fx.GraphModule) -> set[str]:
     return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
 
@@ -73,4 +86,4 @@ def export_toy(module: torch.nn.Module, spec: CacheSpec, seq: int = 1) -> torch.
     return gm
 
 
-__all__ = ["DECODE", "PREFILL", "aten", "captured", "count", "export_toy", "ops", "run", "snapshot"]
+__all__ = ["DECODE", "PREFILL", "aten", "built_programs", "captured", "count", "export_toy", "ops", "run", "snapshot"]

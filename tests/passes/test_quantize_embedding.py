@@ -6,23 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oiv2compile.capture import DECODE, PREFILL, CacheSpec, capture
+from oiv2compile.capture import DECODE, PREFILL
 from oiv2compile.config import BuildConfig
 from oiv2compile.models import load_model
-from oiv2compile.passes.manager import run_passes
-from oiv2compile.passes.registry import pipeline
 from oiv2compile.verify import verify_against_hf
-from tests.passes.helpers import aten, count
+from tests.passes.helpers import aten, built_programs, count
 
 LOOKUP = {"int8": torch.ops.oiv2.embedding_int8.default, "int4": torch.ops.oiv2.embedding_int4.default}
-
-
-def _programs(preset: str, cfg: BuildConfig):
-    hf = load_model(preset, dtype=torch.float32, device="cpu", seed=0).model
-    spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=torch.float32)
-    programs = {p.name: capture(hf, spec, p) for p in (PREFILL, DECODE)}
-    records = {name: run_passes(c.graph_module, cfg, pipeline(cfg), label=name) for name, c in programs.items()}
-    return hf, spec, programs, records
 
 
 @pytest.mark.parametrize(
@@ -31,7 +21,7 @@ def _programs(preset: str, cfg: BuildConfig):
 )
 def test_the_lookup_reads_the_quantized_table_and_matches_hf(preset, quant, tied):
     cfg = BuildConfig().replace(quantization=quant, quant={"group_size": 32})
-    hf, spec, programs, records = _programs(preset, cfg)
+    hf, spec, programs, records = built_programs(preset, cfg)
     suffix = f"weight_{quant}"
     for name, program in programs.items():
         gm = program.graph_module
@@ -73,7 +63,7 @@ def test_the_table_keeps_most_of_its_signal():
 )
 def test_it_does_not_fire_when_not_asked(overrides):
     cfg = BuildConfig().replace(**overrides)
-    _, _, programs, records = _programs("llama-tiny", cfg)
+    _, _, programs, records = built_programs("llama-tiny", cfg)
     gm = programs[PREFILL.name].graph_module
     assert "quantize_embedding" not in {r.name for r in records[PREFILL.name]}
     assert count(gm, aten.embedding.default) == 1 and "hf.model.embed_tokens.weight" in dict(gm.named_parameters())
@@ -83,7 +73,7 @@ def test_a_tied_table_stays_float_when_the_head_does():
     """qwen2-tiny ties its table to the head: with the head in full precision a quantized copy of the
     table would add bytes, not save them, so the lookup stays as it is."""
     cfg = BuildConfig().replace(quantization="int4", quant={"group_size": 32, "include_output_head": False})
-    _, _, programs, records = _programs("qwen2-tiny", cfg)
+    _, _, programs, records = built_programs("qwen2-tiny", cfg)
     gm = programs[DECODE.name].graph_module
     assert {r.name: r.count for r in records[DECODE.name]}["quantize_embedding"] == 0
     assert count(gm, aten.embedding.default) == 1 and count(gm, LOOKUP["int4"]) == 0

@@ -6,25 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oiv2compile.capture import DECODE, PREFILL, CacheSpec, capture
+from oiv2compile.capture import DECODE, PREFILL
 from oiv2compile.config import BuildConfig
 from oiv2compile.errors import ConfigError
-from oiv2compile.models import load_model
-from oiv2compile.passes.manager import run_passes
 from oiv2compile.passes.registry import pipeline
 from oiv2compile.verify import verify_against_hf
-from tests.passes.helpers import aten, count
+from tests.passes.helpers import aten, built_programs, count
 
 INT8 = torch.ops.oiv2.linear_int8.default
 INT4 = torch.ops.oiv2.linear_int4.default
-
-
-def _programs(preset: str, cfg: BuildConfig):
-    hf = load_model(preset, dtype=torch.float32, device="cpu", seed=0).model
-    spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=torch.float32)
-    programs = {p.name: capture(hf, spec, p) for p in (PREFILL, DECODE)}
-    records = {name: run_passes(c.graph_module, cfg, pipeline(cfg), label=name) for name, c in programs.items()}
-    return hf, spec, programs, records
 
 
 UNFUSED = {"enable_qkv": False, "enable_ffn": False, "enable_norms": False}
@@ -42,7 +32,7 @@ UNFUSED = {"enable_qkv": False, "enable_ffn": False, "enable_norms": False}
 def test_every_linear_is_rewritten_and_matches_hf(preset, quant, group, fused):
     cfg = BuildConfig().replace(quantization=quant, quant={"group_size": group})
     cfg = cfg if fused else cfg.replace(fusion=UNFUSED)
-    hf, spec, programs, records = _programs(preset, cfg)
+    hf, spec, programs, records = built_programs(preset, cfg)
     op = INT8 if quant == "int8" else INT4
     # 2 layers x 7 + head; fused, 2 layers x (qkv, o, gate_up, down) + head.
     linears = 9 if fused else 15
@@ -72,7 +62,7 @@ def test_every_linear_is_rewritten_and_matches_hf(preset, quant, group, fused):
 
 def test_the_output_head_can_stay_in_full_precision():
     cfg = BuildConfig().replace(quantization="int8", quant={"include_output_head": False})
-    _, _, programs, _ = _programs("llama-tiny", cfg)
+    _, _, programs, _ = built_programs("llama-tiny", cfg)
     gm = programs[DECODE.name].graph_module
     assert count(gm, INT8) == 8 and count(gm, aten.linear.default) == 1
     head = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target == aten.linear.default)
@@ -82,11 +72,11 @@ def test_the_output_head_can_stay_in_full_precision():
 def test_quantization_changes_the_numbers_by_the_expected_amount():
     """Against the float program: int8 barely moves the logits, int4 moves them more."""
     base_cfg = BuildConfig()
-    _, spec, float_programs, _ = _programs("llama-tiny", base_cfg)
+    _, spec, float_programs, _ = built_programs("llama-tiny", base_cfg)
     x = (torch.tensor([[5, 17, 99, 3]]), torch.tensor([0]), torch.tensor([0]), torch.tensor([3]))
     errs = {}
     for quant in ("int8", "int4"):
-        _, _, programs, _ = _programs("llama-tiny", base_cfg.replace(quantization=quant, quant={"group_size": 32}))
+        _, _, programs, _ = built_programs("llama-tiny", base_cfg.replace(quantization=quant, quant={"group_size": 32}))
         ref = float_programs[PREFILL.name].graph_module(*x, spec.allocate("cpu"))
         out = programs[PREFILL.name].graph_module(*x, spec.allocate("cpu"))
         errs[quant] = float((out - ref).detach().norm() / ref.detach().norm())
@@ -96,7 +86,7 @@ def test_quantization_changes_the_numbers_by_the_expected_amount():
 def test_a_group_size_that_does_not_divide_the_features_is_refused():
     cfg = BuildConfig().replace(quantization="int4", quant={"group_size": 128})  # llama-tiny's hidden size is 64
     with pytest.raises(ConfigError, match="not a multiple of the int4 group size 128"):
-        _programs("llama-tiny", cfg)
+        built_programs("llama-tiny", cfg)
 
 
 def test_no_quantization_leaves_the_graph_alone():
