@@ -226,14 +226,18 @@ if HAS_TRITON:
 def choose_tiling(m: int, n: int, k: int, bits: int, group: int, sm_count: int) -> Tiling:
     """Tiles for `m` rows (at most MAX_ROWS; DECODE_ROWS where the batch is dynamic), from sizes
     fixed when the graph is compiled."""
-    # 512 features per step (a power of two for the kernel's ranges) or the largest power of two that
-    # divides K: int4 groups are powers of two that divide K, so a step always holds whole groups.
-    block_k = 512
-    while k % block_k:
-        block_k //= 2
     block_n = 32
     split_k = 1
     programs = -(-m // 16) * -(-n // block_n)
+    # 512 features per step (a power of two for the kernel's ranges) or the largest power of two that
+    # divides K: int4 groups are powers of two that divide K, so a step always holds whole groups.
+    # int8 with two to eight waves of column tiles takes 128: several programs then fit on an SM
+    # (a 512-wide step and its 4 stages take 128 KB of shared memory, one program per SM). Tiling
+    # sweep on an H100 (2026-11-27): 14336 x 4096 at M = 1 in 24.9 us against 26.8 us, at M = 16 in
+    # 25.3 against 29.0; with one wave (4096 x 14336, 4096 x 4096) 512 won (25.5 against 37.3 us).
+    block_k = 128 if bits == 8 and 2 * sm_count <= programs < 8 * sm_count else 512
+    while k % block_k:
+        block_k //= 2
     # Split K only where the column tiles alone would leave most SMs idle (the k/v projections):
     # the partial sums cost a float32 round trip that lost wherever the SMs were already busy.
     while programs * split_k < sm_count // 2 and k % (2 * split_k * block_k) == 0:

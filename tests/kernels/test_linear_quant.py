@@ -116,7 +116,9 @@ def test_tiling_choices():
     from oiv2compile.kernels._quant_matmul import DECODE_ROWS, choose_tiling, rows_hint, takes
 
     t = choose_tiling(1, 4096, 14336, 8, 0, 132)
-    assert (t.block_m, t.block_n, t.split_k) == (16, 32, 1) and 14336 % t.block_k == 0
+    assert (t.block_m, t.block_n, t.split_k, t.block_k) == (16, 32, 1, 512)  # one wave of column tiles
+    assert choose_tiling(1, 14336, 4096, 8, 0, 132).block_k == 128  # 448 tiles: several programs per SM
+    assert choose_tiling(1, 128256, 4096, 8, 0, 132).block_k == 512  # the head: many waves, not swept
     assert choose_tiling(1, 4096, 4096, 4, 128, 132).block_k == 512  # four groups, 256 bytes a row
     assert choose_tiling(1, 4096, 4096, 4, 32, 132).block_k == 512  # sixteen groups
     assert choose_tiling(1, 64, 96, 8, 0, 132).block_k == 32
