@@ -117,11 +117,13 @@ def verify_against_hf(hf_model: Any, programs: dict[str, CapturedProgram], spec:
 def _quantized_linears(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator[None]:
     """While inside, each HF linear or embedding whose weight the program reads quantized computes with
     the weight that the quantized layout stands for, so that the comparison checks the program, not
-    the rounding. A tied pair gets the same table in both."""
+    the rounding. Linears and lookups are matched apart: a table tied to a quantized head but read
+    in full precision by the lookup (--no-quantize-embedding) keeps its float weight there."""
     from oiv2compile.kernels.linear_int4 import dequantize as dequantize_int4
     from oiv2compile.kernels.linear_int8 import dequantize as dequantize_int8
 
-    dequantized: dict[int, torch.Tensor] = {}
+    # By the storage of the HF weight: the linears' and the lookups' apart.
+    dequantized: dict[type, dict[int, torch.Tensor]] = {torch.nn.Linear: {}, torch.nn.Embedding: {}}
     for node in gm.graph.nodes:
         facts = node.meta.get("oiv2", {})
         if node.op != "call_function" or "quantized" not in facts:
@@ -132,13 +134,16 @@ def _quantized_linears(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator[None
         weight = dequantize_int8(*tensors) if int8 else dequantize_int4(*tensors)
         # A fused weight (fuse_qkv, fuse_ffn) stands for several HF linears: each gets its rows.
         parts = facts.get("parts") or [(facts["storage"], weight.shape[0])]
+        reader: type = torch.nn.Embedding if facts.get("lookup") else torch.nn.Linear
         for (storage, _), rows in zip(parts, weight.split([p[1] for p in parts]), strict=True):
-            dequantized[storage] = rows
+            dequantized[reader][storage] = rows
     swapped = []
     for module in hf_model.modules():
-        if isinstance(module, torch.nn.Linear | torch.nn.Embedding) and module.weight.data_ptr() in dequantized:
+        weights = next((w for reader, w in dequantized.items() if isinstance(module, reader)), {})
+        stands_for = weights.get(module.weight.data_ptr()) if weights else None
+        if stands_for is not None:
             swapped.append((module, module.weight))
-            module.weight = torch.nn.Parameter(dequantized[module.weight.data_ptr()], requires_grad=False)
+            module.weight = torch.nn.Parameter(stands_for, requires_grad=False)
     try:
         yield
     finally:

@@ -77,3 +77,14 @@ def test_a_tied_table_stays_float_when_the_head_does():
     gm = programs[DECODE.name].graph_module
     assert {r.name: r.count for r in records[DECODE.name]}["quantize_embedding"] == 0
     assert count(gm, aten.embedding.default) == 1 and count(gm, LOOKUP["int4"]) == 0
+
+
+def test_a_float_lookup_of_a_table_tied_to_a_quantized_head_verifies():
+    """--no-quantize-embedding on a tied model: the head reads the quantized table, the lookup the float
+    one; verification must give HF's head the dequantized weight and leave its lookup float."""
+    cfg = BuildConfig().replace(quantization="int4", quant={"group_size": 32, "include_embedding": False})
+    hf, spec, programs, _ = built_programs("qwen2-tiny", cfg)
+    gm = programs[PREFILL.name].graph_module
+    assert count(gm, aten.embedding.default) == 1 and count(gm, torch.ops.oiv2.linear_int4.default) == 9
+    report = verify_against_hf(hf, programs, spec)
+    assert max(report["relative_error"].values()) < 1e-4
