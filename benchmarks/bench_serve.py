@@ -193,14 +193,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], complete: bool) -> None:
+def write_report(args: argparse.Namespace, machine: dict[str, Any], rows: list[dict[str, Any]], complete: bool) -> None:
     """serve.json (setup, machine, commit, rows) and serve.md (the table) in args.out."""
     args.out.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in vars(args).items() if k != "out"}
     setup["rate"] = "inf" if math.isinf(args.rate) else args.rate
     report = {
         "setup": setup,
-        "environment": environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "environment": machine,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "complete": complete,
         "rows": rows,
@@ -243,6 +243,7 @@ def main() -> int:
 
     proc = None
     rows: list[dict[str, Any]] = []
+    machine = environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # once, not per run
     if args.serve:
         proc, args.url = start_server(args.serve, args.port, max(1024, *request_counts))
     try:
@@ -259,7 +260,7 @@ def main() -> int:
                 file=sys.stderr,
             )
             if args.out:  # after every run, so a run stopped at a time limit keeps what it measured
-                write_report(args, rows, complete=len(rows) == len(client_counts))
+                write_report(args, machine, rows, complete=len(rows) == len(client_counts))
     finally:
         if proc is not None:
             proc.terminate()

@@ -95,7 +95,7 @@ def verify_against_hf(hf_model: Any, programs: dict[str, CapturedProgram], spec:
     worst = dict.fromkeys(ours, 0.0)
     for i, prompt in enumerate(prompts):
         sequence = torch.cat([prompt.to(device), next_tokens[i : i + 1]])[None]
-        with _quantized_linears(hf_model, prefill):
+        with _dequantized_hf_weights(hf_model, prefill):
             ref = hf_model(input_ids=sequence, use_cache=False).logits[0]  # [len + 1, vocab]
         worst[PREFILL.name] = max(worst[PREFILL.name], _rel_err(ours[PREFILL.name][i], ref[lengths[i] - 1]))
         for name in ours.keys() - {PREFILL.name}:
@@ -114,7 +114,7 @@ def verify_against_hf(hf_model: Any, programs: dict[str, CapturedProgram], spec:
 
 
 @contextlib.contextmanager
-def _quantized_linears(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator[None]:
+def _dequantized_hf_weights(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator[None]:
     """While inside, each HF linear or embedding whose weight the program reads quantized computes with
     the weight that the quantized layout stands for, so that the comparison checks the program, not
     the rounding. Linears and lookups are matched apart: a table tied to a quantized head but read

@@ -91,7 +91,9 @@ class Observer(Protocol):
     def step(self, running: int, waiting: int, slots_in_use: int) -> None: ...
 
 
-class _NoObserver:
+class NoObserver:
+    """An observer that ignores every event; subclass it to watch some of them."""
+
     def admitted(self, queue_s: float, prompt_tokens: int) -> None:
         pass
 
@@ -160,7 +162,7 @@ class Scheduler:
         self.engine = engine
         self.max_queue = max_queue
         self.prefill_token_budget = prefill_token_budget
-        self.observer: Observer = observer or _NoObserver()
+        self.observer: Observer = observer or NoObserver()
         self.state = self.CREATED
         self.error: str | None = None  # why the scheduler failed
         self._cond = threading.Condition()

@@ -10,7 +10,14 @@ import pytest
 import oiv2compile
 from oiv2compile.errors import InvalidRequestError
 from oiv2compile.runtime.sampling import SamplingParams
-from oiv2compile.runtime.scheduler import NotAcceptingError, Output, QueueFullError, RequestParams, Scheduler
+from oiv2compile.runtime.scheduler import (
+    NoObserver,
+    NotAcceptingError,
+    Output,
+    QueueFullError,
+    RequestParams,
+    Scheduler,
+)
 from tests.conftest import PROMPTS
 
 
@@ -19,18 +26,9 @@ def engine(artifacts):  # type: ignore[no-untyped-def]
     return oiv2compile.load(artifacts("llama-tiny"))
 
 
-class _Recorder:
+class _Recorder(NoObserver):
     def __init__(self) -> None:
         self.running: list[int] = []
-
-    def admitted(self, queue_s: float, prompt_tokens: int) -> None:
-        pass
-
-    def token(self, first: bool, seconds: float) -> None:
-        pass
-
-    def finished(self, reason: str, e2e_s: float) -> None:
-        pass
 
     def step(self, running: int, waiting: int, slots_in_use: int) -> None:
         self.running.append(running)
