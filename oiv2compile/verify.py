@@ -18,10 +18,14 @@ from oiv2compile.errors import BuildError, UnsupportedModelError
 from oiv2compile.models import SUPPORTED_MODEL_TYPES
 from oiv2compile.passes import PassRecord
 
-# Relative L2 error of the logits against HF's own forward. Measured on tiny and full-size random
-# models: float32 lands near 1e-6 and bfloat16 near 5e-3 (attention accumulates in another order);
-# a wrong position, mask or cache row gives errors of order 1.
+# Relative L2 error of the logits against HF's own forward. float32 lands near 1e-6 and bfloat16 near
+# 5e-3 on tiny random models; a wrong position, mask or cache row gives errors of order 1. A deep
+# random model amplifies rounding: on the llama-8b preset (32 layers, H200, 2026-11-27) the bf16
+# programs landed at 4.5e-2 and the int8 ones at 5.9e-2, however they round. So in float16 and
+# bfloat16 the bound also scales with HF's own noise: the difference between HF's forward with its
+# sdpa attention and the same forward with its eager attention (two roundings of the same model).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+NOISE_FACTOR = 4.0
 
 
 def check_pass_counts(
@@ -93,24 +97,42 @@ def verify_against_hf(hf_model: Any, programs: dict[str, CapturedProgram], spec:
         )
 
     worst = dict.fromkeys(ours, 0.0)
+    noise = 0.0  # HF against itself, low precision only
     for i, prompt in enumerate(prompts):
         sequence = torch.cat([prompt.to(device), next_tokens[i : i + 1]])[None]
         with _dequantized_hf_weights(hf_model, prefill):
             ref = hf_model(input_ids=sequence, use_cache=False).logits[0]  # [len + 1, vocab]
+            if dtype != torch.float32:
+                with _attention_implementation(hf_model, "eager"):
+                    other = hf_model(input_ids=sequence, use_cache=False).logits[0]
+                noise = max(noise, *(_rel_err(other[p], ref[p]) for p in (lengths[i] - 1, lengths[i])))
         worst[PREFILL.name] = max(worst[PREFILL.name], _rel_err(ours[PREFILL.name][i], ref[lengths[i] - 1]))
         for name in ours.keys() - {PREFILL.name}:
             if i < ours[name].shape[0]:
                 worst[name] = max(worst[name], _rel_err(ours[name][i], ref[lengths[i]]))
-    tolerance = TOLERANCE[dtype]
+    tolerance = max(TOLERANCE[dtype], NOISE_FACTOR * noise)
     arch = type(hf_model).__name__
     for name, err in worst.items():
         if not err <= tolerance:  # NaN fails too
             raise BuildError(
-                f"The transformed {arch} differs from Hugging Face's own forward in the {name} logits "
-                f"(relative error {err:.2e} > {tolerance:.0e}); this architecture is not supported "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})."
+                f"The transformed {arch} differs from Hugging Face's own forward in the {name} logits: relative "
+                f"error {err:.2e}, above the {tolerance:.1e} allowed in {str(dtype).removeprefix('torch.')} "
+                f"(HF's own sdpa and eager attention differ by {noise:.1e}). This is a bug in oiv2compile; "
+                "--no-verify builds without this check."
             )
-    return {"relative_error": worst, "tolerance": tolerance, "prompt_lengths": lengths}
+    return {"relative_error": worst, "tolerance": tolerance, "hf_noise": noise, "prompt_lengths": lengths}
+
+
+@contextlib.contextmanager
+def _attention_implementation(hf_model: Any, name: str) -> Iterator[None]:
+    """HF's forward with another of its attention implementations (llama, mistral and qwen2 read the
+    config's at each call)."""
+    before = hf_model.config._attn_implementation
+    hf_model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        hf_model.config._attn_implementation = before
 
 
 @contextlib.contextmanager

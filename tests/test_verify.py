@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import oiv2compile
-from oiv2compile import api
+from oiv2compile import api, verify
 from oiv2compile.capture import CacheSpec
 from oiv2compile.config import BuildConfig
 from oiv2compile.errors import BuildError, UnsupportedModelError
@@ -29,6 +31,25 @@ def test_a_pass_that_changes_the_numbers_fails_the_build(tmp_path, monkeypatch):
     with pytest.raises(BuildError, match="differs from Hugging Face's own forward in the prefill logits"):
         oiv2compile.build("llama-tiny", tmp_path / "a", backend="eager", device="cpu", max_seq_len=64, max_batch_size=2)
     assert not (tmp_path / "a").exists()
+
+
+def test_low_precision_measures_hf_noise_and_still_fails_a_wrong_graph(tmp_path, monkeypatch):
+    """In bfloat16 the bound grows with HF's own noise (sdpa against eager attention), which must stay
+    far below what a wrong graph gives."""
+    kw = dict(backend="eager", device="cpu", dtype="bfloat16", max_seq_len=64, max_batch_size=2)
+    oiv2compile.build("llama-tiny", tmp_path / "ok", **kw)
+    report = json.loads((tmp_path / "ok" / "manifest.json").read_text())["verification"]
+    assert 0 < report["hf_noise"] < 2e-2 and report["tolerance"] == max(5e-2, verify.NOISE_FACTOR * report["hf_noise"])
+    assert max(report["relative_error"].values()) < report["tolerance"]
+
+    def wrong_scale(gm: torch.fx.GraphModule, cfg: BuildConfig) -> int:
+        for node in gm.graph.find_nodes(op="call_function", target=torch.ops.oiv2.attention.default):
+            node.args = (*node.args[:5], node.args[5] * 8.0)
+        return 1
+
+    monkeypatch.setattr(api, "pipeline", lambda cfg: [*pipeline(cfg), wrong_scale])
+    with pytest.raises(BuildError, match=r"relative error .* above the .* allowed in bfloat16 \(HF's own sdpa"):
+        oiv2compile.build("llama-tiny", tmp_path / "bad", **kw)
 
 
 def test_missing_rewrites_fail_with_the_architecture():

@@ -113,9 +113,13 @@ if HAS_TRITON:
         x_rows = X + rm[:, None].to(tl.int64) * stride_xm
         w_rows = W + rn_safe[:, None].to(tl.int64) * stride_wn
         HALF: tl.constexpr = GROUP // 2
+        GROUPS: tl.constexpr = BLOCK_K // GROUP  # whole int4 groups per step
         c_half = tl.arange(0, BLOCK_K // 2)
         c_group = c_half // HALF
         c_in_group = c_half % HALF
+        r_g = tl.arange(0, GROUPS)
+        # [BLOCK_N, GROUPS, HALF] bytes of a step: group g's j-th byte at g * HALF + j of the step's.
+        w_bytes = W + rn_safe[:, None, None].to(tl.int64) * stride_wn + (r_g[:, None] * HALF + tl.arange(0, HALF)[None, :])[None, :, :]
         for k_step in range(0, k_len, BLOCK_K):
             k0 = k_start + k_step
             if BITS == 8:
@@ -127,23 +131,25 @@ if HAS_TRITON:
                 else:
                     acc += tl.dot(x, tl.trans(q))
             else:
-                # A step covers BLOCK_K // GROUP whole groups: packed bytes [BLOCK_N, BLOCK_K / 2], column
-                # c of it holding feature (c // HALF) * GROUP + c % HALF in its low nibble and that
-                # plus HALF in its high nibble. Both halves are dequantized in registers with their
-                # group's scale and zero point (gathered per column; the repeats hit L1) and feed two
-                # dots, so a step is two large dots whatever the group size.
-                packed = tl.load(w_rows + (k0 // 2 + c_half)[None, :])
-                k_lo = k0 + c_group * GROUP + c_in_group
+                # A step covers GROUPS whole groups: bytes [BLOCK_N, GROUPS, HALF], byte j of group g
+                # holding feature g * GROUP + j in its low nibble and that plus HALF in its high one.
+                # Both halves are dequantized in registers with their group's scale and zero point
+                # (loaded once per row and group, broadcast over the group's bytes), flattened to
+                # [BLOCK_N, BLOCK_K / 2] and fed to two dots: two large dots whatever the group size.
+                packed = tl.load(w_bytes + k0 // 2)
+                k_lo = k0 + c_group * GROUP + c_in_group  # column c of the flattened tile
                 x_lo = tl.load(x_rows + k_lo[None, :], mask=m_valid[:, None], other=0.0)
                 x_hi = tl.load(x_rows + (k_lo + HALF)[None, :], mask=m_valid[:, None], other=0.0)
-                g = k0 // GROUP + c_group
-                s = tl.load(Scales + rn_safe[:, None] * stride_sn + g[None, :])
-                z = tl.load(Zeros + rn_safe[:, None] * stride_zn + g[None, :])
+                g = k0 // GROUP + r_g
+                s = tl.load(Scales + rn_safe[:, None] * stride_sn + g[None, :])[:, :, None]
+                z = tl.load(Zeros + rn_safe[:, None] * stride_zn + g[None, :])[:, :, None]
                 if IEEE:
                     s = s.to(tl.float32)
                     z = z.to(tl.float32)
                     lo = ((packed & 0xF).to(tl.float32) - z) * s
                     hi = ((packed >> 4).to(tl.float32) - z) * s
+                    lo = tl.reshape(lo, (BLOCK_N, BLOCK_K // 2))
+                    hi = tl.reshape(hi, (BLOCK_N, BLOCK_K // 2))
                     acc += tl.dot(x_lo, tl.trans(lo), input_precision="ieee")
                     acc += tl.dot(x_hi, tl.trans(hi), input_precision="ieee")
                 else:
@@ -154,8 +160,10 @@ if HAS_TRITON:
                     s = s.to(x_lo.dtype)
                     lo = (((p16 & 0xF) | MAGIC).to(x_lo.dtype, bitcast=True) - z) * s
                     hi = (((p16 >> 4) | MAGIC).to(x_lo.dtype, bitcast=True) - z) * s
-                    acc += tl.dot(x_lo, tl.trans(lo.to(x_lo.dtype)))
-                    acc += tl.dot(x_hi, tl.trans(hi.to(x_lo.dtype)))
+                    lo = tl.reshape(lo.to(x_lo.dtype), (BLOCK_N, BLOCK_K // 2))
+                    hi = tl.reshape(hi.to(x_lo.dtype), (BLOCK_N, BLOCK_K // 2))
+                    acc += tl.dot(x_lo, tl.trans(lo))
+                    acc += tl.dot(x_hi, tl.trans(hi))
         if BITS == 8:
             acc *= tl.load(Scales + rn_safe).to(tl.float32)[None, :]
         out = Out + pid_k * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
@@ -197,9 +205,11 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         w_rows = W + rn_safe[:, None].to(tl.int64) * stride_wn
         HALF: tl.constexpr = GROUP // 2
-        c_half = tl.arange(0, BLOCK_K // 2)
-        c_group = c_half // HALF
-        c_in_group = c_half % HALF
+        GROUPS: tl.constexpr = BLOCK_K // GROUP
+        r_g = tl.arange(0, GROUPS)
+        in_step = r_g[:, None] * HALF + tl.arange(0, HALF)[None, :]  # [GROUPS, HALF]: byte of group g
+        w_bytes = W + rn_safe[:, None, None].to(tl.int64) * stride_wn + in_step[None, :, :]
+        feature = r_g[:, None] * GROUP + tl.arange(0, HALF)[None, :]  # its low nibble's feature
         for k_step in range(0, k_len, BLOCK_K):
             k0 = k_start + k_step
             if BITS == 8:
@@ -208,16 +218,17 @@ if HAS_TRITON:
                 q = tl.load(w_rows + rk[None, :]).to(tl.float32)
                 acc += tl.sum(q * x[None, :], axis=1)
             else:
-                packed = tl.load(w_rows + (k0 // 2 + c_half)[None, :])
-                k_lo = k0 + c_group * GROUP + c_in_group
-                x_lo = tl.load(X + k_lo).to(tl.float32)
-                x_hi = tl.load(X + k_lo + HALF).to(tl.float32)
-                g = k0 // GROUP + c_group
-                s = tl.load(Scales + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)
+                # sum_k x[k] (q[n, k] - z[n, g]) s[n, g] = sum_g s[n, g] (sum_j x q - z[n, g] sum_j x):
+                # the integers meet x first, the group's scale and zero point once per group.
+                packed = tl.load(w_bytes + k0 // 2)  # [BLOCK_N, GROUPS, HALF]
+                x_lo = tl.load(X + k0 + feature).to(tl.float32)  # [GROUPS, HALF]
+                x_hi = tl.load(X + k0 + feature + HALF).to(tl.float32)
+                qx = tl.sum((packed & 0xF).to(tl.float32) * x_lo[None] + (packed >> 4).to(tl.float32) * x_hi[None], axis=2)
+                x_sum = tl.sum(x_lo + x_hi, axis=1)  # [GROUPS]
+                g = k0 // GROUP + r_g
+                s = tl.load(Scales + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)  # [BLOCK_N, GROUPS]
                 z = tl.load(Zeros + rn_safe[:, None] * stride_zn + g[None, :]).to(tl.float32)
-                lo = ((packed & 0xF).to(tl.float32) - z) * s
-                hi = ((packed >> 4).to(tl.float32) - z) * s
-                acc += tl.sum(lo * x_lo[None, :] + hi * x_hi[None, :], axis=1)
+                acc += tl.sum(s * (qx - z * x_sum[None, :]), axis=1)
         if BITS == 8:
             acc *= tl.load(Scales + rn_safe).to(tl.float32)
         tl.store(Out + pid_k * stride_os + rn, acc.to(Out.dtype.element_ty), mask=n_valid)
