@@ -26,7 +26,11 @@ through two 4-bit halves (the int4 trick) lost to a plain conversion (45% agains
 interleaved v1 layout stayed near 30% whatever the tiling; v2 with one pair of small dots per group
 and the scales applied to the dot results (a per-group correction with row sums of x) fell to
 10-15% (tiling sweep, commit 0851b65): the small dots, not the bytes, were the bound. The one-tile
-form above replaces it and is not yet measured on a GPU.
+form with the scales and zeros gathered per column ran at 10-16% on an H200 (copy 4.2 TB/s, commit
+5cb4135); loading them once per row and group (commit 4ca89f3) took it to 16-23% and the one-row
+GEMV form to 18-25% (best tilings: 4096 x 14336 in 37.6 us, 14336 x 4096 in 29.5 us, against bf16
+F.linear's 31.0 and 30.8 us). PyTorch's own tinygemm (aten._weight_int4pack_mm) ran the same
+shapes in 16.5-16.9 us (41-42%) in the same session: the int4 form is not yet where it must be.
 
 Prefill-sized inputs do not come here: a mixed-input Triton GEMM at M = 2048 took 2-5x the time of
 bf16 cuBLAS, while dequantizing into bf16 (fused by Inductor) and cuBLAS costs one extra pass over
@@ -237,6 +241,14 @@ if HAS_TRITON:
 def choose_tiling(m: int, n: int, k: int, bits: int, group: int, sm_count: int) -> Tiling:
     """Tiles for `m` rows (at most MAX_ROWS; DECODE_ROWS where the batch is dynamic), from sizes
     fixed when the graph is compiled."""
+    if bits == 4 and m == 1:
+        # One row: the GEMV form with its K halved over two programs won on both swept shapes (H200,
+        # 2026-11-27: 4096 x 14336 in 40.3 us against 45.6 for the dot form's default, 14336 x 4096
+        # in 29.5 against 41.9). A step of 256 features holds whole groups (32, 64 or 128).
+        block_k = 256
+        while k % block_k:
+            block_k //= 2
+        return Tiling(1, 32, block_k, 2 if k % (2 * block_k) == 0 else 1, num_warps=8, num_stages=2, gemv=True)
     block_n = 32
     split_k = 1
     programs = -(-m // 16) * -(-n // block_n)

@@ -113,16 +113,20 @@ def test_sqnr_against_the_float_linear(dtype, device):
 def test_tiling_choices():
     """Decode tiles: K tiles divide K (whole int4 groups), K split only where columns leave SMs idle;
     prefill-sized and odd inputs go to the reference."""
-    from oiv2compile.kernels._quant_matmul import DECODE_ROWS, choose_tiling, rows_hint, takes
+    from oiv2compile.kernels._quant_matmul import DECODE_ROWS, Tiling, choose_tiling, rows_hint, takes
 
     t = choose_tiling(1, 4096, 14336, 8, 0, 132)
     assert (t.block_m, t.block_n, t.split_k, t.block_k) == (16, 32, 1, 512)  # one wave of column tiles
     assert choose_tiling(1, 14336, 4096, 8, 0, 132).block_k == 128  # 448 tiles: several programs per SM
     assert choose_tiling(1, 128256, 4096, 8, 0, 132).block_k == 512  # the head: many waves, not swept
-    assert choose_tiling(1, 4096, 4096, 4, 128, 132).block_k == 512  # four groups, 256 bytes a row
-    assert choose_tiling(1, 4096, 4096, 4, 32, 132).block_k == 512  # sixteen groups
+    assert choose_tiling(16, 4096, 4096, 4, 128, 132).block_k == 512  # four groups, 256 bytes a row
+    assert choose_tiling(16, 4096, 4096, 4, 32, 132).block_k == 512  # sixteen groups
     assert choose_tiling(1, 64, 96, 8, 0, 132).block_k == 32
-    assert choose_tiling(1, 64, 384, 4, 128, 132).block_k == 128  # a power of two dividing K
+    assert choose_tiling(16, 64, 384, 4, 128, 132).block_k == 128  # a power of two dividing K
+    # int4, one row: the GEMV form, K split in two where it halves into whole steps.
+    one = choose_tiling(1, 4096, 14336, 4, 128, 132)
+    assert one.gemv and (one.block_m, one.block_k, one.split_k) == (1, 256, 2)
+    assert choose_tiling(1, 64, 384, 4, 128, 132) == Tiling(1, 32, 128, 1, num_warps=8, num_stages=2, gemv=True)
     kv = choose_tiling(DECODE_ROWS, 1024, 4096, 8, 0, 132)
     assert kv.split_k > 1 and (1024 // kv.block_n) * kv.split_k >= 132 // 2
     assert rows_hint(torch.empty(3, 1, 64)) == 3
