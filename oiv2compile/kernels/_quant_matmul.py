@@ -123,7 +123,11 @@ if HAS_TRITON:
         c_in_group = c_half % HALF
         r_g = tl.arange(0, GROUPS)
         # [BLOCK_N, GROUPS, HALF] bytes of a step: group g's j-th byte at g * HALF + j of the step's.
-        w_bytes = W + rn_safe[:, None, None].to(tl.int64) * stride_wn + (r_g[:, None] * HALF + tl.arange(0, HALF)[None, :])[None, :, :]
+        w_bytes = (
+            W
+            + rn_safe[:, None, None].to(tl.int64) * stride_wn
+            + (r_g[:, None] * HALF + tl.arange(0, HALF)[None, :])[None, :, :]
+        )
         for k_step in range(0, k_len, BLOCK_K):
             k0 = k_start + k_step
             if BITS == 8:
@@ -227,7 +231,9 @@ if HAS_TRITON:
                 packed = tl.load(w_bytes + k0 // 2)  # [BLOCK_N, GROUPS, HALF]
                 x_lo = tl.load(X + k0 + feature).to(tl.float32)  # [GROUPS, HALF]
                 x_hi = tl.load(X + k0 + feature + HALF).to(tl.float32)
-                qx = tl.sum((packed & 0xF).to(tl.float32) * x_lo[None] + (packed >> 4).to(tl.float32) * x_hi[None], axis=2)
+                qx = tl.sum(
+                    (packed & 0xF).to(tl.float32) * x_lo[None] + (packed >> 4).to(tl.float32) * x_hi[None], axis=2
+                )
                 x_sum = tl.sum(x_lo + x_hi, axis=1)  # [GROUPS]
                 g = k0 // GROUP + r_g
                 s = tl.load(Scales + rn_safe[:, None] * stride_sn + g[None, :]).to(tl.float32)  # [BLOCK_N, GROUPS]
