@@ -7,8 +7,8 @@ measured in the same run. Candidates, all in the same run:
   bf16 F.linear · oiv2::linear_int8 · oiv2::linear_int4 (group 128) · aten._weight_int8pack_mm ·
   Inductor's fused dequantize-then-linear (torch.compile of the int8 reference) ·
   aten._weight_int4pack_mm (tinygemm, group 128)
-  oiv2::linear_int8_gemv (the CUDA C++ kernel, M <= 4) · dequantize into bf16, then F.linear (the
-  prefill alternative to a mixed-input GEMM)
+  oiv2::linear_int8_gemv and oiv2::linear_int4_gemv (group 128; the CUDA C++ kernels, M <= 4) ·
+  dequantize into bf16, then F.linear (the prefill alternative to a mixed-input GEMM)
 The oiv2 ops are called as an artifact's code calls them (on CPU: their PyTorch reference). A
 candidate that cannot run here is a row `unavailable: <why>`. Weights rotate over enough copies that
 the last-level cache never holds them (as ANCHORS.md measured). On CUDA the calls are replayed from a
@@ -34,13 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from oiv2compile.bench import copy_bandwidth_gbs, environment
+from oiv2compile.kernels import linear_int4_gemv, linear_int8_gemv
 from oiv2compile.kernels.linear_int4 import dequantize as dequantize_int4
 from oiv2compile.kernels.linear_int4 import quantize as quantize_int4
 from oiv2compile.kernels.linear_int4 import unpack as unpack_int4
 from oiv2compile.kernels.linear_int8 import dequantize as dequantize_int8
 from oiv2compile.kernels.linear_int8 import quantize as quantize_int8
-from oiv2compile.kernels.linear_int8_gemv import MAX_ROWS as MAX_GEMV_ROWS
-from oiv2compile.kernels.linear_int8_gemv import load_extension
 from oiv2compile.models import PRESETS
 
 ROTATE_BYTES = 512 << 20  # weights cycled per candidate: far beyond any L2 / last-level cache
@@ -85,7 +84,13 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
 
     def int8_gemv() -> tuple[list[Any], int, Callable]:
         q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
-        return [q, s], q.nbytes + s.nbytes, lambda x, q, s: _int8_gemv(x, q, s)
+        return [q, s], q.nbytes + s.nbytes, lambda x, q, s: _gemv(torch.ops.oiv2.linear_int8_gemv, x, q, s)
+
+    def int4_gemv() -> tuple[list[Any], int, Callable]:
+        _check_groups(k)
+        p, s, z = quantize_int4(torch.randn(n, k, device=device) * 0.02, GROUP, dtype)
+        nbytes = p.nbytes + s.nbytes + z.nbytes
+        return [p, s, z], nbytes, lambda x, p, s, z: _gemv(torch.ops.oiv2.linear_int4_gemv, x, p, s, z)
 
     def int8_dequant_linear() -> tuple[list[Any], int, Callable]:
         q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
@@ -122,6 +127,7 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
         "oiv2::linear_int8": int8_ours,
         "oiv2::linear_int4 g128": int4_ours,
         "oiv2::linear_int8_gemv (CUDA C++)": int8_gemv,
+        "oiv2::linear_int4_gemv g128 (CUDA C++)": int4_gemv,
         "int8 dequantize, then F.linear": int8_dequant_linear,
         "int4 g128 dequantize, then F.linear": int4_dequant_linear,
         "aten._weight_int8pack_mm": int8pack,
@@ -130,10 +136,10 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
     }
 
 
-def _int8_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    if x.shape[0] > MAX_GEMV_ROWS:
-        raise RuntimeError(f"the CUDA C++ kernel takes at most {MAX_GEMV_ROWS} rows")
-    return torch.ops.oiv2.linear_int8_gemv(x, q, s)
+def _gemv(op: Any, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] > linear_int8_gemv.MAX_ROWS:
+        raise RuntimeError(f"the CUDA C++ kernels take at most {linear_int8_gemv.MAX_ROWS} rows")
+    return op(x, *weights)
 
 
 def _check_groups(k: int) -> None:
@@ -196,7 +202,8 @@ def main() -> int:
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
-        load_extension()  # the CUDA C++ kernel: nvcc once, cached after
+        linear_int8_gemv.load_extension()  # the CUDA C++ kernels: nvcc once each, cached after
+        linear_int4_gemv.load_extension()
     bandwidth = copy_bandwidth_gbs(device)
     rows = []
     for n, k, where in linear_shapes(args.models.split(",")):

@@ -233,3 +233,55 @@ def test_int8_gemv_cuda_kernel(rows, dtype):
     assert out.dtype == dtype and out.shape == (rows, n)
     assert (out.double() - expected).norm() / expected.norm() < 5e-3
     torch.library.opcheck(torch.ops.oiv2.linear_int8_gemv.default, (x, q, scales))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_gemv_reference_and_fake(group):
+    from oiv2compile.kernels.linear_int4_gemv import linear_int4_gemv_ref
+
+    w = _weight(40, 2 * group, group)
+    packed, scales, zeros = quantize_int4(w, group, torch.float32)
+    x = torch.randn(3, 2 * group)
+    torch.library.opcheck(torch.ops.oiv2.linear_int4_gemv.default, (x, packed, scales, zeros))
+    expected = F.linear(x.double(), dequantize_int4(packed, scales, zeros).double())
+    out = linear_int4_gemv_ref(x, packed, scales, zeros)
+    assert (out.double() - expected).norm() / expected.norm() < 1e-6
+
+
+def test_cuda_extensions_are_named_by_their_sources(tmp_path, monkeypatch):
+    """A changed kernel or shared header gives a new library name, so a stale build is never loaded."""
+    from oiv2compile.kernels import _cuda_extension
+
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    source = csrc / "k.cu"
+    source.write_text("a")
+    (csrc / "common.cuh").write_text("b")
+    monkeypatch.setattr(_cuda_extension, "CSRC", csrc)
+    first = _cuda_extension.extension_name(source)
+    assert first.startswith("oiv2_k_") and first == _cuda_extension.extension_name(source)
+    (csrc / "common.cuh").write_text("c")
+    second = _cuda_extension.extension_name(source)
+    source.write_text("d")
+    assert len({first, second, _cuda_extension.extension_name(source)}) == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_int4_gemv_cuda_kernel(rows, group, dtype):
+    """The CUDA C++ kernel on an odd N and a K whose row of bytes is not a multiple of a warp's step
+    (K = 4224: 2112 bytes = 4 * 512 + 64), against the weights the layout stands for."""
+    from oiv2compile.kernels.linear_int4_gemv import load_extension
+
+    load_extension()
+    n, k = 1001, 4224
+    gen = torch.Generator().manual_seed(rows * group)
+    x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
+    packed, scales, zeros = quantize_int4(_weight(n, k, rows).cuda(), group, dtype)
+    expected = F.linear(x.double(), dequantize_int4(packed, scales, zeros).double())
+    out = torch.ops.oiv2.linear_int4_gemv(x, packed, scales, zeros)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    assert (out.double() - expected).norm() / expected.norm() < 5e-3
+    torch.library.opcheck(torch.ops.oiv2.linear_int4_gemv.default, (x, packed, scales, zeros))

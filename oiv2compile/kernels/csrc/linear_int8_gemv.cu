@@ -8,59 +8,21 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "gemv_common.cuh"
+
 namespace {
+
+using namespace oiv2_gemv;
 
 constexpr int kWarps = 4;
 constexpr int kUnroll = 4;
 
-__device__ __forceinline__ int4 load_stream(const int4* p) {
-  int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
+// int8 -> float: byte b, biased to b ^ 0x80 in 0..255, in the mantissa of 2^23, minus 2^23 + 128.
 __device__ __forceinline__ float byte_to_float(uint32_t biased, uint32_t selector) {
-  return __uint_as_float(__byte_perm(biased, 0x4B000000u, selector)) - 8388736.0f;
+  return byte_plus_2p23(biased, selector) - (k2p23 + 128.0f);
 }
-
-template <typename T>
-__device__ __forceinline__ void to_float8(const uint4& v, float* out);
-
-template <>
-__device__ __forceinline__ void to_float8<__nv_bfloat16>(const uint4& v, float* out) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = __uint_as_float(w[i] << 16);
-    out[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-  }
-}
-
-template <>
-__device__ __forceinline__ void to_float8<__half>(const uint4& v, float* out) {
-  const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 f = __half22float2(h[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
 
 template <typename T, int M>
 __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restrict__ x,
@@ -110,10 +72,7 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
     }
   }
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], off);
-  }
+  for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
   if (lane == 0) {
     const float s = to_float(scales[n]);
 #pragma unroll

@@ -1,0 +1,44 @@
+"""Compiling and loading the hand-written CUDA C++ kernels (csrc/): once per source and torch build,
+with nvcc, about a minute the first time and cached after. Each library registers its op's CUDA
+kernel (TORCH_LIBRARY_IMPL) when it loads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc"
+
+
+def extension_name(source: Path) -> str:
+    """A name that changes with the source, the headers beside it and the torch build, so a stale
+    library is never reused."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in (source, *sorted(CSRC.glob("*.cuh"))):
+        digest.update(path.read_bytes())
+    return f"oiv2_{source.stem}_{digest.hexdigest()[:12]}"
+
+
+def load(source: Path, build_dir: Path | None = None) -> Path:
+    """Compile `source` for this GPU (unless already built) and load it; returns the library."""
+    from torch.utils import cpp_extension
+
+    name = extension_name(source)
+    build_dir = build_dir or Path(os.environ.get("OIV2_EXTENSIONS_DIR", Path.home() / ".cache" / "oiv2compile" / "ext"))
+    target = build_dir / name
+    target.mkdir(parents=True, exist_ok=True)
+    major, minor = torch.cuda.get_device_capability()
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    cpp_extension.load(
+        name=name,
+        sources=[str(source)],
+        extra_cuda_cflags=["-O3", "--use_fast_math"],
+        extra_include_paths=[str(CSRC)],
+        build_directory=str(target),
+        is_python_module=False,
+        verbose=False,
+    )
+    return target / f"{name}.so"

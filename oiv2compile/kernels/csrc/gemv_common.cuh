@@ -1,0 +1,68 @@
+// What the hand-written GEMV kernels (linear_int8_gemv.cu, linear_int4_gemv.cu) share: streaming
+// 128-bit loads, activations to float, a byte to float without the I2F unit, a warp's sum.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+namespace oiv2_gemv {
+
+// A weight row is read once: a non-allocating load keeps it out of L1, where x stays.
+__device__ __forceinline__ int4 load_stream(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Byte `selector & 3` of `word` placed in the mantissa of 2^23: the float 2^23 + byte (one PRMT).
+// Subtracting 2^23 (plus any bias) gives the byte back exactly.
+__device__ __forceinline__ float byte_plus_2p23(uint32_t word, uint32_t selector) {
+  return __uint_as_float(__byte_perm(word, 0x4B000000u, selector));
+}
+constexpr float k2p23 = 8388608.0f;
+
+// Eight activations (16 bytes) to float.
+template <typename T>
+__device__ __forceinline__ void to_float8(const uint4& v, float* out);
+
+template <>
+__device__ __forceinline__ void to_float8<__nv_bfloat16>(const uint4& v, float* out) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+  }
+}
+
+template <>
+__device__ __forceinline__ void to_float8<__half>(const uint4& v, float* out) {
+  const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 f = __half22float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+}  // namespace oiv2_gemv
