@@ -91,7 +91,7 @@ class BenchRequest:
     model: str  # a preset, a Hugging Face model directory, or an artifact directory
     backends: tuple[str, ...] | None = None  # None: every backend, or an artifact's own
     baselines: tuple[str, ...] = BASELINES
-    quants: tuple[str, ...] = ("none",)
+    quants: tuple[str, ...] | None = None  # None: none, or an artifact's own
     batch_sizes: tuple[int, ...] = (1,)
     prompt_len: int = 128
     new_tokens: int = 128
@@ -106,8 +106,8 @@ class BenchRequest:
     def __post_init__(self) -> None:
         _check_names("--backends", self.backends or (), BACKENDS)
         _check_names("--baselines", self.baselines, BASELINES)
-        _check_names("--quant", self.quants, QUANTS)
-        if not self.quants:
+        _check_names("--quant", self.quants or (), QUANTS)
+        if self.quants is not None and not self.quants:
             raise InvalidRequestError("--quant lists no quantization; give at least one of none, int8, int4.")
         if self.backends is not None and not self.backends and not self.baselines:
             raise InvalidRequestError("Nothing to measure: give at least one backend or baseline.")
@@ -271,7 +271,8 @@ def run_bench(
     cfg = _base_config(request, source)
     device = torch.device(cfg.device.value)
     backends = request.backends if request.backends is not None else _default_backends(source)
-    targets = [_target(backend, quant, source) for backend in backends for quant in request.quants]
+    quants = request.quants if request.quants is not None else _default_quants(source)
+    targets = [_target(backend, quant, source) for backend in backends for quant in quants]
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "model": request.model,
@@ -457,6 +458,12 @@ def _default_backends(source: _Source) -> tuple[str, ...]:
     if source.manifest is not None:
         return (source.manifest["build_config"]["backend"],)
     return BACKENDS
+
+
+def _default_quants(source: _Source) -> tuple[str, ...]:
+    if source.manifest is not None:
+        return (source.manifest["build_config"].get(_QUANT_FIELD, "none"),)
+    return ("none",)
 
 
 # The BuildConfig field that weight-only quantization (issue 5) adds, with the quantization's name as

@@ -112,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
         "--backends", help="comma-separated, of inductor,eager,onnx,tensorrt (default: all; an artifact: its own)"
     )
     bench.add_argument("--baselines", help="comma-separated, of hf-eager,hf-static; '' for none (default: both)")
-    bench.add_argument("--quant", help="weight quantizations, comma-separated, of none,int8,int4 (default: none)")
+    bench.add_argument(
+        "--quant", help="weight quantizations, comma-separated, of none,int8,int4 (default: none; an artifact: its own)"
+    )
     bench.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights and activations")
     bench.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8,32 (default: 1)")
     bench.add_argument("--prompt-len", type=int, help="random prompt tokens per sequence (default: 128)")

@@ -261,6 +261,25 @@ def test_bench_an_artifact(first_run, tmp_path):
     assert not (tmp_path / "unused-cache").exists()
 
 
+def test_bench_a_quantized_artifact_measures_its_own_quantization(first_run, tmp_path):
+    assert first_run["code"] == 0, first_run["stderr"]
+    artifact = next(
+        r["artifact"] for r in _report(first_run["out"])["rows"] if (r["backend"], r["quant"]) == ("eager", "int8")
+    )
+    code, _, err = _bench(tmp_path / "out", *_tiny_args(tmp_path / "cache", artifact, "--baselines", ""))
+    assert code == 0, err
+    report = _report(tmp_path / "out")
+    assert [(r["backend"], r["quant"], r["status"]) for r in report["rows"]] == [("eager", "int8", "ok")]
+    assert report["args"]["quants"] is None  # what was asked: the artifact's own
+    # Asking for another quantization of an artifact is an unavailable row that says why.
+    code, _, err = _bench(
+        tmp_path / "out2", *_tiny_args(tmp_path / "cache", artifact, "--baselines", "", "--quant", "none")
+    )
+    assert code == 0, err
+    (row,) = _report(tmp_path / "out2")["rows"]
+    assert row["status"] == "unavailable" and "quantization int8" in row["reason"]
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
