@@ -17,6 +17,20 @@ __device__ __forceinline__ int4 load_stream(const int4* p) {
   return v;
 }
 
+// The bytes of one row that a warp reads per load: 16 per lane.
+constexpr int kWarpStep = 32 * 16;
+
+// kUnroll loads of a lane's 16 bytes, kWarpStep apart from byte `base` of `row`, all issued before
+// any is used; past the row's end, zeros.
+template <int kUnroll>
+__device__ __forceinline__ void load_row(const uint8_t* row, int base, int row_bytes, int4 (&out)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int b = base + u * kWarpStep;
+    out[u] = b < row_bytes ? load_stream(reinterpret_cast<const int4*>(row + b)) : make_int4(0, 0, 0, 0);
+  }
+}
+
 // Byte `selector & 3` of `word` placed in the mantissa of 2^23: the float 2^23 + byte (one PRMT).
 // Subtracting 2^23 (plus any bias) gives the byte back exactly.
 __device__ __forceinline__ float byte_plus_2p23(uint32_t word, uint32_t selector) {

@@ -44,17 +44,12 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int4_kernel(const T* __restr
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-  constexpr int kStep = 32 * kChunk;  // bytes of one row that a warp reads per load
-  for (int base = lane * kChunk; base < row_bytes; base += kStep * kUnroll) {
+  for (int base = lane * kChunk; base < row_bytes; base += kWarpStep * kUnroll) {
     int4 wv[kUnroll];
+    load_row<kUnroll>(row, base, row_bytes, wv);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int b = base + u * kStep;
-      wv[u] = b < row_bytes ? load_stream(reinterpret_cast<const int4*>(row + b)) : make_int4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int b = base + u * kStep;
+      const int b = base + u * kWarpStep;
       if (b >= row_bytes) break;
       const int g = b / half;
       const int first = g * group + (b - g * half);  // feature of the first byte's low nibble

@@ -36,17 +36,12 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-  constexpr int kStep = 32 * 16;  // bytes of one row that a warp reads per load
-  for (int base = lane * 16; base < K; base += kStep * kUnroll) {
+  for (int base = lane * 16; base < K; base += kWarpStep * kUnroll) {
     int4 wv[kUnroll];
+    load_row<kUnroll>(reinterpret_cast<const uint8_t*>(row), base, K, wv);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int k = base + u * kStep;
-      wv[u] = k < K ? load_stream(reinterpret_cast<const int4*>(row + k)) : make_int4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int k = base + u * kStep;
+      const int k = base + u * kWarpStep;
       if (k >= K) break;
       const uint32_t words[4] = {static_cast<uint32_t>(wv[u].x) ^ 0x80808080u,
                                  static_cast<uint32_t>(wv[u].y) ^ 0x80808080u,
