@@ -17,6 +17,7 @@ from oiv2compile.capture import DECODE, DECODE_B1, PREFILL, CacheSpec, CapturedP
 from oiv2compile.errors import BuildError, UnsupportedModelError
 from oiv2compile.models import SUPPORTED_MODEL_TYPES
 from oiv2compile.passes import PassRecord
+from oiv2compile.passes.fx_utils import attr_tensors
 
 # Relative L2 error of the logits against HF's own forward. float32 lands near 1e-6 and bfloat16 near
 # 5e-3 on tiny random models; a wrong position, mask or cache row gives errors of order 1. A deep
@@ -153,7 +154,8 @@ def _dequantized_hf_weights(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator
             continue
         int8 = facts["scheme"] == "int8"
         layout = node.args[1:3] if int8 else node.args[1:4]  # (qweight, scales) or (packed, scales, zeros)
-        tensors = [_attr(gm, a.target) for a in layout]  # type: ignore[union-attr]
+        tensors = attr_tensors(gm, list(layout))
+        assert tensors is not None, f"{node.name}: the quantized layout is not stored in the program"
         weight = dequantize_int8(*tensors) if int8 else dequantize_int4(*tensors)
         # A fused weight (fuse_qkv, fuse_ffn) stands for several HF linears: each gets its rows.
         parts = facts.get("parts") or [(facts["storage"], weight.shape[0])]
@@ -172,11 +174,6 @@ def _dequantized_hf_weights(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator
     finally:
         for module, weight in swapped:
             module.weight = weight
-
-
-def _attr(gm: torch.fx.GraphModule, target: Any) -> torch.Tensor:
-    owner, _, leaf = str(target).rpartition(".")
-    return getattr(gm.get_submodule(owner), leaf)
 
 
 def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

@@ -29,7 +29,16 @@ from oiv2compile.config import BuildConfig, Quantization
 from oiv2compile.errors import ConfigError
 from oiv2compile.kernels.linear_int4 import quantize as quantize_int4
 from oiv2compile.kernels.linear_int8 import quantize as quantize_int8
-from oiv2compile.passes.fx_utils import add_weight, aten, call_args, drop_attr, fake_value, is_call, record
+from oiv2compile.passes.fx_utils import (
+    add_weight,
+    aten,
+    attr_tensor,
+    call_args,
+    drop_attr,
+    fake_value,
+    is_call,
+    record,
+)
 
 DECODER_LAYER = re.compile(r"\.layers\.\d+\.")
 
@@ -43,13 +52,10 @@ def quantize_weights(gm: GraphModule, cfg: BuildConfig) -> int:
             continue
         args = call_args(node)
         weight = args["weight"]
-        if not isinstance(weight, Node) or weight.op != "get_attr":
+        tensor = attr_tensor(gm, weight)
+        if tensor is None or tensor.dim() != 2 or not tensor.is_floating_point():
             continue
-        owner_name, _, leaf = str(weight.target).rpartition(".")
-        owner = gm.get_submodule(owner_name)
-        tensor = getattr(owner, leaf)
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or not tensor.is_floating_point():
-            continue
+        assert isinstance(weight, Node)
         if DECODER_LAYER.search(str(weight.target)) is None and not cfg.quant.include_output_head:
             continue
         out = fake_value(node)
