@@ -324,6 +324,8 @@ def quant_matmul(
         tiling = choose_tiling(rows, n, k, bits, group, _sm_count(x.device))
     out_dtype = torch.float32 if tiling.split_k > 1 else x.dtype
     out = torch.empty((tiling.split_k, m, n), dtype=out_dtype, device=x.device)
+    zeros = scales if zeros is None else zeros  # int8 has none: any valid tensor stands in
+    group = group if bits == 4 else 2  # int8 has no groups; 2 keeps the unused int4 ranges valid
     if tiling.gemv:
         if not (isinstance(m, int) and m == 1):
             raise ValueError(f"the GEMV tiling takes one row of x, not {m}")
@@ -331,52 +333,51 @@ def quant_matmul(
             x2,
             weight,
             scales,
-            scales if zeros is None else zeros,
+            zeros,
             out,
             weight.stride(0),
             scales.stride(0),
-            scales.stride(0) if zeros is None else zeros.stride(0),
+            zeros.stride(0),
             out.stride(0),
             N=n,
             K=k,
             BITS=bits,
-            GROUP=group if bits == 4 else 2,
+            GROUP=group,
             BLOCK_N=tiling.block_n,
             BLOCK_K=tiling.block_k,
             SPLIT_K=tiling.split_k,
             num_warps=tiling.num_warps,
             num_stages=tiling.num_stages,
         )
-        y = out[0] if tiling.split_k == 1 else out.sum(0).to(x.dtype)
-        return y.reshape(*x.shape[:-1], n)
-    grid = (triton.cdiv(m, tiling.block_m) * triton.cdiv(n, tiling.block_n), tiling.split_k)
-    wrap_triton(_quant_matmul_kernel)[grid](
-        x2,
-        weight,
-        scales,
-        scales if zeros is None else zeros,
-        out,
-        m,
-        x2.stride(0),
-        weight.stride(0),
-        scales.stride(0),
-        scales.stride(0) if zeros is None else zeros.stride(0),
-        out.stride(0),
-        out.stride(1),
-        N=n,
-        K=k,
-        BITS=bits,
-        GROUP=group if bits == 4 else 2,  # int8 has no groups; 2 keeps the unused int4 ranges valid
-        BLOCK_M=tiling.block_m,
-        BLOCK_N=tiling.block_n,
-        BLOCK_K=tiling.block_k,
-        SPLIT_K=tiling.split_k,
-        IEEE=x.dtype == torch.float32,
-        MAGIC=MAGIC.get(x.dtype, 0),
-        MAGIC_VALUE=MAGIC_VALUE.get(x.dtype, 0.0),
-        num_warps=tiling.num_warps,
-        num_stages=tiling.num_stages,
-    )
+    else:
+        grid = (triton.cdiv(m, tiling.block_m) * triton.cdiv(n, tiling.block_n), tiling.split_k)
+        wrap_triton(_quant_matmul_kernel)[grid](
+            x2,
+            weight,
+            scales,
+            zeros,
+            out,
+            m,
+            x2.stride(0),
+            weight.stride(0),
+            scales.stride(0),
+            zeros.stride(0),
+            out.stride(0),
+            out.stride(1),
+            N=n,
+            K=k,
+            BITS=bits,
+            GROUP=group,
+            BLOCK_M=tiling.block_m,
+            BLOCK_N=tiling.block_n,
+            BLOCK_K=tiling.block_k,
+            SPLIT_K=tiling.split_k,
+            IEEE=x.dtype == torch.float32,
+            MAGIC=MAGIC.get(x.dtype, 0),
+            MAGIC_VALUE=MAGIC_VALUE.get(x.dtype, 0.0),
+            num_warps=tiling.num_warps,
+            num_stages=tiling.num_stages,
+        )
     # The float32 partial sums of a split K: their sum and cast fuse into whatever reads y.
     y = out[0] if tiling.split_k == 1 else out.sum(0).to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
