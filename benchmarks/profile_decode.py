@@ -27,6 +27,7 @@ import torch
 
 import oiv2compile
 from oiv2compile.bench import copy_bandwidth_gbs, environment
+from oiv2compile.runtime.sampling import argmax
 
 # What a kernel does, from its name (first match wins): ours, then cuBLAS/CUTLASS products, then
 # Inductor's generated kernels (pointwise, reduction, persistent reduction).
@@ -59,13 +60,13 @@ def profile_artifact(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.prompt_len + steps_total > engine.max_seq_len:
         raise SystemExit(f"{path}: --prompt-len plus the steps exceed the artifact's max_seq_len {engine.max_seq_len}")
     slots, logits = engine.prefill(prompts)
-    tokens = logits.argmax(-1)
+    tokens = argmax(logits)
     position = args.prompt_len
 
     def step() -> None:
         nonlocal tokens, position
         positions = torch.full((args.batch,), position, dtype=torch.long, device=device)
-        tokens = engine.decode(tokens, positions, slots).argmax(-1)
+        tokens = argmax(engine.decode(tokens, positions, slots))
         position += 1
 
     for _ in range(args.warmup):

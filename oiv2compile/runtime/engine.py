@@ -25,7 +25,7 @@ import torch
 from oiv2compile.capture import DECODE, DECODE_B1, PREFILL, CacheSpec
 from oiv2compile.errors import InvalidRequestError
 from oiv2compile.runtime.cuda_graphs import DecodeGraphs
-from oiv2compile.runtime.sampling import SamplingParams, sample
+from oiv2compile.runtime.sampling import SamplingParams, argmax, sample
 
 Program = Callable[..., torch.Tensor]
 
@@ -264,7 +264,7 @@ class Engine:
             for i, logits in enumerate(self._forced_steps(wave[:, :-1], 1)):
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 nlls.append(-logp.gather(1, wave[:, i + 1, None])[:, 0])
-                tops.append(logits.argmax(dim=-1))
+                tops.append(argmax(logits))
             nll_rows.append(torch.stack(nlls, dim=1).double().cpu())
             top_rows.append(torch.stack(tops, dim=1).cpu())
             if progress is not None:

@@ -39,10 +39,45 @@ class SamplingParams:
         return gen
 
 
+# A row of logits is reduced in two passes where it is long: ATen's argmax gives a [1, 128256] row to
+# one thread block (29.5 us a decode step on an H200 in the llama-1b profile, benchmarks/RESULTS.md),
+# while the maximum of each of up to 256 slices spreads over many. Not yet timed on a GPU.
+_MAX_SLICES = 256
+_MIN_LENGTH = 32768
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> the index of each row's maximum [B] int64, the first one where several are
+    equal, as torch.argmax gives it (NaN counts as the maximum)."""
+    slices = _slices(logits.shape[-1]) if logits.is_cuda else 1
+    if slices == 1:
+        return logits.argmax(dim=-1)
+    return two_pass_argmax(logits, slices)
+
+
+def two_pass_argmax(logits: torch.Tensor, slices: int) -> torch.Tensor:
+    """argmax over `slices` equal slices of each row, then over their maxima: the first slice holding
+    the maximum, and the first index in it, is the first index of the row."""
+    batch, vocab = logits.shape
+    values, within = logits.reshape(batch, slices, vocab // slices).max(dim=-1)  # [B, slices]
+    best = values.argmax(dim=-1, keepdim=True)  # [B, 1]
+    return (best * (vocab // slices) + within.gather(1, best))[:, 0]
+
+
+def _slices(vocab: int) -> int:
+    """The largest power of two up to _MAX_SLICES dividing a row of at least _MIN_LENGTH; else 1."""
+    if vocab < _MIN_LENGTH:
+        return 1
+    slices = _MAX_SLICES
+    while vocab % slices:
+        slices //= 2
+    return slices if slices >= 16 else 1
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> token ids [B] int64."""
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     scores = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]  # [B, 1]
@@ -58,4 +93,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, with no sync (torch.multinomial
     # may synchronise).
     noise = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / noise).argmax(dim=-1)
+    return argmax(probs / noise)

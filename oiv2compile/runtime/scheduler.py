@@ -40,7 +40,7 @@ import torch
 
 from oiv2compile.errors import Oiv2Error
 from oiv2compile.runtime.engine import Engine
-from oiv2compile.runtime.sampling import SamplingParams, sample
+from oiv2compile.runtime.sampling import SamplingParams, argmax, sample
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class Scheduler:
             logits = self.engine.decode(
                 [s.generated[-1] for s in seqs], [s.position for s in seqs], [s.slot for s in seqs]
             )
-            greedy = logits.argmax(dim=-1).tolist()
+            greedy = argmax(logits).tolist()
         except Exception as exc:
             log.exception("a decode step of %d sequences failed", len(seqs))
             for seq in seqs:
@@ -342,7 +342,7 @@ class Scheduler:
     def _prefill(self, batch: list[_Sequence]) -> None:
         try:
             slots, logits = self.engine.prefill([s.prompt_ids for s in batch])
-            greedy = logits.argmax(dim=-1).tolist()
+            greedy = argmax(logits).tolist()
         except Exception as exc:
             if len(batch) > 1:  # find the prompt that raises; the others run
                 for seq in batch:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from oiv2compile.errors import InvalidRequestError
-from oiv2compile.runtime.sampling import SamplingParams, sample
+from oiv2compile.runtime.sampling import SamplingParams, _slices, argmax, sample, two_pass_argmax
 
 LOGITS = torch.tensor([[0.0, 3.0, 1.0, 2.5, -1.0], [5.0, 0.0, 4.9, 0.1, 0.2]])
 
@@ -55,3 +55,35 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_bad_parameters(kwargs, message):
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_argmax_is_argmax_ties_and_nan_included(dtype):
+    """The first index of the maximum, as torch.argmax: ties within a slice, across slices, at slice
+    edges, a row of equal values, -inf, and NaN (the maximum where there is one)."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(9, 4096, generator=gen).to(dtype)
+    rows[1, [100, 2000, 3000]] = 9.0  # three slices hold the maximum: the first counts
+    rows[2, [255, 256]] = 9.0  # the last of one slice and the first of the next
+    rows[3] = 1.0  # all equal: index 0
+    rows[4, 17] = float("inf")
+    rows[5] = float("-inf")
+    rows[6, 4000] = float("nan")
+    rows[7, [300, 301]] = 9.0  # two equal in one slice
+    for slices in (16, 64, 256):
+        assert torch.equal(two_pass_argmax(rows, slices), rows.argmax(dim=-1)), slices
+
+
+def test_argmax_slices_by_the_vocabulary():
+    assert _slices(128256) == 256 and _slices(151936) == 128 and _slices(65536) == 256
+    assert _slices(40001) == 1 and _slices(32000) == 1  # odd, or short enough for one pass
+    logits = torch.randn(3, 128256)
+    assert torch.equal(argmax(logits), logits.argmax(dim=-1))  # on the CPU: torch.argmax itself
+
+
+@pytest.mark.cuda
+def test_argmax_on_cuda_takes_two_passes_and_agrees():
+    logits = torch.randn(5, 128256, device="cuda", dtype=torch.bfloat16)
+    logits[1, [7, 70000]] = 50.0
+    assert _slices(logits.shape[-1]) == 256
+    assert torch.equal(argmax(logits), logits.argmax(dim=-1))
