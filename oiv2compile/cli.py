@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--no-fuse-qkv", action="store_true", help="keep the q, k and v projections apart")
     build.add_argument("--no-fuse-ffn", action="store_true", help="keep the MLP's gate and up projections apart")
     build.add_argument("--no-fuse-norms", action="store_true", help="keep residual adds and RMSNorms apart")
+    build.add_argument(
+        "--no-fuse-rope-kv-write",
+        action="store_true",
+        help="keep the rotary embedding of q and k apart from the cache writes",
+    )
     build.add_argument("--force", action="store_true", help="replace OUT if it exists")
     build.set_defaults(func=_build)
 
@@ -177,7 +182,9 @@ def _build(args: argparse.Namespace) -> int:
         overrides["enable_verification"] = False
     if args.no_cuda_graphs:
         overrides["cuda_graphs"] = {"enable_capture": False}
-    fusion = {f"enable_{name}": False for name in ("qkv", "ffn", "norms") if getattr(args, f"no_fuse_{name}")}
+    fusion = {
+        f"enable_{name}": False for name in ("qkv", "ffn", "norms", "rope_kv_write") if getattr(args, f"no_fuse_{name}")
+    }
     if fusion:
         overrides["fusion"] = fusion
     print(f"building {args.model} -> {args.out}", file=sys.stderr)

@@ -81,6 +81,9 @@ class FusionConfig:
     enable_ffn: bool = True
     # Residual add and RMSNorm as one oiv2::add_rms_norm (passes/fuse_norms.py).
     enable_norms: bool = True
+    # Rotary embedding of q and k and the two cache writes as one oiv2::rope_kv_write, where q, k and v
+    # are fused (passes/fuse_rope_kv_write.py).
+    enable_rope_kv_write: bool = True
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,7 @@ class BuildConfig:
 
     def resolve(self, *, cuda_available: bool) -> BuildConfig:
         """Turn `auto` device and dtype into the concrete choice for this machine, and drop what the
-        backend cannot lower: the onnx backend builds without fuse_ffn, fuse_norms and the quantized
+        backend cannot lower: the onnx backend builds without fuse_ffn, fuse_norms, fuse_rope_kv_write and the quantized
         embedding (their oiv2 ops have no ONNX translation yet; ONNX Runtime fuses RMSNorm and the
         residual add before it itself), and the manifest records the config as built."""
         device = self.device
@@ -163,7 +166,7 @@ class BuildConfig:
             dtype = DType.BFLOAT16 if device is Device.CUDA else DType.FLOAT32
         fusion, quant = self.fusion, self.quant
         if self.backend is Backend.ONNX:
-            fusion = dataclasses.replace(fusion, enable_ffn=False, enable_norms=False)
+            fusion = dataclasses.replace(fusion, enable_ffn=False, enable_norms=False, enable_rope_kv_write=False)
             quant = dataclasses.replace(quant, include_embedding=False)
         return dataclasses.replace(self, device=device, dtype=dtype, fusion=fusion, quant=quant)
 

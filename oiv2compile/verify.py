@@ -45,6 +45,7 @@ def check_pass_counts(
         "rewrite_kv_cache": (2 * spec.num_layers, "cache writes"),
         "substitute_attention": (spec.num_layers, "attention layers"),
         "fuse_qkv": (spec.num_layers, "q, k, v projection triples"),
+        "fuse_rope_kv_write": (spec.num_layers, "rotary embeddings and cache writes"),
         "fuse_ffn": (spec.num_layers, "gated MLPs"),
         # The first layer's input norm has no residual add before it; the final norm has one.
         "fuse_norms": (2 * spec.num_layers, "residual adds followed by an RMSNorm"),
@@ -67,7 +68,7 @@ def check_pass_counts(
             )
 
 
-_FUSIONS = ("fuse_qkv", "fuse_ffn", "fuse_norms")
+_FUSIONS = ("fuse_qkv", "fuse_rope_kv_write", "fuse_ffn", "fuse_norms")
 
 
 @torch.no_grad()

@@ -15,7 +15,14 @@ from tests.conftest import PROMPTS, TINY_BUILD, hf_greedy
 
 NEW_TOKENS = 32
 # Rewrites per program of a tiny (two-layer) preset built with the default passes.
-PASS_COUNTS = {"rewrite_kv_cache": 4, "substitute_attention": 2, "fuse_qkv": 2, "fuse_ffn": 2, "fuse_norms": 4}
+PASS_COUNTS = {
+    "rewrite_kv_cache": 4,
+    "substitute_attention": 2,
+    "fuse_qkv": 2,
+    "fuse_rope_kv_write": 2,
+    "fuse_ffn": 2,
+    "fuse_norms": 4,
+}
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "mistral-tiny", "qwen2-tiny"])

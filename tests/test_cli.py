@@ -65,7 +65,12 @@ def test_build_run_inspect(capsys, tmp_path):
     code, stdout, _ = _cli(capsys, "inspect", str(out), "--json")
     manifest = json.loads(stdout)
     assert manifest["model"]["architecture"] == "LlamaForCausalLM"
-    assert manifest["build_config"]["fusion"] == {"enable_qkv": True, "enable_ffn": True, "enable_norms": False}
+    assert manifest["build_config"]["fusion"] == {
+        "enable_qkv": True,
+        "enable_ffn": True,
+        "enable_norms": False,
+        "enable_rope_kv_write": True,
+    }
     assert "fuse_norms" not in manifest["passes"]["decode"] and manifest["passes"]["decode"]["fuse_ffn"]["count"] == 2
 
 

@@ -15,7 +15,9 @@ def test_defaults_and_frozen():
     assert cfg.backend is Backend.INDUCTOR and cfg.device is Device.AUTO and cfg.dtype is DType.AUTO
     assert cfg.max_batch_size == 8 and cfg.max_seq_len is None
     assert cfg.enable_verification and cfg.attention.enable_substitution and cfg.kv_cache.enable_rewrite
-    assert cfg.fusion.enable_qkv and cfg.fusion.enable_ffn and cfg.fusion.enable_norms
+    assert (
+        cfg.fusion.enable_qkv and cfg.fusion.enable_ffn and cfg.fusion.enable_norms and cfg.fusion.enable_rope_kv_write
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.max_batch_size = 2  # type: ignore[misc]
 
@@ -74,7 +76,9 @@ def test_the_onnx_backend_builds_without_the_fusions_it_cannot_lower():
     from oiv2compile.config import FusionConfig
 
     onnx = BuildConfig().replace(backend="onnx").resolve(cuda_available=False)
-    assert onnx.fusion == FusionConfig(enable_qkv=True, enable_ffn=False, enable_norms=False)
+    assert onnx.fusion == FusionConfig(
+        enable_qkv=True, enable_ffn=False, enable_norms=False, enable_rope_kv_write=False
+    )
     assert not onnx.quant.include_embedding  # oiv2::embedding_int8/int4 have no ONNX translation
     inductor = BuildConfig().resolve(cuda_available=False)
     assert inductor.fusion == FusionConfig() and inductor.quant.include_embedding

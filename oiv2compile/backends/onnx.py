@@ -121,23 +121,28 @@ _CHECK_ATOL = {DType.FLOAT32: 1e-3, DType.FLOAT16: 2e-2}
 def check_against_graph(
     path: Path, gm: torch.fx.GraphModule, inputs: tuple[Any, ...], names: dict[str, list[str]], cfg: BuildConfig
 ) -> float:
-    """Run the optimized model and the functional graph on the example inputs with seeded token ids;
-    raise BuildError when their logits differ beyond the dtype's tolerance. Returns the largest
-    absolute difference."""
-    import onnxruntime as ort
+    """Run the optimized model as the executor runs it (OnnxProgram: I/O binding, each present cache
+    bound to its past cache's memory) and the functional graph on the example inputs with seeded
+    token ids and random cache contents; raise BuildError when their logits differ beyond the
+    dtype's tolerance. Returns the largest absolute difference.
 
-    ids = inputs[0]
+    The binding matters on CUDA: GroupQueryAttention appends the new keys in place only where past
+    and present share a buffer; with separate buffers (a plain session.run) it lays the present cache
+    out differently, so a check through session.run tests another contract than the one the engine
+    uses."""
+    ids, positions, last_index, *caches = inputs
     vocab = int(next(iter(gm.graph.find_nodes(op="output"))).args[0][0].meta["val"].shape[-1])
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, ids.shape, generator=generator).to(ids.device)
-    inputs = (ids, *inputs[1:])
+    # Random past keys and values, so that a model reading the wrong cache positions fails too.
+    caches = [torch.randn(c.shape, generator=generator).to(device=c.device, dtype=c.dtype) for c in caches]
     with torch.no_grad():
-        expected = gm(*inputs)[0].float().cpu()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=_providers(cfg.device is Device.CUDA))
-    feeds = {name: t.detach().cpu().numpy() for name, t in zip(names["inputs"], inputs, strict=True)}
-    got = torch.from_numpy(session.run(["logits"], feeds)[0]).float()
+        expected = gm(ids, positions, last_index, *caches)[0].float().cpu()
+    device = ids.device if cfg.device is Device.CUDA else torch.device("cpu")
+    program = OnnxProgram(path, names, device)
+    slots = torch.arange(ids.shape[0], device=device)
+    bound = [c.to(device).clone() for c in caches]  # written in place by the run
+    got = program(ids.to(device), positions.to(device), slots, last_index.to(device), bound).float().cpu()
     diff = float((got - expected).abs().max())
     tolerance = _CHECK_ATOL[cfg.dtype] * (1.0 + float(expected.abs().max()))
     if not diff <= tolerance:  # NaN fails too

@@ -13,6 +13,7 @@ from oiv2compile.kernels.linear_int4 import linear_int4, linear_int4_ref
 from oiv2compile.kernels.linear_int4_gemv import linear_int4_gemv_ref
 from oiv2compile.kernels.linear_int8 import linear_int8, linear_int8_ref
 from oiv2compile.kernels.linear_int8_gemv import linear_int8_gemv_ref
+from oiv2compile.kernels.rope_kv_write import rope_kv_write, rope_kv_write_ref
 
 __all__ = [
     "add_rms_norm",
@@ -33,4 +34,6 @@ __all__ = [
     "linear_int8",
     "linear_int8_gemv_ref",
     "linear_int8_ref",
+    "rope_kv_write",
+    "rope_kv_write_ref",
 ]

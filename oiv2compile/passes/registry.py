@@ -13,6 +13,7 @@ from oiv2compile.config import BuildConfig, Quantization
 from oiv2compile.passes.fuse_ffn import fuse_ffn
 from oiv2compile.passes.fuse_norms import fuse_norms
 from oiv2compile.passes.fuse_qkv import fuse_qkv
+from oiv2compile.passes.fuse_rope_kv_write import fuse_rope_kv_write
 from oiv2compile.passes.quantize_embedding import quantize_embedding
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
@@ -24,6 +25,7 @@ PASSES: dict[str, Pass] = {
     "rewrite_kv_cache": rewrite_kv_cache,
     "substitute_attention": substitute_attention,
     "fuse_qkv": fuse_qkv,
+    "fuse_rope_kv_write": fuse_rope_kv_write,
     "fuse_ffn": fuse_ffn,
     "fuse_norms": fuse_norms,
     "quantize_weights": quantize_weights,
@@ -42,6 +44,8 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
         passes.append(substitute_attention)
     if cfg.fusion.enable_qkv:
         passes.append(fuse_qkv)
+        if cfg.fusion.enable_rope_kv_write:  # reads the fused projection's output
+            passes.append(fuse_rope_kv_write)
     if cfg.fusion.enable_ffn:
         passes.append(fuse_ffn)
     if cfg.fusion.enable_norms:

@@ -80,7 +80,12 @@ def test_quantized_onnx_artifacts_run_every_linear_as_matmul_nbits(quant, artifa
         assert engine.manifest["programs"][program]["check_max_abs_diff"] < 1e-4
     linears = engine.manifest["quantization"]["linears"]
     # q, k and v are one linear (fuse_qkv); gate and up stay apart (fuse_ffn is off for onnx).
-    assert engine.manifest["build_config"]["fusion"] == {"enable_qkv": True, "enable_ffn": False, "enable_norms": False}
+    assert engine.manifest["build_config"]["fusion"] == {
+        "enable_qkv": True,
+        "enable_ffn": False,
+        "enable_norms": False,
+        "enable_rope_kv_write": False,
+    }
     assert linears == 5 * engine.spec.num_layers + 1
     for program in ("prefill", "decode"):
         ops = _ops(path, program)

@@ -10,6 +10,7 @@ from oiv2compile.passes import PassError, pipeline, run_passes
 from oiv2compile.passes.fuse_ffn import fuse_ffn
 from oiv2compile.passes.fuse_norms import fuse_norms
 from oiv2compile.passes.fuse_qkv import fuse_qkv
+from oiv2compile.passes.fuse_rope_kv_write import fuse_rope_kv_write
 from oiv2compile.passes.quantize_embedding import quantize_embedding
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
@@ -18,7 +19,14 @@ from tests.passes.helpers import PREFILL, aten, captured
 
 
 def test_pipeline_follows_the_config():
-    assert pipeline(BuildConfig()) == [rewrite_kv_cache, substitute_attention, fuse_qkv, fuse_ffn, fuse_norms]
+    assert pipeline(BuildConfig()) == [
+        rewrite_kv_cache,
+        substitute_attention,
+        fuse_qkv,
+        fuse_rope_kv_write,
+        fuse_ffn,
+        fuse_norms,
+    ]
     # The fusions come before quantization, which quantizes the fused weights; the table after the
     # head, whose quantized tensors a tied table reads.
     int8 = BuildConfig().replace(quantization="int8", fusion={"enable_norms": False})
@@ -26,10 +34,13 @@ def test_pipeline_follows_the_config():
         rewrite_kv_cache,
         substitute_attention,
         fuse_qkv,
+        fuse_rope_kv_write,
         fuse_ffn,
         quantize_weights,
         quantize_embedding,
     ]
+    # The rotary fusion reads the fused projection: without fuse_qkv it does not run.
+    assert fuse_rope_kv_write not in pipeline(BuildConfig().replace(fusion={"enable_qkv": False}))
     no_table = int8.replace(quant={"include_embedding": False})
     assert pipeline(no_table)[-1] is quantize_weights
     unfused = {"enable_qkv": False, "enable_ffn": False, "enable_norms": False}

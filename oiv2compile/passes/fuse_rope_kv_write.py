@@ -1,0 +1,189 @@
+"""fuse_rope_kv_write: a layer's rotary embedding of q and k and its two cache writes become one
+oiv2::rope_kv_write reading the fused q/k/v projection's output.
+
+Before (after fuse_qkv, rewrite_kv_cache and substitute_attention; Hugging Face's
+apply_rotary_pos_emb as export records it, `rot(x) = x * c + cat(-x[..., D/2:], x[..., :D/2]) * s`):
+    q, k, v = aten.split_with_sizes(qkv, [Hq * D, Hkv * D, Hkv * D], -1)   # qkv [B, S, (Hq + 2 Hkv) * D]
+    q, k, v = (aten.transpose(aten.view(t, [B, S, -1, D]), 1, 2) for t in (q, k, v))   # [B, H, S, D]
+    c, s    = aten.unsqueeze(cos, 1), aten.unsqueeze(sin, 1)                # cos, sin [B, S, D]
+    oiv2.kv_write(k_cache, rot(k), slots, positions)
+    oiv2.kv_write(v_cache, v, slots, positions)
+    out     = oiv2.attention(rot(q), k_cache, v_cache, slots, positions, scale)
+After:
+    q_rot   = oiv2.rope_kv_write(qkv, cos, sin, k_cache, v_cache, slots, positions, Hq, Hkv)   # [B, Hq, S, D]
+    out     = oiv2.attention(q_rot, k_cache, v_cache, slots, positions, scale)
+One rewrite per attention layer. The rotation is matched as a pattern; pairing it with the cache
+writes is a node walk, because attention depends on the writes through the mutated caches, not
+through a value a pattern could follow.
+
+Preconditions: fuse_qkv ran (q, k and v are the three parts of one split of a [B, S, W] tensor, each
+viewed as [B, S, H, D] and transposed); q and k are rotated with the same cos and sin, [B, S, D] in
+qkv's dtype, over the whole head dimension (half = D / 2); the rotated q feeds only the attention and
+the rotated k only its cache write; both writes use the attention's slots and positions. Skips a
+layer without rotary embedding, partial rotary (half < D / 2), and layers whose projections were not
+fused.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from oiv2compile import kernels  # noqa: F401  (registers the oiv2 ops this pass inserts)
+from oiv2compile.config import BuildConfig
+from oiv2compile.passes.fx_utils import Match, aten, fake_value, find_pattern, is_call, record
+
+log = logging.getLogger(__name__)
+
+_KV_WRITE = torch.ops.oiv2.kv_write.default
+_ATTENTION = torch.ops.oiv2.attention.default
+_HEAD_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _rotary(x, cos, sin, dim_lo, start, half_lo, dim_hi, half_hi, end, cat_dim):  # type: ignore[no-untyped-def]
+    rotated = aten.cat.default(
+        [aten.neg.default(aten.slice.Tensor(x, dim_hi, half_hi, end)), aten.slice.Tensor(x, dim_lo, start, half_lo)],
+        cat_dim,
+    )
+    return aten.add.Tensor(aten.mul.Tensor(x, cos), aten.mul.Tensor(rotated, sin))
+
+
+@dataclass(frozen=True)
+class _Layer:
+    qkv: Node
+    cos: Node
+    sin: Node
+    writes: tuple[Node, Node]  # the k and v cache writes
+    num_heads: int
+    num_kv_heads: int
+
+
+def fuse_rope_kv_write(gm: GraphModule, cfg: BuildConfig) -> int:
+    rotations = {m.outputs[0]: m for m in find_pattern(gm, _rotary, _whole_head_rotation)}
+    writes = {node.args[0]: node for node in gm.graph.find_nodes(op="call_function", target=_KV_WRITE)}
+    count = 0
+    for attention in list(gm.graph.find_nodes(op="call_function", target=_ATTENTION)):
+        layer = _layer(attention, rotations, writes)
+        if layer is None:
+            continue
+        _rewrite(gm, attention, layer)
+        count += 1
+    log.debug("fuse_rope_kv_write: %d layers fused", count)
+    return count
+
+
+def _whole_head_rotation(match: Match) -> bool:
+    a = match.args
+    x = fake_value(a["x"])
+    if x is None or x.dim() != 4:
+        return False
+    d = x.shape[-1]
+    ints = [a[name] for name in ("dim_lo", "start", "half_lo", "dim_hi", "half_hi", "end", "cat_dim")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints) or not isinstance(d, int):
+        return False
+    return (
+        a["dim_lo"] in (3, -1)
+        and a["dim_hi"] in (3, -1)
+        and a["cat_dim"] in (3, -1)
+        and a["start"] == 0
+        and a["half_lo"] == a["half_hi"] == d // 2
+        and d % 2 == 0
+        and a["end"] >= d
+    )
+
+
+def _layer(attention: Node, rotations: dict[Any, Match], writes: dict[Any, Node]) -> _Layer | None:
+    args: tuple[Any, ...] = attention.args
+    q_rot, k_cache, v_cache, slots, positions = args[:5]
+    write_k, write_v = writes.get(k_cache), writes.get(v_cache)
+    if write_k is None or write_v is None:
+        return None
+    if any(tuple(w.args[2:4]) != (slots, positions) for w in (write_k, write_v)):
+        return None
+    k_rot: Any = write_k.args[1]
+    rot_q, rot_k = rotations.get(q_rot), rotations.get(k_rot)
+    if rot_q is None or rot_k is None or len(q_rot.users) != 1 or len(k_rot.users) != 1:
+        return None
+    cos_u, sin_u = rot_q.args["cos"], rot_q.args["sin"]
+    if rot_k.args["cos"] is not cos_u or rot_k.args["sin"] is not sin_u:
+        return None
+    parts = [_head_part(x) for x in (rot_q.args["x"], rot_k.args["x"], write_v.args[1])]
+    if any(p is None for p in parts):
+        return None
+    splits = {p[0] for p in parts if p is not None}
+    if len(splits) != 1 or [p[1] for p in parts if p is not None] != [0, 1, 2]:
+        return None
+    split = splits.pop()
+    cos, sin = _squeezed(cos_u), _squeezed(sin_u)
+    if cos is None or sin is None:
+        return None
+    qkv: Any = split.args[0]
+    sizes: Any = split.args[1]
+    heads = _head_counts(qkv, sizes, cos, sin, fake_value(rot_q.args["x"]), fake_value(write_v.args[1]))
+    if heads is None:
+        return None
+    return _Layer(qkv, cos, sin, (write_k, write_v), *heads)
+
+
+def _head_part(x: Any) -> tuple[Node, int] | None:
+    """(split, index) where x = transpose(view(split[index], [B, S, H, D]), 1, 2), else None."""
+    if not is_call(x, aten.transpose.int) or sorted(x.args[1:3]) != [1, 2]:
+        return None
+    view = x.args[0]
+    if not is_call(view, *_HEAD_VIEWS):
+        return None
+    item = view.args[0]
+    if not is_call(item, operator.getitem) or not is_call(item.args[0], aten.split_with_sizes.default):
+        return None
+    split = item.args[0]
+    if len(split.args) < 3 or split.args[2] not in (-1, 2):
+        return None
+    return split, item.args[1]
+
+
+def _squeezed(node: Any) -> Node | None:
+    """cos for aten.unsqueeze(cos, 1), else None."""
+    if not is_call(node, aten.unsqueeze.default) or node.args[1] != 1:
+        return None
+    return node.args[0]
+
+
+def _head_counts(qkv: Any, sizes: Any, cos: Node, sin: Node, q_heads: Any, v_heads: Any) -> tuple[int, int] | None:
+    """(Hq, Hkv) where qkv [B, S, (Hq + 2 Hkv) * D] splits into sizes [Hq * D, Hkv * D, Hkv * D] and
+    cos, sin are [B, S, D] in qkv's dtype; else None."""
+    vx, vc, vs = fake_value(qkv), fake_value(cos), fake_value(sin)
+    if any(v is None for v in (vx, vc, vs, q_heads, v_heads)) or vx.dim() != 3:
+        return None
+    num_heads, d = q_heads.shape[1], q_heads.shape[-1]
+    num_kv_heads = v_heads.shape[1]
+    if not all(isinstance(v, int) for v in (num_heads, num_kv_heads, d)):
+        return None
+    if list(sizes) != [num_heads * d, num_kv_heads * d, num_kv_heads * d] or vx.shape[-1] != sum(sizes):
+        return None
+    for trig in (vc, vs):
+        if trig.dim() != 3 or trig.shape[-1] != d or trig.dtype != vx.dtype:
+            return None
+    return num_heads, num_kv_heads
+
+
+def _rewrite(gm: GraphModule, attention: Node, layer: _Layer) -> None:
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    first = min(layer.writes, key=order.__getitem__)
+    args: tuple[Any, ...] = attention.args
+    q_rot, k_cache, v_cache, slots, positions = args[:5]
+    with gm.graph.inserting_before(first):
+        fused = gm.graph.call_function(
+            torch.ops.oiv2.rope_kv_write.default,
+            (layer.qkv, layer.cos, layer.sin, k_cache, v_cache, slots, positions, layer.num_heads, layer.num_kv_heads),
+        )
+    val = fake_value(q_rot)
+    fused.meta["val"] = val.clone(memory_format=torch.contiguous_format) if val is not None else None  # [B, Hq, S, D]
+    record(fused, num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads)
+    attention.replace_input_with(q_rot, fused)
+    for write in layer.writes:
+        gm.graph.erase_node(write)

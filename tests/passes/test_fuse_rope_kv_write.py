@@ -1,0 +1,81 @@
+"""fuse_rope_kv_write: one oiv2::rope_kv_write per attention layer in place of the rotary embedding
+of q and k and the two cache writes; never where the layer does not have that exact form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oiv2compile.config import BuildConfig
+from oiv2compile.passes.fuse_qkv import fuse_qkv
+from oiv2compile.passes.fuse_rope_kv_write import fuse_rope_kv_write
+from oiv2compile.passes.manager import cleanup
+from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
+from oiv2compile.passes.substitute_attention import substitute_attention
+from tests.passes.helpers import DECODE, PREFILL, aten, count, run, snapshot
+
+ROPE = torch.ops.oiv2.rope_kv_write.default
+KV_WRITE = torch.ops.oiv2.kv_write.default
+
+
+def _prepared(tiny_program, preset, program, fuse_projections=True):
+    """(graph before any pass, graph after the passes that fuse_rope_kv_write follows, spec)."""
+    gm, spec = tiny_program(preset, program)
+    before = snapshot(gm)
+    for p in (rewrite_kv_cache, substitute_attention) + ((fuse_qkv,) if fuse_projections else ()):
+        p(gm, BuildConfig())
+        cleanup(gm)
+    return before, gm, spec
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "mistral-tiny", "qwen2-tiny"])
+@pytest.mark.parametrize("program", [PREFILL, DECODE], ids=["prefill", "decode"])
+def test_fuses_every_layer(preset, program, tiny_program):
+    before, gm, spec = _prepared(tiny_program, preset, program)
+    layers = spec.num_layers
+    assert count(gm, KV_WRITE) == 2 * layers and count(gm, aten.neg.default) == 2 * layers and count(gm, ROPE) == 0
+
+    assert fuse_rope_kv_write(gm, BuildConfig()) == layers
+    cleanup(gm)
+
+    assert count(gm, ROPE) == layers and count(gm, KV_WRITE) == 0
+    assert count(gm, aten.neg.default) == 0 and count(gm, aten.sin.default) == 1  # the rotations went; sin stays
+    for node in gm.graph.find_nodes(op="call_function", target=ROPE):
+        assert node.meta["oiv2"] == {"num_heads": 4, "num_kv_heads": 2}
+    expected_logits, expected_caches = run(before, spec, program)
+    logits, caches = run(gm, spec, program)
+    torch.testing.assert_close(logits, expected_logits)
+    for got, want in zip(caches, expected_caches, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_needs_the_fused_projection(tiny_program):
+    _before, gm, _spec = _prepared(tiny_program, "llama-tiny", DECODE, fuse_projections=False)
+    assert fuse_rope_kv_write(gm, BuildConfig()) == 0
+    assert count(gm, KV_WRITE) == 4
+
+
+def test_skips_a_layer_whose_k_is_rotated_by_other_angles(tiny_program):
+    _before, gm, spec = _prepared(tiny_program, "llama-tiny", DECODE)
+    k_rot = next(n for n in gm.graph.find_nodes(op="call_function", target=KV_WRITE)).args[1]  # layer 0's k
+    cos_mul = k_rot.args[0]
+    with gm.graph.inserting_before(cos_mul):
+        other = gm.graph.call_function(aten.mul.Tensor, (cos_mul.args[1], 2.0))
+    other.meta["val"] = cos_mul.args[1].meta["val"]
+    cos_mul.replace_input_with(cos_mul.args[1], other)
+
+    assert fuse_rope_kv_write(gm, BuildConfig()) == spec.num_layers - 1
+    cleanup(gm)
+    assert count(gm, KV_WRITE) == 2
+
+
+def test_skips_a_layer_whose_rotated_q_is_read_elsewhere(tiny_program):
+    _before, gm, spec = _prepared(tiny_program, "llama-tiny", DECODE)
+    attention = next(iter(gm.graph.find_nodes(op="call_function", target=torch.ops.oiv2.attention.default)))
+    q_rot = attention.args[0]
+    with gm.graph.inserting_after(attention):
+        extra = gm.graph.call_function(aten.add.Tensor, (attention, q_rot))  # a second reader of q_rot
+    attention.replace_all_uses_with(extra, delete_user_cb=lambda user: user is not extra)
+    extra.meta["val"] = attention.meta["val"]
+
+    assert fuse_rope_kv_write(gm, BuildConfig()) == spec.num_layers - 1
