@@ -1,0 +1,71 @@
+"""Where the onnx backend's programs go wrong on ONNX Runtime's CUDA provider (GPU, onnxruntime-gpu).
+
+Exports a tiny preset's prefill and decode programs in fp16 as `--backend onnx --device cuda` builds
+them, then runs each optimized model three ways against the transformed graph run by PyTorch: the CPU
+provider through session.run, the CUDA provider through session.run, and the CUDA provider through the
+executor's I/O binding (present caches in the past caches' memory); prints the largest logits
+difference of each. Usage: python benchmarks/onnx_cuda_check.py [preset]  (default llama-tiny)
+"""
+
+import sys
+import tempfile
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+from oiv2compile.backends import onnx as ob
+from oiv2compile.capture import DECODE, PREFILL, CacheSpec, capture
+from oiv2compile.config import Backend, BuildConfig, Device, DType
+from oiv2compile.models import load_model
+from oiv2compile.passes import pipeline, run_passes
+
+
+def _run(mode, path, names, ids, positions, last_index, caches):  # type: ignore[no-untyped-def]
+    if mode == "cuda-bind":
+        program = ob.OnnxProgram(path, names, torch.device("cuda"))
+        slots = torch.arange(ids.shape[0], device="cuda")
+        return program(ids, positions, slots, last_index, [c.clone() for c in caches]).float().cpu()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=ob._providers(mode == "cuda-run"))
+    values = (ids, positions, last_index, *caches)
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names["inputs"], values, strict=True)}
+    return torch.from_numpy(session.run(["logits"], feeds)[0]).float()
+
+
+def main() -> None:
+    preset = sys.argv[1] if len(sys.argv) > 1 else "llama-tiny"
+    cfg = BuildConfig(
+        backend=Backend.ONNX, device=Device.CUDA, dtype=DType.FLOAT16, max_batch_size=4, max_seq_len=64
+    ).resolve(cuda_available=True)
+    hf = load_model(preset, dtype=torch.float16, device="cuda", seed=0).model
+    spec = CacheSpec.for_model(hf.config, max_seq_len=64, max_batch_size=4, dtype=torch.float16)
+    for prog in (PREFILL, DECODE):
+        captured = capture(hf, spec, prog)
+        run_passes(captured.graph_module, cfg, pipeline(cfg), label=prog.name)
+        gm, inputs, shapes, names = ob.functional_program(captured)
+        folder = Path(tempfile.mkdtemp())
+        raw, path = folder / "raw.onnx", folder / f"{prog.name}.onnx"
+        ob._export(gm, inputs, shapes, names).save(str(raw), external_data=True)
+        ob._optimize(raw, path, cfg)
+        ids, _positions, last_index, *caches = inputs
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 200, ids.shape, generator=gen).cuda()
+        caches = [torch.randn(c.shape, generator=gen).to(c) for c in caches]
+        for pos in ([3, 3], [3, 9], [0, 0]) if prog is DECODE else ([0, 0],):
+            positions = torch.tensor(pos[: ids.shape[0]], device="cuda")
+            with torch.no_grad():
+                want = gm(ids, positions, last_index, *caches)[0].float().cpu()
+            diffs = {}
+            for mode in ("cpu-run", "cuda-run", "cuda-bind"):
+                try:
+                    got = _run(mode, path, names, ids, positions, last_index, caches)
+                    diffs[mode] = f"{float((got - want).abs().max()):.3g}"
+                except Exception as exc:  # report every mode, whatever one of them raises
+                    diffs[mode] = f"error {str(exc)[:200]}"
+            print(prog.name, pos, "max|want|", f"{float(want.abs().max()):.3g}", diffs, flush=True)
+
+
+if __name__ == "__main__":
+    main()
