@@ -326,6 +326,9 @@ def quant_matmul(
     out = torch.empty((tiling.split_k, m, n), dtype=out_dtype, device=x.device)
     zeros = scales if zeros is None else zeros  # int8 has none: any valid tensor stands in
     group = group if bits == 4 else 2  # int8 has no groups; 2 keeps the unused int4 ranges valid
+    # What both kernels take alike.
+    sizes = dict(N=n, K=k, BITS=bits, GROUP=group, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k)
+    launch = dict(SPLIT_K=tiling.split_k, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     if tiling.gemv:
         if not (isinstance(m, int) and m == 1):
             raise ValueError(f"the GEMV tiling takes one row of x, not {m}")
@@ -339,15 +342,8 @@ def quant_matmul(
             scales.stride(0),
             zeros.stride(0),
             out.stride(0),
-            N=n,
-            K=k,
-            BITS=bits,
-            GROUP=group,
-            BLOCK_N=tiling.block_n,
-            BLOCK_K=tiling.block_k,
-            SPLIT_K=tiling.split_k,
-            num_warps=tiling.num_warps,
-            num_stages=tiling.num_stages,
+            **sizes,
+            **launch,
         )
     else:
         grid = (triton.cdiv(m, tiling.block_m) * triton.cdiv(n, tiling.block_n), tiling.split_k)
@@ -364,19 +360,12 @@ def quant_matmul(
             zeros.stride(0),
             out.stride(0),
             out.stride(1),
-            N=n,
-            K=k,
-            BITS=bits,
-            GROUP=group,
+            **sizes,
+            **launch,
             BLOCK_M=tiling.block_m,
-            BLOCK_N=tiling.block_n,
-            BLOCK_K=tiling.block_k,
-            SPLIT_K=tiling.split_k,
             IEEE=x.dtype == torch.float32,
             MAGIC=MAGIC.get(x.dtype, 0),
             MAGIC_VALUE=MAGIC_VALUE.get(x.dtype, 0.0),
-            num_warps=tiling.num_warps,
-            num_stages=tiling.num_stages,
         )
     # The float32 partial sums of a split K: their sum and cast fuse into whatever reads y.
     y = out[0] if tiling.split_k == 1 else out.sum(0).to(x.dtype)
