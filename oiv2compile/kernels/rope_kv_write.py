@@ -2,19 +2,21 @@
 q/k/v projection's output in one kernel.
 
 Shapes: qkv [B, S, (Hq + 2 Hkv) * D] (the heads of q, then of k, then of v, as fuse_qkv lays them
-out), cos and sin [B, S, D] in qkv's dtype (Hugging Face's rotary embedding: each half of the last
-dimension holds the same frequencies), caches [N, Hkv, T, D], slots [B] and positions [B] int64.
-Returns q with the rotary embedding applied, [B, Hq, S, D]; writes k (rotated) and v of token t of
-sequence b to cache[slots[b], :, positions[b] + t, :]. Rotation as Hugging Face's `rotate_half`:
-    x' = x * cos + cat(-x[D/2:], x[:D/2]) * sin.
+out); cos_table and sin_table [L, D/2] in qkv's dtype, row p holding the rotary embedding's cos and
+sin at position p (Hugging Face's `cos`/`sin` at p are a row repeated for both halves of D);
+position_ids [B, S] (the rotary positions, in 0 .. L-1); caches [N, Hkv, T, D], slots [B] and
+positions [B] int64. Returns q with the rotary embedding applied, [B, Hq, S, D]; writes k (rotated)
+and v of token t of sequence b to cache[slots[b], :, positions[b] + t, :]. Rotation as Hugging
+Face's `rotate_half`, with c and s the table rows at the token's position:
+    x' = x * cat(c, c) + cat(-x[D/2:], x[:D/2]) * cat(s, s).
 
 Why: the decode step of a Llama-shaped model otherwise runs five small kernels per layer here
 (rotary on q, rotary on k, a copy of v's strided view, two cache writes), each reading a few KB and
 each paying a launch and a tail: 92 us of a 1.3 ms llama-1b step on an H100, against 23 us for this
-kernel (benchmarks/RESULTS.md). Bytes: the qkv row, cos and sin are read once and q, k and v written
-once. Measured on that step, Inductor then recomputed the cos/sin table per layer inside the
-o-projection's kernel, which took the saving back; computing cos and sin here from the positions and
-inv_freq is the next step.
+kernel (benchmarks/RESULTS.md). Tables rather than cos/sin tensors: given [B, S, D] cos and sin
+computed in the graph, Inductor recomputed them for every layer inside the o-projection's kernel,
+which took the saving back. Bytes: the qkv row and one table row per token are read once, q, k and v
+written once.
 
 The CUDA kernel computes in float32 and rounds once; the reference computes in qkv's dtype as
 Hugging Face does (two products and a sum, each rounded), so the two agree within a unit in the last
@@ -49,10 +51,27 @@ def split_heads(qkv: torch.Tensor, num_heads: int, num_kv_heads: int) -> tuple[t
     return tuple(t.view(B, S, -1, D).transpose(1, 2) for t in (q, k, v))
 
 
+def rotary_tables(
+    inv_freq: torch.Tensor, length: int, scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos_table, sin_table) [length, D/2] in `dtype`: Hugging Face's rotary cos and sin at positions
+    0 .. length-1 as its rotary embedding computes them (float32 angles position * inv_freq, cos and
+    sin in float32 times the attention scaling, then rounded to the model's dtype)."""
+    angles = torch.arange(length, device=inv_freq.device).float()[:, None] * inv_freq.float()[None, :]
+    return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
+
+
+def table_rows(table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """cos or sin [B, S, D] as Hugging Face computes them, from a table [L, D/2] and positions [B, S]."""
+    rows = table[position_ids]  # [B, S, D/2]
+    return torch.cat((rows, rows), dim=-1)
+
+
 def rope_kv_write_ref(
     qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    position_ids: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
@@ -62,6 +81,7 @@ def rope_kv_write_ref(
 ) -> torch.Tensor:
     """The spec, and the CPU path: Hugging Face's rotary embedding, then two oiv2::kv_write."""
     q, k, v = split_heads(qkv, num_heads, num_kv_heads)
+    cos, sin = table_rows(cos_table, position_ids), table_rows(sin_table, position_ids)
     kv_write_ref(k_cache, rotate(k, cos, sin), slots, positions)
     kv_write_ref(v_cache, v, slots, positions)
     return rotate(q, cos, sin).contiguous()
@@ -72,8 +92,9 @@ if HAS_TRITON:
     @triton.jit
     def _rope_kv_write_kernel(
         QKV,
-        Cos,
-        Sin,
+        CosTable,
+        SinTable,
+        PositionIds,
         KCache,
         VCache,
         Slots,
@@ -81,8 +102,8 @@ if HAS_TRITON:
         Out,
         stride_xb,
         stride_xs,
-        stride_cb,
-        stride_cs,
+        stride_pb,
+        stride_ps,
         stride_kn,
         stride_kh,
         stride_kt,
@@ -94,6 +115,7 @@ if HAS_TRITON:
         stride_os,
         S,
         T,
+        TABLE_LEN,
         NUM_HEADS: tl.constexpr,
         NUM_KV_HEADS: tl.constexpr,
         HALF: tl.constexpr,
@@ -115,13 +137,13 @@ if HAS_TRITON:
         valid = (is_q | is_k | is_v)[:, None] & d_ok[None, :]
         x1 = tl.load(row, mask=valid, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_HALF]
         x2 = tl.load(row + HALF, mask=valid, other=0.0).to(tl.float32)
-        trig = b.to(tl.int64) * stride_cb + s * stride_cs + d
-        c1 = tl.load(Cos + trig, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        c2 = tl.load(Cos + trig + HALF, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        s1 = tl.load(Sin + trig, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        s2 = tl.load(Sin + trig + HALF, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        r1 = x1 * c1 - x2 * s1
-        r2 = x2 * c2 + x1 * s2
+        # Both halves of a head turn by the same angles: one table row serves both.
+        rotary_pos = tl.load(PositionIds + b.to(tl.int64) * stride_pb + s * stride_ps)
+        rotary_pos = tl.minimum(tl.maximum(rotary_pos, 0), TABLE_LEN - 1).to(tl.int64)
+        c = tl.load(CosTable + rotary_pos * HALF + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        sn = tl.load(SinTable + rotary_pos * HALF + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        r1 = x1 * c - x2 * sn
+        r2 = x2 * c + x1 * sn
 
         q_head = tl.where(is_q, h, 0)
         q_dst = Out + b.to(tl.int64) * stride_ob + q_head[:, None] * stride_oh + s * stride_os + d[None, :]
@@ -146,8 +168,9 @@ if HAS_TRITON:
 
 def _rope_kv_write_triton(
     qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    position_ids: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
@@ -161,14 +184,12 @@ def _rope_kv_write_triton(
     out = torch.empty((B, num_heads, S, D), dtype=qkv.dtype, device=qkv.device)  # [B, Hq, S, D]
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
-    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
-    if cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos_table, sin_table = cos_table.contiguous(), sin_table.contiguous()  # [L, D/2], tables made contiguous
     wrap_triton(_rope_kv_write_kernel)[(B * S, triton.cdiv(heads, BLOCK_H))](
         qkv,
-        cos,
-        sin,
+        cos_table,
+        sin_table,
+        position_ids,
         k_cache,
         v_cache,
         slots,
@@ -176,8 +197,8 @@ def _rope_kv_write_triton(
         out,
         qkv.stride(0),
         qkv.stride(1),
-        cos.stride(0),
-        cos.stride(1),
+        position_ids.stride(0),
+        position_ids.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -189,6 +210,7 @@ def _rope_kv_write_triton(
         out.stride(2),
         S,
         k_cache.shape[2],
+        cos_table.shape[0],
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HALF=D // 2,
@@ -205,8 +227,9 @@ with registering_triton_op():
     @triton_op("oiv2::rope_kv_write", mutates_args={"k_cache", "v_cache"})
     def rope_kv_write(
         qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos_table: torch.Tensor,
+        sin_table: torch.Tensor,
+        position_ids: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slots: torch.Tensor,
@@ -215,5 +238,9 @@ with registering_triton_op():
         num_kv_heads: int,
     ) -> torch.Tensor:
         if HAS_TRITON and qkv.device.type == "cuda":
-            return _rope_kv_write_triton(qkv, cos, sin, k_cache, v_cache, slots, positions, num_heads, num_kv_heads)
-        return rope_kv_write_ref(qkv, cos, sin, k_cache, v_cache, slots, positions, num_heads, num_kv_heads)
+            return _rope_kv_write_triton(
+                qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots, positions, num_heads, num_kv_heads
+            )
+        return rope_kv_write_ref(
+            qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots, positions, num_heads, num_kv_heads
+        )

@@ -9,19 +9,28 @@ apply_rotary_pos_emb as export records it, `rot(x) = x * c + cat(-x[..., D/2:], 
     oiv2.kv_write(k_cache, rot(k), slots, positions)
     oiv2.kv_write(v_cache, v, slots, positions)
     out     = oiv2.attention(rot(q), k_cache, v_cache, slots, positions, scale)
+    where, computed once for all layers by Hugging Face's rotary embedding,
+    freqs   = aten.transpose(aten.matmul(inv_freq [1, D/2, 1] (expanded), position_ids [B, 1, S]), 1, 2)
+    cos     = aten.to(aten.mul(aten.cos(aten.cat([freqs, freqs], -1)), scaling), dtype)   # sin alike
 After:
-    q_rot   = oiv2.rope_kv_write(qkv, cos, sin, k_cache, v_cache, slots, positions, Hq, Hkv)   # [B, Hq, S, D]
+    q_rot   = oiv2.rope_kv_write(qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots,
+                                 positions, Hq, Hkv)                                       # [B, Hq, S, D]
     out     = oiv2.attention(q_rot, k_cache, v_cache, slots, positions, scale)
-One rewrite per attention layer. The rotation is matched as a pattern; pairing it with the cache
-writes is a node walk, because attention depends on the writes through the mutated caches, not
-through a value a pattern could follow.
+with cos_table, sin_table [T, D/2] (T the cache length) made at build time by
+`rope_kv_write.rotary_tables` from inv_freq and the scaling, the same values HF computes at each
+position, registered once per graph next to inv_freq. The graph then holds no cos/sin tensor: left
+there, Inductor recomputed it for every layer inside another kernel. One rewrite per attention
+layer. The rotation is matched as a pattern; pairing it with the cache writes and tracing cos and sin
+back to inv_freq are node walks (attention depends on the writes through the mutated caches, not
+through a value a pattern could follow).
 
 Preconditions: fuse_qkv ran (q, k and v are the three parts of one split of a [B, S, W] tensor, each
 viewed as [B, S, H, D] and transposed); q and k are rotated with the same cos and sin, [B, S, D] in
-qkv's dtype, over the whole head dimension (half = D / 2); the rotated q feeds only the attention and
-the rotated k only its cache write; both writes use the attention's slots and positions. Skips a
-layer without rotary embedding, partial rotary (half < D / 2), and layers whose projections were not
-fused.
+qkv's dtype, over the whole head dimension (half = D / 2), computed as above from a 1-D float
+inv_freq attribute of D/2 frequencies and integer position ids [B, S]; the rotated q feeds only the
+attention and the rotated k only its cache write; both writes use the attention's slots and
+positions. Skips a layer without rotary embedding, partial rotary (half < D / 2), angles computed
+any other way, and layers whose projections were not fused.
 """
 
 from __future__ import annotations
@@ -36,13 +45,26 @@ from torch.fx import GraphModule, Node
 
 from oiv2compile import kernels  # noqa: F401  (registers the oiv2 ops this pass inserts)
 from oiv2compile.config import BuildConfig
-from oiv2compile.passes.fx_utils import Match, aten, fake_value, find_pattern, is_call, record
+from oiv2compile.kernels.rope_kv_write import rotary_tables
+from oiv2compile.passes.fx_utils import (
+    Match,
+    add_weight,
+    aten,
+    attr_tensor,
+    fake_value,
+    find_pattern,
+    is_call,
+    join_target,
+    record,
+    strip_views,
+)
 
 log = logging.getLogger(__name__)
 
 _KV_WRITE = torch.ops.oiv2.kv_write.default
 _ATTENTION = torch.ops.oiv2.attention.default
 _HEAD_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_CASTS = (aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default)
 
 
 def _rotary(x, cos, sin, dim_lo, start, half_lo, dim_hi, half_hi, end, cat_dim):  # type: ignore[no-untyped-def]
@@ -54,10 +76,19 @@ def _rotary(x, cos, sin, dim_lo, start, half_lo, dim_hi, half_hi, end, cat_dim):
 
 
 @dataclass(frozen=True)
+class _Angles:
+    """What HF's cos and sin are computed from."""
+
+    inv_freq: Node  # get_attr, [D/2] float
+    position_ids: Node  # [B, S] integer
+    scaling: float
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class _Layer:
     qkv: Node
-    cos: Node
-    sin: Node
+    angles: _Angles
     writes: tuple[Node, Node]  # the k and v cache writes
     num_heads: int
     num_kv_heads: int
@@ -66,12 +97,13 @@ class _Layer:
 def fuse_rope_kv_write(gm: GraphModule, cfg: BuildConfig) -> int:
     rotations = {m.outputs[0]: m for m in find_pattern(gm, _rotary, _whole_head_rotation)}
     writes = {node.args[0]: node for node in gm.graph.find_nodes(op="call_function", target=_KV_WRITE)}
+    tables: dict[tuple[Any, ...], tuple[Node, Node]] = {}  # one pair per graph and rotary embedding
     count = 0
     for attention in list(gm.graph.find_nodes(op="call_function", target=_ATTENTION)):
-        layer = _layer(attention, rotations, writes)
+        layer = _layer(gm, attention, rotations, writes)
         if layer is None:
             continue
-        _rewrite(gm, attention, layer)
+        _rewrite(gm, attention, layer, tables)
         count += 1
     log.debug("fuse_rope_kv_write: %d layers fused", count)
     return count
@@ -97,7 +129,7 @@ def _whole_head_rotation(match: Match) -> bool:
     )
 
 
-def _layer(attention: Node, rotations: dict[Any, Match], writes: dict[Any, Node]) -> _Layer | None:
+def _layer(gm: GraphModule, attention: Node, rotations: dict[Any, Match], writes: dict[Any, Node]) -> _Layer | None:
     args: tuple[Any, ...] = attention.args
     q_rot, k_cache, v_cache, slots, positions = args[:5]
     write_k, write_v = writes.get(k_cache), writes.get(v_cache)
@@ -127,7 +159,48 @@ def _layer(attention: Node, rotations: dict[Any, Match], writes: dict[Any, Node]
     heads = _head_counts(qkv, sizes, cos, sin, fake_value(rot_q.args["x"]), fake_value(write_v.args[1]))
     if heads is None:
         return None
-    return _Layer(qkv, cos, sin, (write_k, write_v), *heads)
+    angles = _angles(gm, cos, sin, half=sizes[0] // heads[0] // 2)
+    if angles is None:
+        return None
+    return _Layer(qkv, angles, (write_k, write_v), *heads)
+
+
+def _angles(gm: GraphModule, cos: Any, sin: Any, half: int) -> _Angles | None:
+    """HF's rotary embedding behind cos and sin: to(mul(cos(cat([f, f], -1)), scaling), dtype), sin
+    alike from the same cat, f = transpose(matmul(inv_freq expanded, position_ids as float), 1, 2)."""
+    parts = [_trig(cos, aten.cos.default), _trig(sin, aten.sin.default)]
+    if parts[0] is None or parts[1] is None or parts[0] != parts[1]:
+        return None
+    cat, scaling = parts[0]
+    if not is_call(cat, aten.cat.default) or len(cat.args[0]) != 2 or cat.args[0][0] is not cat.args[0][1]:
+        return None
+    if len(cat.args) > 1 and cat.args[1] not in (-1, 2):
+        return None
+    freqs = cat.args[0][0]
+    if not is_call(freqs, aten.transpose.int) or sorted(freqs.args[1:3]) != [1, 2]:
+        return None
+    product = freqs.args[0]
+    if not is_call(product, aten.matmul.default, aten.bmm.default):
+        return None
+    inv_freq = strip_views(product.args[0], _CASTS)
+    position_ids = strip_views(product.args[1], _CASTS)
+    frequencies, ids = attr_tensor(gm, inv_freq), fake_value(position_ids)
+    if frequencies is None or frequencies.dim() != 1 or not frequencies.is_floating_point():
+        return None
+    if frequencies.shape[0] != half or ids is None or ids.dim() != 2 or ids.is_floating_point():
+        return None
+    return _Angles(inv_freq, position_ids, scaling, fake_value(cos).dtype)
+
+
+def _trig(node: Any, op: Any) -> tuple[Any, float] | None:
+    """(cat, scaling) for to(mul(op(cat), scaling), dtype), the mul and the cast each optional."""
+    node = strip_views(node, _CASTS)
+    scaling = 1.0
+    if is_call(node, aten.mul.Tensor) and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool):
+        scaling, node = float(node.args[1]), node.args[0]
+    if not is_call(node, op):
+        return None
+    return node.args[0], scaling
 
 
 def _head_part(x: Any) -> tuple[Node, int] | None:
@@ -171,15 +244,27 @@ def _head_counts(qkv: Any, sizes: Any, cos: Node, sin: Node, q_heads: Any, v_hea
     return num_heads, num_kv_heads
 
 
-def _rewrite(gm: GraphModule, attention: Node, layer: _Layer) -> None:
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    first = min(layer.writes, key=order.__getitem__)
+def _rewrite(gm: GraphModule, attention: Node, layer: _Layer, tables: dict[tuple[Any, ...], tuple[Node, Node]]) -> None:
     args: tuple[Any, ...] = attention.args
     q_rot, k_cache, v_cache, slots, positions = args[:5]
+    cos_table, sin_table = _tables(gm, layer.angles, int(fake_value(k_cache).shape[2]), tables)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    first = min(layer.writes, key=order.__getitem__)
     with gm.graph.inserting_before(first):
         fused = gm.graph.call_function(
             torch.ops.oiv2.rope_kv_write.default,
-            (layer.qkv, layer.cos, layer.sin, k_cache, v_cache, slots, positions, layer.num_heads, layer.num_kv_heads),
+            (
+                layer.qkv,
+                cos_table,
+                sin_table,
+                layer.angles.position_ids,
+                k_cache,
+                v_cache,
+                slots,
+                positions,
+                layer.num_heads,
+                layer.num_kv_heads,
+            ),
         )
     val = fake_value(q_rot)
     fused.meta["val"] = val.clone(memory_format=torch.contiguous_format) if val is not None else None  # [B, Hq, S, D]
@@ -187,3 +272,22 @@ def _rewrite(gm: GraphModule, attention: Node, layer: _Layer) -> None:
     attention.replace_input_with(q_rot, fused)
     for write in layer.writes:
         gm.graph.erase_node(write)
+
+
+def _tables(
+    gm: GraphModule, angles: _Angles, length: int, tables: dict[tuple[Any, ...], tuple[Node, Node]]
+) -> tuple[Node, Node]:
+    """get_attr nodes of the cos and sin tables [length, D/2] for these angles, made on first use at the
+    top of the graph, as buffers next to inv_freq (the same names and values in every program)."""
+    key = (angles.inv_freq.target, angles.scaling, angles.dtype, length)
+    if key not in tables:
+        frequencies = attr_tensor(gm, angles.inv_freq)
+        assert frequencies is not None  # _angles checked it
+        cos, sin = rotary_tables(frequencies, length, angles.scaling, angles.dtype)
+        parent = str(angles.inv_freq.target).rpartition(".")[0]
+        with gm.graph.inserting_before(next(iter(gm.graph.nodes))):
+            tables[key] = (
+                add_weight(gm, join_target(parent, "cos_table"), cos, like=angles.inv_freq),
+                add_weight(gm, join_target(parent, "sin_table"), sin, like=angles.inv_freq),
+            )
+    return tables[key]

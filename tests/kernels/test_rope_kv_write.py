@@ -32,32 +32,38 @@ def _inputs(shape, dtype, device, seed):
     B, S, Hq, Hkv, D, T, starts = shape
     gen = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, S, (Hq + 2 * Hkv) * D, generator=gen)
-    angles = torch.randn(B, S, D // 2, generator=gen) * 3
-    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)  # [B, S, D], as HF's rotary embedding
-    sin = torch.cat((angles.sin(), angles.sin()), dim=-1)
+    angles = torch.randn(T, D // 2, generator=gen) * 3  # a table row per position
     k_cache = torch.randn(B + 1, Hkv, T, D, generator=gen)
     v_cache = torch.randn(B + 1, Hkv, T, D, generator=gen)
     slots = torch.randperm(B + 1, generator=gen)[:B]
-    tensors = [t.to(device=device, dtype=dtype) for t in (qkv, cos, sin, k_cache, v_cache)]
-    return (*tensors, slots.to(device), torch.tensor(starts, device=device), Hq, Hkv)
+    # Rotary positions as HF's position_ids: each sequence's start plus the token's index, kept in the
+    # table for the tokens whose cache write falls off the end.
+    position_ids = (torch.tensor(starts)[:, None] + torch.arange(S)[None, :]).clamp(max=T - 1)
+    qkv, cos, sin, k_cache, v_cache = (
+        t.to(device=device, dtype=dtype) for t in (qkv, angles.cos(), angles.sin(), k_cache, v_cache)
+    )
+    positions = torch.tensor(starts, device=device)
+    return qkv, cos, sin, position_ids.to(device), k_cache, v_cache, slots.to(device), positions, Hq, Hkv
 
 
-def oracle(qkv, cos, sin, k_cache, v_cache, slots, positions, num_heads, num_kv_heads):
-    """Per token and head in float64, rotating pairs (i, i + D/2) as a 2-D rotation; returns
-    (q [B, Hq, S, D], caches after), dropping writes past the cache's end."""
+def oracle(qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots, positions, num_heads, num_kv_heads):
+    """Per token and head in float64, rotating pairs (i, i + D/2) as a 2-D rotation by the table row
+    at the token's rotary position; returns (q [B, Hq, S, D], caches after), dropping writes past the
+    cache's end."""
     B, S, width = qkv.shape
     D = width // (num_heads + 2 * num_kv_heads)
     half = D // 2
     q = torch.empty(B, num_heads, S, D, dtype=torch.float64)
     k_out, v_out = k_cache.double().cpu().clone(), v_cache.double().cpu().clone()
-    x, c, s = qkv.double().cpu(), cos.double().cpu(), sin.double().cpu()
+    x, c_table, s_table = qkv.double().cpu(), cos_table.double().cpu(), sin_table.double().cpu()
     for b in range(B):
         for t in range(S):
             pos = int(positions[b]) + t
+            c, s = c_table[int(position_ids[b, t])], s_table[int(position_ids[b, t])]  # [D/2]
             for h in range(num_heads + 2 * num_kv_heads):
                 row = x[b, t, h * D : (h + 1) * D]
                 a, z = row[:half], row[half:]
-                rotated = torch.cat((a * c[b, t, :half] - z * s[b, t, :half], z * c[b, t, half:] + a * s[b, t, half:]))
+                rotated = torch.cat((a * c - z * s, z * c + a * s))
                 if h < num_heads:
                     q[b, h, t] = rotated
                 elif pos < k_cache.shape[2] and h < num_heads + num_kv_heads:
@@ -70,7 +76,7 @@ def oracle(qkv, cos, sin, k_cache, v_cache, slots, positions, num_heads, num_kv_
 def _check(shape, dtype, device, call):
     args = _inputs(shape, dtype, device, seed=len(str(shape)))
     want_q, want_k, want_v = oracle(*args)
-    k_cache, v_cache = args[3], args[4]
+    k_cache, v_cache = args[4], args[5]
     q = call(*args)
     assert q.shape == want_q.shape and q.dtype == dtype and q.is_contiguous()
     tol = TOLERANCE[dtype]
@@ -110,3 +116,31 @@ def interpret_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernel_matches_oracle_interpreted(shape, dtype, interpret_kernel):
     _check(shape, dtype, "cpu", rope_mod._rope_kv_write_triton)
+
+
+def test_tables_hold_hugging_faces_cos_and_sin():
+    """rotary_tables against the rotary embedding of a Llama config (llama3 frequency scaling
+    included), at every position, in bf16 as the model would round them."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
+    rotary = LlamaRotaryEmbedding(config)
+    length = 200
+    x = torch.zeros(1, length, 16, dtype=torch.bfloat16)
+    cos, sin = rotary(x, torch.arange(length)[None])  # [1, length, 16]
+    cos_table, sin_table = rope_mod.rotary_tables(rotary.inv_freq, length, rotary.attention_scaling, torch.bfloat16)
+    position_ids = torch.arange(length)[None]
+    assert torch.equal(rope_mod.table_rows(cos_table, position_ids), cos)
+    assert torch.equal(rope_mod.table_rows(sin_table, position_ids), sin)

@@ -39,7 +39,10 @@ def test_fuses_every_layer(preset, program, tiny_program):
     cleanup(gm)
 
     assert count(gm, ROPE) == layers and count(gm, KV_WRITE) == 0
-    assert count(gm, aten.neg.default) == 0 and count(gm, aten.sin.default) == 1  # the rotations went; sin stays
+    # The rotations went, and with them HF's cos and sin: tables (cache length x D/2) stand in.
+    assert count(gm, aten.neg.default) == 0 and count(gm, aten.sin.default) == count(gm, aten.cos.default) == 0
+    buffers = dict(gm.named_buffers())
+    assert buffers["hf.model.rotary_emb.cos_table"].shape == buffers["hf.model.rotary_emb.sin_table"].shape == (32, 8)
     for node in gm.graph.find_nodes(op="call_function", target=ROPE):
         assert node.meta["oiv2"] == {"num_heads": 4, "num_kv_heads": 2}
     expected_logits, expected_caches = run(before, spec, program)
