@@ -15,7 +15,8 @@ Why: the decode step of a Llama-shaped model otherwise runs five small kernels p
 each paying a launch and a tail: 92 us of a 1.3 ms llama-1b step on an H100, against 23 us for this
 kernel (benchmarks/RESULTS.md). Tables rather than cos/sin tensors: given [B, S, D] cos and sin
 computed in the graph, Inductor recomputed them for every layer inside the o-projection's kernel,
-which took the saving back. Bytes: the qkv row and one table row per token are read once, q, k and v
+which took the saving back (the step went from 1174 to 1146 us of kernels with the tables, H100).
+Bytes: the qkv row and one table row per token are read once, q, k and v
 written once.
 
 The CUDA kernel computes in float32 and rounds once; the reference computes in qkv's dtype as
