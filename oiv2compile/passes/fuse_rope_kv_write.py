@@ -11,6 +11,7 @@ apply_rotary_pos_emb as export records it, `rot(x) = x * c + cat(-x[..., D/2:], 
     out     = oiv2.attention(rot(q), k_cache, v_cache, slots, positions, scale)
     where, computed once for all layers by Hugging Face's rotary embedding,
     freqs   = aten.transpose(aten.matmul(inv_freq [1, D/2, 1] (expanded), position_ids [B, 1, S]), 1, 2)
+              (transformers 5.17), or aten.mul(position_ids [B, S, 1], inv_freq [D/2]) (later 5.x releases)
     cos     = aten.to(aten.mul(aten.cos(aten.cat([freqs, freqs], -1)), scaling), dtype)   # sin alike
 After:
     q_rot   = oiv2.rope_kv_write(qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots,
@@ -167,7 +168,9 @@ def _layer(gm: GraphModule, attention: Node, rotations: dict[Any, Match], writes
 
 def _angles(gm: GraphModule, cos: Any, sin: Any, half: int) -> _Angles | None:
     """HF's rotary embedding behind cos and sin: to(mul(cos(cat([f, f], -1)), scaling), dtype), sin
-    alike from the same cat, f = transpose(matmul(inv_freq expanded, position_ids as float), 1, 2)."""
+    alike from the same cat, with f = transpose(matmul(inv_freq expanded, position_ids as float), 1, 2)
+    or f = mul(position_ids as float, inv_freq): both one float32 product per element, which is what
+    rotary_tables computes."""
     parts = [_trig(cos, aten.cos.default), _trig(sin, aten.sin.default)]
     if parts[0] is None or parts[1] is None or parts[0] != parts[1]:
         return None
@@ -176,20 +179,31 @@ def _angles(gm: GraphModule, cos: Any, sin: Any, half: int) -> _Angles | None:
         return None
     if len(cat.args) > 1 and cat.args[1] not in (-1, 2):
         return None
-    freqs = cat.args[0][0]
-    if not is_call(freqs, aten.transpose.int) or sorted(freqs.args[1:3]) != [1, 2]:
+    factors = _angle_factors(cat.args[0][0])
+    if factors is None:
         return None
-    product = freqs.args[0]
-    if not is_call(product, aten.matmul.default, aten.bmm.default):
-        return None
-    inv_freq = strip_views(product.args[0], _CASTS)
-    position_ids = strip_views(product.args[1], _CASTS)
+    inv_freq, position_ids = (strip_views(f, _CASTS) for f in factors)
+    if attr_tensor(gm, inv_freq) is None:  # the broadcast product may have its factors either way round
+        inv_freq, position_ids = position_ids, inv_freq
     frequencies, ids = attr_tensor(gm, inv_freq), fake_value(position_ids)
     if frequencies is None or frequencies.dim() != 1 or not frequencies.is_floating_point():
         return None
     if frequencies.shape[0] != half or ids is None or ids.dim() != 2 or ids.is_floating_point():
         return None
     return _Angles(inv_freq, position_ids, scaling, fake_value(cos).dtype)
+
+
+def _angle_factors(freqs: Any) -> tuple[Any, Any] | None:
+    """The two factors of the angles [B, S, D/2]: (inv_freq side, position side) of the matmul form,
+    the two operands of the broadcast product; else None."""
+    if is_call(freqs, aten.transpose.int) and sorted(freqs.args[1:3]) == [1, 2]:
+        product = freqs.args[0]
+        if is_call(product, aten.matmul.default, aten.bmm.default):
+            return product.args[0], product.args[1]
+        return None
+    if is_call(freqs, aten.mul.Tensor) and all(isinstance(a, Node) for a in freqs.args[:2]):
+        return freqs.args[0], freqs.args[1]
+    return None
 
 
 def _trig(node: Any, op: Any) -> tuple[Any, float] | None:
