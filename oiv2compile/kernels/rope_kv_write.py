@@ -4,7 +4,8 @@ q/k/v projection's output in one kernel.
 Shapes: qkv [B, S, (Hq + 2 Hkv) * D] (the heads of q, then of k, then of v, as fuse_qkv lays them
 out); cos_table and sin_table [L, D/2] in qkv's dtype, row p holding the rotary embedding's cos and
 sin at position p (Hugging Face's `cos`/`sin` at p are a row repeated for both halves of D);
-position_ids [B, S] (the rotary positions, in 0 .. L-1); caches [N, Hkv, T, D], slots [B] and
+position_ids [B, S] (the rotary positions, in 0 .. L-1), or None where they are the cache positions
+(positions[b] + t, as the executor's programs make them); caches [N, Hkv, T, D], slots [B] and
 positions [B] int64. Returns q with the rotary embedding applied, [B, Hq, S, D]; writes k (rotated)
 and v of token t of sequence b to cache[slots[b], :, positions[b] + t, :]. Rotation as Hugging
 Face's `rotate_half`, with c and s the table rows at the token's position:
@@ -13,7 +14,9 @@ Face's `rotate_half`, with c and s the table rows at the token's position:
 Why: the decode step of a Llama-shaped model otherwise runs five small kernels per layer here
 (rotary on q, rotary on k, a copy of v's strided view, two cache writes), each reading a few KB and
 each paying a launch and a tail: 92 us of a 1.3 ms llama-1b step on an H100, against 23 us for this
-kernel (benchmarks/RESULTS.md). Tables rather than cos/sin tensors: given [B, S, D] cos and sin
+kernel (benchmarks/RESULTS.md). position_ids None: given the [B, S] ids that the graph computes
+once (positions + arange), Inductor recomputed them in a small kernel before every layer's call.
+Tables rather than cos/sin tensors: given [B, S, D] cos and sin
 computed in the graph, Inductor recomputed them for every layer inside the o-projection's kernel,
 which took the saving back (the step went from 1174 to 1146 us of kernels with the tables, H100).
 Bytes: the qkv row and one table row per token are read once, q, k and v
@@ -68,11 +71,18 @@ def table_rows(table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat((rows, rows), dim=-1)
 
 
+def rotary_positions(position_ids: torch.Tensor | None, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The rotary positions [B, S]: position_ids, or the cache positions positions[b] + t."""
+    if position_ids is not None:
+        return position_ids
+    return positions[:, None] + torch.arange(seq_len, device=positions.device)[None, :]
+
+
 def rope_kv_write_ref(
     qkv: torch.Tensor,
     cos_table: torch.Tensor,
     sin_table: torch.Tensor,
-    position_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
@@ -82,7 +92,8 @@ def rope_kv_write_ref(
 ) -> torch.Tensor:
     """The spec, and the CPU path: Hugging Face's rotary embedding, then two oiv2::kv_write."""
     q, k, v = split_heads(qkv, num_heads, num_kv_heads)
-    cos, sin = table_rows(cos_table, position_ids), table_rows(sin_table, position_ids)
+    ids = rotary_positions(position_ids, positions, qkv.shape[1])
+    cos, sin = table_rows(cos_table, ids), table_rows(sin_table, ids)
     kv_write_ref(k_cache, rotate(k, cos, sin), slots, positions)
     kv_write_ref(v_cache, v, slots, positions)
     return rotate(q, cos, sin).contiguous()
@@ -122,6 +133,7 @@ if HAS_TRITON:
         HALF: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        CACHE_POSITIONS: tl.constexpr,
     ):
         # Program (token, head block): heads h of the row [q heads | k heads | v heads], both halves
         # of each head's D features.
@@ -139,7 +151,11 @@ if HAS_TRITON:
         x1 = tl.load(row, mask=valid, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_HALF]
         x2 = tl.load(row + HALF, mask=valid, other=0.0).to(tl.float32)
         # Both halves of a head turn by the same angles: one table row serves both.
-        rotary_pos = tl.load(PositionIds + b.to(tl.int64) * stride_pb + s * stride_ps)
+        pos = tl.load(Positions + b) + s
+        if CACHE_POSITIONS:  # the rotary positions are the cache positions
+            rotary_pos = pos
+        else:
+            rotary_pos = tl.load(PositionIds + b.to(tl.int64) * stride_pb + s * stride_ps)
         rotary_pos = tl.minimum(tl.maximum(rotary_pos, 0), TABLE_LEN - 1).to(tl.int64)
         c = tl.load(CosTable + rotary_pos * HALF + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
         sn = tl.load(SinTable + rotary_pos * HALF + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
@@ -153,7 +169,6 @@ if HAS_TRITON:
         tl.store(q_dst + HALF, r2.to(Out.dtype.element_ty), mask=q_mask)
 
         slot = tl.load(Slots + b).to(tl.int64)
-        pos = tl.load(Positions + b) + s
         in_cache = pos < T
         k_head = tl.where(is_k, h - NUM_HEADS, 0)
         k_dst = KCache + slot * stride_kn + k_head[:, None] * stride_kh + pos * stride_kt + d[None, :]
@@ -171,7 +186,7 @@ def _rope_kv_write_triton(
     qkv: torch.Tensor,
     cos_table: torch.Tensor,
     sin_table: torch.Tensor,
-    position_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
@@ -186,11 +201,13 @@ def _rope_kv_write_triton(
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     cos_table, sin_table = cos_table.contiguous(), sin_table.contiguous()  # [L, D/2], tables made contiguous
+    cache_positions = position_ids is None
+    ids = positions[:, None] if position_ids is None else position_ids  # [B, S]; not read when cache_positions
     wrap_triton(_rope_kv_write_kernel)[(B * S, triton.cdiv(heads, BLOCK_H))](
         qkv,
         cos_table,
         sin_table,
-        position_ids,
+        ids,
         k_cache,
         v_cache,
         slots,
@@ -198,8 +215,8 @@ def _rope_kv_write_triton(
         out,
         qkv.stride(0),
         qkv.stride(1),
-        position_ids.stride(0),
-        position_ids.stride(1),
+        ids.stride(0),
+        ids.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -217,6 +234,7 @@ def _rope_kv_write_triton(
         HALF=D // 2,
         BLOCK_HALF=next_power_of_2(D // 2),
         BLOCK_H=BLOCK_H,
+        CACHE_POSITIONS=cache_positions,
         num_warps=2 if D <= 128 else 4,
     )
     return out
@@ -230,7 +248,7 @@ with registering_triton_op():
         qkv: torch.Tensor,
         cos_table: torch.Tensor,
         sin_table: torch.Tensor,
-        position_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slots: torch.Tensor,

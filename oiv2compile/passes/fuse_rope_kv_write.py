@@ -17,7 +17,10 @@ After:
     q_rot   = oiv2.rope_kv_write(qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots,
                                  positions, Hq, Hkv)                                       # [B, Hq, S, D]
     out     = oiv2.attention(q_rot, k_cache, v_cache, slots, positions, scale)
-with cos_table, sin_table [T, D/2] (T the cache length) made at build time by
+and position_ids None where the graph computes them as the cache positions,
+    position_ids = aten.add(aten.unsqueeze(positions, 1), aten.unsqueeze(aten.arange(S), 0))
+(as the executor's programs do): the kernel then adds t to positions[b] itself, and no [B, S] ids are
+left for Inductor to recompute before every layer. cos_table, sin_table [T, D/2] (T the cache length) made at build time by
 `rope_kv_write.rotary_tables` from inv_freq and the scaling, the same values HF computes at each
 position, registered once per graph next to inv_freq. The graph then holds no cos/sin tensor: left
 there, Inductor recomputed it for every layer inside another kernel. One rewrite per attention
@@ -262,6 +265,8 @@ def _rewrite(gm: GraphModule, attention: Node, layer: _Layer, tables: dict[tuple
     args: tuple[Any, ...] = attention.args
     q_rot, k_cache, v_cache, slots, positions = args[:5]
     cos_table, sin_table = _tables(gm, layer.angles, int(fake_value(k_cache).shape[2]), tables)
+    position_ids = layer.angles.position_ids
+    rotary_positions = None if _is_cache_positions(position_ids, positions) else position_ids
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     first = min(layer.writes, key=order.__getitem__)
     with gm.graph.inserting_before(first):
@@ -271,7 +276,7 @@ def _rewrite(gm: GraphModule, attention: Node, layer: _Layer, tables: dict[tuple
                 layer.qkv,
                 cos_table,
                 sin_table,
-                layer.angles.position_ids,
+                rotary_positions,
                 k_cache,
                 v_cache,
                 slots,
@@ -286,6 +291,46 @@ def _rewrite(gm: GraphModule, attention: Node, layer: _Layer, tables: dict[tuple
     attention.replace_input_with(q_rot, fused)
     for write in layer.writes:
         gm.graph.erase_node(write)
+
+
+def _is_cache_positions(position_ids: Node, positions: Any) -> bool:
+    """Whether position_ids = positions[:, None] + arange(S)[None, :], S the ids' second size."""
+    if not is_call(position_ids, aten.add.Tensor) or len(position_ids.args) != 2 or position_ids.kwargs:
+        return False
+    column, row = (_unsqueezed(a) for a in position_ids.args)
+    if column is None or row is None:
+        column, row = (_unsqueezed(a) for a in reversed(position_ids.args))
+    if column is None or row is None or column[0] is not positions or column[1] != 1 or row[1] != 0:
+        return False
+    arange = row[0]
+    if is_call(arange, aten.arange.start, aten.arange.start_step):
+        if arange.args[1:] not in ((arange.args[1],), (arange.args[1], 1)) or arange.args[0] != 0:
+            return False
+        end = arange.args[1]
+    elif is_call(arange, aten.arange.default):
+        end = arange.args[0]
+    else:
+        return False
+    ids = fake_value(position_ids)
+    return (
+        ids is not None
+        and ids.dim() == 2
+        and _same_size(fake_value(end) if isinstance(end, Node) else end, ids.shape[1])
+    )
+
+
+def _unsqueezed(node: Any) -> tuple[Any, int] | None:
+    """(x, dim) for aten.unsqueeze(x, dim), else None."""
+    if not is_call(node, aten.unsqueeze.default):
+        return None
+    return node.args[0], node.args[1]
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """Whether two sizes (ints, or the same symbol) are equal, without adding a guard."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
 
 
 def _tables(

@@ -28,7 +28,9 @@ SHAPES = [
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def _inputs(shape, dtype, device, seed):
+def _inputs(shape, dtype, device, seed, rotary="ids"):
+    """rotary "ids": position ids of their own (3 past the cache positions, wrapping at T), so a
+    kernel that read the cache positions instead would fail; "cache": None, the cache positions."""
     B, S, Hq, Hkv, D, T, starts = shape
     gen = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, S, (Hq + 2 * Hkv) * D, generator=gen)
@@ -36,20 +38,20 @@ def _inputs(shape, dtype, device, seed):
     k_cache = torch.randn(B + 1, Hkv, T, D, generator=gen)
     v_cache = torch.randn(B + 1, Hkv, T, D, generator=gen)
     slots = torch.randperm(B + 1, generator=gen)[:B]
-    # Rotary positions as HF's position_ids: each sequence's start plus the token's index, kept in the
-    # table for the tokens whose cache write falls off the end.
-    position_ids = (torch.tensor(starts)[:, None] + torch.arange(S)[None, :]).clamp(max=T - 1)
+    position_ids = (torch.tensor(starts)[:, None] + torch.arange(S)[None, :] + 3) % T if rotary == "ids" else None
     qkv, cos, sin, k_cache, v_cache = (
         t.to(device=device, dtype=dtype) for t in (qkv, angles.cos(), angles.sin(), k_cache, v_cache)
     )
     positions = torch.tensor(starts, device=device)
-    return qkv, cos, sin, position_ids.to(device), k_cache, v_cache, slots.to(device), positions, Hq, Hkv
+    position_ids = position_ids.to(device) if position_ids is not None else None
+    return qkv, cos, sin, position_ids, k_cache, v_cache, slots.to(device), positions, Hq, Hkv
 
 
 def oracle(qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots, positions, num_heads, num_kv_heads):
     """Per token and head in float64, rotating pairs (i, i + D/2) as a 2-D rotation by the table row
-    at the token's rotary position; returns (q [B, Hq, S, D], caches after), dropping writes past the
-    cache's end."""
+    at the token's rotary position (position_ids, or the cache position, kept in the table for the
+    tokens whose cache write falls off the end); returns (q [B, Hq, S, D], caches after), dropping
+    writes past the cache's end."""
     B, S, width = qkv.shape
     D = width // (num_heads + 2 * num_kv_heads)
     half = D // 2
@@ -59,7 +61,8 @@ def oracle(qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots, pos
     for b in range(B):
         for t in range(S):
             pos = int(positions[b]) + t
-            c, s = c_table[int(position_ids[b, t])], s_table[int(position_ids[b, t])]  # [D/2]
+            at = min(pos, cos_table.shape[0] - 1) if position_ids is None else int(position_ids[b, t])
+            c, s = c_table[at], s_table[at]  # [D/2]
             for h in range(num_heads + 2 * num_kv_heads):
                 row = x[b, t, h * D : (h + 1) * D]
                 a, z = row[:half], row[half:]
@@ -73,8 +76,8 @@ def oracle(qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots, pos
     return q, k_out, v_out
 
 
-def _check(shape, dtype, device, call):
-    args = _inputs(shape, dtype, device, seed=len(str(shape)))
+def _check(shape, dtype, device, call, rotary="ids"):
+    args = _inputs(shape, dtype, device, seed=len(str(shape)), rotary=rotary)
     want_q, want_k, want_v = oracle(*args)
     k_cache, v_cache = args[4], args[5]
     q = call(*args)
@@ -84,25 +87,32 @@ def _check(shape, dtype, device, call):
         torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol)
 
 
+ROTARY = ["ids", "cache"]
+
+
+@pytest.mark.parametrize("rotary", ROTARY)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_reference_matches_oracle(shape, dtype):
+def test_reference_matches_oracle(shape, dtype, rotary):
     _, S, _, _, _, T, starts = shape
     if max(starts) + S > T:
         pytest.skip("the reference raises on writes past the cache; the CUDA kernel drops them")
-    _check(shape, dtype, "cpu", torch.ops.oiv2.rope_kv_write)
+    _check(shape, dtype, "cpu", torch.ops.oiv2.rope_kv_write, rotary)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("rotary", ROTARY)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cuda_kernel_matches_oracle(shape, dtype):
-    _check(shape, dtype, "cuda", torch.ops.oiv2.rope_kv_write)
+def test_cuda_kernel_matches_oracle(shape, dtype, rotary):
+    _check(shape, dtype, "cuda", torch.ops.oiv2.rope_kv_write, rotary)
 
 
+@pytest.mark.parametrize("rotary", ROTARY)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_opcheck(device):
-    torch.library.opcheck(torch.ops.oiv2.rope_kv_write.default, _inputs(SHAPES[2], torch.float32, device, 0))
+def test_opcheck(device, rotary):
+    args = _inputs(SHAPES[2], torch.float32, device, 0, rotary)
+    torch.library.opcheck(torch.ops.oiv2.rope_kv_write.default, args)
 
 
 @pytest.fixture
@@ -112,10 +122,11 @@ def interpret_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("rotary", ROTARY)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_matches_oracle_interpreted(shape, dtype, interpret_kernel):
-    _check(shape, dtype, "cpu", rope_mod._rope_kv_write_triton)
+def test_kernel_matches_oracle_interpreted(shape, dtype, rotary, interpret_kernel):
+    _check(shape, dtype, "cpu", rope_mod._rope_kv_write_triton, rotary)
 
 
 def test_tables_hold_hugging_faces_cos_and_sin():

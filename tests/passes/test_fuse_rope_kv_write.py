@@ -45,6 +45,8 @@ def test_fuses_every_layer(preset, program, tiny_program):
     assert buffers["hf.model.rotary_emb.cos_table"].shape == buffers["hf.model.rotary_emb.sin_table"].shape == (32, 8)
     for node in gm.graph.find_nodes(op="call_function", target=ROPE):
         assert node.meta["oiv2"] == {"num_heads": 4, "num_kv_heads": 2}
+        assert node.args[3] is None  # the rotary positions are the cache positions: no [B, S] ids
+    assert count(gm, aten.arange.default) == (1 if program is PREFILL else 0)  # prefill's row index stays
     expected_logits, expected_caches = run(before, spec, program)
     logits, caches = run(gm, spec, program)
     torch.testing.assert_close(logits, expected_logits)
@@ -82,3 +84,24 @@ def test_skips_a_layer_whose_rotated_q_is_read_elsewhere(tiny_program):
     extra.meta["val"] = attention.meta["val"]
 
     assert fuse_rope_kv_write(gm, BuildConfig()) == spec.num_layers - 1
+
+
+def test_keeps_position_ids_that_are_not_the_cache_positions(tiny_program):
+    """Rotary positions shifted from the cache positions stay an input of the fused op."""
+    _before, gm, spec = _prepared(tiny_program, "llama-tiny", DECODE)
+    positions = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "positions")
+    ids = next(iter(next(iter(positions.users)).users))  # positions[:, None] + arange(1)
+    with gm.graph.inserting_after(ids):
+        shifted = gm.graph.call_function(aten.add.Tensor, (ids, 1))
+    shifted.meta["val"] = ids.meta["val"]
+    ids.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
+    gm.recompile()
+    expected_logits, expected_caches = run(gm, spec, DECODE)
+
+    assert fuse_rope_kv_write(gm, BuildConfig()) == spec.num_layers
+    cleanup(gm)
+    assert [n.args[3] for n in gm.graph.find_nodes(op="call_function", target=ROPE)] == [shifted] * spec.num_layers
+    logits, caches = run(gm, spec, DECODE)
+    torch.testing.assert_close(logits, expected_logits)
+    for got, want in zip(caches, expected_caches, strict=True):
+        torch.testing.assert_close(got, want)
