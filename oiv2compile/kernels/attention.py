@@ -38,6 +38,10 @@ BLOCK_N = 64
 # as in one of 8192, plus programs that return at once. At batch 1 with 8 kv heads, 4000 positions
 # make 32 chunks per head, 256 programs: about 2 per SM of an H100.
 DECODE_CHUNK = 128
+# The longest cache a decode call reads in one pass. Up to two chunks the split path still pays a
+# second kernel (the combine) and its launch gap for at most two partials per head, more than the
+# single pass's extra steps over the same few positions cost.
+SINGLE_PASS_MAX_CACHE = 2 * DECODE_CHUNK
 
 
 def attention_ref(
@@ -333,10 +337,13 @@ def decode_splits(
 ) -> int:
     """How many programs share each (sequence, kv head) of a call: ceil(cache_len / chunk) for a
     decode call (one new token per sequence) over a cache longer than one chunk; 1, the single-pass
-    kernel, for prefill, for a short cache, and where the batch alone gives every SM two programs.
+    kernel, for prefill, for a cache of at most SINGLE_PASS_MAX_CACHE positions, and where the batch
+    alone gives every SM two programs.
     Sizes may be symbolic when an artifact is traced (the prompt length of prefill, the batch of
     decode): branch only on ints, so no guard is added. A symbolic batch counts as 1."""
     if not (isinstance(new_tokens, int) and new_tokens == 1 and isinstance(cache_len, int)):
+        return 1
+    if cache_len <= SINGLE_PASS_MAX_CACHE:
         return 1
     if isinstance(batch, int) and batch * kv_heads >= 2 * sm_count:
         return 1

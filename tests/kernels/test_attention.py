@@ -233,6 +233,9 @@ def test_decode_splits():
     assert attention_mod.decode_splits(5, 1, 8, 8192, 132) == 1
     assert attention_mod.decode_splits(symbolic, 1, 8, 8192, 132) == 1  # prefill: dynamic prompt length
     assert attention_mod.decode_splits(1, 1, 8, chunk, 132) == 1
+    short = attention_mod.SINGLE_PASS_MAX_CACHE
+    assert attention_mod.decode_splits(1, 1, 8, short, 132) == 1  # a short cache: no combine kernel
+    assert attention_mod.decode_splits(1, 1, 8, short + 1, 132) == -(-(short + 1) // chunk)
     assert attention_mod.decode_splits(1, 33, 8, 8192, 132) == 1  # 264 programs already
 
 
