@@ -4,7 +4,10 @@ Exports a tiny preset's prefill and decode programs in fp16 as `--backend onnx -
 them, then runs each optimized model three ways against the transformed graph run by PyTorch: the CPU
 provider through session.run, the CUDA provider through session.run, and the CUDA provider through the
 executor's I/O binding (present caches in the past caches' memory); prints the largest logits
-difference of each. Usage: python benchmarks/onnx_cuda_check.py [preset]  (default llama-tiny)
+difference of each. Then, for the decode program, every node's outputs on the CUDA provider against
+the CPU provider (same model, same inputs, session.run), in graph order: the first nodes whose outputs
+differ are where the CUDA provider goes wrong.
+Usage: python benchmarks/onnx_cuda_check.py [preset]  (default llama-tiny)
 """
 
 import sys
@@ -32,6 +35,49 @@ def _run(mode, path, names, ids, positions, last_index, caches):  # type: ignore
     values = (ids, positions, last_index, *caches)
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(names["inputs"], values, strict=True)}
     return torch.from_numpy(session.run(["logits"], feeds)[0]).float()
+
+
+def node_diffs(path, names, ids, positions, last_index, caches, limit=12):  # type: ignore[no-untyped-def]
+    """Print the nodes whose outputs differ between the CPU and CUDA providers (relative to the
+    output's largest magnitude), first `limit` of them in graph order, and the op types of all."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    known = {o.name for o in model.graph.output}
+    producers = {}
+    for node in model.graph.node:
+        for out in node.output:
+            if out and out not in known:
+                model.graph.output.append(onnx.ValueInfoProto(name=out))
+                producers[out] = node
+    probe = path.with_name("probe_" + path.name)  # beside the original: its external weights resolve
+    onnx.save(model, str(probe))
+    values = (ids, positions, last_index, *caches)
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names["inputs"], values, strict=True)}
+    results = {}
+    for cuda in (False, True):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(probe), options, providers=ob._providers(cuda))
+        outs = [o.name for o in session.get_outputs()]
+        results[cuda] = dict(zip(outs, session.run(outs, feeds), strict=True))
+    shown, bad_types = 0, {}
+    for name, node in producers.items():
+        a, b = results[False].get(name), results[True].get(name)
+        if a is None or b is None or a.dtype.kind not in "fc" or a.shape != b.shape or a.size == 0:
+            continue
+        a64, b64 = torch.from_numpy(a).double(), torch.from_numpy(b).double()
+        scale = max(float(a64.abs().max()), 1e-6)
+        rel = float((a64 - b64).abs().max()) / scale
+        if rel > 2e-2:
+            bad_types[node.op_type] = bad_types.get(node.op_type, 0) + 1
+            if shown < limit:
+                inputs = ", ".join(node.input)
+                print(
+                    f"  differs: {node.op_type} {node.domain} {node.name} -> {name} {list(a.shape)} rel {rel:.3g} ({inputs})"
+                )
+                shown += 1
+    print("  op types with differing outputs:", bad_types, flush=True)
 
 
 def main() -> None:
@@ -65,6 +111,8 @@ def main() -> None:
                 except Exception as exc:  # report every mode, whatever one of them raises
                     diffs[mode] = f"error {str(exc)[:200]}"
             print(prog.name, pos, "max|want|", f"{float(want.abs().max()):.3g}", diffs, flush=True)
+            if prog is DECODE and pos == [3, 9]:
+                node_diffs(path, names, ids, positions, last_index, caches)
 
 
 if __name__ == "__main__":
