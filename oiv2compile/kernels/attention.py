@@ -21,7 +21,8 @@ and writes m = -inf, l = 0, and the combine reads only the chunks below the fill
 time follows the filled length, not T. Bytes per (sequence, kv head): the K/V of the filled part,
 2 * filled * D * 2 in bf16, plus the float32 partials written and read again, about
 2 * (filled / chunk) * GROUP * D * 4: 2 * GROUP / chunk of the K/V bytes, 1/16 at GROUP = 4 and
-chunk 128. Prefill (S > 1, or S symbolic as in the prefill graph) keeps the single-pass kernel.
+chunk 128. Prefill (S > 1, or S symbolic as in the prefill graph) and decode over a cache of at most
+SINGLE_PASS_MAX_CACHE positions keep the single-pass kernel.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ BLOCK_N = 64
 DECODE_CHUNK = 128
 # The longest cache a decode call reads in one pass. Up to two chunks the split path still pays a
 # second kernel (the combine) and its launch gap for at most two partials per head, more than the
-# single pass's extra steps over the same few positions cost.
+# single pass's extra steps over the same few positions cost. H100, llama-1b heads (32/8, D 64),
+# bf16: in a cache of 512 the single pass takes 3.2-5.2 us up to filled 256 against 6.0 for 4 splits
+# and loses from filled 384 (6.5 against 6.1); llama-1b decode with a 256 cache went from 822.5 to
+# 867.2 tok/s without the combine (benchmarks/RESULTS.md, c3714b5).
 SINGLE_PASS_MAX_CACHE = 2 * DECODE_CHUNK
 
 
