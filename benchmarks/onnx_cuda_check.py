@@ -4,7 +4,8 @@ Exports a tiny preset's prefill and decode programs in fp16 as `--backend onnx -
 them, then runs each optimized model three ways against the transformed graph run by PyTorch: the CPU
 provider through session.run, the CUDA provider through session.run, and the CUDA provider through the
 executor's I/O binding (present caches in the past caches' memory); prints the largest logits
-difference of each. Then, for the decode program, every node's outputs on the CUDA provider against
+difference of each; the decode program twice, with its attention as GroupQueryAttention and in standard
+ops (what a CUDA build's decode program holds). Then, for the decode program, every node's outputs on the CUDA provider against
 the CPU provider (same model, same inputs, session.run), in graph order: the first nodes whose outputs
 differ are where the CUDA provider goes wrong.
 Usage: python benchmarks/onnx_cuda_check.py [preset]  (default llama-tiny)
@@ -87,13 +88,14 @@ def main() -> None:
     ).resolve(cuda_available=True)
     hf = load_model(preset, dtype=torch.float16, device="cuda", seed=0).model
     spec = CacheSpec.for_model(hf.config, max_seq_len=64, max_batch_size=4, dtype=torch.float16)
-    for prog in (PREFILL, DECODE):
+    runs = [(PREFILL, False), (DECODE, False), (DECODE, True)]  # (program, attention in standard ops)
+    for prog, standard in runs:
         captured = capture(hf, spec, prog)
         run_passes(captured.graph_module, cfg, pipeline(cfg), label=prog.name)
         gm, inputs, shapes, names = ob.functional_program(captured)
         folder = Path(tempfile.mkdtemp())
         raw, path = folder / "raw.onnx", folder / f"{prog.name}.onnx"
-        ob._export(gm, inputs, shapes, names).save(str(raw), external_data=True)
+        ob._export(gm, inputs, shapes, names, standard).save(str(raw), external_data=True)
         ob._optimize(raw, path, cfg)
         ids, _positions, last_index, *caches = inputs
         gen = torch.Generator().manual_seed(0)
@@ -110,8 +112,9 @@ def main() -> None:
                     diffs[mode] = f"{float((got - want).abs().max()):.3g}"
                 except Exception as exc:  # report every mode, whatever one of them raises
                     diffs[mode] = f"error {str(exc)[:200]}"
-            print(prog.name, pos, "max|want|", f"{float(want.abs().max()):.3g}", diffs, flush=True)
-            if prog is DECODE and pos == [3, 9]:
+            label = f"{prog.name} ({'standard ops' if standard else 'GroupQueryAttention'})"
+            print(label, pos, "max|want|", f"{float(want.abs().max()):.3g}", diffs, flush=True)
+            if prog is DECODE and pos == [3, 9] and not standard:
                 node_diffs(path, names, ids, positions, last_index, caches)
 
 

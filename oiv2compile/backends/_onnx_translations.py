@@ -70,6 +70,7 @@ _MATMUL_NBITS = _contrib_op(
     {name: _attr("int") for name in ("K", "N", "bits", "block_size", "accuracy_level")},
 )
 
+_FLOAT = 1  # onnx.TensorProto.FLOAT
 _INT32 = 6  # onnx.TensorProto.INT32
 _INT64 = 7
 
@@ -110,6 +111,59 @@ def cached_attention(
     )
     out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, num_heads, -1])), perm=[0, 2, 1, 3])
     return out, present_k, present_v  # [B, Hq, S, D], caches
+
+
+def _ints(*values: int) -> Any:
+    return op.Constant(value_ints=list(values))
+
+
+def cached_attention_standard_ops(
+    q: Any,
+    k: Any,
+    v: Any,
+    k_cache: Any,
+    v_cache: Any,
+    positions: Any,
+    scale: float,
+    num_heads: int,
+    kv_heads: int,
+) -> tuple[Any, Any, Any]:
+    """The same contract in standard ONNX ops, for where GroupQueryAttention is wrong (its CUDA
+    kernel at one new token, backends/onnx.py): ScatterND writes k and v [B, Hkv, S, D] at
+    positions[b] + s of the caches [B, Hkv, T, D] (in place where present and past share a buffer),
+    then softmax(q K^T * scale) V over the whole cache, keys past each query's position masked, the
+    group's query heads as rows of their kv head. Reads all T positions: slower than a fused kernel
+    on long caches, correct everywhere."""
+    group = num_heads // kv_heads
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    batch = op.Shape(q, start=0, end=1)  # [1]
+    seq = op.Shape(q, start=2, end=3)  # [1]
+    head_dim = op.Shape(q, start=3, end=4)  # [1]
+    cache_len = op.Shape(k_cache, start=2, end=3)  # [1]
+    steps = op.Range(zero, op.Squeeze(seq, _ints(0)), one)  # [S]
+    token_pos = op.Add(op.Unsqueeze(positions, _ints(1)), op.Unsqueeze(steps, _ints(0)))  # [B, S]
+    # Scatter indices [B, Hkv, S, 3]: (row, kv head, position) of each new key and value.
+    grid = op.Concat(batch, _ints(kv_heads), seq, axis=0)  # [3]
+    rows = op.Expand(op.Reshape(op.Range(zero, op.Squeeze(batch, _ints(0)), one), _ints(-1, 1, 1)), grid)
+    heads = op.Expand(op.Reshape(_ints(*range(kv_heads)), _ints(1, -1, 1)), grid)
+    times = op.Expand(op.Unsqueeze(token_pos, _ints(1)), grid)
+    index = op.Concat(
+        op.Unsqueeze(rows, _ints(3)), op.Unsqueeze(heads, _ints(3)), op.Unsqueeze(times, _ints(3)), axis=3
+    )
+    present_k = op.ScatterND(k_cache, index, k)
+    present_v = op.ScatterND(v_cache, index, v)
+    # Query head h = kv * group + g: [B, Hq, S, D] is [B, Hkv, group * S, D] in the same memory.
+    rows_shape = op.Concat(batch, _ints(kv_heads, -1), head_dim, axis=0)
+    q_rows = op.Reshape(q, rows_shape)  # [B, Hkv, group * S, D]
+    scores = op.Mul(op.Cast(op.MatMul(q_rows, op.Transpose(present_k, perm=[0, 1, 3, 2])), to=_FLOAT), scale)
+    query_pos = op.Expand(op.Unsqueeze(token_pos, _ints(1, 2)), op.Concat(batch, _ints(1, group), seq, axis=0))
+    query_pos = op.Reshape(query_pos, op.Concat(batch, _ints(1, -1, 1), axis=0))  # [B, 1, group * S, 1]
+    keys = op.Reshape(op.Range(zero, op.Squeeze(cache_len, _ints(0)), one), _ints(1, 1, 1, -1))  # [1, 1, 1, T]
+    scores = op.Where(op.LessOrEqual(keys, query_pos), scores, op.Constant(value_float=float("-inf")))
+    weights = op.CastLike(op.Softmax(scores, axis=-1), q)
+    out = op.MatMul(weights, present_v)  # [B, Hkv, group * S, D]
+    out = op.Reshape(out, op.Concat(batch, _ints(num_heads), seq, head_dim, axis=0))  # [B, Hq, S, D]
+    return out, present_k, present_v
 
 
 def linear_int8(x: Any, qweight: Any, scales: Any, bias: Any = None) -> Any:
@@ -157,9 +211,12 @@ def _uint8(value: int) -> Any:
     return onnx.helper.make_tensor("c", onnx.TensorProto.UINT8, [], [value])
 
 
-def table() -> dict[Callable[..., Any], Callable[..., Any]]:
+def table(standard_attention: bool = False) -> dict[Callable[..., Any], Callable[..., Any]]:
+    """standard_attention: oiv2::cached_attention in standard ops instead of GroupQueryAttention."""
     return {
-        torch.ops.oiv2.cached_attention.default: cached_attention,
+        torch.ops.oiv2.cached_attention.default: cached_attention_standard_ops
+        if standard_attention
+        else cached_attention,
         torch.ops.oiv2.linear_int8.default: linear_int8,
         torch.ops.oiv2.linear_int4.default: linear_int4,
     }

@@ -10,7 +10,10 @@ load:   an InferenceSession over the optimized model with every optimization off
 
 Translations (what the exported graph holds, and `contrib_op_counts` counts):
     oiv2::cached_attention → com.microsoft GroupQueryAttention (one per layer), caches shared with
-                             its outputs (ORT skips the copy when past and present are one buffer)
+                             its outputs (ORT skips the copy when past and present are one buffer);
+                             in the decode program of a CUDA build, standard ops instead (ScatterND
+                             into the caches, MatMul/Softmax over them): ONNX Runtime's CUDA
+                             GroupQueryAttention gives wrong outputs at one new token (below)
     oiv2::linear_int4      → com.microsoft MatMulNBits; the int4-grouphalves-v2 bytes are repacked
                              (in the graph, constant-folded by the optimizer) into MatMulNBits' order
     oiv2::linear_int8      → DequantizeLinear (per output channel) + MatMul, standard ops
@@ -21,6 +24,14 @@ Runtime's offline transformer optimizer (fuse_skip_norms).
 The program contract differs in one way: cache row b belongs to sequence b (GroupQueryAttention
 has no slot indirection), so a program refuses slots other than 0 .. B-1, which is what the Engine
 passes on a device without CUDA graphs. The caches are bound as their first B rows.
+
+GroupQueryAttention on CUDA: with onnxruntime-gpu 1.31.1 on an H100 (2026-11-27), the decode program's
+first GroupQueryAttention node differs from the CPU provider's at every position, 0 included (where
+attention sees one key), with its inputs equal on both providers (`benchmarks/onnx_cuda_check.py`,
+every node compared); the prefill program's agree to 4e-4. Setting ORT_DISABLE_FLASH_ATTENTION or
+ORT_DISABLE_MEMORY_EFFICIENT_ATTENTION changed nothing. So a CUDA build's decode program attends in
+standard ops, which read the whole cache (benchmarks/RESULTS.md has what that costs); prefill keeps
+GroupQueryAttention. `attention_op` records which, per program, in the manifest.
 
 Optimization level: extended, the highest whose result is portable. The `all` level adds layout
 transformations for the build machine's CPU (NCHWc), which ONNX Runtime itself advises against
@@ -38,7 +49,7 @@ from typing import Any
 
 import torch
 
-from oiv2compile.capture import INPUT_NAMES, CapturedProgram
+from oiv2compile.capture import INPUT_NAMES, CapturedProgram, Phase
 from oiv2compile.config import BuildConfig, Device, DType
 from oiv2compile.errors import ArtifactError, BuildError, ConfigError
 
@@ -83,7 +94,8 @@ def lower(program: CapturedProgram, out_dir: Path, cfg: BuildConfig) -> dict[str
 
     name = program.program.name
     gm, inputs, shapes, names = functional_program(program)
-    exported = _export(gm, inputs, shapes, names)
+    standard_attention = uses_standard_attention(program, cfg)
+    exported = _export(gm, inputs, shapes, names, standard_attention)
     raw = out_dir / f".{name}.raw.onnx"
     exported.save(str(raw), external_data=True)
     path = out_dir / f"{name}.onnx"
@@ -108,8 +120,15 @@ def lower(program: CapturedProgram, out_dir: Path, cfg: BuildConfig) -> dict[str
         "rsqrt_as_division": rewrites,
         "skip_norm_fusions": skip_norms,
         "contrib_ops": counts,
+        "attention_op": "standard ops" if standard_attention else "GroupQueryAttention",
         "check_max_abs_diff": max_diff,
     }
+
+
+def uses_standard_attention(program: CapturedProgram, cfg: BuildConfig) -> bool:
+    """Whether the program's attention is exported in standard ops: the decode program of a CUDA
+    build, where ONNX Runtime's GroupQueryAttention kernel is wrong (module docstring)."""
+    return cfg.device is Device.CUDA and program.program.phase is Phase.DECODE
 
 
 # Logits of the ONNX Runtime model against the transformed graph run by PyTorch: other kernels,
@@ -242,7 +261,11 @@ def _cache_name(i: int) -> str:
 
 
 def _export(
-    gm: torch.fx.GraphModule, inputs: tuple[Any, ...], shapes: dict[str, Any], names: dict[str, list[str]]
+    gm: torch.fx.GraphModule,
+    inputs: tuple[Any, ...],
+    shapes: dict[str, Any],
+    names: dict[str, list[str]],
+    standard_attention: bool = False,
 ) -> Any:
     from oiv2compile.backends import _onnx_translations
 
@@ -254,7 +277,7 @@ def _export(
             dynamic_shapes=shapes,
             input_names=names["inputs"],
             output_names=names["outputs"],
-            custom_translation_table=_onnx_translations.table(),
+            custom_translation_table=_onnx_translations.table(standard_attention),
             opset_version=OPSET,
             optimize=True,
             verbose=False,

@@ -11,7 +11,7 @@ import oiv2compile
 from oiv2compile.backends import onnx as onnx_backend
 from oiv2compile.cli import main
 from oiv2compile.errors import ConfigError
-from tests.conftest import PROMPTS, hf_greedy
+from tests.conftest import PROMPTS, TINY_BUILD, hf_greedy
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -59,6 +59,25 @@ def test_onnx_graphs_hold_one_attention_and_two_skip_norms_per_layer(preset, art
         assert recorded == {op: n for (domain, op), n in ops.items() if domain == "com.microsoft"}
         assert manifest["programs"][program]["rsqrt_as_division"] == 2 * layers + 1
         assert manifest["programs"][program]["skip_norm_fusions"] == 2 * layers
+
+
+def test_decode_attention_in_standard_ops_equals_hf(monkeypatch, tmp_path, hf_tiny):
+    """The translation a CUDA build's decode program takes (ScatterND into the bound caches, then
+    MatMul/Softmax), built and checked here on the CPU provider: greedy parity with HF and its ops."""
+    monkeypatch.setattr(onnx_backend, "uses_standard_attention", lambda program, cfg: program.program.name == "decode")
+    path = tmp_path / "llama-tiny-onnx"
+    oiv2compile.build("llama-tiny", path, backend="onnx", device="cpu", dtype="float32", **TINY_BUILD, **FAST)
+    manifest = json.loads((path / "manifest.json").read_text())
+    layers = manifest["cache"]["num_layers"]
+    decode, prefill = _ops(path, "decode"), _ops(path, "prefill")
+    assert ("com.microsoft", "GroupQueryAttention") not in decode
+    assert decode[("", "ScatterND")] == 2 * layers and decode[("", "Softmax")] == layers
+    assert prefill[("com.microsoft", "GroupQueryAttention")] == layers and ("", "ScatterND") not in prefill
+    assert manifest["programs"]["decode"]["attention_op"] == "standard ops"
+    assert manifest["programs"]["prefill"]["attention_op"] == "GroupQueryAttention"
+    engine = oiv2compile.load(path)
+    results = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    assert [r.token_ids for r in results] == [hf_greedy(hf_tiny("llama-tiny"), p, NEW_TOKENS) for p in PROMPTS]
 
 
 def test_onnx_stream_matches_generate(artifacts):
