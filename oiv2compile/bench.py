@@ -67,7 +67,8 @@ ROW_FIELDS = (
     "load_s",  # oiv2compile.load (or the HF model's load) until ready to generate
     "warmup_s",  # the warm-up runs before measuring (HF static compiles itself there)
     "peak_memory_bytes",  # peak over what the process held before the load (see memory_kind)
-    "memory_kind",  # "gpu_allocated" (torch.cuda.max_memory_allocated) or "rss" (resident set size)
+    "memory_kind",  # "gpu_allocated" (torch.cuda.max_memory_allocated), "gpu_device_used" (the GPU's used
+    # memory, sampled: backends that allocate outside PyTorch) or "rss" (resident set size)
     "weight_bytes",
     "kv_bytes_per_token",
     "step_bytes",  # bytes one decode step must read
@@ -564,7 +565,8 @@ def _measure_engine(
     if target.path is None:  # unavailable: _target or _prepare_artifact said why
         tracker.unavailable("oiv2compile", target.backend, target.quant, request.batch_sizes, str(target.reason))
         return
-    with _PeakMemory(device) as memory:
+    # ONNX Runtime allocates on the GPU from its own arena, which PyTorch's allocator does not see.
+    with _PeakMemory(device, outside_torch=target.backend == "onnx") as memory:
         start = time.perf_counter()
         try:
             engine = load(target.path)
@@ -756,30 +758,38 @@ def _tensor_bytes(module: torch.nn.Module) -> int:
 
 class _PeakMemory:
     """Peak memory over what the process held on entry. On CUDA the caching allocator's peak of
-    allocated memory; on the CPU the resident set size, sampled by a thread every 5 ms (0 when it
-    never grew past the entry value: freed memory the allocator kept is reused without growing it)."""
+    allocated memory, or, for a backend that allocates outside PyTorch (ONNX Runtime's own arena),
+    the device's used memory (total - free, the whole GPU's); on the CPU the resident set size. The
+    last two are sampled by a thread every 5 ms (0 when they never grew past the entry value: freed
+    memory an allocator kept is reused without growing it)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, outside_torch: bool = False) -> None:
         self.device = device
-        self.cuda = device.type == "cuda"
-        self.kind = "gpu_allocated" if self.cuda else "rss"
+        self.allocator = device.type == "cuda" and not outside_torch
+        self.kind = "gpu_allocated" if self.allocator else "gpu_device_used" if device.type == "cuda" else "rss"
         self.before = 0
         self._peak = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _now(self) -> int:
+        if self.kind == "gpu_device_used":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return total - free
+        return int(self._process.memory_info().rss)
+
     def __enter__(self) -> _PeakMemory:
         _release(self.device)
-        if self.cuda:
+        if self.allocator:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
         else:
             import psutil
 
             self._process = psutil.Process()
-            self.before = self._peak = self._process.memory_info().rss
-            self._thread = threading.Thread(target=self._sample, name="oiv2-bench-rss", daemon=True)
+            self.before = self._peak = self._now()
+            self._thread = threading.Thread(target=self._sample, name="oiv2-bench-memory", daemon=True)
             self._thread.start()
         return self
 
@@ -790,24 +800,24 @@ class _PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(_MEMORY_SAMPLE_S):
-            rss = self._process.memory_info().rss
+            now = self._now()
             with self._lock:
-                self._peak = max(self._peak, rss)
+                self._peak = max(self._peak, now)
 
     def reset_peak(self) -> None:
         """Forget the peak so far; what is held now (weights, cache) still counts."""
-        if self.cuda:
+        if self.allocator:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             with self._lock:
-                self._peak = self._process.memory_info().rss
+                self._peak = self._now()
 
     def peak(self) -> int:
-        if self.cuda:
+        if self.allocator:
             return torch.cuda.max_memory_allocated(self.device) - self.before
-        rss = self._process.memory_info().rss
+        now = self._now()
         with self._lock:
-            return max(0, max(self._peak, rss) - self.before)
+            return max(0, max(self._peak, now) - self.before)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -912,11 +922,14 @@ def markdown_table(report: dict[str, Any]) -> str:
             continue
         decode, tpot = row["decode_tok_s"], row["tpot_ms"]
         build = "—" if row["build_s"] is None else f"{row['build_s']:.1f}" + (" (reused)" if row["reused"] else "")
+        peak = f"{row['peak_memory_bytes'] / 2**20:.0f}" + (
+            " (GPU used)" if row["memory_kind"] == "gpu_device_used" else ""
+        )
         lines.append(
             f"{head} {decode['median']:.1f} ({decode['min']:.1f}-{decode['max']:.1f}) | {row['share_of_roofline']:.1%} | "
             f"{row['ttft_s']['median'] * 1e3:.2f} | {tpot['p50']:.2f} / {tpot['p95']:.2f} / {tpot['p99']:.2f} | "
             f"{row['e2e_s']['median']:.3f} | {build} | {row['load_s']:.2f} | {row['warmup_s']:.2f} | "
-            f"{row['peak_memory_bytes'] / 2**20:.0f} |"
+            f"{peak} |"
         )
     lines.append("")
     for batch in args["batch_sizes"]:

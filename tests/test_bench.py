@@ -336,3 +336,16 @@ def test_engine_timings_on_known_numbers():
     assert figures["e2e_s"] == pytest.approx({"median": 0.95, "min": 0.9, "max": 1.0})
     assert figures["step_ms"] == pytest.approx([100.0, 100.0, 200.0, 200.0, 200.0, 200.0])
     assert figures["tpot_ms"] == pytest.approx({"p50": 200.0, "p95": 200.0, "p99": 200.0})
+
+
+def test_table_marks_memory_measured_as_the_gpus_used_memory(first_run):
+    """An onnx row on CUDA reports the GPU's used memory (ONNX Runtime allocates outside PyTorch):
+    the table says so, the other rows stay plain numbers."""
+    report = _report(first_run["out"])
+    ok = [r for r in report["rows"] if r["status"] == "ok"]
+    ok[0]["memory_kind"] = "gpu_device_used"
+    lines = [
+        line for line in markdown_table(report).splitlines() if line.startswith("| ") and "unavailable" not in line
+    ]
+    rows = lines[1:]
+    assert rows[0].endswith(" (GPU used) |") and not any("GPU used" in line for line in rows[1:])
