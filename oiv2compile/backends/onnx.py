@@ -390,6 +390,9 @@ class OnnxProgram:
         # The engine runs torch ops (sampling) between steps on the same cores: ONNX Runtime's
         # worker threads must not keep spinning after a step returns.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Errors only: ONNX Runtime warns once per ScatterND node at load (that duplicate indices are
+        # unordered; ours never repeat) and of the Memcpy nodes it placed; its errors still raise.
+        options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), options, providers=_providers(device.type == "cuda"))
         except Exception as exc:  # ORT raises its own exception types for unreadable models
