@@ -4,10 +4,11 @@ Exports a tiny preset's prefill and decode programs in fp16 as `--backend onnx -
 them, then runs each optimized model three ways against the transformed graph run by PyTorch: the CPU
 provider through session.run, the CUDA provider through session.run, and the CUDA provider through the
 executor's I/O binding (present caches in the past caches' memory); prints the largest logits
-difference of each; the decode program twice, with its attention as GroupQueryAttention and in standard
-ops (what a CUDA build's decode program holds). Then, for the decode program, every node's outputs on the CUDA provider against
-the CPU provider (same model, same inputs, session.run), in graph order: the first nodes whose outputs
-differ are where the CUDA provider goes wrong.
+difference of each. The decode program runs twice: with its attention as GroupQueryAttention and in
+standard ops (what a CUDA build's decode program holds). For the GroupQueryAttention decode program,
+every node's outputs on the CUDA provider are then compared with the CPU provider's (same model, same
+inputs, session.run), in graph order: the first nodes whose outputs differ are where the CUDA
+provider goes wrong.
 Usage: python benchmarks/onnx_cuda_check.py [preset]  (default llama-tiny)
 """
 
@@ -74,9 +75,8 @@ def node_diffs(path, names, ids, positions, last_index, caches, limit=12):  # ty
             bad_types[node.op_type] = bad_types.get(node.op_type, 0) + 1
             if shown < limit:
                 inputs = ", ".join(node.input)
-                print(
-                    f"  differs: {node.op_type} {node.domain} {node.name} -> {name} {list(a.shape)} rel {rel:.3g} ({inputs})"
-                )
+                where = f"{node.op_type} {node.domain} {node.name} -> {name} {list(a.shape)}"
+                print(f"  differs: {where} rel {rel:.3g} ({inputs})")
                 shown += 1
     print("  op types with differing outputs:", bad_types, flush=True)
 
