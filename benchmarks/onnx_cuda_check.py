@@ -40,8 +40,9 @@ def _run(mode, path, names, ids, positions, last_index, caches):  # type: ignore
 
 
 def node_diffs(path, names, ids, positions, last_index, caches, limit=12):  # type: ignore[no-untyped-def]
-    """Print the nodes whose outputs differ between the CPU and CUDA providers (relative to the
-    output's largest magnitude), first `limit` of them in graph order, and the op types of all."""
+    """Print the nodes whose outputs differ between the CPU and CUDA providers (floats relative to the
+    output's largest magnitude, integers exactly), first `limit` of them in graph order, and the op
+    types of all."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -66,11 +67,13 @@ def node_diffs(path, names, ids, positions, last_index, caches, limit=12):  # ty
     shown, bad_types = 0, {}
     for name, node in producers.items():
         a, b = results[False].get(name), results[True].get(name)
-        if a is None or b is None or a.dtype.kind not in "fc" or a.shape != b.shape or a.size == 0:
+        if a is None or b is None or a.dtype.kind not in "fciub" or a.size == 0:
             continue
-        a64, b64 = torch.from_numpy(a).double(), torch.from_numpy(b).double()
-        scale = max(float(a64.abs().max()), 1e-6)
-        rel = float((a64 - b64).abs().max()) / scale
+        if a.shape != b.shape or a.dtype.kind in "iub":  # integers (lengths, indices) must be equal
+            rel = 0.0 if a.shape == b.shape and (a == b).all() else float("inf")
+        else:
+            a64, b64 = torch.from_numpy(a).double(), torch.from_numpy(b).double()
+            rel = float((a64 - b64).abs().max()) / max(float(a64.abs().max()), 1e-6)
         if rel > 2e-2:
             bad_types[node.op_type] = bad_types.get(node.op_type, 0) + 1
             if shown < limit:

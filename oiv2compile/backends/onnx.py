@@ -27,7 +27,7 @@ passes on a device without CUDA graphs. The caches are bound as their first B ro
 
 GroupQueryAttention on CUDA: with onnxruntime-gpu 1.31.1 on an H100 (2026-11-27), the decode program's
 first GroupQueryAttention node differs from the CPU provider's at every position, 0 included (where
-attention sees one key), with its inputs equal on both providers (`benchmarks/onnx_cuda_check.py`,
+attention sees one key), with its float inputs equal on both providers (`benchmarks/onnx_cuda_check.py`,
 every node compared); the prefill program's agree to 4e-4. Setting ORT_DISABLE_FLASH_ATTENTION or
 ORT_DISABLE_MEMORY_EFFICIENT_ATTENTION changed nothing. So a CUDA build's decode program attends in
 standard ops, which read the whole cache (benchmarks/RESULTS.md has what that costs); prefill keeps
