@@ -145,10 +145,9 @@ def check_against_graph(
     token ids and random cache contents; raise BuildError when their logits differ beyond the
     dtype's tolerance. Returns the largest absolute difference.
 
-    The binding matters on CUDA: GroupQueryAttention appends the new keys in place only where past
-    and present share a buffer; with separate buffers (a plain session.run) it lays the present cache
-    out differently, so a check through session.run tests another contract than the one the engine
-    uses."""
+    The binding is the engine's contract: present and past caches in one buffer, which the attention
+    (GroupQueryAttention or ScatterND) writes in place; a plain session.run, with separate buffers,
+    would check another."""
     ids, positions, last_index, *caches = inputs
     vocab = int(next(iter(gm.graph.find_nodes(op="output"))).args[0][0].meta["val"].shape[-1])
     generator = torch.Generator().manual_seed(0)

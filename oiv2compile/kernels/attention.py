@@ -340,9 +340,9 @@ def decode_splits(
     chunk: int = DECODE_CHUNK,
 ) -> int:
     """How many programs share each (sequence, kv head) of a call: ceil(cache_len / chunk) for a
-    decode call (one new token per sequence) over a cache longer than one chunk; 1, the single-pass
-    kernel, for prefill, for a cache of at most SINGLE_PASS_MAX_CACHE positions, and where the batch
-    alone gives every SM two programs.
+    decode call (one new token per sequence) over a cache longer than SINGLE_PASS_MAX_CACHE; 1, the
+    single-pass kernel, for prefill, for a shorter cache, and where the batch alone gives every SM two
+    programs.
     Sizes may be symbolic when an artifact is traced (the prompt length of prefill, the batch of
     decode): branch only on ints, so no guard is added. A symbolic batch counts as 1."""
     if not (isinstance(new_tokens, int) and new_tokens == 1 and isinstance(cache_len, int)):

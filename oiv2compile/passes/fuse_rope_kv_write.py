@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from oiv2compile import kernels  # noqa: F401  (registers the oiv2 ops this pass inserts)
 from oiv2compile.config import BuildConfig
@@ -294,29 +295,20 @@ def _rewrite(gm: GraphModule, attention: Node, layer: _Layer, tables: dict[tuple
 
 
 def _is_cache_positions(position_ids: Node, positions: Any) -> bool:
-    """Whether position_ids = positions[:, None] + arange(S)[None, :], S the ids' second size."""
+    """Whether position_ids = positions[:, None] + arange(S)[None, :] (either order of the sum), S
+    the ids' second size."""
     if not is_call(position_ids, aten.add.Tensor) or len(position_ids.args) != 2 or position_ids.kwargs:
         return False
-    column, row = (_unsqueezed(a) for a in position_ids.args)
-    if column is None or row is None:
-        column, row = (_unsqueezed(a) for a in reversed(position_ids.args))
-    if column is None or row is None or column[0] is not positions or column[1] != 1 or row[1] != 0:
+    parts = [_unsqueezed(a) for a in position_ids.args]
+    column = next((p for p in parts if p is not None and p[0] is positions), None)
+    row = next((p for p in parts if p is not None and p is not column), None)
+    if column is None or row is None or column[1] != 1 or row[1] != 0:
         return False
-    arange = row[0]
-    if is_call(arange, aten.arange.start, aten.arange.start_step):
-        if arange.args[1:] not in ((arange.args[1],), (arange.args[1], 1)) or arange.args[0] != 0:
-            return False
-        end = arange.args[1]
-    elif is_call(arange, aten.arange.default):
-        end = arange.args[0]
-    else:
-        return False
+    end = _arange_end(row[0])
     ids = fake_value(position_ids)
-    return (
-        ids is not None
-        and ids.dim() == 2
-        and _same_size(fake_value(end) if isinstance(end, Node) else end, ids.shape[1])
-    )
+    if end is None or ids is None or ids.dim() != 2:
+        return False
+    return _same_size(fake_value(end) if isinstance(end, Node) else end, ids.shape[1])
 
 
 def _unsqueezed(node: Any) -> tuple[Any, int] | None:
@@ -326,11 +318,20 @@ def _unsqueezed(node: Any) -> tuple[Any, int] | None:
     return node.args[0], node.args[1]
 
 
+def _arange_end(node: Any) -> Any:
+    """end for aten.arange(end) or aten.arange(0, end[, 1]), else None."""
+    if is_call(node, aten.arange.default):
+        return node.args[0]
+    if is_call(node, aten.arange.start, aten.arange.start_step) and node.args[0] == 0 and node.args[2:] in ((), (1,)):
+        return node.args[1]
+    return None
+
+
 def _same_size(a: Any, b: Any) -> bool:
-    """Whether two sizes (ints, or the same symbol) are equal, without adding a guard."""
+    """Whether two sizes (ints, or SymInts known equal, as the same symbol is) are equal, adding no guard."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
+    return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and statically_known_true(a == b)
 
 
 def _tables(

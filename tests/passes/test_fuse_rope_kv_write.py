@@ -105,3 +105,18 @@ def test_keeps_position_ids_that_are_not_the_cache_positions(tiny_program):
     torch.testing.assert_close(logits, expected_logits)
     for got, want in zip(caches, expected_caches, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_takes_the_cache_positions_whichever_order_the_sum_has(tiny_program):
+    """arange(S)[None, :] + positions[:, None] is the cache positions too."""
+    _before, gm, spec = _prepared(tiny_program, "llama-tiny", PREFILL)
+    positions = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "positions")
+    ids = next(iter(next(iter(positions.users)).users))  # positions[:, None] + arange(S)
+    ids.args = tuple(reversed(ids.args))
+    gm.recompile()
+    expected_logits, _ = run(gm, spec, PREFILL)
+
+    assert fuse_rope_kv_write(gm, BuildConfig()) == spec.num_layers
+    cleanup(gm)
+    assert [n.args[3] for n in gm.graph.find_nodes(op="call_function", target=ROPE)] == [None] * spec.num_layers
+    torch.testing.assert_close(run(gm, spec, PREFILL)[0], expected_logits)
