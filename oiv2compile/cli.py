@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--no-quantize-embedding", action="store_true", help="keep the token-embedding table in full precision"
     )
+    build.add_argument(
+        "--no-cuda-gemv",
+        action="store_true",
+        help="run one-row quantized products on the Triton kernel, not the C++ GEMV",
+    )
     build.add_argument("--no-verify", action="store_true", help="skip the comparison with Hugging Face's forward")
     build.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     build.add_argument("--no-fuse-qkv", action="store_true", help="keep the q, k and v projections apart")
@@ -176,6 +181,8 @@ def _build(args: argparse.Namespace) -> int:
         quant["include_output_head"] = False
     if args.no_quantize_embedding:
         quant["include_embedding"] = False
+    if args.no_cuda_gemv:
+        quant["enable_cuda_gemv"] = False
     if quant:
         overrides["quant"] = quant
     if args.no_verify:

@@ -6,6 +6,7 @@ tensors (user-managed constants), so the prefill and decode programs share one c
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from oiv2compile import _torch_compat
 from oiv2compile.capture import CapturedProgram, Phase, ProgramSpec, export_transformed
 from oiv2compile.config import BuildConfig, Device
 from oiv2compile.errors import ArtifactError
+from oiv2compile.kernels import _cuda_extension
+from oiv2compile.passes.use_cuda_gemv import libraries as gemv_libraries
 
 
 def inductor_configs(cfg: BuildConfig, program: ProgramSpec) -> dict[str, Any]:
@@ -38,10 +41,21 @@ def lower(program: CapturedProgram, out_dir: Path, cfg: BuildConfig) -> dict[str
     exported = export_transformed(program)
     configs = inductor_configs(cfg, program.program)
     _torch_compat.aoti_compile_and_package(exported, out_dir / name, configs)
-    return {"file": name, "backend": "inductor", "inductor_configs": configs}
+    # The C++ kernels the program calls (use_cuda_gemv) travel with it, built for this card.
+    libraries = gemv_libraries(program.graph_module)
+    for library in libraries:
+        shutil.copy2(library, out_dir / library.name)
+    return {
+        "file": name,
+        "backend": "inductor",
+        "inductor_configs": configs,
+        "libraries": [library.name for library in libraries],
+    }
 
 
 def load(artifact_dir: Path, entry: dict[str, Any], weights: dict[str, torch.Tensor]) -> Any:
+    for library in entry.get("libraries", []):  # their kernels register before the program runs
+        _cuda_extension.load_library(artifact_dir / library)
     runner = _torch_compat.aoti_load_package(artifact_dir / entry["file"])
     names = runner.get_constant_fqns()
     missing = sorted(set(names) - set(weights))

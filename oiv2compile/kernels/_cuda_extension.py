@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
+# File names (unique per source and torch build) of the libraries loaded in this process: loading a
+# second copy of one (from an artifact, say) would register its kernels twice.
+_LOADED: set[str] = set()
 
 
 def extension_name(source: Path) -> str:
@@ -32,6 +35,8 @@ def load(source: Path, build_dir: Path | None = None) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     major, minor = torch.cuda.get_device_capability()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    if f"{name}.so" in _LOADED:
+        return target / f"{name}.so"
     cpp_extension.load(
         name=name,
         sources=[str(source)],
@@ -41,4 +46,12 @@ def load(source: Path, build_dir: Path | None = None) -> Path:
         is_python_module=False,
         verbose=False,
     )
+    _LOADED.add(f"{name}.so")
     return target / f"{name}.so"
+
+
+def load_library(path: Path) -> None:
+    """Load a library that `load` built (an artifact's copy), unless one of that name is loaded."""
+    if path.name not in _LOADED:
+        torch.ops.load_library(str(path))
+        _LOADED.add(path.name)

@@ -1,0 +1,133 @@
+"""use_cuda_gemv: one-row quantized products become the C++ GEMV ops, nothing else does, and the
+program computes the same; here on the CPU, where the GEMV ops run their reference and the library
+the pass would compile stands as a path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from oiv2compile.capture import DECODE_B1, PREFILL, CacheSpec, capture
+from oiv2compile.config import Backend, BuildConfig, Device
+from oiv2compile.kernels import _cuda_extension
+from oiv2compile.models import load_model
+from oiv2compile.passes import use_cuda_gemv as gemv_pass
+from oiv2compile.passes.manager import cleanup
+from oiv2compile.passes.quantize_embedding import quantize_embedding
+from oiv2compile.passes.quantize_weights import quantize_weights
+from oiv2compile.passes.registry import pipeline
+from tests.passes.helpers import aten, count, snapshot
+
+INT8, INT4 = torch.ops.oiv2.linear_int8.default, torch.ops.oiv2.linear_int4.default
+GEMV8, GEMV4 = torch.ops.oiv2.linear_int8_gemv.default, torch.ops.oiv2.linear_int4_gemv.default
+LINEARS = 15  # llama-tiny unfused: 2 layers x 7 + the head
+
+
+@pytest.fixture
+def libraries(monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """The compiled libraries stand as paths: no nvcc here."""
+    paths = {"oiv2compile.kernels.linear_int8_gemv": Path("/x/oiv2_linear_int8_gemv_0.so")}
+    paths["oiv2compile.kernels.linear_int4_gemv"] = Path("/x/oiv2_linear_int4_gemv_0.so")
+    monkeypatch.setattr(gemv_pass, "_LIBRARIES", dict(paths))
+    return paths
+
+
+def _quantized(program, quant: str, dtype: torch.dtype = torch.bfloat16):  # type: ignore[no-untyped-def]
+    """The kernels take bf16 or fp16 activations: the model in bf16 (its reference runs on the CPU)."""
+    hf = load_model("llama-tiny", dtype=dtype, device="cpu", seed=0).model
+    spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=dtype)
+    gm = capture(hf, spec, program).graph_module
+    cfg = _cuda_cfg(quant)
+    for p in (quantize_weights, quantize_embedding):
+        p(gm, cfg)
+        cleanup(gm)
+    return gm, spec, cfg
+
+
+def _cuda_cfg(quant: str) -> BuildConfig:
+    return BuildConfig(device=Device.CUDA, backend=Backend.INDUCTOR).replace(
+        quantization=quant, quant={"group_size": 32}, fusion={"enable_qkv": False, "enable_ffn": False}
+    )
+
+
+def _run(gm, spec):  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(0)
+    caches = [torch.randn(spec.shape(), generator=gen).to(spec.torch_dtype) for _ in range(2 * spec.num_layers)]
+    ids, positions, slots, last = torch.tensor([[17]]), torch.tensor([5]), torch.tensor([2]), torch.tensor([0])
+    return gm(ids, positions, slots, last, caches), caches
+
+
+@pytest.mark.parametrize(("quant", "op", "gemv"), [("int8", INT8, GEMV8), ("int4", INT4, GEMV4)])
+def test_every_one_row_product_of_the_batch_1_decode_program_is_rewritten(quant, op, gemv, libraries):
+    gm, spec, cfg = _quantized(DECODE_B1, quant)
+    before = snapshot(gm)
+    assert count(gm, op) == LINEARS and count(gm, gemv) == 0
+
+    assert gemv_pass.use_cuda_gemv(gm, cfg) == LINEARS
+    cleanup(gm)
+
+    assert count(gm, op) == 0 and count(gm, gemv) == LINEARS
+    for node in gm.graph.find_nodes(op="call_function", target=gemv):
+        assert node.args[0].target is aten.reshape.default and node.args[0].meta["val"].shape[0] == 1
+        assert node.meta["oiv2"]["library"] == libraries[f"oiv2compile.kernels.linear_{quant}_gemv"].name
+        assert "quantized" in node.meta["oiv2"]  # verify.py still finds the quantized weight
+    assert gemv_pass.libraries(gm) == [libraries[f"oiv2compile.kernels.linear_{quant}_gemv"]]
+    (want, want_caches), (got, got_caches) = _run(before, spec), _run(gm, spec)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_caches, want_caches, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_products_of_a_symbolic_row_count_stay(libraries):
+    """Prefill's rows are the prompt's (symbolic): the Triton op serves them."""
+    gm, _spec, cfg = _quantized(PREFILL, "int8")
+    assert gemv_pass.use_cuda_gemv(gm, cfg) == 0
+    assert count(gm, INT8) == LINEARS and gemv_pass.libraries(gm) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"device": Device.CPU}, {"backend": Backend.ONNX}, {"quantization": "none"}],
+    ids=["cpu", "onnx", "unquantized"],
+)
+def test_not_for_cpu_onnx_or_unquantized_builds(change, libraries):
+    gm, _spec, cfg = _quantized(DECODE_B1, "int8")
+    assert gemv_pass.use_cuda_gemv(gm, cfg.replace(**change)) == 0
+    assert count(gm, INT8) == LINEARS
+
+
+def test_not_for_float32_activations(libraries):
+    """The kernels read bf16 or fp16 only."""
+    gm, _spec, cfg = _quantized(DECODE_B1, "int8", dtype=torch.float32)
+    assert gemv_pass.use_cuda_gemv(gm, cfg) == 0
+    assert count(gm, INT8) == LINEARS
+
+
+def test_a_library_that_does_not_compile_leaves_the_triton_op(monkeypatch, caplog):
+    gm, _spec, cfg = _quantized(DECODE_B1, "int8")
+
+    def fail(build_dir=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError("nvcc not found")
+
+    monkeypatch.setattr(gemv_pass, "_LIBRARIES", {})
+    monkeypatch.setattr(gemv_pass.linear_int8_gemv, "load_extension", fail)
+    assert gemv_pass.use_cuda_gemv(gm, cfg) == 0
+    assert count(gm, INT8) == LINEARS and "nvcc not found" in caplog.text
+
+
+def test_the_pipeline_runs_it_last_on_cuda_inductor_builds_only():
+    cuda = _cuda_cfg("int8")
+    assert pipeline(cuda)[-1] is gemv_pass.use_cuda_gemv
+    assert gemv_pass.use_cuda_gemv not in pipeline(cuda.replace(quant={"enable_cuda_gemv": False}))
+    assert gemv_pass.use_cuda_gemv not in pipeline(cuda.replace(device=Device.CPU))
+
+
+def test_an_artifacts_library_loads_once(monkeypatch, tmp_path):
+    loaded: list[str] = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    monkeypatch.setattr(_cuda_extension, "_LOADED", set())
+    for _ in range(2):  # the prefill and decode programs name the same library
+        _cuda_extension.load_library(tmp_path / "oiv2_linear_int8_gemv_0.so")
+    assert loaded == [str(tmp_path / "oiv2_linear_int8_gemv_0.so")]
