@@ -7,7 +7,8 @@ measured in the same run. Candidates, all in the same run:
   bf16 F.linear · oiv2::linear_int8 · oiv2::linear_int4 (group 128) · aten._weight_int8pack_mm ·
   Inductor's fused dequantize-then-linear (torch.compile of the int8 reference) ·
   aten._weight_int4pack_mm (tinygemm, group 128)
-  oiv2::linear_int8_gemv and oiv2::linear_int4_gemv (group 128; the CUDA C++ kernels, M <= 4) ·
+  oiv2::linear_int8_gemv (the CUDA C++ GEMV, M <= 4) · oiv2::linear_int4_mma (group 128, the CUDA C++
+  op the builds use for int4: tensor cores up to 32 rows, dequantize-then-cuBLAS above) ·
   dequantize into bf16, then F.linear (the prefill alternative to a mixed-input GEMM)
 The oiv2 ops are called as an artifact's code calls them (on CPU: their PyTorch reference). A
 candidate that cannot run here is a row `unavailable: <why>`. Weights rotate over enough copies that
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from oiv2compile.bench import copy_bandwidth_gbs, environment
-from oiv2compile.kernels import linear_int4_gemv, linear_int8_gemv
+from oiv2compile.kernels import linear_int4_mma, linear_int8_gemv
 from oiv2compile.kernels.linear_int4 import dequantize as dequantize_int4
 from oiv2compile.kernels.linear_int4 import quantize as quantize_int4
 from oiv2compile.kernels.linear_int4 import unpack as unpack_int4
@@ -86,11 +87,11 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
         q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
         return [q, s], q.nbytes + s.nbytes, lambda x, q, s: _gemv(torch.ops.oiv2.linear_int8_gemv, x, q, s)
 
-    def int4_gemv() -> tuple[list[Any], int, Callable]:
+    def int4_mma() -> tuple[list[Any], int, Callable]:
         _check_groups(k)
         p, s, z = quantize_int4(torch.randn(n, k, device=device) * 0.02, GROUP, dtype)
-        nbytes = p.nbytes + s.nbytes + z.nbytes
-        return [p, s, z], nbytes, lambda x, p, s, z: _gemv(torch.ops.oiv2.linear_int4_gemv, x, p, s, z)
+        packed, pairs = linear_int4_mma.pack(unpack_int4(p, GROUP)), linear_int4_mma.scale_zero(s, z)
+        return [packed, pairs], packed.nbytes + pairs.nbytes, torch.ops.oiv2.linear_int4_mma
 
     def int8_dequant_linear() -> tuple[list[Any], int, Callable]:
         q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
@@ -127,7 +128,7 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
         "oiv2::linear_int8": int8_ours,
         "oiv2::linear_int4 g128": int4_ours,
         "oiv2::linear_int8_gemv (CUDA C++)": int8_gemv,
-        "oiv2::linear_int4_gemv g128 (CUDA C++)": int4_gemv,
+        "oiv2::linear_int4_mma g128 (CUDA C++)": int4_mma,
         "int8 dequantize, then F.linear": int8_dequant_linear,
         "int4 g128 dequantize, then F.linear": int4_dequant_linear,
         "aten._weight_int8pack_mm": int8pack,
@@ -198,17 +199,21 @@ def main() -> int:
     p.add_argument("--m", default="1,2,4,8,16,32,512", help="rows of x; the last is the prefill size")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--candidates", help="comma-separated substrings: only candidates whose name has one")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         linear_int8_gemv.load_extension()  # the CUDA C++ kernels: nvcc once each, cached after
-        linear_int4_gemv.load_extension()
+        linear_int4_mma.load_extension()
     bandwidth = copy_bandwidth_gbs(device)
     rows = []
     for n, k, where in linear_shapes(args.models.split(",")):
         torch.compiler.reset()  # one Inductor compile per shape, never the recompile limit
         makers = candidates(n, k, device)
+        if args.candidates:
+            wanted = args.candidates.split(",")
+            makers = {name: make for name, make in makers.items() if any(w in name for w in wanted)}
         for m in (int(v) for v in args.m.split(",")):
             for name, make in makers.items():
                 row: dict[str, Any] = {"n": n, "k": k, "m": m, "shape": where, "candidate": name}

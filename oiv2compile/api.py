@@ -279,11 +279,15 @@ def _quantization_record(cfg: BuildConfig, gm: torch.fx.GraphModule) -> dict[str
     int8 = cfg.quantization is Quantization.INT8
     rewritten = [n for n in gm.graph.nodes if n.op == "call_function" and "quantized" in n.meta.get("oiv2", {})]
     lookups = [n for n in rewritten if n.meta["oiv2"].get("lookup")]
+    default = INT8_LAYOUT if int8 else INT4_LAYOUT
     return {
         "scheme": cfg.quantization.value,
         "method": cfg.quant.method,
         "group_size": None if int8 else cfg.quant.group_size,
-        "layout": INT8_LAYOUT if int8 else INT4_LAYOUT,
+        # What the linears read (use_cuda_kernels repacks int4 for the tensor cores) and the lookup.
+        "layout": ", ".join(sorted({n.meta["oiv2"].get("layout", default) for n in rewritten if n not in lookups}))
+        or default,
+        "embedding_layout": default if lookups else None,
         "output_head": cfg.quant.include_output_head,
         "embedding": bool(lookups),
         "linears": len(rewritten) - len(lookups),

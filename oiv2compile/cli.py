@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-quantize-embedding", action="store_true", help="keep the token-embedding table in full precision"
     )
     build.add_argument(
-        "--no-cuda-gemv",
+        "--no-cuda-kernels",
         action="store_true",
         help="run one-row quantized products on the Triton kernel, not the C++ GEMV",
     )
@@ -181,8 +181,8 @@ def _build(args: argparse.Namespace) -> int:
         quant["include_output_head"] = False
     if args.no_quantize_embedding:
         quant["include_embedding"] = False
-    if args.no_cuda_gemv:
-        quant["enable_cuda_gemv"] = False
+    if args.no_cuda_kernels:
+        quant["enable_cuda_kernels"] = False
     if quant:
         overrides["quant"] = quant
     if args.no_verify:

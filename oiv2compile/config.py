@@ -58,8 +58,8 @@ class QuantConfig:
     # quantized head reads the head's tensors.
     include_embedding: bool = True
     # One-row quantized products (batch-1 decode) on the hand-written CUDA C++ GEMVs instead of the
-    # Triton kernel (passes/use_cuda_gemv.py); CUDA builds through Inductor only.
-    enable_cuda_gemv: bool = True
+    # Triton kernel (passes/use_cuda_kernels.py); CUDA builds through Inductor only.
+    enable_cuda_kernels: bool = True
     method: str = "rtn"
 
 

@@ -145,6 +145,8 @@ def _dequantized_hf_weights(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator
     the rounding. Linears and lookups are matched apart: a table tied to a quantized head but read
     in full precision by the lookup (--no-quantize-embedding) keeps its float weight there."""
     from oiv2compile.kernels.linear_int4 import dequantize as dequantize_int4
+    from oiv2compile.kernels.linear_int4_mma import LAYOUT as MMA_LAYOUT
+    from oiv2compile.kernels.linear_int4_mma import dequantize as dequantize_mma
     from oiv2compile.kernels.linear_int8 import dequantize as dequantize_int8
 
     # By the storage of the HF weight: the linears' and the lookups' apart.
@@ -154,10 +156,13 @@ def _dequantized_hf_weights(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator
         if node.op != "call_function" or "quantized" not in facts:
             continue
         int8 = facts["scheme"] == "int8"
-        layout = node.args[1:3] if int8 else node.args[1:4]  # (qweight, scales) or (packed, scales, zeros)
+        mma = facts.get("layout") == MMA_LAYOUT
+        # (qweight, scales), (packed, scale_zero) or (packed, scales, zeros)
+        layout = node.args[1:3] if int8 or mma else node.args[1:4]
         tensors = attr_tensors(gm, list(layout))
         assert tensors is not None, f"{node.name}: the quantized layout is not stored in the program"
-        weight = dequantize_int8(*tensors) if int8 else dequantize_int4(*tensors)
+        dequantize = dequantize_int8 if int8 else dequantize_mma if mma else dequantize_int4
+        weight = dequantize(*tensors)
         # A fused weight (fuse_qkv, fuse_ffn) stands for several HF linears: each gets its rows.
         parts = facts.get("parts") or [(facts["storage"], weight.shape[0])]
         reader: type = torch.nn.Embedding if facts.get("lookup") else torch.nn.Linear

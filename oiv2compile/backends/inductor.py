@@ -17,7 +17,7 @@ from oiv2compile.capture import CapturedProgram, Phase, ProgramSpec, export_tran
 from oiv2compile.config import BuildConfig, Device
 from oiv2compile.errors import ArtifactError
 from oiv2compile.kernels import _cuda_extension
-from oiv2compile.passes.use_cuda_gemv import libraries as gemv_libraries
+from oiv2compile.passes.use_cuda_kernels import libraries as kernel_libraries
 
 
 def inductor_configs(cfg: BuildConfig, program: ProgramSpec) -> dict[str, Any]:
@@ -41,8 +41,8 @@ def lower(program: CapturedProgram, out_dir: Path, cfg: BuildConfig) -> dict[str
     exported = export_transformed(program)
     configs = inductor_configs(cfg, program.program)
     _torch_compat.aoti_compile_and_package(exported, out_dir / name, configs)
-    # The C++ kernels the program calls (use_cuda_gemv) travel with it, built for this card.
-    libraries = gemv_libraries(program.graph_module)
+    # The C++ kernels the program calls (use_cuda_kernels) travel with it, built for this card.
+    libraries = kernel_libraries(program.graph_module)
     for library in libraries:
         shutil.copy2(library, out_dir / library.name)
     return {

@@ -10,7 +10,7 @@ from oiv2compile.kernels.embedding_int8 import embedding_int8, embedding_int8_re
 from oiv2compile.kernels.gated_act import gated_act, gated_act_ref
 from oiv2compile.kernels.kv_write import kv_write, kv_write_ref
 from oiv2compile.kernels.linear_int4 import linear_int4, linear_int4_ref
-from oiv2compile.kernels.linear_int4_gemv import linear_int4_gemv_ref
+from oiv2compile.kernels.linear_int4_mma import linear_int4_mma_ref
 from oiv2compile.kernels.linear_int8 import linear_int8, linear_int8_ref
 from oiv2compile.kernels.linear_int8_gemv import linear_int8_gemv_ref
 from oiv2compile.kernels.rope_kv_write import rope_kv_write, rope_kv_write_ref
@@ -29,7 +29,7 @@ __all__ = [
     "kv_write",
     "kv_write_ref",
     "linear_int4",
-    "linear_int4_gemv_ref",
+    "linear_int4_mma_ref",
     "linear_int4_ref",
     "linear_int8",
     "linear_int8_gemv_ref",

@@ -86,7 +86,11 @@ def group_size_of(packed: torch.Tensor, scales: torch.Tensor) -> int:
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """The float weight [N, K] (in the scales' dtype) that the layout stands for."""
-    q = unpack(packed, group_size_of(packed, scales))
+    return dequantize_levels(unpack(packed, group_size_of(packed, scales)), scales, zeros)
+
+
+def dequantize_levels(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Levels [N, K] with scales and zeros [N, K/g] → the float weight [N, K] in the scales' dtype."""
     n, k = q.shape
     groups = scales.shape[1]
     w = (q.reshape(n, groups, k // groups).to(scales.dtype) - zeros[..., None]) * scales[..., None]

@@ -18,7 +18,7 @@ from oiv2compile.passes.quantize_embedding import quantize_embedding
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
 from oiv2compile.passes.substitute_attention import substitute_attention
-from oiv2compile.passes.use_cuda_gemv import use_cuda_gemv
+from oiv2compile.passes.use_cuda_kernels import use_cuda_kernels
 
 Pass = Callable[[GraphModule, BuildConfig], int]
 
@@ -31,7 +31,7 @@ PASSES: dict[str, Pass] = {
     "fuse_norms": fuse_norms,
     "quantize_weights": quantize_weights,
     "quantize_embedding": quantize_embedding,
-    "use_cuda_gemv": use_cuda_gemv,
+    "use_cuda_kernels": use_cuda_kernels,
 }
 
 
@@ -56,6 +56,6 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
         passes.append(quantize_weights)
         if cfg.quant.include_embedding:  # after the head, whose quantized tensors a tied table reuses
             passes.append(quantize_embedding)
-        if cfg.quant.enable_cuda_gemv and cfg.device is Device.CUDA and cfg.backend is Backend.INDUCTOR:
-            passes.append(use_cuda_gemv)
+        if cfg.quant.enable_cuda_kernels and cfg.device is Device.CUDA and cfg.backend is Backend.INDUCTOR:
+            passes.append(use_cuda_kernels)
     return passes

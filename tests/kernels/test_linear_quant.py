@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from oiv2compile.kernels import linear_int4_mma as mma
 from oiv2compile.kernels.linear_int4 import dequantize as dequantize_int4
 from oiv2compile.kernels.linear_int4 import pack, unpack
 from oiv2compile.kernels.linear_int4 import quantize as quantize_int4
@@ -235,17 +236,37 @@ def test_int8_gemv_cuda_kernel(rows, dtype):
     torch.library.opcheck(torch.ops.oiv2.linear_int8_gemv.default, (x, q, scales))
 
 
-@pytest.mark.parametrize("group", [32, 64, 128])
-def test_int4_gemv_reference_and_fake(group):
-    from oiv2compile.kernels.linear_int4_gemv import linear_int4_gemv_ref
+def test_int4_mma_layout_puts_each_nibble_where_the_kernel_reads_it():
+    """The word of (block b, chunk c, lane 4g + t, step j), nibble p, holds
+    q[16b + g + 8(p & 1), 64c + 32(j >> 1) + 8t + 4(j & 1) + 2((p >> 1) & 1) + (p >> 2)]: the formula
+    csrc/linear_int4_mma.cu is written against, checked at every position."""
+    n, k = 48, 192
+    q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    packed = mma.pack(q)
+    assert packed.shape == (n, k // 2) and packed.dtype == torch.uint8
+    assert torch.equal(mma.unpack(packed), q)
+    words = packed.reshape(-1).view(torch.int32).reshape(n // 16, k // 64, 32, 4).long() & 0xFFFFFFFF
+    b, c, lane, j, p = torch.meshgrid(*(torch.arange(d) for d in (n // 16, k // 64, 32, 4, 8)), indexing="ij")
+    g, t = lane >> 2, lane & 3
+    rows = 16 * b + g + 8 * (p & 1)
+    features = 64 * c + 32 * (j >> 1) + 8 * t + 4 * (j & 1) + 2 * ((p >> 1) & 1) + (p >> 2)
+    nibbles = (words[..., None] >> (4 * p[0, 0, 0, 0])) & 0xF
+    assert torch.equal(nibbles, q[rows, features].long())
 
-    w = _weight(40, 2 * group, group)
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_mma_reference_and_fake(group):
+    """The repacked layout stands for the same weight as the grouphalves one; opcheck on a 3-D input."""
+    w = _weight(48, 2 * group, group)
     packed, scales, zeros = quantize_int4(w, group, torch.float32)
-    x = torch.randn(3, 2 * group)
-    torch.library.opcheck(torch.ops.oiv2.linear_int4_gemv.default, (x, packed, scales, zeros))
+    mma_packed, pairs = mma.pack(unpack(packed, group)), mma.scale_zero(scales, zeros)
+    assert pairs.shape == (3, 2, 16, 2)
+    assert torch.equal(mma.dequantize(mma_packed, pairs), dequantize_int4(packed, scales, zeros))
+    x = torch.randn(2, 3, 2 * group)
+    torch.library.opcheck(torch.ops.oiv2.linear_int4_mma.default, (x, mma_packed, pairs))
     expected = F.linear(x.double(), dequantize_int4(packed, scales, zeros).double())
-    out = linear_int4_gemv_ref(x, packed, scales, zeros)
-    assert (out.double() - expected).norm() / expected.norm() < 1e-6
+    out = mma.linear_int4_mma_ref(x, mma_packed, pairs)
+    assert out.shape == (2, 3, 48) and (out.double() - expected).norm() / expected.norm() < 1e-6
 
 
 def test_cuda_extensions_are_named_by_their_sources(tmp_path, monkeypatch):
@@ -269,19 +290,30 @@ def test_cuda_extensions_are_named_by_their_sources(tmp_path, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-def test_int4_gemv_cuda_kernel(rows, group, dtype):
-    """The CUDA C++ kernel on an odd N and a K whose row of bytes is not a multiple of a warp's step
-    (K = 4224: 2112 bytes = 4 * 512 + 64), against the weights the layout stands for."""
-    from oiv2compile.kernels.linear_int4_gemv import load_extension
-
-    load_extension()
-    n, k = 1001, 4224
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 17, 32, 33, 300])
+def test_int4_mma_cuda_kernel(rows, group, dtype):
+    """The CUDA C++ op on N = 1008 (63 blocks of 16) and K = 4224 (66 chunks of 64, not a multiple of
+    the warps' stride), every tile count of the tensor-core path (1 to 32 rows) and the dequantize-
+    then-cuBLAS path (33 and 300 rows), against the weights the layout stands for."""
+    mma.load_extension()
+    n, k = 1008, 4224
     gen = torch.Generator().manual_seed(rows * group)
     x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
     packed, scales, zeros = quantize_int4(_weight(n, k, rows).cuda(), group, dtype)
+    mma_packed, pairs = mma.pack(unpack(packed, group)), mma.scale_zero(scales, zeros)
     expected = F.linear(x.double(), dequantize_int4(packed, scales, zeros).double())
-    out = torch.ops.oiv2.linear_int4_gemv(x, packed, scales, zeros)
+    out = torch.ops.oiv2.linear_int4_mma(x, mma_packed, pairs)
     assert out.dtype == dtype and out.shape == (rows, n)
     assert (out.double() - expected).norm() / expected.norm() < 5e-3
-    torch.library.opcheck(torch.ops.oiv2.linear_int4_gemv.default, (x, packed, scales, zeros))
+    torch.library.opcheck(torch.ops.oiv2.linear_int4_mma.default, (x, mma_packed, pairs))
+
+
+@pytest.mark.cuda
+def test_int4_mma_cuda_kernel_takes_a_3d_input_and_no_rows():
+    mma.load_extension()
+    packed, scales, zeros = quantize_int4(_weight(64, 128, 0).cuda(), 64, torch.bfloat16)
+    mma_packed, pairs = mma.pack(unpack(packed, 64)), mma.scale_zero(scales, zeros)
+    x = torch.randn(2, 3, 128, device="cuda", dtype=torch.bfloat16)
+    out = torch.ops.oiv2.linear_int4_mma(x, mma_packed, pairs)
+    torch.testing.assert_close(out, mma.linear_int4_mma_ref(x, mma_packed, pairs), rtol=2e-2, atol=2e-3)
+    assert torch.ops.oiv2.linear_int4_mma(x[:0], mma_packed, pairs).shape == (0, 3, 64)

@@ -1,6 +1,7 @@
-"""CUDA: an int8 and an int4 artifact whose batch-1 decode program calls the C++ GEMVs
-(passes/use_cuda_gemv.py) through AOTInductor and CUDA graphs, against the same build on the Triton
-kernels, and loaded in a fresh process from the library the artifact carries."""
+"""CUDA: an int8 artifact whose batch-1 decode program calls the C++ GEMV and an int4 artifact whose
+programs all call the tensor-core op (passes/use_cuda_kernels.py), through AOTInductor and CUDA graphs,
+against the same build on the Triton kernels, and loaded in a fresh process from the library the
+artifact carries."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def artifacts(tmp_path_factory):  # type: ignore[no-untyped-def]
                 device="cuda",
                 dtype="bfloat16",
                 quantization=scheme,
-                quant={**quant, "enable_cuda_gemv": gemv},
+                quant={**quant, "enable_cuda_kernels": gemv},
                 **TINY_BUILD,
             )
     return built
@@ -43,13 +44,20 @@ def test_batch1_decode_calls_the_gemv_and_agrees_with_the_triton_build(scheme, a
     manifest = json.loads((path / "manifest.json").read_text())
     library = manifest["programs"]["decode_b1"]["libraries"]
     assert len(library) == 1 and (path / library[0]).is_file()
-    assert manifest["passes"]["decode_b1"]["use_cuda_gemv"]["count"] > 0
-    assert manifest["passes"]["decode"]["use_cuda_gemv"]["count"] == 0  # a symbolic batch
+    passes = manifest["passes"]
+    assert passes["decode_b1"]["use_cuda_kernels"]["count"] > 0
+    if scheme == "int8":  # one-row products only: a symbolic batch keeps the Triton op
+        assert passes["decode"]["use_cuda_kernels"]["count"] == 0
+    else:  # every product whose weight fits the layout (llama-tiny's head of 259 rows does not)
+        assert passes["decode"]["use_cuda_kernels"]["count"] == passes["prefill"]["use_cuda_kernels"]["count"] > 0
+        assert manifest["quantization"]["layout"] == "int4-grouphalves-v2, int4-mma16x64-v1"
     with_gemv, triton = oiv2compile.load(path), oiv2compile.load(artifacts[scheme, False])
     prompt, rest = PROMPTS[0], [3, 14, 15, 92, 65]
     a, b = with_gemv.logits_for(prompt, rest), triton.logits_for(prompt, rest)  # teacher-forced, batch 1
     err = (a.double() - b.double()).norm(dim=-1) / b.double().norm(dim=-1)
     assert float(err.max()) < 2e-2  # bf16: two kernels' summation orders
+    batch = [PROMPTS[0], PROMPTS[1]]  # the dynamic-batch decode program
+    assert [len(g.token_ids) for g in with_gemv.generate(batch, max_new_tokens=6)] == [6, 6]
     assert with_gemv.generate([prompt], max_new_tokens=8)[0].token_ids  # the CUDA-graph path runs
 
 

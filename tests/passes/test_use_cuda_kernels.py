@@ -1,6 +1,7 @@
-"""use_cuda_gemv: one-row quantized products become the C++ GEMV ops, nothing else does, and the
-program computes the same; here on the CPU, where the GEMV ops run their reference and the library
-the pass would compile stands as a path."""
+"""use_cuda_kernels: int4 products whose weights fit the tensor-core layout become oiv2::linear_int4_mma
+(any row count), one-row int8 products the C++ GEMV, nothing else changes, and the program computes
+the same; here on the CPU, where the C++ ops run their reference and the libraries the pass would
+compile stand as paths."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from oiv2compile.capture import DECODE_B1, PREFILL, CacheSpec, capture
 from oiv2compile.config import Backend, BuildConfig, Device
 from oiv2compile.kernels import _cuda_extension
 from oiv2compile.models import load_model
-from oiv2compile.passes import use_cuda_gemv as gemv_pass
+from oiv2compile.passes import use_cuda_kernels as gemv_pass
 from oiv2compile.passes.manager import cleanup
 from oiv2compile.passes.quantize_embedding import quantize_embedding
 from oiv2compile.passes.quantize_weights import quantize_weights
@@ -21,15 +22,17 @@ from oiv2compile.passes.registry import pipeline
 from tests.passes.helpers import aten, count, snapshot
 
 INT8, INT4 = torch.ops.oiv2.linear_int8.default, torch.ops.oiv2.linear_int4.default
-GEMV8, GEMV4 = torch.ops.oiv2.linear_int8_gemv.default, torch.ops.oiv2.linear_int4_gemv.default
+GEMV8, MMA4 = torch.ops.oiv2.linear_int8_gemv.default, torch.ops.oiv2.linear_int4_mma.default
 LINEARS = 15  # llama-tiny unfused: 2 layers x 7 + the head
+# The head's 259 rows are not a multiple of 16: it keeps the grouphalves layout and the Triton op.
+MMA_LINEARS = LINEARS - 1
 
 
 @pytest.fixture
 def libraries(monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """The compiled libraries stand as paths: no nvcc here."""
     paths = {"oiv2compile.kernels.linear_int8_gemv": Path("/x/oiv2_linear_int8_gemv_0.so")}
-    paths["oiv2compile.kernels.linear_int4_gemv"] = Path("/x/oiv2_linear_int4_gemv_0.so")
+    paths["oiv2compile.kernels.linear_int4_mma"] = Path("/x/oiv2_linear_int4_mma_0.so")
     monkeypatch.setattr(gemv_pass, "_LIBRARIES", dict(paths))
     return paths
 
@@ -52,29 +55,69 @@ def _cuda_cfg(quant: str) -> BuildConfig:
     )
 
 
-def _run(gm, spec):  # type: ignore[no-untyped-def]
+def _run(gm, spec, prefill=False):  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(0)
     caches = [torch.randn(spec.shape(), generator=gen).to(spec.torch_dtype) for _ in range(2 * spec.num_layers)]
-    ids, positions, slots, last = torch.tensor([[17]]), torch.tensor([5]), torch.tensor([2]), torch.tensor([0])
+    if prefill:  # two prompts of 6 tokens
+        ids, positions, slots, last = (
+            torch.tensor([[17, 3, 9, 4, 250, 1]] * 2),
+            torch.tensor([0, 0]),
+            torch.tensor([0, 2]),
+            torch.tensor([5, 3]),
+        )
+    else:
+        ids, positions, slots, last = torch.tensor([[17]]), torch.tensor([5]), torch.tensor([2]), torch.tensor([0])
     return gm(ids, positions, slots, last, caches), caches
 
 
-@pytest.mark.parametrize(("quant", "op", "gemv"), [("int8", INT8, GEMV8), ("int4", INT4, GEMV4)])
-def test_every_one_row_product_of_the_batch_1_decode_program_is_rewritten(quant, op, gemv, libraries):
-    gm, spec, cfg = _quantized(DECODE_B1, quant)
+def test_every_one_row_int8_product_of_the_batch_1_decode_program_is_rewritten(libraries):
+    gm, spec, cfg = _quantized(DECODE_B1, "int8")
     before = snapshot(gm)
-    assert count(gm, op) == LINEARS and count(gm, gemv) == 0
+    assert count(gm, INT8) == LINEARS and count(gm, GEMV8) == 0
 
-    assert gemv_pass.use_cuda_gemv(gm, cfg) == LINEARS
+    assert gemv_pass.use_cuda_kernels(gm, cfg) == LINEARS
     cleanup(gm)
 
-    assert count(gm, op) == 0 and count(gm, gemv) == LINEARS
-    for node in gm.graph.find_nodes(op="call_function", target=gemv):
+    assert count(gm, INT8) == 0 and count(gm, GEMV8) == LINEARS
+    for node in gm.graph.find_nodes(op="call_function", target=GEMV8):
         assert node.args[0].target is aten.reshape.default and node.args[0].meta["val"].shape[0] == 1
-        assert node.meta["oiv2"]["library"] == libraries[f"oiv2compile.kernels.linear_{quant}_gemv"].name
+        assert node.meta["oiv2"]["library"] == libraries["oiv2compile.kernels.linear_int8_gemv"].name
         assert "quantized" in node.meta["oiv2"]  # verify.py still finds the quantized weight
-    assert gemv_pass.libraries(gm) == [libraries[f"oiv2compile.kernels.linear_{quant}_gemv"]]
-    (want, want_caches), (got, got_caches) = _run(before, spec), _run(gm, spec)
+    assert gemv_pass.libraries(gm) == [libraries["oiv2compile.kernels.linear_int8_gemv"]]
+    _assert_same_results(before, gm, spec)
+
+
+@pytest.mark.parametrize("program", [DECODE_B1, PREFILL], ids=["decode_b1", "prefill"])
+def test_int4_products_that_fit_the_tensor_core_layout_are_rewritten_at_any_row_count(program, libraries):
+    gm, spec, cfg = _quantized(program, "int4")
+    before = snapshot(gm)
+    grouphalves = {str(n.target) for n in gm.graph.find_nodes(op="get_attr") if str(n.target).endswith("_int4")}
+
+    assert gemv_pass.use_cuda_kernels(gm, cfg) == MMA_LINEARS
+    cleanup(gm)
+
+    assert count(gm, MMA4) == MMA_LINEARS and count(gm, INT4) == 1  # the head
+    for node in gm.graph.find_nodes(op="call_function", target=MMA4):
+        packed, pairs = (_attr(gm, a) for a in node.args[1:])
+        assert packed.dtype == torch.uint8 and pairs.dim() == 4 and pairs.shape[2:] == (16, 2)
+        facts = node.meta["oiv2"]
+        assert facts["layout"] == "int4-mma16x64-v1" and "quantized" in facts
+        assert facts["library"] == libraries["oiv2compile.kernels.linear_int4_mma"].name
+    # The repacked tensors replace the grouphalves ones; the head's stay.
+    left = {str(n.target) for n in gm.graph.find_nodes(op="get_attr") if str(n.target).endswith("_int4")}
+    kept = {t for t in grouphalves if "lm_head" in t or "embed_tokens" in t}  # the head's, the lookup's
+    assert len(grouphalves) == LINEARS + 1 and left == kept
+    assert {name for name, _ in gm.named_buffers() if name.endswith("_int4")} == kept
+    _assert_same_results(before, gm, spec, prefill=program is PREFILL)
+
+
+def _attr(gm, node):  # type: ignore[no-untyped-def]
+    owner, _, leaf = str(node.target).rpartition(".")
+    return getattr(gm.get_submodule(owner), leaf)
+
+
+def _assert_same_results(before, gm, spec, prefill=False):  # type: ignore[no-untyped-def]
+    (want, want_caches), (got, got_caches) = _run(before, spec, prefill), _run(gm, spec, prefill)
     torch.testing.assert_close(got, want)
     for a, b in zip(got_caches, want_caches, strict=True):
         torch.testing.assert_close(a, b)
@@ -83,7 +126,7 @@ def test_every_one_row_product_of_the_batch_1_decode_program_is_rewritten(quant,
 def test_products_of_a_symbolic_row_count_stay(libraries):
     """Prefill's rows are the prompt's (symbolic): the Triton op serves them."""
     gm, _spec, cfg = _quantized(PREFILL, "int8")
-    assert gemv_pass.use_cuda_gemv(gm, cfg) == 0
+    assert gemv_pass.use_cuda_kernels(gm, cfg) == 0
     assert count(gm, INT8) == LINEARS and gemv_pass.libraries(gm) == []
 
 
@@ -94,14 +137,14 @@ def test_products_of_a_symbolic_row_count_stay(libraries):
 )
 def test_not_for_cpu_onnx_or_unquantized_builds(change, libraries):
     gm, _spec, cfg = _quantized(DECODE_B1, "int8")
-    assert gemv_pass.use_cuda_gemv(gm, cfg.replace(**change)) == 0
+    assert gemv_pass.use_cuda_kernels(gm, cfg.replace(**change)) == 0
     assert count(gm, INT8) == LINEARS
 
 
 def test_not_for_float32_activations(libraries):
     """The kernels read bf16 or fp16 only."""
     gm, _spec, cfg = _quantized(DECODE_B1, "int8", dtype=torch.float32)
-    assert gemv_pass.use_cuda_gemv(gm, cfg) == 0
+    assert gemv_pass.use_cuda_kernels(gm, cfg) == 0
     assert count(gm, INT8) == LINEARS
 
 
@@ -113,15 +156,15 @@ def test_a_library_that_does_not_compile_leaves_the_triton_op(monkeypatch, caplo
 
     monkeypatch.setattr(gemv_pass, "_LIBRARIES", {})
     monkeypatch.setattr(gemv_pass.linear_int8_gemv, "load_extension", fail)
-    assert gemv_pass.use_cuda_gemv(gm, cfg) == 0
+    assert gemv_pass.use_cuda_kernels(gm, cfg) == 0
     assert count(gm, INT8) == LINEARS and "nvcc not found" in caplog.text
 
 
 def test_the_pipeline_runs_it_last_on_cuda_inductor_builds_only():
     cuda = _cuda_cfg("int8")
-    assert pipeline(cuda)[-1] is gemv_pass.use_cuda_gemv
-    assert gemv_pass.use_cuda_gemv not in pipeline(cuda.replace(quant={"enable_cuda_gemv": False}))
-    assert gemv_pass.use_cuda_gemv not in pipeline(cuda.replace(device=Device.CPU))
+    assert pipeline(cuda)[-1] is gemv_pass.use_cuda_kernels
+    assert gemv_pass.use_cuda_kernels not in pipeline(cuda.replace(quant={"enable_cuda_kernels": False}))
+    assert gemv_pass.use_cuda_kernels not in pipeline(cuda.replace(device=Device.CPU))
 
 
 def test_an_artifacts_library_loads_once(monkeypatch, tmp_path):

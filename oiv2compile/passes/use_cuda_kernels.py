@@ -1,0 +1,164 @@
+"""use_cuda_kernels: quantized products run on the hand-written CUDA C++ kernels.
+
+Before (after quantize_weights):
+    y = oiv2.linear_int4(x, packed, scales, zeros, bias)                  # any rows
+    y = oiv2.linear_int8(x, qweight, scales, bias)                        # x [..., K], one row in all
+After:
+    y = oiv2.linear_int4_mma(x, packed_mma, scale_zero)                   (+ aten.add(y, bias))
+    y = aten.reshape(oiv2.linear_int8_gemv(aten.reshape(x, [1, K]), qweight, scales), [..., N])
+                                                                          (+ aten.add(y, bias))
+int4: every product whose weight fits the tensor-core layout (N a multiple of 16, K of 64, bf16 or
+fp16 activations) reads it repacked at build time into int4-mma16x64-v1 (kernels/linear_int4_mma.py),
+attributes named after the packed one plus `_mma` and `_scale_zero`; the grouphalves tensors go
+unless something else reads them (a tied embedding table's lookup does). Every program makes the same
+tensors under the same names, so the artifact stores them once. The op streams the weights once
+through the tensor cores up to 32 rows and dequantizes for cuBLAS above, so prefill takes it too.
+int8: products of one row (where that count is a fixed 1: the batch-1 decode program) go to the C++
+GEMV; others keep the Triton op, which beats the GEMV from 4 rows on.
+
+Why (H100, llama-8b shapes, benchmarks/RESULTS.md): at one row the int8 GEMV streams at 84-87% of
+the copy bandwidth against the Triton kernel's 78-80%, and the int4 Triton kernel stayed at 26-34%.
+
+Preconditions: a CUDA build through Inductor with a quantization scheme. The kernels are compiled
+(nvcc, about a minute the first time, cached after) and loaded when the pass first needs them; the
+node records the library, which the Inductor backend copies into the artifact and loads before the
+program. Where the compile fails the pass rewrites nothing and logs why: the Triton ops stay.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from oiv2compile.config import Backend, BuildConfig, Device, Quantization
+from oiv2compile.kernels import linear_int4_mma, linear_int8_gemv
+from oiv2compile.kernels.linear_int4 import group_size_of
+from oiv2compile.kernels.linear_int4 import unpack as unpack_grouphalves
+from oiv2compile.passes.fx_utils import add_weight, aten, attr_tensor, call_args, drop_attr, fake_value, record
+
+log = logging.getLogger(__name__)
+
+INT8 = torch.ops.oiv2.linear_int8.default
+INT4 = torch.ops.oiv2.linear_int4.default
+
+
+def use_cuda_kernels(gm: GraphModule, cfg: BuildConfig) -> int:
+    if cfg.device is not Device.CUDA or cfg.backend is not Backend.INDUCTOR or cfg.quantization is Quantization.NONE:
+        return 0
+    count = 0
+    for node in [n for n in gm.graph.nodes if n.op == "call_function"]:
+        if node.target is INT4 and _int4_fits(gm, node):
+            library = _library(linear_int4_mma)
+            if library is None:
+                return count
+            _rewrite_int4(gm, node, library)
+        elif node.target is INT8 and _rows(node) == 1 and _half_precision(node):
+            library = _library(linear_int8_gemv)
+            if library is None:
+                return count
+            _rewrite_int8(gm, node, library)
+        else:
+            continue
+        count += 1
+    return count
+
+
+def _half_precision(node: Node) -> bool:
+    """The C++ kernels' activations: bf16 or fp16, with a fixed feature count."""
+    x = fake_value(call_args(node)["x"])
+    return x is not None and x.dtype in (torch.bfloat16, torch.float16) and isinstance(x.shape[-1], int)
+
+
+def _rows(node: Node) -> int | None:
+    """The product's row count when every size of x but the last is a fixed int, else None."""
+    x = fake_value(call_args(node)["x"])
+    if x is None or x.dim() < 1 or not all(isinstance(s, int) for s in x.shape):
+        return None
+    return math.prod(x.shape[:-1])
+
+
+def _int4_fits(gm: GraphModule, node: Node) -> bool:
+    args = call_args(node)
+    packed, scales = attr_tensor(gm, args["packed"]), attr_tensor(gm, args["scales"])
+    if packed is None or scales is None or attr_tensor(gm, args["zeros"]) is None or not _half_precision(node):
+        return False
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    return linear_int4_mma.takes(n, k, group_size_of(packed, scales))
+
+
+_LIBRARIES: dict[str, Path | None] = {}
+
+
+def _library(module: Any) -> Path | None:
+    """The compiled kernel library of a kernel module, loaded; None (logged once) where it fails."""
+    name = module.__name__
+    if name not in _LIBRARIES:
+        try:
+            _LIBRARIES[name] = module.load_extension()
+        except Exception as exc:  # nvcc missing or failing: the Triton op serves
+            log.warning("use_cuda_kernels: %s did not compile (%s); the Triton kernels stay", name, exc)
+            _LIBRARIES[name] = None
+    return _LIBRARIES[name]
+
+
+def _rewrite_int4(gm: GraphModule, node: Node, library: Path) -> None:
+    args = call_args(node)
+    old = [args["packed"], args["scales"], args["zeros"]]
+    packed_target = str(old[0].target)
+    owner_name, _, leaf = packed_target.rpartition(".")
+    owner = gm.get_submodule(owner_name)
+    with gm.graph.inserting_before(node):
+        if hasattr(owner, f"{leaf}_mma"):  # made by an earlier node or program from the same weights
+            tensors = {"mma": getattr(owner, f"{leaf}_mma"), "scale_zero": getattr(owner, f"{leaf}_scale_zero")}
+        else:
+            packed, scales, zeros = (attr_tensor(gm, a) for a in old)
+            assert packed is not None and scales is not None and zeros is not None
+            levels = unpack_grouphalves(packed, group_size_of(packed, scales))
+            tensors = {"mma": linear_int4_mma.pack(levels), "scale_zero": linear_int4_mma.scale_zero(scales, zeros)}
+        weights = [add_weight(gm, f"{packed_target}_{suffix}", value, old[0]) for suffix, value in tensors.items()]
+        product = gm.graph.call_function(torch.ops.oiv2.linear_int4_mma.default, (args["x"], *weights))
+        product.meta["val"] = fake_value(node)
+    record(product, **{**node.meta.get("oiv2", {}), "library": library.name, "layout": linear_int4_mma.LAYOUT})
+    _replace(gm, node, product, args.get("bias"))
+    for attr in old:
+        drop_attr(gm, attr)
+
+
+def _rewrite_int8(gm: GraphModule, node: Node, library: Path) -> None:
+    args = call_args(node)
+    x = args["x"]
+    x_val, out_val = fake_value(x), fake_value(node)
+    k = x_val.shape[-1]
+    with gm.graph.inserting_before(node):
+        row = gm.graph.call_function(aten.reshape.default, (x, [1, k]))
+        row.meta["val"] = x_val.reshape(1, k)
+        gemv = gm.graph.call_function(torch.ops.oiv2.linear_int8_gemv.default, (row, args["qweight"], args["scales"]))
+        gemv.meta["val"] = out_val.reshape(1, out_val.shape[-1])
+        product = gm.graph.call_function(aten.reshape.default, (gemv, list(out_val.shape)))
+        product.meta["val"] = out_val
+    record(gemv, **{**node.meta.get("oiv2", {}), "library": library.name})
+    _replace(gm, node, product, args.get("bias"))
+
+
+def _replace(gm: GraphModule, node: Node, product: Node, bias: Any) -> None:
+    """Put `product` (+ bias) in place of `node`."""
+    out_val = fake_value(node)
+    y = product
+    if bias is not None:
+        with gm.graph.inserting_before(node):
+            y = gm.graph.call_function(aten.add.Tensor, (product, bias))
+        y.meta["val"] = out_val
+    node.replace_all_uses_with(y)
+    gm.graph.erase_node(node)
+
+
+def libraries(gm: GraphModule) -> list[Path]:
+    """The kernel libraries the program's rewritten nodes need, in the order first used."""
+    names = {n.meta["oiv2"]["library"] for n in gm.graph.nodes if "library" in n.meta.get("oiv2", {})}
+    paths = [p for p in _LIBRARIES.values() if p is not None and p.name in names]
+    return sorted(set(paths), key=lambda p: p.name)
