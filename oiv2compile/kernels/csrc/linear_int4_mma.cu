@@ -28,10 +28,9 @@ using namespace oiv2_gemv;
 constexpr int kRows = 16;   // weight rows of one CTA: the mma's M
 constexpr int kChunk = 64;  // features of one lane's 16-byte load: four k-steps of 16
 constexpr int kMaxTiles = 4;  // rows of x through the tensor cores: 8 per tile
-#ifndef OIV2_DEQUANT_MB
-#define OIV2_DEQUANT_MB 16  // a tuning sweep may override it
-#endif
-constexpr int64_t kDequantBytes = int64_t{OIV2_DEQUANT_MB} << 20;  // the prefill path's buffer of dequantized rows
+// The prefill path's buffer of dequantized rows: 64 MB took 0.6-0.8x the time of 16 MB or 8 MB at
+// 64 to 2048 rows on an H200 (llama-8b shapes).
+constexpr int64_t kDequantBytes = int64_t{64} << 20;
 
 template <typename T>
 struct Mma;
@@ -83,28 +82,52 @@ __device__ __forceinline__ void scale_and_correction(uint32_t pair, float& scale
 
 constexpr int kUnroll = 4;  // chunks a lane loads before it computes
 
-// kUnroll chunks of a warp, kWarps apart from chunk `first`, 16 bytes a lane; past the end, zeros.
+// One round of a warp: kUnroll chunks kWarps apart from chunk `first`, 16 weight bytes a lane, and the
+// (scale, zero) pairs of rows g and g + 8 for each half of each chunk, all issued before any is used.
+// A chunk past the end reads the last one again and gets zero scales, so it adds nothing, and the
+// math needs no branch (a branch would keep the compiler from moving the next chunk's loads up).
+struct Round {
+  int4 weights[kUnroll];
+  uint32_t pairs[kUnroll][2][2];  // [chunk][half][row g, row g + 8]
+};
+
 template <int kWarps>
-__device__ __forceinline__ void load_chunks(const int4* wp, int first, int chunks, int4 (&out)[kUnroll]) {
+__device__ __forceinline__ void load_round(const int4* wp, const uint32_t* szp, int first, int chunks,
+                                           int group_shift, int g, Round& round) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int c = min(first + u * kWarps, chunks - 1);
+    round.weights[u] = load_stream(wp + static_cast<size_t>(c) * 32);
+  }
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int c = first + u * kWarps;
-    out[u] = c < chunks ? load_stream(wp + static_cast<size_t>(c) * 32) : make_int4(0, 0, 0, 0);
+    const bool past = c >= chunks;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int grp = (min(c, chunks - 1) * kChunk + half * 32) >> group_shift;
+      round.pairs[u][half][0] = past ? 0u : __ldg(szp + grp * kRows + g);
+      round.pairs[u][half][1] = past ? 0u : __ldg(szp + grp * kRows + g + 8);
+    }
   }
 }
 
 // One chunk of 64 features against rows 0..M-1 of x, into acc (see the kernel). xp[r] points at
 // features t*8.. of the row this lane feeds to tile r (nullptr: the row is past M), in 16-byte units.
 template <typename T, int kTiles>
-__device__ __forceinline__ void chunk_product(const int4& wv, int c, const uint4* const (&xp)[kTiles],
-                                              const uint32_t* __restrict__ szp, int group_shift, int g,
+__device__ __forceinline__ void chunk_product(const int4& wv, const uint32_t (&pairs)[2][2], int c,
+                                              const uint4* const (&xp)[kTiles], bool group32,
                                               float (&acc)[kTiles][4]) {
-  const bool group32 = group_shift == 5;
   const uint32_t words[4] = {static_cast<uint32_t>(wv.x), static_cast<uint32_t>(wv.y),
                              static_cast<uint32_t>(wv.z), static_cast<uint32_t>(wv.w)};
   constexpr uint32_t ones[4] = {Mma<T>::kOnes, Mma<T>::kOnes, Mma<T>::kOnes, Mma<T>::kOnes};
   float dot[kTiles][4], sum[kTiles][4];  // per group: sum x * (MAGIC_VALUE + q), and sum x
-  uint4 xv[kTiles];
+  uint4 xv[2][kTiles];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {  // x: features c*64 + half*32 + t*8 .. +8
+#pragma unroll
+    for (int r = 0; r < kTiles; ++r) xv[half][r] = xp[r] ? __ldg(xp[r] + c * 8 + half * 4) : make_uint4(0, 0, 0, 0);
+  }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int half = j >> 1;
@@ -115,23 +138,19 @@ __device__ __forceinline__ void chunk_product(const int4& wv, int c, const uint4
         for (int e = 0; e < 4; ++e) dot[r][e] = sum[r][e] = 0.0f;
       }
     }
-    if ((j & 1) == 0) {  // x: features c*64 + half*32 + t*8 .. +8
-#pragma unroll
-      for (int r = 0; r < kTiles; ++r) xv[r] = xp[r] ? __ldg(xp[r] + c * 8 + half * 4) : make_uint4(0, 0, 0, 0);
-    }
     uint32_t a[4];
     magic_levels<T>(words[j], a);
 #pragma unroll
     for (int r = 0; r < kTiles; ++r) {
-      const uint32_t b0 = (j & 1) ? xv[r].z : xv[r].x, b1 = (j & 1) ? xv[r].w : xv[r].y;
+      const uint4& v = xv[half][r];
+      const uint32_t b0 = (j & 1) ? v.z : v.x, b1 = (j & 1) ? v.w : v.y;
       Mma<T>::run(dot[r], a, b0, b1);
       Mma<T>::run(sum[r], ones, b0, b1);
     }
     if (j == 3 || (group32 && j == 1)) {  // a group ends: its scales and zero points on the float sums
-      const int grp = (c * kChunk + half * 32) >> group_shift;
       float scale_g, scale_g8, corr_g, corr_g8;
-      scale_and_correction<T>(__ldg(szp + grp * kRows + g), scale_g, corr_g);
-      scale_and_correction<T>(__ldg(szp + grp * kRows + g + 8), scale_g8, corr_g8);
+      scale_and_correction<T>(pairs[half][0], scale_g, corr_g);
+      scale_and_correction<T>(pairs[half][1], scale_g8, corr_g8);
 #pragma unroll
       for (int r = 0; r < kTiles; ++r) {
         acc[r][0] = fmaf(scale_g, dot[r][0], fmaf(-corr_g, sum[r][0], acc[r][0]));
@@ -144,7 +163,8 @@ __device__ __forceinline__ void chunk_product(const int4& wv, int c, const uint4
 }
 
 // One CTA: rows 16 * blockIdx.x .. + 16 of W against rows 0..M-1 (M <= 8 * kTiles) of x. Warp w takes
-// chunks w, w + kWarps, ..., kUnroll of them loaded (non-allocating 128-bit loads) before any math.
+// chunks w, w + kWarps, ...: a round of kUnroll of them (non-allocating 128-bit loads) and their
+// scales is loaded before any math.
 template <typename T, int kTiles, int kWarps>
 __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restrict__ x, const int4* __restrict__ w,
                                                              const uint32_t* __restrict__ scale_zero,
@@ -154,6 +174,7 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int chunks = K / kChunk;
+  const bool group32 = group_shift == 5;
   const int4* wp = w + static_cast<size_t>(block) * chunks * 32 + lane;
   const uint32_t* szp = scale_zero + (static_cast<size_t>(block) * (K >> group_shift)) * kRows;
   const uint4* xp[kTiles];
@@ -167,13 +188,12 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
   for (int r = 0; r < kTiles; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.0f;
 
   for (int c0 = warp; c0 < chunks; c0 += kStride) {
-    int4 cur[kUnroll];
-    load_chunks<kWarps>(wp, c0, chunks, cur);
+    Round round;
+    load_round<kWarps>(wp, szp, c0, chunks, group_shift, g, round);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int c = c0 + u * kWarps;
-      if (c >= chunks) break;
-      chunk_product<T, kTiles>(cur[u], c, xp, szp, group_shift, g, acc);
+      const int c = min(c0 + u * kWarps, chunks - 1);
+      chunk_product<T, kTiles>(round.weights[u], round.pairs[u], c, xp, group32, acc);
     }
   }
 
