@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--no-cuda-kernels",
         action="store_true",
-        help="run one-row quantized products on the Triton kernel, not the C++ GEMV",
+        help="keep quantized linears on the Triton kernels, not the CUDA C++ ops (int4 tensor-core op, int8 GEMV)",
     )
     build.add_argument("--no-verify", action="store_true", help="skip the comparison with Hugging Face's forward")
     build.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")

@@ -57,8 +57,9 @@ class QuantConfig:
     # Quantize the token-embedding table too (passes/quantize_embedding.py); a table tied to a
     # quantized head reads the head's tensors.
     include_embedding: bool = True
-    # One-row quantized products (batch-1 decode) on the hand-written CUDA C++ GEMVs instead of the
-    # Triton kernel (passes/use_cuda_kernels.py); CUDA builds through Inductor only.
+    # int4 linears on the hand-written CUDA C++ tensor-core op (repacked at build time) and one-row
+    # int8 products on the C++ GEMV, instead of the Triton kernels (passes/use_cuda_kernels.py);
+    # CUDA builds through Inductor only.
     enable_cuda_kernels: bool = True
     method: str = "rtn"
 

@@ -12,7 +12,8 @@ rounding to nearest (asymmetric: each group's range maps onto 0..15).
 
 On the CPU, and for prefill-sized inputs on CUDA, the op's body is its reference (the spec), which
 Inductor inlines: dequantize, then one matrix product. For decode-sized inputs on CUDA it is the
-Triton kernel of `_quant_matmul`, which streams the packed bytes once.
+Triton kernel of `_quant_matmul`, which streams the packed bytes once. CUDA builds with the C++ ops
+(passes/use_cuda_kernels.py) repack the weights for oiv2::linear_int4_mma instead.
 """
 
 from __future__ import annotations

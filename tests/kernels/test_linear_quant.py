@@ -309,6 +309,21 @@ def test_int4_mma_cuda_kernel(rows, group, dtype):
 
 
 @pytest.mark.cuda
+def test_int4_mma_prefill_path_over_several_slices():
+    """More rows than the tensor-core path takes, and a weight whose bf16 copy (8192 x 4160, 68 MB)
+    does not fit one dequantized slice (64 MB): two slices, the second of 128 rows."""
+    mma.load_extension()
+    n, k = 8192, 4160
+    packed, scales, zeros = quantize_int4(_weight(n, k, 7).cuda(), 64, torch.bfloat16)
+    mma_packed, pairs = mma.pack(unpack(packed, 64)), mma.scale_zero(scales, zeros)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(7)).to("cuda", torch.bfloat16)
+    expected = F.linear(x.double(), dequantize_int4(packed, scales, zeros).double())
+    out = torch.ops.oiv2.linear_int4_mma(x, mma_packed, pairs)
+    per_row = (out.double() - expected).norm(dim=0) / expected.norm(dim=0)
+    assert float(per_row.max()) < 2e-2 and float(per_row[-128:].max()) < 2e-2
+
+
+@pytest.mark.cuda
 def test_int4_mma_cuda_kernel_takes_a_3d_input_and_no_rows():
     mma.load_extension()
     packed, scales, zeros = quantize_int4(_weight(64, 128, 0).cuda(), 64, torch.bfloat16)

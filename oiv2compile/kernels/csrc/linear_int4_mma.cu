@@ -2,18 +2,24 @@
 // for x [..., K] in bf16 or fp16 and W in the layout int4-mma16x64-v1 (kernels/linear_int4_mma.py).
 //
 // Up to 32 rows of x (every decode step): tensor cores with W as the 16-row operand. A block of 16
-// weight rows is one CTA; its warps split K into 64-feature chunks (chunk c to warp c % kWarps). Each
-// lane copies its 16 bytes of a chunk (four 32-bit words, each exactly the lane's A fragment of one
-// m16n8k16 step: the layout is packed at build time so that it is) into its warp's ring in shared
-// memory with cp.async, several chunks ahead of the math, so the weights stream while the tensor cores
-// work. x comes as B (8 rows of x per mma; rows past M are zeros). A word's 8 nibbles become bf16/fp16
-// pairs with integer operations alone: (word >> 4r) & 0x000F000F | MAGIC is MAGIC_VALUE + q in each
-// half, and one packed subtraction of MAGIC_VALUE + zero leaves q - zero exactly. The products
-// accumulate in float per group (32 features, or a whole chunk), and the group's scale multiplies the
-// float sums, so no rounded weight is ever formed. The warps' partial sums meet in shared memory.
+// weight rows is one CTA; its warps (8, or 16 for matrices of few rows) split K into 64-feature chunks
+// (chunk c to warp c % kWarps). In a chunk each lane loads 16 bytes with one non-allocating 128-bit
+// load: four 32-bit words, each exactly the lane's A fragment of one m16n8k16 step (the layout is
+// packed at build time so that it is); a lane has kUnroll chunks in flight before any math. x comes
+// as B (8 rows of x per mma; rows past M are zeros). A word's 8 nibbles become bf16/fp16 pairs
+// MAGIC_VALUE + q with integer operations alone, (word >> 4r) & 0x000F000F | MAGIC: seven operations
+// for eight weights. The zero points need no subtraction per pair: a second mma with an all-ones A
+// gives sum x, and each group ends with
+//     acc += scale * sum x * (MAGIC_VALUE + q) - scale * (MAGIC_VALUE + zero) * sum x
+// on float sums (exact products, float accumulation), so no rounded weight is ever formed. The warps'
+// partial sums meet in shared memory.
 //
-// More rows (prefill): 16-row blocks of W are dequantized into a bf16/fp16 buffer (kept small enough
-// for L2) and multiplied by cuBLAS.
+// Where it stands (benchmarks/RESULTS.md): 43-55% of the copy bandwidth at one row on llama-8b's
+// largest shapes, 60-75% on the output head; Nsight Compute puts half of the warps' stall cycles on
+// global/L1 loads and the issue slots at 41% busy (115 instructions a chunk): latency-bound, not yet
+// the bandwidth-bound kernel the layout allows.
+//
+// More rows (prefill): slices of W are dequantized into a bf16/fp16 buffer and multiplied by cuBLAS.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,8 +34,8 @@ using namespace oiv2_gemv;
 constexpr int kRows = 16;   // weight rows of one CTA: the mma's M
 constexpr int kChunk = 64;  // features of one lane's 16-byte load: four k-steps of 16
 constexpr int kMaxTiles = 4;  // rows of x through the tensor cores: 8 per tile
-// The prefill path's buffer of dequantized rows: 64 MB took 0.6-0.8x the time of 16 MB or 8 MB at
-// 64 to 2048 rows on an H200 (llama-8b shapes).
+// The prefill path's buffer of dequantized rows: 64 MB took 0.6-0.8x the time of 16 MB (and 8 MB)
+// at 64 to 2048 rows on an H200 (llama-8b shapes, 2026-11-27, benchmarks/RESULTS.md).
 constexpr int64_t kDequantBytes = int64_t{64} << 20;
 
 template <typename T>
@@ -82,52 +88,28 @@ __device__ __forceinline__ void scale_and_correction(uint32_t pair, float& scale
 
 constexpr int kUnroll = 4;  // chunks a lane loads before it computes
 
-// One round of a warp: kUnroll chunks kWarps apart from chunk `first`, 16 weight bytes a lane, and the
-// (scale, zero) pairs of rows g and g + 8 for each half of each chunk, all issued before any is used.
-// A chunk past the end reads the last one again and gets zero scales, so it adds nothing, and the
-// math needs no branch (a branch would keep the compiler from moving the next chunk's loads up).
-struct Round {
-  int4 weights[kUnroll];
-  uint32_t pairs[kUnroll][2][2];  // [chunk][half][row g, row g + 8]
-};
-
+// kUnroll chunks of a warp, kWarps apart from chunk `first`, 16 bytes a lane; past the end, zeros.
 template <int kWarps>
-__device__ __forceinline__ void load_round(const int4* wp, const uint32_t* szp, int first, int chunks,
-                                           int group_shift, int g, Round& round) {
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int c = min(first + u * kWarps, chunks - 1);
-    round.weights[u] = load_stream(wp + static_cast<size_t>(c) * 32);
-  }
+__device__ __forceinline__ void load_chunks(const int4* wp, int first, int chunks, int4 (&out)[kUnroll]) {
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int c = first + u * kWarps;
-    const bool past = c >= chunks;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int grp = (min(c, chunks - 1) * kChunk + half * 32) >> group_shift;
-      round.pairs[u][half][0] = past ? 0u : __ldg(szp + grp * kRows + g);
-      round.pairs[u][half][1] = past ? 0u : __ldg(szp + grp * kRows + g + 8);
-    }
+    out[u] = c < chunks ? load_stream(wp + static_cast<size_t>(c) * 32) : make_int4(0, 0, 0, 0);
   }
 }
 
 // One chunk of 64 features against rows 0..M-1 of x, into acc (see the kernel). xp[r] points at
 // features t*8.. of the row this lane feeds to tile r (nullptr: the row is past M), in 16-byte units.
 template <typename T, int kTiles>
-__device__ __forceinline__ void chunk_product(const int4& wv, const uint32_t (&pairs)[2][2], int c,
-                                              const uint4* const (&xp)[kTiles], bool group32,
+__device__ __forceinline__ void chunk_product(const int4& wv, int c, const uint4* const (&xp)[kTiles],
+                                              const uint32_t* __restrict__ szp, int group_shift, int g,
                                               float (&acc)[kTiles][4]) {
+  const bool group32 = group_shift == 5;
   const uint32_t words[4] = {static_cast<uint32_t>(wv.x), static_cast<uint32_t>(wv.y),
                              static_cast<uint32_t>(wv.z), static_cast<uint32_t>(wv.w)};
   constexpr uint32_t ones[4] = {Mma<T>::kOnes, Mma<T>::kOnes, Mma<T>::kOnes, Mma<T>::kOnes};
   float dot[kTiles][4], sum[kTiles][4];  // per group: sum x * (MAGIC_VALUE + q), and sum x
-  uint4 xv[2][kTiles];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {  // x: features c*64 + half*32 + t*8 .. +8
-#pragma unroll
-    for (int r = 0; r < kTiles; ++r) xv[half][r] = xp[r] ? __ldg(xp[r] + c * 8 + half * 4) : make_uint4(0, 0, 0, 0);
-  }
+  uint4 xv[kTiles];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int half = j >> 1;
@@ -138,19 +120,23 @@ __device__ __forceinline__ void chunk_product(const int4& wv, const uint32_t (&p
         for (int e = 0; e < 4; ++e) dot[r][e] = sum[r][e] = 0.0f;
       }
     }
+    if ((j & 1) == 0) {  // x: features c*64 + half*32 + t*8 .. +8
+#pragma unroll
+      for (int r = 0; r < kTiles; ++r) xv[r] = xp[r] ? __ldg(xp[r] + c * 8 + half * 4) : make_uint4(0, 0, 0, 0);
+    }
     uint32_t a[4];
     magic_levels<T>(words[j], a);
 #pragma unroll
     for (int r = 0; r < kTiles; ++r) {
-      const uint4& v = xv[half][r];
-      const uint32_t b0 = (j & 1) ? v.z : v.x, b1 = (j & 1) ? v.w : v.y;
+      const uint32_t b0 = (j & 1) ? xv[r].z : xv[r].x, b1 = (j & 1) ? xv[r].w : xv[r].y;
       Mma<T>::run(dot[r], a, b0, b1);
       Mma<T>::run(sum[r], ones, b0, b1);
     }
     if (j == 3 || (group32 && j == 1)) {  // a group ends: its scales and zero points on the float sums
+      const int grp = (c * kChunk + half * 32) >> group_shift;
       float scale_g, scale_g8, corr_g, corr_g8;
-      scale_and_correction<T>(pairs[half][0], scale_g, corr_g);
-      scale_and_correction<T>(pairs[half][1], scale_g8, corr_g8);
+      scale_and_correction<T>(__ldg(szp + grp * kRows + g), scale_g, corr_g);
+      scale_and_correction<T>(__ldg(szp + grp * kRows + g + 8), scale_g8, corr_g8);
 #pragma unroll
       for (int r = 0; r < kTiles; ++r) {
         acc[r][0] = fmaf(scale_g, dot[r][0], fmaf(-corr_g, sum[r][0], acc[r][0]));
@@ -163,8 +149,7 @@ __device__ __forceinline__ void chunk_product(const int4& wv, const uint32_t (&p
 }
 
 // One CTA: rows 16 * blockIdx.x .. + 16 of W against rows 0..M-1 (M <= 8 * kTiles) of x. Warp w takes
-// chunks w, w + kWarps, ...: a round of kUnroll of them (non-allocating 128-bit loads) and their
-// scales is loaded before any math.
+// chunks w, w + kWarps, ..., kUnroll of them loaded (non-allocating 128-bit loads) before any math.
 template <typename T, int kTiles, int kWarps>
 __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restrict__ x, const int4* __restrict__ w,
                                                              const uint32_t* __restrict__ scale_zero,
@@ -174,7 +159,6 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int chunks = K / kChunk;
-  const bool group32 = group_shift == 5;
   const int4* wp = w + static_cast<size_t>(block) * chunks * 32 + lane;
   const uint32_t* szp = scale_zero + (static_cast<size_t>(block) * (K >> group_shift)) * kRows;
   const uint4* xp[kTiles];
@@ -188,12 +172,13 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
   for (int r = 0; r < kTiles; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.0f;
 
   for (int c0 = warp; c0 < chunks; c0 += kStride) {
-    Round round;
-    load_round<kWarps>(wp, szp, c0, chunks, group_shift, g, round);
+    int4 cur[kUnroll];
+    load_chunks<kWarps>(wp, c0, chunks, cur);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int c = min(c0 + u * kWarps, chunks - 1);
-      chunk_product<T, kTiles>(round.weights[u], round.pairs[u], c, xp, group32, acc);
+      const int c = c0 + u * kWarps;
+      if (c >= chunks) break;
+      chunk_product<T, kTiles>(cur[u], c, xp, szp, group_shift, g, acc);
     }
   }
 
