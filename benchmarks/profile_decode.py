@@ -32,7 +32,10 @@ from oiv2compile.runtime.sampling import argmax
 # What a kernel does, from its name (first match wins): ours, then cuBLAS/CUTLASS products, then
 # Inductor's generated kernels (pointwise, reduction, persistent reduction).
 CATEGORIES = [
-    ("quantized linear", re.compile(r"_quant_matmul|linear_int8_gemv")),
+    (
+        "quantized linear",
+        re.compile(r"_quant_matmul|linear_int8_gemv|gemv_int8_kernel|int4_mma_kernel|int4_mma_dequant"),
+    ),
     ("attention", re.compile(r"_attention")),
     ("kv write", re.compile(r"kv_write")),
     ("add + rms norm", re.compile(r"add_rms_norm")),
