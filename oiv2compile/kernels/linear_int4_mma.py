@@ -35,8 +35,6 @@ SOURCE = _cuda_extension.CSRC / "linear_int4_mma.cu"
 BLOCK_ROWS = 16
 CHUNK = 64
 GROUPS = (32, 64, 128)
-# Rows of x the tensor-core kernel takes; more go to dequantize-then-cuBLAS (csrc/linear_int4_mma.cu).
-MAX_MMA_ROWS = 32
 
 # q [N, K] viewed as (block, row >= 8, g, chunk, half, t, step & 1, h, e) and permuted to the order
 # of the packed words: (block, chunk, g, t, half, step & 1 | within the word: e, h, row >= 8).

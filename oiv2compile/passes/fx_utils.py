@@ -3,7 +3,7 @@ and the weight attributes that fusions add and drop."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +172,22 @@ def add_weight(gm: GraphModule, target: str, value: torch.Tensor, like: Node) ->
     mode = getattr(fake, "fake_mode", None)
     node.meta["val"] = mode.from_tensor(value, static_shapes=True) if mode is not None else None
     return node
+
+
+def derived_weights(
+    gm: GraphModule, source: Node, suffixes: Sequence[str], make: Callable[[], dict[str, torch.Tensor]]
+) -> list[Node]:
+    """get_attr nodes, at the insertion point, for tensors derived from the attribute that the get_attr
+    `source` reads, named its target plus `_<suffix>`: made by `make` (suffix -> tensor) once; another
+    node or a later program of the same weights finds them made."""
+    target = str(source.target)
+    owner_name, _, leaf = target.rpartition(".")
+    owner = gm.get_submodule(owner_name)
+    if all(hasattr(owner, f"{leaf}_{suffix}") for suffix in suffixes):
+        tensors = {suffix: getattr(owner, f"{leaf}_{suffix}") for suffix in suffixes}
+    else:
+        tensors = make()
+    return [add_weight(gm, f"{target}_{suffix}", tensors[suffix], source) for suffix in suffixes]
 
 
 def drop_attr(gm: GraphModule, node: Node) -> None:

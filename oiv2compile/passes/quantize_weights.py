@@ -30,10 +30,10 @@ from oiv2compile.errors import ConfigError
 from oiv2compile.kernels.linear_int4 import quantize as quantize_int4
 from oiv2compile.kernels.linear_int8 import quantize as quantize_int8
 from oiv2compile.passes.fx_utils import (
-    add_weight,
     aten,
     attr_tensor,
     call_args,
+    derived_weights,
     drop_attr,
     fake_value,
     is_call,
@@ -84,15 +84,8 @@ def quantized_attrs(
     """get_attr nodes, at the insertion point, for the quantized layout of the float weight `tensor`
     that the get_attr `weight` reads: attributes named after it plus `_int8`/`_int4`, `_scales`,
     `_zeros`, computed once (a tied table and its head, or a later program, find them made)."""
-    target = str(weight.target)
     suffixes = ("int8", "scales") if cfg.quantization is Quantization.INT8 else ("int4", "scales", "zeros")
-    owner_name, _, leaf = target.rpartition(".")
-    owner = gm.get_submodule(owner_name)
-    if all(hasattr(owner, f"{leaf}_{suffix}") for suffix in suffixes):
-        tensors = {suffix: getattr(owner, f"{leaf}_{suffix}") for suffix in suffixes}
-    else:
-        tensors = _quantized_tensors(target, tensor, cfg, dtype)
-    return [add_weight(gm, f"{target}_{suffix}", value, weight) for suffix, value in tensors.items()]
+    return derived_weights(gm, weight, suffixes, lambda: _quantized_tensors(str(weight.target), tensor, cfg, dtype))
 
 
 def _quantized_tensors(

@@ -43,7 +43,7 @@ from oiv2compile.config import Backend, BuildConfig, Device, Quantization
 from oiv2compile.kernels import linear_int4_mma, linear_int8_gemv
 from oiv2compile.kernels.linear_int4 import group_size_of
 from oiv2compile.kernels.linear_int4 import unpack as unpack_grouphalves
-from oiv2compile.passes.fx_utils import add_weight, aten, attr_tensor, call_args, drop_attr, fake_value, record
+from oiv2compile.passes.fx_utils import aten, attr_tensor, call_args, derived_weights, drop_attr, fake_value, record
 
 log = logging.getLogger(__name__)
 
@@ -113,24 +113,22 @@ def _library(module: Any) -> Path | None:
 def _rewrite_int4(gm: GraphModule, node: Node, library: Path) -> None:
     args = call_args(node)
     old = [args["packed"], args["scales"], args["zeros"]]
-    packed_target = str(old[0].target)
-    owner_name, _, leaf = packed_target.rpartition(".")
-    owner = gm.get_submodule(owner_name)
     with gm.graph.inserting_before(node):
-        if hasattr(owner, f"{leaf}_mma"):  # made by an earlier node or program from the same weights
-            tensors = {"mma": getattr(owner, f"{leaf}_mma"), "scale_zero": getattr(owner, f"{leaf}_scale_zero")}
-        else:
-            packed, scales, zeros = (attr_tensor(gm, a) for a in old)
-            assert packed is not None and scales is not None and zeros is not None
-            levels = unpack_grouphalves(packed, group_size_of(packed, scales))
-            tensors = {"mma": linear_int4_mma.pack(levels), "scale_zero": linear_int4_mma.scale_zero(scales, zeros)}
-        weights = [add_weight(gm, f"{packed_target}_{suffix}", value, old[0]) for suffix, value in tensors.items()]
+        weights = derived_weights(gm, old[0], ("mma", "scale_zero"), lambda: _repacked(gm, old))
         product = gm.graph.call_function(torch.ops.oiv2.linear_int4_mma.default, (args["x"], *weights))
         product.meta["val"] = fake_value(node)
     record(product, **{**node.meta.get("oiv2", {}), "library": library.name, "layout": linear_int4_mma.LAYOUT})
     _replace(gm, node, product, args.get("bias"))
     for attr in old:
         drop_attr(gm, attr)
+
+
+def _repacked(gm: GraphModule, grouphalves: list[Node]) -> dict[str, torch.Tensor]:
+    """The tensors of int4-mma16x64-v1 for the weight that (packed, scales, zeros) hold."""
+    packed, scales, zeros = (attr_tensor(gm, a) for a in grouphalves)
+    assert packed is not None and scales is not None and zeros is not None
+    levels = unpack_grouphalves(packed, group_size_of(packed, scales))
+    return {"mma": linear_int4_mma.pack(levels), "scale_zero": linear_int4_mma.scale_zero(scales, zeros)}
 
 
 def _rewrite_int8(gm: GraphModule, node: Node, library: Path) -> None:
