@@ -52,6 +52,10 @@ struct Mma<__nv_bfloat16> {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+  __device__ static uint32_t pair(float v) {  // v in both halves
+    const __nv_bfloat162 r = __float2bfloat162_rn(v);
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
   __device__ static float low(uint32_t v) { return __uint_as_float(v << 16); }
   __device__ static float high(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
 };
@@ -67,16 +71,39 @@ struct Mma<__half> {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+  __device__ static uint32_t pair(float v) {  // v in both halves
+    const __half2 r = __float2half2_rn(v);
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
   __device__ static float low(uint32_t v) { return __half2float(__ushort_as_half(static_cast<unsigned short>(v))); }
   __device__ static float high(uint32_t v) { return __half2float(__ushort_as_half(static_cast<unsigned short>(v >> 16))); }
 };
 
+// A 32-bit constant the compiler must keep in a register (it cannot see through the asm): lop3 takes
+// one immediate, so a mask and a magic number both as immediates would cost two instructions.
+__device__ __forceinline__ uint32_t in_register(uint32_t v) {
+  uint32_t r;
+  asm volatile("mov.b32 %0, %1;" : "=r"(r) : "r"(v));
+  return r;
+}
+
+// A pointer the compiler must keep in registers rather than recompute from the thread and block
+// indices at every use (which it otherwise does, at a dozen instructions a chunk).
+template <typename P>
+__device__ __forceinline__ const P* kept(const P* p) {
+  uint64_t r;
+  asm volatile("mov.b64 %0, %1;" : "=l"(r) : "l"(reinterpret_cast<uint64_t>(p)));
+  return reinterpret_cast<const P*>(r);
+}
+
 // The A fragment of one k-step, MAGIC_VALUE + q: nibbles r and r + 4 of the word (r = 0..3) are the
-// pair a[r] (of row g for even r, g + 8 for odd r). Seven integer operations for eight weights.
-template <typename T>
-__device__ __forceinline__ void magic_levels(uint32_t word, uint32_t (&a)[4]) {
+// pair a[r] (of row g for even r, g + 8 for odd r): (word >> 4r) & mask | magic in one lop3 each,
+// three shifts and four lop3 for eight weights.
+__device__ __forceinline__ void magic_levels(uint32_t word, uint32_t mask, uint32_t magic, uint32_t (&a)[4]) {
 #pragma unroll
-  for (int r = 0; r < 4; ++r) a[r] = ((word >> (4 * r)) & 0x000F000Fu) | Mma<T>::kMagic;
+  for (int r = 0; r < 4; ++r) {
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(a[r]) : "r"(word >> (4 * r)), "r"(mask), "r"(magic));
+  }
 }
 
 // A group's (scale, zero) for one row: y += scale * (sum x * (MAGIC_VALUE + q)) - correction * sum x.
@@ -98,16 +125,22 @@ __device__ __forceinline__ void load_chunks(const int4* wp, int first, int chunk
   }
 }
 
-// One chunk of 64 features against rows 0..M-1 of x, into acc (see the kernel). xp[r] points at
-// features t*8.. of the row this lane feeds to tile r (nullptr: the row is past M), in 16-byte units.
+// Registers a lane keeps for the whole kernel: the lop3 mask and magic number, the all-ones A fragment.
+struct Constants {
+  uint32_t mask, magic;
+  uint32_t ones[4];
+};
+
+// One chunk of 64 features against 8 * kTiles rows of x, into acc (see the kernel). xp[r] points at
+// features t*8.. of the row this lane feeds to tile r, in 16-byte units (rows past M read row M - 1:
+// their columns of the product are never stored). szg points at row g's (scale, zero) pair of group 0.
 template <typename T, int kTiles>
 __device__ __forceinline__ void chunk_product(const int4& wv, int c, const uint4* const (&xp)[kTiles],
-                                              const uint32_t* __restrict__ szp, int group_shift, int g,
-                                              float (&acc)[kTiles][4]) {
+                                              const uint32_t* __restrict__ szg, int group_shift,
+                                              const Constants& k, float (&acc)[kTiles][4]) {
   const bool group32 = group_shift == 5;
   const uint32_t words[4] = {static_cast<uint32_t>(wv.x), static_cast<uint32_t>(wv.y),
                              static_cast<uint32_t>(wv.z), static_cast<uint32_t>(wv.w)};
-  constexpr uint32_t ones[4] = {Mma<T>::kOnes, Mma<T>::kOnes, Mma<T>::kOnes, Mma<T>::kOnes};
   float dot[kTiles][4], sum[kTiles][4];  // per group: sum x * (MAGIC_VALUE + q), and sum x
   uint4 xv[kTiles];
 #pragma unroll
@@ -122,21 +155,21 @@ __device__ __forceinline__ void chunk_product(const int4& wv, int c, const uint4
     }
     if ((j & 1) == 0) {  // x: features c*64 + half*32 + t*8 .. +8
 #pragma unroll
-      for (int r = 0; r < kTiles; ++r) xv[r] = xp[r] ? __ldg(xp[r] + c * 8 + half * 4) : make_uint4(0, 0, 0, 0);
+      for (int r = 0; r < kTiles; ++r) xv[r] = __ldg(xp[r] + c * 8 + half * 4);
     }
     uint32_t a[4];
-    magic_levels<T>(words[j], a);
+    magic_levels(words[j], k.mask, k.magic, a);
 #pragma unroll
     for (int r = 0; r < kTiles; ++r) {
       const uint32_t b0 = (j & 1) ? xv[r].z : xv[r].x, b1 = (j & 1) ? xv[r].w : xv[r].y;
       Mma<T>::run(dot[r], a, b0, b1);
-      Mma<T>::run(sum[r], ones, b0, b1);
+      Mma<T>::run(sum[r], k.ones, b0, b1);
     }
     if (j == 3 || (group32 && j == 1)) {  // a group ends: its scales and zero points on the float sums
-      const int grp = (c * kChunk + half * 32) >> group_shift;
+      const uint32_t* pairs = szg + (((c * kChunk + half * 32) >> group_shift) << 4);
       float scale_g, scale_g8, corr_g, corr_g8;
-      scale_and_correction<T>(__ldg(szp + grp * kRows + g), scale_g, corr_g);
-      scale_and_correction<T>(__ldg(szp + grp * kRows + g + 8), scale_g8, corr_g8);
+      scale_and_correction<T>(__ldg(pairs), scale_g, corr_g);
+      scale_and_correction<T>(__ldg(pairs + 8), scale_g8, corr_g8);
 #pragma unroll
       for (int r = 0; r < kTiles; ++r) {
         acc[r][0] = fmaf(scale_g, dot[r][0], fmaf(-corr_g, sum[r][0], acc[r][0]));
@@ -160,13 +193,18 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
   const int g = lane >> 2, t = lane & 3;
   const int chunks = K / kChunk;
   const int4* wp = w + static_cast<size_t>(block) * chunks * 32 + lane;
-  const uint32_t* szp = scale_zero + (static_cast<size_t>(block) * (K >> group_shift)) * kRows;
+  const uint32_t* szg = kept(scale_zero + (static_cast<size_t>(block) * (K >> group_shift)) * kRows + g);
   const uint4* xp[kTiles];
 #pragma unroll
   for (int r = 0; r < kTiles; ++r) {
-    const int m = g + 8 * r;
-    xp[r] = m < M ? reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + t * 8) : nullptr;
+    const int m = min(g + 8 * r, M - 1);
+    xp[r] = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + t * 8));
   }
+  Constants k;
+  k.mask = in_register(0x000F000Fu);
+  k.magic = in_register(Mma<T>::kMagic);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) k.ones[i] = in_register(Mma<T>::kOnes);
   float acc[kTiles][4];
 #pragma unroll
   for (int r = 0; r < kTiles; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.0f;
@@ -178,7 +216,7 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * kWarps;
       if (c >= chunks) break;
-      chunk_product<T, kTiles>(cur[u], c, xp, szp, group_shift, g, acc);
+      chunk_product<T, kTiles>(cur[u], c, xp, szg, group_shift, k, acc);
     }
   }
 
@@ -201,34 +239,68 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
   }
 }
 
-// W rows [16 * first_block, + 16 * blocks) dequantized into out [16 * blocks, K]: one thread per word.
+// (q - zero) * scale for a pair of levels (MAGIC_VALUE + q in each half), rounded once, as the
+// reference rounds it: the subtraction is exact, the product rounds to bf16/fp16.
 template <typename T>
-__global__ void int4_mma_dequant_kernel(const uint32_t* __restrict__ w, const uint32_t* __restrict__ scale_zero,
-                                        T* __restrict__ out, int first_block, int blocks, int K, int group) {
+__device__ __forceinline__ uint32_t scaled_pair(uint32_t magic_q, uint32_t offset2, uint32_t scale2);
+
+template <>
+__device__ __forceinline__ uint32_t scaled_pair<__nv_bfloat16>(uint32_t magic_q, uint32_t offset2, uint32_t scale2) {
+  const __nv_bfloat162 r = __hmul2(__hsub2(*reinterpret_cast<const __nv_bfloat162*>(&magic_q),
+                                           *reinterpret_cast<const __nv_bfloat162*>(&offset2)),
+                                   *reinterpret_cast<const __nv_bfloat162*>(&scale2));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+template <>
+__device__ __forceinline__ uint32_t scaled_pair<__half>(uint32_t magic_q, uint32_t offset2, uint32_t scale2) {
+  const __half2 r = __hmul2(__hsub2(*reinterpret_cast<const __half2*>(&magic_q), *reinterpret_cast<const __half2*>(&offset2)),
+                            *reinterpret_cast<const __half2*>(&scale2));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// W rows [16 * first_block, + 16 * blocks) dequantized into out [16 * blocks, K]: one thread per lane
+// load (16 bytes, 32 weights), on packed pairs: per pair a shift, a lop3, a subtraction and a product;
+// per row and half chunk one 16-byte store.
+template <typename T>
+__global__ void int4_mma_dequant_kernel(const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
+                                        T* __restrict__ out, int first_block, int blocks, int K, int group_shift) {
   const int chunks = K / kChunk;
-  const int64_t words = static_cast<int64_t>(blocks) * chunks * 128;
+  const int64_t loads = static_cast<int64_t>(blocks) * chunks * 32;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= words) return;
-  const int j = i & 3, lane = (i >> 2) & 31;
-  const int64_t bc = i >> 7;
+  if (i >= loads) return;
+  const int lane = i & 31;
+  const int64_t bc = i >> 5;
   const int c = bc % chunks, block = bc / chunks;
   const int g = lane >> 2, t = lane & 3;
-  const uint32_t word = w[static_cast<int64_t>(first_block) * chunks * 128 + i];
-  const int feature = c * kChunk + (j >> 1) * 32 + t * 8 + (j & 1) * 4;  // + 2h + e for nibble (e, h)
-  const int grp = feature / group;
-  const uint32_t* szp = scale_zero + (static_cast<int64_t>(first_block + block) * (K / group) + grp) * kRows;
+  const int4 v = w[static_cast<int64_t>(first_block) * chunks * 32 + i];
+  const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                             static_cast<uint32_t>(v.w)};
+  const uint32_t* szp = scale_zero + static_cast<int64_t>(first_block + block) * (K >> group_shift) * kRows + g;
 #pragma unroll
-  for (int hi = 0; hi < 2; ++hi) {  // row g, then row g + 8
-    const uint32_t sz = szp[g + 8 * hi];
-    const float scale = Mma<T>::low(sz), zero = Mma<T>::high(sz);
-    T vals[4];
+  for (int half = 0; half < 2; ++half) {
+    const int feature = c * kChunk + half * 32 + t * 8;  // words 2 half, 2 half + 1: features +0..3, +4..7
+    const uint32_t* pairs = szp + ((feature >> group_shift) << 4);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {  // feature + k = feature + 2h + e: nibble 4e + 2h + hi
-      const int p = 4 * (k & 1) + 2 * (k >> 1) + hi;
-      vals[k] = from_float<T>((static_cast<float>((word >> (4 * p)) & 0xF) - zero) * scale);
+    for (int hi = 0; hi < 2; ++hi) {  // row g, then row g + 8: nibble pairs r = hi and r = 2 + hi
+      const uint32_t pair = __ldg(pairs + 8 * hi);
+      const uint32_t scale2 = __byte_perm(pair, pair, 0x1010);
+      const uint32_t offset2 = Mma<T>::pair(Mma<T>::kMagicValue + Mma<T>::high(pair));
+      uint4 vals;  // features +0,1 | +2,3 (word 2 half) | +4,5 | +6,7 (word 2 half + 1)
+      uint32_t* out4 = reinterpret_cast<uint32_t*>(&vals);
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const uint32_t word = words[2 * half + jj];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = 2 * h + hi;
+          const uint32_t magic_q = ((word >> (4 * r)) & 0x000F000Fu) | Mma<T>::kMagic;
+          out4[2 * jj + h] = scaled_pair<T>(magic_q, offset2, scale2);
+        }
+      }
+      T* dst = out + (static_cast<int64_t>(block) * kRows + g + 8 * hi) * K + feature;
+      *reinterpret_cast<uint4*>(dst) = vals;
     }
-    T* dst = out + (static_cast<int64_t>(block) * kRows + g + 8 * hi) * K + feature;
-    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(vals);
   }
 }
 
@@ -275,11 +347,11 @@ void run_dequant_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   auto stream = at::cuda::getCurrentCUDAStream();
   for (int64_t row = 0; row < N; row += slice_rows) {
     const int64_t rows = std::min<int64_t>(slice_rows, N - row);
-    const int64_t words = rows * K / 8;
+    const int64_t loads = rows * K / 32;  // 16 bytes (32 weights) a thread
     const int threads = 256;
-    int4_mma_dequant_kernel<T><<<(words + threads - 1) / threads, threads, 0, stream>>>(
-        reinterpret_cast<const uint32_t*>(w.data_ptr()), reinterpret_cast<const uint32_t*>(sz.data_ptr()),
-        reinterpret_cast<T*>(buffer.data_ptr()), row / kRows, rows / kRows, K, group);
+    int4_mma_dequant_kernel<T><<<(loads + threads - 1) / threads, threads, 0, stream>>>(
+        reinterpret_cast<const int4*>(w.data_ptr()), reinterpret_cast<const uint32_t*>(sz.data_ptr()),
+        reinterpret_cast<T*>(buffer.data_ptr()), row / kRows, rows / kRows, K, __builtin_ctz(group));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor out = y.narrow(1, row, rows);
     at::mm_out(out, x, buffer.narrow(0, 0, rows).t());
