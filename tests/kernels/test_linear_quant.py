@@ -309,6 +309,26 @@ def test_int4_mma_cuda_kernel(rows, group, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("rows", [1, 5, 12, 25])
+def test_int4_mma_cuda_kernel_over_many_blocks_a_cta_and_a_short_last_stage(rows, group):
+    """N = 17600 (1100 blocks of 16: more than the SMs hold CTAs at once, so CTAs take several blocks,
+    split unevenly) and K = 4160 (65 chunks: a block's last stage holds one chunk)."""
+    mma.load_extension()
+    n, k = 17600, 4160
+    gen = torch.Generator().manual_seed(rows + group)
+    x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+    packed, scales, zeros = quantize_int4(_weight(n, k, rows).cuda(), group, torch.bfloat16)
+    mma_packed, pairs = mma.pack(unpack(packed, group)), mma.scale_zero(scales, zeros)
+    expected = F.linear(x.double(), dequantize_int4(packed, scales, zeros).double())
+    out = torch.ops.oiv2.linear_int4_mma(x, mma_packed, pairs)
+    per_row = (out.double() - expected).norm(dim=1) / expected.norm(dim=1)
+    assert float(per_row.max()) < 5e-3
+    per_feature = (out.double() - expected).abs().amax(dim=0) / expected.abs().amax()
+    assert float(per_feature.max()) < 2e-2  # no block of 16 rows left out or summed twice
+
+
+@pytest.mark.cuda
 def test_int4_mma_prefill_path_over_several_slices():
     """More rows than the tensor-core path takes, and a weight whose bf16 copy (8192 x 4160, 68 MB)
     does not fit one dequantized slice (64 MB): two slices, the second of 128 rows."""

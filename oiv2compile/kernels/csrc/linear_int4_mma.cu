@@ -133,10 +133,11 @@ struct Constants {
 
 // One chunk of 64 features against 8 * kTiles rows of x, into acc (see the kernel). xp[r] points at
 // features t*8.. of the row this lane feeds to tile r, in 16-byte units (rows past M read row M - 1:
-// their columns of the product are never stored). szg points at row g's (scale, zero) pair of group 0.
+// their columns of the product are never stored). szg points at row g's (scale, zero) pair of group
+// first_group (in shared memory, where a stage holds the groups from first_group on).
 template <typename T, int kTiles>
 __device__ __forceinline__ void chunk_product(const int4& wv, int c, const uint4* const (&xp)[kTiles],
-                                              const uint32_t* __restrict__ szg, int group_shift,
+                                              const uint32_t* __restrict__ szg, int first_group, int group_shift,
                                               const Constants& k, float (&acc)[kTiles][4]) {
   const bool group32 = group_shift == 5;
   const uint32_t words[4] = {static_cast<uint32_t>(wv.x), static_cast<uint32_t>(wv.y),
@@ -166,10 +167,10 @@ __device__ __forceinline__ void chunk_product(const int4& wv, int c, const uint4
       Mma<T>::run(sum[r], k.ones, b0, b1);
     }
     if (j == 3 || (group32 && j == 1)) {  // a group ends: its scales and zero points on the float sums
-      const uint32_t* pairs = szg + (((c * kChunk + half * 32) >> group_shift) << 4);
+      const uint32_t* pairs = szg + ((((c * kChunk + half * 32) >> group_shift) - first_group) << 4);
       float scale_g, scale_g8, corr_g, corr_g8;
-      scale_and_correction<T>(__ldg(pairs), scale_g, corr_g);
-      scale_and_correction<T>(__ldg(pairs + 8), scale_g8, corr_g8);
+      scale_and_correction<T>(pairs[0], scale_g, corr_g);
+      scale_and_correction<T>(pairs[8], scale_g8, corr_g8);
 #pragma unroll
       for (int r = 0; r < kTiles; ++r) {
         acc[r][0] = fmaf(scale_g, dot[r][0], fmaf(-corr_g, sum[r][0], acc[r][0]));
@@ -216,7 +217,7 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * kWarps;
       if (c >= chunks) break;
-      chunk_product<T, kTiles>(cur[u], c, xp, szg, group_shift, k, acc);
+      chunk_product<T, kTiles>(cur[u], c, xp, szg, 0, group_shift, k, acc);
     }
   }
 
@@ -236,6 +237,223 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
     const int m = 8 * (re >> 2) + 2 * (l & 3) + (re & 1);
     const int n = block * kRows + (l >> 2) + 8 * ((re >> 1) & 1);
     if (m < M) y[static_cast<size_t>(m) * N + n] = from_float<T>(total);
+  }
+}
+
+// ---- The streamed kernel: a producer warp copies W and its scales into a ring of shared-memory
+// stages with the Hopper bulk-copy engine (cp.async.bulk, completion on an mbarrier), so the bytes in
+// flight do not depend on registers; kConsumers warps take the chunks of each stage from shared memory.
+
+#ifndef OIV2_INT4_MMA_CONSUMERS
+#define OIV2_INT4_MMA_CONSUMERS 8
+#endif
+constexpr int kConsumers = OIV2_INT4_MMA_CONSUMERS;  // consumer warps of a CTA (plus one producer warp)
+constexpr int kStageChunks = 2 * kConsumers;          // chunks of one stage: two a consumer (512 B each)
+constexpr int kStages = 4;                            // stages in the ring
+constexpr int kMaxStageGroups = kStageChunks * kChunk / 32;  // groups a stage can touch (group 32)
+constexpr int kStageWeightBytes = kStageChunks * 32 * 16;
+constexpr int kStageBytes = kStageWeightBytes + kMaxStageGroups * kRows * 4;
+constexpr int kMaxBlocksPerCta = 16;  // blocks of 16 rows one CTA sums in shared memory
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void barrier_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
+}
+
+__device__ __forceinline__ void barrier_expect_bytes(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = smem_address(bar);
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  }
+}
+
+// bytes (a multiple of 16) from global src to shared dst; their arrival completes on bar.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_address(dst)),
+               "l"(src), "r"(bytes), "r"(smem_address(bar))
+               : "memory");
+}
+
+// The blocks of 16 rows CTA `cta` of `ctas` takes: an even split, contiguous (so its W is one range).
+__device__ __forceinline__ void cta_blocks(int blocks, int cta, int ctas, int& first, int& end) {
+  first = static_cast<int>(static_cast<int64_t>(blocks) * cta / ctas);
+  end = static_cast<int>(static_cast<int64_t>(blocks) * (cta + 1) / ctas);
+}
+
+template <int kTiles>
+constexpr int streamed_smem_bytes() {
+  return kStages * kStageBytes + kMaxBlocksPerCta * 8 * kTiles * kRows * 4 + 2 * kStages * 8;
+}
+
+// kN consecutive chunks of 64 features, from chunk c of the block, against 8 * kTiles rows of x, into
+// acc. ws: the lane's 16 bytes of the first chunk (the next 512 bytes on); szg: row g's (scale, zero)
+// pair of group g0. The group size is a template argument, so a group that spans both chunks gets its
+// scales once.
+template <typename T, int kTiles, int kGroupShift, int kN>
+__device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const uint4* const (&xp)[kTiles],
+                                            const uint32_t* szg, const Constants& k, float (&acc)[kTiles][4]) {
+  constexpr int kStepsPerGroup = (1 << kGroupShift) / 16;  // k-steps (two words a 32-feature half)
+  int4 wv[kN];
+#pragma unroll
+  for (int n = 0; n < kN; ++n) wv[n] = ws[n * 32];
+  float dot[kTiles][4], sum[kTiles][4];  // per group: sum x * (MAGIC_VALUE + q), and sum x
+  uint4 xv[kTiles];
+#pragma unroll
+  for (int step = 0; step < 4 * kN; ++step) {
+    const int n = step >> 2, j = step & 3;
+    if (step % kStepsPerGroup == 0) {
+#pragma unroll
+      for (int r = 0; r < kTiles; ++r) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dot[r][e] = sum[r][e] = 0.0f;
+      }
+    }
+    if ((j & 1) == 0) {  // x: features (c + n) * 64 + (j / 2) * 32 + t * 8 .. + 8
+#pragma unroll
+      for (int r = 0; r < kTiles; ++r) xv[r] = __ldg(xp[r] + (c + n) * 8 + (j >> 1) * 4);
+    }
+    const uint32_t word = j == 0 ? wv[n].x : j == 1 ? wv[n].y : j == 2 ? wv[n].z : wv[n].w;
+    uint32_t a[4];
+    magic_levels(word, k.mask, k.magic, a);
+#pragma unroll
+    for (int r = 0; r < kTiles; ++r) {
+      const uint32_t b0 = (j & 1) ? xv[r].z : xv[r].x, b1 = (j & 1) ? xv[r].w : xv[r].y;
+      Mma<T>::run(dot[r], a, b0, b1);
+      Mma<T>::run(sum[r], k.ones, b0, b1);
+    }
+    if ((step + 1) % kStepsPerGroup == 0) {  // a group ends: its scales and zero points on the float sums
+      const int group = ((c + n) * kChunk + (j >> 1) * 32) >> kGroupShift;
+      const uint32_t* pairs = szg + ((group - g0) << 4);
+      float scale_g, scale_g8, corr_g, corr_g8;
+      scale_and_correction<T>(pairs[0], scale_g, corr_g);
+      scale_and_correction<T>(pairs[8], scale_g8, corr_g8);
+#pragma unroll
+      for (int r = 0; r < kTiles; ++r) {
+        acc[r][0] = fmaf(scale_g, dot[r][0], fmaf(-corr_g, sum[r][0], acc[r][0]));
+        acc[r][1] = fmaf(scale_g, dot[r][1], fmaf(-corr_g, sum[r][1], acc[r][1]));
+        acc[r][2] = fmaf(scale_g8, dot[r][2], fmaf(-corr_g8, sum[r][2], acc[r][2]));
+        acc[r][3] = fmaf(scale_g8, dot[r][3], fmaf(-corr_g8, sum[r][3], acc[r][3]));
+      }
+    }
+  }
+}
+
+// One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8 * kTiles) of x. Stage s
+// is chunks [c0, c0 + 16) of one block and the groups they touch; consumer warp w takes the
+// kStageChunks / kConsumers consecutive chunks from w * that, and adds its sums into shared memory
+// when its block ends.
+template <typename T, int kTiles, int kGroupShift>
+__global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kernel(
+    const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
+    T* __restrict__ y, int M, int N, int K) {
+  constexpr int group_shift = kGroupShift;
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* sums = reinterpret_cast<float*>(smem + kStages * kStageBytes);  // [block][x row][16]
+  uint64_t* full = reinterpret_cast<uint64_t*>(sums + kMaxBlocksPerCta * 8 * kTiles * kRows);
+  uint64_t* empty = full + kStages;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int chunks = K / kChunk, groups = K >> group_shift;
+  int first, end;
+  cta_blocks(N / kRows, blockIdx.x, gridDim.x, first, end);
+  for (int i = threadIdx.x; i < (end - first) * 8 * kTiles * kRows; i += blockDim.x) sums[i] = 0.0f;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStages; ++i) {
+      barrier_init(&full[i], 1);
+      barrier_init(&empty[i], kConsumers);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == kConsumers) {  // the producer
+    if (lane == 0) {
+      int s = 0;
+      for (int b = first; b < end; ++b) {
+        for (int c0 = 0; c0 < chunks; c0 += kStageChunks, ++s) {
+          const int slot = s % kStages;
+          if (s >= kStages) barrier_wait(&empty[slot], ((s / kStages) + 1) & 1);
+          const int n = min(kStageChunks, chunks - c0);
+          const int g0 = (c0 * kChunk) >> group_shift, g1 = (((c0 + n) * kChunk - 1) >> group_shift) + 1;
+          const uint32_t wbytes = n * 512, sbytes = (g1 - g0) * kRows * 4;
+          unsigned char* dst = smem + slot * kStageBytes;
+          barrier_expect_bytes(&full[slot], wbytes + sbytes);
+          bulk_copy(dst, w + (static_cast<size_t>(b) * chunks + c0) * 32, wbytes, &full[slot]);
+          bulk_copy(dst + kStageWeightBytes, scale_zero + (static_cast<size_t>(b) * groups + g0) * kRows, sbytes,
+                    &full[slot]);
+        }
+      }
+    }
+  } else {  // a consumer
+    const int g = lane >> 2, t = lane & 3;
+    const uint4* xp[kTiles];
+#pragma unroll
+    for (int r = 0; r < kTiles; ++r) {
+      const int m = min(g + 8 * r, M - 1);
+      xp[r] = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + t * 8));
+    }
+    Constants k;
+    k.mask = in_register(0x000F000Fu);
+    k.magic = in_register(Mma<T>::kMagic);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) k.ones[i] = in_register(Mma<T>::kOnes);
+    int s = 0;
+    for (int b = first; b < end; ++b) {
+      float acc[kTiles][4];
+#pragma unroll
+      for (int r = 0; r < kTiles; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.0f;
+      for (int c0 = 0; c0 < chunks; c0 += kStageChunks, ++s) {
+        const int slot = s % kStages;
+        barrier_wait(&full[slot], (s / kStages) & 1);
+        const int n = min(kStageChunks, chunks - c0);
+        const unsigned char* stage = smem + slot * kStageBytes;
+        const int4* ws = reinterpret_cast<const int4*>(stage) + lane;
+        const uint32_t* szg = reinterpret_cast<const uint32_t*>(stage + kStageWeightBytes) + g;
+        const int g0 = (c0 * kChunk) >> group_shift;
+        constexpr int kPerWarp = kStageChunks / kConsumers;
+        const int i = warp * kPerWarp;
+        if (i + kPerWarp <= n) {
+          run_product<T, kTiles, kGroupShift, kPerWarp>(ws + i * 32, c0 + i, g0, xp, szg, k, acc);
+        } else {  // the block's last stage, cut short: one chunk at a time (a group of 128 never ends here)
+          for (int c = i; c < n; ++c) run_product<T, kTiles, kGroupShift, 1>(ws + c * 32, c0 + c, g0, xp, szg, k, acc);
+        }
+        __syncwarp();
+        if (lane == 0) barrier_arrive(&empty[slot]);
+      }
+      // acc[r][e]: row g + 8 * (e >> 1) of the block, row 8 * r + 2 * t + (e & 1) of x.
+      float* block_sums = sums + (b - first) * 8 * kTiles * kRows;
+#pragma unroll
+      for (int r = 0; r < kTiles; ++r) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int m = 8 * r + 2 * t + (e & 1);
+          if (m < M) atomicAdd(&block_sums[m * kRows + g + 8 * (e >> 1)], acc[r][e]);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) {
+    const int bl = i / (M * kRows), m = (i / kRows) % M, row = i % kRows;
+    y[static_cast<size_t>(m) * N + (first + bl) * kRows + row] =
+        from_float<T>(sums[(bl * 8 * kTiles + m) * kRows + row]);
   }
 }
 
@@ -304,37 +522,44 @@ __global__ void int4_mma_dequant_kernel(const int4* __restrict__ w, const uint32
   }
 }
 
-template <typename T, int kTiles, int kWarps>
-void launch_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group) {
+// The streamed kernel's grid: CTAs of up to kMaxBlocksPerCta blocks each, as many as fill the SMs once
+// (so each SM streams an equal share), more where the blocks are too many for that.
+template <typename T, int kTiles, int kGroupShift>
+void launch_streamed(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y) {
   const int M = x.size(0), K = x.size(1), N = w.size(0);
-  const int group_shift = __builtin_ctz(group);
-  int4_mma_kernel<T, kTiles, kWarps><<<N / kRows, 32 * kWarps, 0, at::cuda::getCurrentCUDAStream()>>>(
+  const int blocks = N / kRows;
+  constexpr int smem = streamed_smem_bytes<kTiles>();
+  auto kernel = int4_mma_streamed_kernel<T, kTiles, kGroupShift>;
+  // CTAs an SM holds at once: asked once per instantiation (the same on every card this process uses).
+  static const int per_sm = [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 32 * (kConsumers + 1), smem));
+    return n;
+  }();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int slots = std::max(1, per_sm) * sms;
+  const int per_cta = std::min(kMaxBlocksPerCta, std::max(1, (blocks + slots - 1) / slots));
+  const int ctas = (blocks + per_cta - 1) / per_cta;
+  kernel<<<ctas, 32 * (kConsumers + 1), smem, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const int4*>(w.data_ptr()),
-      reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(y.data_ptr()), M, N, K, group_shift);
+      reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(y.data_ptr()), M, N, K);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Warps a CTA splits K over: 8, or 16 where the blocks of 16 rows are too few to give every SM 16
-// warps at 8 a block (the down projection of an 8B model: 256 blocks of 224 chunks). Measured on an
-// H200 (scratch sweep of 4, 8 and 16 warps, 4 and 8 chunks in flight a lane, with and without loading
-// the next round ahead): these won or tied on llama-8b's shapes.
-int warps_for(int64_t blocks) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return blocks * 8 >= 16 * sms ? 8 : 16;
-}
-
 template <typename T, int kTiles>
-void launch_tiles(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group) {
-  if (warps_for(w.size(0) / kRows) == 8) return launch_mma<T, kTiles, 8>(x, w, sz, y, group);
-  return launch_mma<T, kTiles, 16>(x, w, sz, y, group);
+void launch_streamed(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group) {
+  if (group == 32) return launch_streamed<T, kTiles, 5>(x, w, sz, y);
+  if (group == 64) return launch_streamed<T, kTiles, 6>(x, w, sz, y);
+  return launch_streamed<T, kTiles, 7>(x, w, sz, y);
 }
 
 template <typename T>
 void run_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group) {
   const int64_t rows = x.size(0);
-  if (rows <= 8) return launch_tiles<T, 1>(x, w, sz, y, group);
-  if (rows <= 16) return launch_tiles<T, 2>(x, w, sz, y, group);
-  return launch_tiles<T, 4>(x, w, sz, y, group);
+  if (rows <= 8) return launch_streamed<T, 1>(x, w, sz, y, group);
+  if (rows <= 16) return launch_streamed<T, 2>(x, w, sz, y, group);
+  return launch_streamed<T, 4>(x, w, sz, y, group);
 }
 
 // y [M, N] = x @ W^T by slices of W dequantized into a buffer that L2 holds, each through cuBLAS.
@@ -383,7 +608,7 @@ at::Tensor linear_int4_mma(const at::Tensor& x, const at::Tensor& packed, const 
   at::Tensor wc = packed.contiguous(), sc = scale_zero.contiguous();
   TORCH_CHECK(aligned16(wc) && aligned16(sc), "packed and scale_zero must start on 16-byte boundaries");
   at::Tensor y = at::empty({x2.size(0), N}, x.options());
-  if (x2.size(0) == 0) return y.view(out_sizes);
+  if (y.numel() == 0) return y.view(out_sizes);
   const bool mma = x2.size(0) <= 8 * kMaxTiles;
   if (x.scalar_type() == at::kBFloat16) {
     mma ? run_mma<__nv_bfloat16>(x2, wc, sc, y, group) : run_dequant_gemm<__nv_bfloat16>(x2, wc, sc, y, group);
