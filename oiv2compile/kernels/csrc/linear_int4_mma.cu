@@ -133,11 +133,10 @@ struct Constants {
 
 // One chunk of 64 features against 8 * kTiles rows of x, into acc (see the kernel). xp[r] points at
 // features t*8.. of the row this lane feeds to tile r, in 16-byte units (rows past M read row M - 1:
-// their columns of the product are never stored). szg points at row g's (scale, zero) pair of group
-// first_group (in shared memory, where a stage holds the groups from first_group on).
+// their columns of the product are never stored). szg points at row g's (scale, zero) pair of group 0.
 template <typename T, int kTiles>
 __device__ __forceinline__ void chunk_product(const int4& wv, int c, const uint4* const (&xp)[kTiles],
-                                              const uint32_t* __restrict__ szg, int first_group, int group_shift,
+                                              const uint32_t* __restrict__ szg, int group_shift,
                                               const Constants& k, float (&acc)[kTiles][4]) {
   const bool group32 = group_shift == 5;
   const uint32_t words[4] = {static_cast<uint32_t>(wv.x), static_cast<uint32_t>(wv.y),
@@ -167,10 +166,10 @@ __device__ __forceinline__ void chunk_product(const int4& wv, int c, const uint4
       Mma<T>::run(sum[r], k.ones, b0, b1);
     }
     if (j == 3 || (group32 && j == 1)) {  // a group ends: its scales and zero points on the float sums
-      const uint32_t* pairs = szg + ((((c * kChunk + half * 32) >> group_shift) - first_group) << 4);
+      const uint32_t* pairs = szg + (((c * kChunk + half * 32) >> group_shift) << 4);
       float scale_g, scale_g8, corr_g, corr_g8;
-      scale_and_correction<T>(pairs[0], scale_g, corr_g);
-      scale_and_correction<T>(pairs[8], scale_g8, corr_g8);
+      scale_and_correction<T>(__ldg(pairs), scale_g, corr_g);
+      scale_and_correction<T>(__ldg(pairs + 8), scale_g8, corr_g8);
 #pragma unroll
       for (int r = 0; r < kTiles; ++r) {
         acc[r][0] = fmaf(scale_g, dot[r][0], fmaf(-corr_g, sum[r][0], acc[r][0]));
@@ -217,7 +216,7 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
     for (int u = 0; u < kUnroll; ++u) {
       const int c = c0 + u * kWarps;
       if (c >= chunks) break;
-      chunk_product<T, kTiles>(cur[u], c, xp, szg, 0, group_shift, k, acc);
+      chunk_product<T, kTiles>(cur[u], c, xp, szg, group_shift, k, acc);
     }
   }
 
@@ -249,7 +248,10 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
 #endif
 constexpr int kConsumers = OIV2_INT4_MMA_CONSUMERS;  // consumer warps of a CTA (plus one producer warp)
 constexpr int kStageChunks = 2 * kConsumers;          // chunks of one stage: two a consumer (512 B each)
-constexpr int kStages = 4;                            // stages in the ring
+#ifndef OIV2_INT4_MMA_STAGES
+#define OIV2_INT4_MMA_STAGES 4
+#endif
+constexpr int kStages = OIV2_INT4_MMA_STAGES;         // stages in the ring
 constexpr int kMaxStageGroups = kStageChunks * kChunk / 32;  // groups a stage can touch (group 32)
 constexpr int kStageWeightBytes = kStageChunks * 32 * 16;
 constexpr int kStageBytes = kStageWeightBytes + kMaxStageGroups * kRows * 4;
@@ -286,10 +288,20 @@ __device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
 
 // bytes (a multiple of 16) from global src to shared dst; their arrival completes on bar.
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+#if OIV2_INT4_MMA_EVICT_FIRST
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          smem_address(dst)),
+      "l"(src), "r"(bytes), "r"(smem_address(bar)), "l"(policy)
+      : "memory");
+#else
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
                    smem_address(dst)),
                "l"(src), "r"(bytes), "r"(smem_address(bar))
                : "memory");
+#endif
 }
 
 // The blocks of 16 rows CTA `cta` of `ctas` takes: an even split, contiguous (so its W is one range).
@@ -402,6 +414,9 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
       }
     }
   } else {  // a consumer
+#if OIV2_INT4_MMA_PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // x is the previous kernel's output
+#endif
     const int g = lane >> 2, t = lane & 3;
     const uint4* xp[kTiles];
 #pragma unroll
@@ -538,13 +553,31 @@ void launch_streamed(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     return n;
   }();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // One CTA a slot (every SM then streams an equal share, within a block), fewer where the blocks are
+  // fewer than the slots, more where a CTA would sum more than kMaxBlocksPerCta blocks.
   const int slots = std::max(1, per_sm) * sms;
-  const int per_cta = std::min(kMaxBlocksPerCta, std::max(1, (blocks + slots - 1) / slots));
-  const int ctas = (blocks + per_cta - 1) / per_cta;
+  const int ctas = std::max(std::min(blocks, slots), (blocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta);
+#if OIV2_INT4_MMA_PDL
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(ctas);
+  config.blockDim = dim3(32 * (kConsumers + 1));
+  config.dynamicSmemBytes = smem;
+  config.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(x.data_ptr()),
+                                    reinterpret_cast<const int4*>(w.data_ptr()),
+                                    reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),
+                                    M, N, K));
+#else
   kernel<<<ctas, 32 * (kConsumers + 1), smem, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const int4*>(w.data_ptr()),
       reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(y.data_ptr()), M, N, K);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
 }
 
 template <typename T, int kTiles>
@@ -554,12 +587,37 @@ void launch_streamed(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return launch_streamed<T, kTiles, 7>(x, w, sz, y);
 }
 
+template <typename T, int kTiles, int kWarps>
+void launch_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group) {
+  const int M = x.size(0), K = x.size(1), N = w.size(0);
+  const int group_shift = __builtin_ctz(group);
+  int4_mma_kernel<T, kTiles, kWarps><<<N / kRows, 32 * kWarps, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const int4*>(w.data_ptr()),
+      reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(y.data_ptr()), M, N, K, group_shift);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Warps a CTA splits K over: 8, or 16 where the blocks of 16 rows are too few to give every SM 16
+// warps at 8 a block (the down projection of an 8B model: 256 blocks of 224 chunks). Measured on an
+// H200 (scratch sweep of 4, 8 and 16 warps, 4 and 8 chunks in flight a lane, with and without loading
+// the next round ahead): these won or tied on llama-8b's shapes.
+int warps_for(int64_t blocks) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return blocks * 8 >= 16 * sms ? 8 : 16;
+}
+
+template <typename T, int kTiles>
+void launch_tiles(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group) {
+  if (warps_for(w.size(0) / kRows) == 8) return launch_mma<T, kTiles, 8>(x, w, sz, y, group);
+  return launch_mma<T, kTiles, 16>(x, w, sz, y, group);
+}
+
 template <typename T>
 void run_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group) {
   const int64_t rows = x.size(0);
   if (rows <= 8) return launch_streamed<T, 1>(x, w, sz, y, group);
-  if (rows <= 16) return launch_streamed<T, 2>(x, w, sz, y, group);
-  return launch_streamed<T, 4>(x, w, sz, y, group);
+  if (rows <= 16) return launch_tiles<T, 2>(x, w, sz, y, group);
+  return launch_tiles<T, 4>(x, w, sz, y, group);
 }
 
 // y [M, N] = x @ W^T by slices of W dequantized into a buffer that L2 holds, each through cuBLAS.
