@@ -243,15 +243,9 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
 // stages with the Hopper bulk-copy engine (cp.async.bulk, completion on an mbarrier), so the bytes in
 // flight do not depend on registers; kConsumers warps take the chunks of each stage from shared memory.
 
-#ifndef OIV2_INT4_MMA_CONSUMERS
-#define OIV2_INT4_MMA_CONSUMERS 8
-#endif
-constexpr int kConsumers = OIV2_INT4_MMA_CONSUMERS;  // consumer warps of a CTA (plus one producer warp)
+constexpr int kConsumers = 8;                         // consumer warps of a CTA (plus one producer warp)
 constexpr int kStageChunks = 2 * kConsumers;          // chunks of one stage: two a consumer (512 B each)
-#ifndef OIV2_INT4_MMA_STAGES
-#define OIV2_INT4_MMA_STAGES 4
-#endif
-constexpr int kStages = OIV2_INT4_MMA_STAGES;         // stages in the ring
+constexpr int kStages = 4;                            // stages in the ring
 constexpr int kMaxStageGroups = kStageChunks * kChunk / 32;  // groups a stage can touch (group 32)
 constexpr int kStageWeightBytes = kStageChunks * 32 * 16;
 constexpr int kStageBytes = kStageWeightBytes + kMaxStageGroups * kRows * 4;
@@ -288,7 +282,6 @@ __device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
 
 // bytes (a multiple of 16) from global src to shared dst; their arrival completes on bar.
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-#if OIV2_INT4_MMA_EVICT_FIRST
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   asm volatile(
@@ -296,12 +289,6 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
           smem_address(dst)),
       "l"(src), "r"(bytes), "r"(smem_address(bar)), "l"(policy)
       : "memory");
-#else
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_address(dst)),
-               "l"(src), "r"(bytes), "r"(smem_address(bar))
-               : "memory");
-#endif
 }
 
 // The blocks of 16 rows CTA `cta` of `ctas` takes: an even split, contiguous (so its W is one range).
@@ -414,9 +401,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
       }
     }
   } else {  // a consumer
-#if OIV2_INT4_MMA_PDL
     asm volatile("griddepcontrol.wait;" ::: "memory");  // x is the previous kernel's output
-#endif
     const int g = lane >> 2, t = lane & 3;
     const uint4* xp[kTiles];
 #pragma unroll
@@ -557,7 +542,6 @@ void launch_streamed(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   // fewer than the slots, more where a CTA would sum more than kMaxBlocksPerCta blocks.
   const int slots = std::max(1, per_sm) * sms;
   const int ctas = std::max(std::min(blocks, slots), (blocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta);
-#if OIV2_INT4_MMA_PDL
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(ctas);
   config.blockDim = dim3(32 * (kConsumers + 1));
@@ -572,12 +556,6 @@ void launch_streamed(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
                                     reinterpret_cast<const int4*>(w.data_ptr()),
                                     reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),
                                     M, N, K));
-#else
-  kernel<<<ctas, 32 * (kConsumers + 1), smem, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const int4*>(w.data_ptr()),
-      reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(y.data_ptr()), M, N, K);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-#endif
 }
 
 template <typename T, int kTiles>
