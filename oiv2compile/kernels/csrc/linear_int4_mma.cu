@@ -1,23 +1,30 @@
 // oiv2::linear_int4_mma: y[m, n] = sum_k x[m, k] * (q[n, k] - zeros[n, g]) * scales[n, g], g = k / G,
 // for x [..., K] in bf16 or fp16 and W in the layout int4-mma16x64-v1 (kernels/linear_int4_mma.py).
 //
-// Up to 32 rows of x (every decode step): tensor cores with W as the 16-row operand. A block of 16
-// weight rows is one CTA; its warps (8, or 16 for matrices of few rows) split K into 64-feature chunks
-// (chunk c to warp c % kWarps). In a chunk each lane loads 16 bytes with one non-allocating 128-bit
-// load: four 32-bit words, each exactly the lane's A fragment of one m16n8k16 step (the layout is
-// packed at build time so that it is); a lane has kUnroll chunks in flight before any math. x comes
-// as B (8 rows of x per mma; rows past M are zeros). A word's 8 nibbles become bf16/fp16 pairs
-// MAGIC_VALUE + q with integer operations alone, (word >> 4r) & 0x000F000F | MAGIC: seven operations
-// for eight weights. The zero points need no subtraction per pair: a second mma with an all-ones A
-// gives sum x, and each group ends with
+// Up to 32 rows of x (every decode step): tensor cores with W as the 16-row operand and x as B (8 rows of
+// x per mma; rows past M read row M - 1 and are never stored). The layout is packed at build time so
+// that a lane's 16 bytes of a 64-feature chunk are exactly its A fragments of four m16n8k16 steps. A
+// word's 8 nibbles become bf16/fp16 pairs MAGIC_VALUE + q with one shift and one lop3 a pair. The zero
+// points need no subtraction per pair: a second mma with an all-ones A gives sum x, and each group
+// ends with
 //     acc += scale * sum x * (MAGIC_VALUE + q) - scale * (MAGIC_VALUE + zero) * sum x
-// on float sums (exact products, float accumulation), so no rounded weight is ever formed. The warps'
-// partial sums meet in shared memory.
+// on float sums (exact products, float accumulation), so no rounded weight is ever formed.
 //
-// Where it stands (benchmarks/RESULTS.md): 43-55% of the copy bandwidth at one row on llama-8b's
-// largest shapes, 60-75% on the output head; Nsight Compute puts half of the warps' stall cycles on
-// global/L1 loads and the issue slots at 41% busy (115 instructions a chunk): latency-bound, not yet
-// the bandwidth-bound kernel the layout allows.
+// Up to 8 rows, the streamed kernel: each CTA takes a contiguous run of 16-row blocks (one CTA per SM
+// slot, so every SM streams an equal share). A producer warp copies W and the scales each stage needs
+// into a ring of 4 shared-memory stages with the Hopper bulk-copy engine (cp.async.bulk, L2
+// evict-first, completion counted on an mbarrier), so the bytes in flight do not cost registers; 8
+// consumer warps each take two consecutive chunks of a stage (the group size is a template argument,
+// so a group of 128 gets its scales once) and add their sums into shared memory when a block ends. It
+// is launched as a programmatic dependent: the copies start while the previous kernel drains, and the
+// consumers read x only after griddepcontrol.wait.
+// 9 to 32 rows, the tiled kernel: a CTA per block, its warps splitting K, each lane with kUnroll
+// chunks in flight in registers (it beats the streamed kernel there: more accumulators a warp).
+//
+// Where they stand (benchmarks/RESULTS.md, H100, llama-8b shapes at one row): 57-62% of the copy
+// bandwidth on 14336x4096 and 4096x14336, 71-76% on the fused gate/up (28672x4096), 79-82% on the
+// output head; what is left is mostly a fixed 5-7 us a call (launch, first bytes, last block), which
+// cuBLAS pays too on the small shapes.
 //
 // More rows (prefill): slices of W are dequantized into a bf16/fp16 buffer and multiplied by cuBLAS.
 #include <ATen/ATen.h>
