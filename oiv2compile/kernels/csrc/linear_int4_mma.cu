@@ -138,6 +138,37 @@ struct Constants {
   uint32_t ones[4];
 };
 
+// One k-step: word j (0..3) of a chunk as A against x's fragments (j & 1 picks their halves), into the
+// group's sums.
+template <typename T, int kTiles>
+__device__ __forceinline__ void step_product(uint32_t word, int j, const uint4 (&xv)[kTiles], const Constants& k,
+                                             float (&dot)[kTiles][4], float (&sum)[kTiles][4]) {
+  uint32_t a[4];
+  magic_levels(word, k.mask, k.magic, a);
+#pragma unroll
+  for (int r = 0; r < kTiles; ++r) {
+    const uint32_t b0 = (j & 1) ? xv[r].z : xv[r].x, b1 = (j & 1) ? xv[r].w : xv[r].y;
+    Mma<T>::run(dot[r], a, b0, b1);
+    Mma<T>::run(sum[r], k.ones, b0, b1);
+  }
+}
+
+// A group ends: its scales and zero points (rows g and g + 8: pair_g, pair_g8) on the float sums.
+template <typename T, int kTiles>
+__device__ __forceinline__ void end_group(uint32_t pair_g, uint32_t pair_g8, const float (&dot)[kTiles][4],
+                                          const float (&sum)[kTiles][4], float (&acc)[kTiles][4]) {
+  float scale_g, scale_g8, corr_g, corr_g8;
+  scale_and_correction<T>(pair_g, scale_g, corr_g);
+  scale_and_correction<T>(pair_g8, scale_g8, corr_g8);
+#pragma unroll
+  for (int r = 0; r < kTiles; ++r) {
+    acc[r][0] = fmaf(scale_g, dot[r][0], fmaf(-corr_g, sum[r][0], acc[r][0]));
+    acc[r][1] = fmaf(scale_g, dot[r][1], fmaf(-corr_g, sum[r][1], acc[r][1]));
+    acc[r][2] = fmaf(scale_g8, dot[r][2], fmaf(-corr_g8, sum[r][2], acc[r][2]));
+    acc[r][3] = fmaf(scale_g8, dot[r][3], fmaf(-corr_g8, sum[r][3], acc[r][3]));
+  }
+}
+
 // One chunk of 64 features against 8 * kTiles rows of x, into acc (see the kernel). xp[r] points at
 // features t*8.. of the row this lane feeds to tile r, in 16-byte units (rows past M read row M - 1:
 // their columns of the product are never stored). szg points at row g's (scale, zero) pair of group 0.
@@ -164,26 +195,10 @@ __device__ __forceinline__ void chunk_product(const int4& wv, int c, const uint4
 #pragma unroll
       for (int r = 0; r < kTiles; ++r) xv[r] = __ldg(xp[r] + c * 8 + half * 4);
     }
-    uint32_t a[4];
-    magic_levels(words[j], k.mask, k.magic, a);
-#pragma unroll
-    for (int r = 0; r < kTiles; ++r) {
-      const uint32_t b0 = (j & 1) ? xv[r].z : xv[r].x, b1 = (j & 1) ? xv[r].w : xv[r].y;
-      Mma<T>::run(dot[r], a, b0, b1);
-      Mma<T>::run(sum[r], k.ones, b0, b1);
-    }
+    step_product<T, kTiles>(words[j], j, xv, k, dot, sum);
     if (j == 3 || (group32 && j == 1)) {  // a group ends: its scales and zero points on the float sums
       const uint32_t* pairs = szg + (((c * kChunk + half * 32) >> group_shift) << 4);
-      float scale_g, scale_g8, corr_g, corr_g8;
-      scale_and_correction<T>(__ldg(pairs), scale_g, corr_g);
-      scale_and_correction<T>(__ldg(pairs + 8), scale_g8, corr_g8);
-#pragma unroll
-      for (int r = 0; r < kTiles; ++r) {
-        acc[r][0] = fmaf(scale_g, dot[r][0], fmaf(-corr_g, sum[r][0], acc[r][0]));
-        acc[r][1] = fmaf(scale_g, dot[r][1], fmaf(-corr_g, sum[r][1], acc[r][1]));
-        acc[r][2] = fmaf(scale_g8, dot[r][2], fmaf(-corr_g8, sum[r][2], acc[r][2]));
-        acc[r][3] = fmaf(scale_g8, dot[r][3], fmaf(-corr_g8, sum[r][3], acc[r][3]));
-      }
+      end_group<T, kTiles>(__ldg(pairs), __ldg(pairs + 8), dot, sum, acc);
     }
   }
 }
@@ -337,27 +352,11 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
       for (int r = 0; r < kTiles; ++r) xv[r] = __ldg(xp[r] + (c + n) * 8 + (j >> 1) * 4);
     }
     const uint32_t word = j == 0 ? wv[n].x : j == 1 ? wv[n].y : j == 2 ? wv[n].z : wv[n].w;
-    uint32_t a[4];
-    magic_levels(word, k.mask, k.magic, a);
-#pragma unroll
-    for (int r = 0; r < kTiles; ++r) {
-      const uint32_t b0 = (j & 1) ? xv[r].z : xv[r].x, b1 = (j & 1) ? xv[r].w : xv[r].y;
-      Mma<T>::run(dot[r], a, b0, b1);
-      Mma<T>::run(sum[r], k.ones, b0, b1);
-    }
+    step_product<T, kTiles>(word, j, xv, k, dot, sum);
     if ((step + 1) % kStepsPerGroup == 0) {  // a group ends: its scales and zero points on the float sums
       const int group = ((c + n) * kChunk + (j >> 1) * 32) >> kGroupShift;
       const uint32_t* pairs = szg + ((group - g0) << 4);
-      float scale_g, scale_g8, corr_g, corr_g8;
-      scale_and_correction<T>(pairs[0], scale_g, corr_g);
-      scale_and_correction<T>(pairs[8], scale_g8, corr_g8);
-#pragma unroll
-      for (int r = 0; r < kTiles; ++r) {
-        acc[r][0] = fmaf(scale_g, dot[r][0], fmaf(-corr_g, sum[r][0], acc[r][0]));
-        acc[r][1] = fmaf(scale_g, dot[r][1], fmaf(-corr_g, sum[r][1], acc[r][1]));
-        acc[r][2] = fmaf(scale_g8, dot[r][2], fmaf(-corr_g8, sum[r][2], acc[r][2]));
-        acc[r][3] = fmaf(scale_g8, dot[r][3], fmaf(-corr_g8, sum[r][3], acc[r][3]));
-      }
+      end_group<T, kTiles>(pairs[0], pairs[8], dot, sum, acc);
     }
   }
 }
