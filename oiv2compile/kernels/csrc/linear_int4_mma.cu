@@ -138,6 +138,27 @@ struct Constants {
   uint32_t ones[4];
 };
 
+// Where a lane reads x: features t*8.. of the row it feeds to tile r, in 16-byte units (rows past M
+// read row M - 1: their columns of the product are never stored).
+template <typename T, int kTiles>
+__device__ __forceinline__ void x_pointers(const T* x, int M, int K, int g, int t, const uint4* (&xp)[kTiles]) {
+#pragma unroll
+  for (int r = 0; r < kTiles; ++r) {
+    const int m = min(g + 8 * r, M - 1);
+    xp[r] = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + t * 8));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ Constants constants() {
+  Constants k;
+  k.mask = in_register(0x000F000Fu);
+  k.magic = in_register(Mma<T>::kMagic);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) k.ones[i] = in_register(Mma<T>::kOnes);
+  return k;
+}
+
 // One k-step: word j (0..3) of a chunk as A against x's fragments (j & 1 picks their halves), into the
 // group's sums.
 template <typename T, int kTiles>
@@ -217,16 +238,8 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
   const int4* wp = w + static_cast<size_t>(block) * chunks * 32 + lane;
   const uint32_t* szg = kept(scale_zero + (static_cast<size_t>(block) * (K >> group_shift)) * kRows + g);
   const uint4* xp[kTiles];
-#pragma unroll
-  for (int r = 0; r < kTiles; ++r) {
-    const int m = min(g + 8 * r, M - 1);
-    xp[r] = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + t * 8));
-  }
-  Constants k;
-  k.mask = in_register(0x000F000Fu);
-  k.magic = in_register(Mma<T>::kMagic);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) k.ones[i] = in_register(Mma<T>::kOnes);
+  x_pointers<T, kTiles>(x, M, K, g, t, xp);
+  const Constants k = constants<T>();
   float acc[kTiles][4];
 #pragma unroll
   for (int r = 0; r < kTiles; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.0f;
@@ -410,16 +423,8 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
     asm volatile("griddepcontrol.wait;" ::: "memory");  // x is the previous kernel's output
     const int g = lane >> 2, t = lane & 3;
     const uint4* xp[kTiles];
-#pragma unroll
-    for (int r = 0; r < kTiles; ++r) {
-      const int m = min(g + 8 * r, M - 1);
-      xp[r] = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + t * 8));
-    }
-    Constants k;
-    k.mask = in_register(0x000F000Fu);
-    k.magic = in_register(Mma<T>::kMagic);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) k.ones[i] = in_register(Mma<T>::kOnes);
+    x_pointers<T, kTiles>(x, M, K, g, t, xp);
+    const Constants k = constants<T>();
     int s = 0;
     for (int b = first; b < end; ++b) {
       float acc[kTiles][4];
