@@ -34,7 +34,9 @@ from oiv2compile.runtime.sampling import argmax
 CATEGORIES = [
     (
         "quantized linear",
-        re.compile(r"_quant_matmul|linear_int8_gemv|gemv_int8_kernel|int4_mma_kernel|int4_mma_streamed|int4_mma_dequant"),
+        re.compile(
+            r"_quant_matmul|linear_int8_gemv|gemv_int8_kernel|int4_mma_kernel|int4_mma_streamed|int4_mma_dequant"
+        ),
     ),
     ("attention", re.compile(r"_attention")),
     ("kv write", re.compile(r"kv_write")),
