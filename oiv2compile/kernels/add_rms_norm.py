@@ -15,7 +15,15 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from oiv2compile.kernels._triton import HAS_TRITON, next_power_of_2, registering_triton_op, tl, triton
+from oiv2compile.kernels._triton import (
+    HAS_TRITON,
+    dependents_may_launch_early,
+    launch_dependents,
+    next_power_of_2,
+    registering_triton_op,
+    tl,
+    triton,
+)
 
 
 def add_rms_norm_ref(
@@ -32,9 +40,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _add_rms_norm_kernel(
-        X, R, W, Out, Hidden, stride_x, stride_r, stride_o, stride_h, N, EPS: tl.constexpr, BLOCK: tl.constexpr
+        X,
+        R,
+        W,
+        Out,
+        Hidden,
+        stride_x,
+        stride_r,
+        stride_o,
+        stride_h,
+        N,
+        EPS: tl.constexpr,
+        BLOCK: tl.constexpr,
+        LAUNCH_DEPENDENTS: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
+        # The next projection streams its weights meanwhile.
+        row = (tl.program_id(0) + launch_dependents(LAUNCH_DEPENDENTS)).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         valid = cols < N
         x = tl.load(X + row * stride_x + cols, mask=valid, other=0.0)
@@ -76,6 +97,7 @@ def _add_rms_norm_triton(
         n,
         EPS=eps,
         BLOCK=block,
+        LAUNCH_DEPENDENTS=dependents_may_launch_early(x.device),
         num_warps=4 if block <= 2048 else 8,
     )
     return out.reshape(x.shape), hidden.reshape(x.shape)

@@ -30,7 +30,15 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from oiv2compile.kernels._triton import HAS_TRITON, next_power_of_2, registering_triton_op, tl, triton
+from oiv2compile.kernels._triton import (
+    HAS_TRITON,
+    dependents_may_launch_early,
+    launch_dependents,
+    next_power_of_2,
+    registering_triton_op,
+    tl,
+    triton,
+)
 
 # Keys per inner step of both kernels.
 BLOCK_N = 64
@@ -112,8 +120,10 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         IEEE: tl.constexpr,
+        LAUNCH_DEPENDENTS: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
+        # The o projection streams its weights meanwhile.
+        pid_m = tl.program_id(0) + launch_dependents(LAUNCH_DEPENDENTS)
         pid_bh = tl.program_id(1)
         b = pid_bh // num_kv_heads
         kvh = pid_bh % num_kv_heads
@@ -289,8 +299,10 @@ if HAS_TRITON:
         BLOCK_S: tl.constexpr,
         CHUNK: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
+        LAUNCH_DEPENDENTS: tl.constexpr,
     ):
-        pid = tl.program_id(0)  # b * Hq + head
+        # b * Hq + head; the o projection streams its weights meanwhile.
+        pid = tl.program_id(0) + launch_dependents(LAUNCH_DEPENDENTS)
         b = pid // num_heads
         h = pid % num_heads
         kv_len = tl.minimum(tl.load(Positions + b) + 1, T)
@@ -414,6 +426,7 @@ def _attention_single(
         BLOCK_M=block_m,
         BLOCK_N=BLOCK_N,
         IEEE=q.dtype == torch.float32,
+        LAUNCH_DEPENDENTS=dependents_may_launch_early(q.device),
         num_warps=4,
     )
     return out
@@ -484,6 +497,7 @@ def _attention_split(
         BLOCK_S=min(32, next_power_of_2(splits)),
         CHUNK=chunk,
         NUM_SPLITS=splits,
+        LAUNCH_DEPENDENTS=dependents_may_launch_early(q.device),
         num_warps=4,
     )
     return out

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
-from oiv2compile.kernels._triton import HAS_TRITON, next_power_of_2, registering_triton_op, tl, triton
+from oiv2compile.kernels._triton import (
+    HAS_TRITON,
+    dependents_may_launch_early,
+    launch_dependents,
+    next_power_of_2,
+    registering_triton_op,
+    tl,
+    triton,
+)
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
@@ -37,8 +45,11 @@ def gated_act_ref(x: torch.Tensor, activation: str) -> torch.Tensor:
 if HAS_TRITON:
 
     @triton.jit
-    def _gated_act_kernel(X, Out, stride_x, stride_o, width, ACT: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def _gated_act_kernel(
+        X, Out, stride_x, stride_o, width, ACT: tl.constexpr, BLOCK: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr
+    ):
+        # The down projection streams its weights meanwhile.
+        row = (tl.program_id(0) + launch_dependents(LAUNCH_DEPENDENTS)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         valid = cols < width
         gate = tl.load(X + row * stride_x + cols, mask=valid, other=0.0)
@@ -66,7 +77,15 @@ def _gated_act_triton(x: torch.Tensor, activation: str) -> torch.Tensor:
     block = min(1024, next_power_of_2(width))
     grid = (rows.shape[0], triton.cdiv(width, block))
     wrap_triton(_gated_act_kernel)[grid](
-        rows, out, rows.stride(0), out.stride(0), width, ACT=ACTIVATIONS.index(activation), BLOCK=block, num_warps=4
+        rows,
+        out,
+        rows.stride(0),
+        out.stride(0),
+        width,
+        ACT=ACTIVATIONS.index(activation),
+        BLOCK=block,
+        LAUNCH_DEPENDENTS=dependents_may_launch_early(x.device),
+        num_warps=4,
     )
     return out.reshape(*x.shape[:-1], width)
 

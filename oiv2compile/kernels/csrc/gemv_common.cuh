@@ -3,10 +3,33 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cstdint>
 
 namespace oiv2_gemv {
+
+// Programmatic dependent launch (sm_90 and later): the kernels here are launched so that they may start
+// while the previous kernel in the stream still runs (once it lets them: our Triton norm, activation and
+// attention kernels do at their start, kernels/_triton.py). Before a kernel reads what the previous one
+// writes (x), or writes anything, it waits for that grid to end; the weights it may stream before.
+__device__ __forceinline__ void wait_for_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+template <typename... Params, typename... Args>
+cudaError_t launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
 
 // A weight row is read once: a non-allocating load keeps it out of L1, where x stays.
 __device__ __forceinline__ int4 load_stream(const int4* p) {

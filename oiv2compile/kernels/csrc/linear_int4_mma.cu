@@ -420,7 +420,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
       }
     }
   } else {  // a consumer
-    asm volatile("griddepcontrol.wait;" ::: "memory");  // x is the previous kernel's output
+    wait_for_previous_grid();  // x is the previous kernel's output
     const int g = lane >> 2, t = lane & 3;
     const uint4* xp[kTiles];
     x_pointers<T, kTiles>(x, M, K, g, t, xp);
@@ -460,6 +460,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
       }
     }
   }
+  wait_for_previous_grid();  // every thread that writes y (the consumers have waited already)
   __syncthreads();
   for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) {
     const int bl = i / (M * kRows), m = (i / kRows) % M, row = i % kRows;
@@ -553,20 +554,11 @@ void launch_streamed(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   // fewer than the slots, more where a CTA would sum more than kMaxBlocksPerCta blocks.
   const int slots = std::max(1, per_sm) * sms;
   const int ctas = std::max(std::min(blocks, slots), (blocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(ctas);
-  config.blockDim = dim3(32 * (kConsumers + 1));
-  config.dynamicSmemBytes = smem;
-  config.stream = at::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(x.data_ptr()),
-                                    reinterpret_cast<const int4*>(w.data_ptr()),
-                                    reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),
-                                    M, N, K));
+  C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(32 * (kConsumers + 1)), smem,
+                                     at::cuda::getCurrentCUDAStream(), reinterpret_cast<const T*>(x.data_ptr()),
+                                     reinterpret_cast<const int4*>(w.data_ptr()),
+                                     reinterpret_cast<const uint32_t*>(sz.data_ptr()),
+                                     reinterpret_cast<T*>(y.data_ptr()), M, N, K));
 }
 
 template <typename T, int kTiles>

@@ -33,6 +33,9 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
   if (n >= N) return;
   const int lane = threadIdx.x;
   const int8_t* row = w + static_cast<size_t>(n) * K;
+  // The row into L2 while the previous kernel may still run; x only after it has ended.
+  if (lane == 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(row), "r"(K) : "memory");
+  wait_for_previous_grid();
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
@@ -80,10 +83,9 @@ void launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s, at::T
   const int N = w.size(0), K = w.size(1);
   dim3 block(32, kWarps);
   dim3 grid((N + kWarps - 1) / kWarps);
-  gemv_int8_kernel<T, M><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), w.data_ptr<int8_t>(),
-      reinterpret_cast<const T*>(s.data_ptr()), reinterpret_cast<T*>(y.data_ptr()), N, K);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(launch_programmatic(gemv_int8_kernel<T, M>, grid, block, 0, at::cuda::getCurrentCUDAStream(),
+                                     reinterpret_cast<const T*>(x.data_ptr()), w.data_ptr<int8_t>(),
+                                     reinterpret_cast<const T*>(s.data_ptr()), reinterpret_cast<T*>(y.data_ptr()), N, K));
 }
 
 template <typename T>
