@@ -61,7 +61,7 @@ def build(
     device = _build_device(cfg)
     dtype = getattr(torch, cfg.dtype.value)
 
-    # Weights this build loaded itself; their storage is freed when it ends (see _free).
+    # Weights this build loaded or made; their storage is freed when it ends (see _freeing).
     owned: list[torch.Tensor] = []
     with artifact.staging_directory(out, overwrite=overwrite) as staging, _freeing(owned):
         with phases("load model"):
@@ -92,6 +92,7 @@ def build(
                 records = run_passes(programs[program.name].graph_module, cfg, pipeline(cfg), label=program.name)
             if program is not PREFILL:
                 _share_pass_weights(programs[PREFILL.name].graph_module, programs[program.name].graph_module)
+            owned.extend(_made_by_passes(programs[program.name].graph_module, hf))
             check_pass_counts(
                 records, spec, arch, program.name, _linears_to_quantize(hf, cfg), _embeddings_to_quantize(hf, cfg)
             )
@@ -307,6 +308,13 @@ def _program_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _made_by_passes(gm: torch.fx.GraphModule, hf: torch.nn.Module) -> list[torch.Tensor]:
+    """The program's tensors that share no storage with the model's own (fused and quantized weights
+    the passes made): the build frees them when it ends, as it does the weights it loaded."""
+    models = {t.untyped_storage().data_ptr() for t in (*hf.parameters(), *hf.buffers())}
+    return [t for t in _program_weights(gm).values() if t.untyped_storage().data_ptr() not in models]
+
+
 def _share_pass_weights(first: torch.fx.GraphModule, gm: torch.fx.GraphModule) -> None:
     """Point `gm`'s pass-made buffers (fused and quantized weights) at the first program's tensors of
     the same name. The passes make them the same way from the same weights in every program, so one
@@ -355,7 +363,7 @@ def _load_tokenizer(root: Path, manifest: dict[str, Any]) -> Any | None:
 
 @contextlib.contextmanager
 def _freeing(owned: list[torch.Tensor]) -> Iterator[None]:
-    """At the end of a build, free the storage of the weights it loaded. torch.export and
+    """At the end of a build, free the storage of the weights it loaded or made. torch.export and
     AOTInductor keep traced graphs in module-level state (what they keep differs between torch
     versions), and through them the model: without this an 8B build left 16 GB on the GPU. Emptying
     each tensor in place frees its memory whoever still refers to it."""

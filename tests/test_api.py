@@ -170,3 +170,29 @@ def test_programs_share_the_weights_the_passes_make():
     assert second.mlp.gate_up is first.mlp.gate_up and second.mlp.scratch is first.mlp.scratch
     assert "scratch" in second.mlp._non_persistent_buffers_set
     assert second.mlp.other_shape is not first.mlp.other_shape
+
+
+def test_build_frees_the_weights_its_passes_made_and_leaves_the_callers_model(tmp_path, monkeypatch):
+    """torch.export and Inductor may keep a build's graphs alive; the fused weights the passes made
+    are emptied when the build ends, while a model object passed in keeps every weight."""
+    from oiv2compile import api
+
+    made: list[torch.Tensor] = []
+
+    def recording(gm, hf):
+        tensors = _made_by_passes(gm, hf)
+        made.extend(tensors)
+        return tensors
+
+    _made_by_passes = api._made_by_passes
+    monkeypatch.setattr(api, "_made_by_passes", recording)
+    hf = load_model("llama-tiny", dtype=torch.float32, device="cpu", seed=3).model
+    before = {name: p.detach().clone() for name, p in hf.named_parameters()}
+    out = oiv2compile.build(hf, tmp_path / "a", backend="eager", device="cpu", **TINY_BUILD)
+    layers = hf.config.num_hidden_layers
+    # A fused qkv and gate/up weight per layer at least; shared between the two programs.
+    assert len({id(t) for t in made}) >= 2 * layers
+    assert all(t.numel() == 0 for t in made)
+    assert all(torch.equal(p, before[name]) for name, p in hf.named_parameters())
+    got = oiv2compile.load(out).generate(PROMPTS, max_new_tokens=8, stop_token_ids=[])
+    assert [r.token_ids for r in got] == [hf_greedy(hf, p, 8) for p in PROMPTS]

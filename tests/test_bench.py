@@ -349,3 +349,17 @@ def test_table_marks_memory_measured_as_the_gpus_used_memory(first_run):
     ]
     rows = lines[1:]
     assert rows[0].endswith(" (GPU used) |") and not any("GPU used" in line for line in rows[1:])
+
+
+def test_bench_a_build_refused_in_its_own_process_becomes_the_rows_reason(tmp_path):
+    """Builds run in a child process; the user error raised there (llama-tiny's 64 input features are
+    no multiple of the default int4 group, 128) comes back as the row's reason, and the failed build
+    leaves nothing in the cache."""
+    cache = tmp_path / "cache"
+    argv = _tiny_args(cache, "llama-tiny", "--backends", "eager", "--quant", "int4", "--baselines", "")
+    code, _, err = _bench(tmp_path / "out", *argv, "--batch-sizes", "1")
+    assert code == 0, err
+    (row,) = _report(tmp_path / "out")["rows"]
+    assert row["status"] == "unavailable", row
+    assert "not a multiple of the int4 group size 128" in row["reason"], row
+    assert not cache.exists() or not any(cache.iterdir())
