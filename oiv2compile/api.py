@@ -52,10 +52,8 @@ def build(
 
     `overrides` replace fields of `config`, e.g. `build("llama-tiny", "out", max_batch_size=4)`.
     """
-    cfg = (config or BuildConfig()).replace(**overrides)
-    cfg = cfg.resolve(cuda_available=torch.cuda.is_available())
+    cfg = checked_config((config or BuildConfig()).replace(**overrides))
     backend = get_backend(cfg.backend)
-    backend.check(cfg)  # before any work: a missing extra or a refused option fails at once
     out = Path(out)
     phases = _Phases(progress)
     device = _build_device(cfg)
@@ -294,6 +292,14 @@ def _quantization_record(cfg: BuildConfig, gm: torch.fx.GraphModule) -> dict[str
         "linears": len(rewritten) - len(lookups),
         "weights": sorted(n.meta["oiv2"]["quantized"] for n in rewritten if n not in lookups),
     }
+
+
+def checked_config(cfg: BuildConfig) -> BuildConfig:
+    """`cfg` resolved for this machine, once its backend accepts it: a missing extra or a refused
+    option fails here, before any work."""
+    cfg = cfg.resolve(cuda_available=torch.cuda.is_available())
+    get_backend(cfg.backend).check(cfg)
+    return cfg
 
 
 def _program_weights(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:

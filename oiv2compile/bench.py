@@ -508,7 +508,7 @@ def default_cache_dir() -> Path:
 def _prepare_artifact(target: _Target, request: BenchRequest, source: _Source, cfg: BuildConfig) -> None:
     """Point `target` at its artifact: MODEL itself, a matching one in the cache, or a fresh build.
     A build that fails with a user error (an option this backend refuses) makes its rows unavailable."""
-    from oiv2compile.backends import get_backend
+    from oiv2compile.api import checked_config
     from oiv2compile.runtime.artifact import read_manifest
 
     if source.artifact is not None and source.manifest is not None:
@@ -521,8 +521,7 @@ def _prepare_artifact(target: _Target, request: BenchRequest, source: _Source, c
         if not request.rebuild and _reusable(path, config, source.model_id):
             target.build_s, target.reused = sum(read_manifest(path)["phases_s"].values()), True
         else:
-            resolved = config.resolve(cuda_available=torch.cuda.is_available())
-            get_backend(resolved.backend).check(resolved)  # a missing extra fails here, before a process starts
+            checked_config(config)  # a missing extra fails here, before a process starts
             target.build_s, target.reused = _build_in_child_process(source.name, path, config), False
         target.path = path
     except Oiv2Error as exc:
