@@ -33,8 +33,11 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
   if (n >= N) return;
   const int lane = threadIdx.x;
   const int8_t* row = w + static_cast<size_t>(n) * K;
-  // The row into L2 while the previous kernel may still run; x only after it has ended.
-  if (lane == 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(row), "r"(K) : "memory");
+  // Launched as a programmatic dependent: the CTAs are resident when the previous kernel ends, and read
+  // x only after it has. Prefetching the row into L2 before the wait cost more than it hid (H100, 32
+  // llama-8b layers of int8 linears in a CUDA graph: 3062 us per step with it, 2783 without, 2836 with
+  // neither the prefetch nor the early launch; benchmarks/RESULTS.md): the resident CTAs' rows of the
+  // fused gate/up matrix alone outgrow L2.
   wait_for_previous_grid();
   float acc[M];
 #pragma unroll

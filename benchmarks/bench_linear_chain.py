@@ -1,0 +1,162 @@
+"""A decode step's linears and the small kernels between them, without attention, as a CUDA graph.
+
+Per layer, in the order a batch-1 decode step of a Llama-shaped model runs them:
+    add_rms_norm -> qkv -> o -> add_rms_norm -> gate_up -> gated_act -> down
+with every layer's weights its own (32 layers of llama-8b hold 7 GB of int8 weights, far beyond L2).
+The linears are the ops a CUDA artifact calls: bf16 F.linear (cuBLAS), oiv2::linear_int8_gemv, or
+oiv2::linear_int4_mma (group 128). What this isolates from `oiv2compile bench`: the linears' streaming
+and the launch gaps and overlap between them and the Triton kernels around them (programmatic dependent
+launch), without a build. Step time is the median over replays; bandwidth counts the linears' weight
+bytes (and int4 scales and zeros) over the step time, against the copy bandwidth of the same run.
+
+To compare two versions of a kernel, run this once per source tree (each compiles its own library).
+
+    python benchmarks/bench_linear_chain.py --model llama-8b --quant bf16,int8,int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from oiv2compile.bench import copy_bandwidth_gbs
+from oiv2compile.kernels import add_rms_norm, gated_act, linear_int4_mma, linear_int8_gemv  # noqa: F401 (ops)
+from oiv2compile.models import PRESETS
+
+GROUP = 128
+QUANTS = ("bf16", "int8", "int4")
+
+
+def linear_shapes(model: str) -> list[tuple[int, int]]:
+    """(N, K) of one layer's qkv, o, gate_up and down, as the fuse passes make them."""
+    c = PRESETS[model]
+    hidden, heads, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim = c.get("head_dim") or hidden // heads
+    inter = c["intermediate_size"]
+    return [((heads + 2 * kv) * head_dim, hidden), (hidden, heads * head_dim), (2 * inter, hidden), (hidden, inter)]
+
+
+def make_linear(quant: str, n: int, k: int, device: torch.device) -> tuple[Callable, int]:
+    """A call y = x @ W^T with random weights in the op's layout, and the bytes it reads for W."""
+    if quant == "bf16":
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        return (lambda x: F.linear(x, w)), w.numel() * 2
+    if quant == "int8":
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+        s = torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3
+        return (lambda x: torch.ops.oiv2.linear_int8_gemv(x, q, s)), q.numel() + s.numel() * 2
+    levels = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
+    packed = linear_int4_mma.pack(levels)
+    scales = torch.rand(n, k // GROUP, device=device, dtype=torch.bfloat16) * 1e-3
+    zeros = torch.full((n, k // GROUP), 8.0, device=device, dtype=torch.bfloat16)
+    pairs = linear_int4_mma.scale_zero(scales, zeros)
+    return (lambda x: torch.ops.oiv2.linear_int4_mma(x, packed, pairs)), packed.numel() + pairs.numel() * 2
+
+
+def make_step(quant: str, model: str, layers: int, device: torch.device) -> tuple[Callable, int]:
+    """One decode step of `layers` layers (batch 1) and the weight bytes it reads."""
+    shapes = linear_shapes(model)
+    hidden, q_width = shapes[0][1], shapes[1][1]  # o's input: the attention output's width
+    stack = [[make_linear(quant, n, k, device) for n, k in shapes] for _ in range(layers)]
+    norm = torch.ones(hidden, device=device, dtype=torch.bfloat16)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        residual = x
+        for (qkv, _), (o, _), (gate_up, _), (down, _) in stack:
+            h, residual = torch.ops.oiv2.add_rms_norm(x, residual, norm, 1e-5)
+            x = o(qkv(h)[:, :q_width].contiguous())  # attention's output stands in for q
+            h, residual = torch.ops.oiv2.add_rms_norm(x, residual, norm, 1e-5)
+            x = down(torch.ops.oiv2.gated_act(gate_up(h), "silu"))
+        return x
+
+    return step, sum(b for layer in stack for _, b in layer)
+
+
+def step_seconds(step: Callable, x: torch.Tensor, replays: int, repeats: int) -> list[float]:
+    """Seconds per step: CUDA-graph replays on CUDA, plain calls elsewhere."""
+    cuda = x.device.type == "cuda"
+    if cuda:
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(x)
+        run = graph.replay
+    else:
+        run = lambda: step(x)  # noqa: E731
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / replays)
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            for _ in range(replays):
+                run()
+            times.append((time.perf_counter() - t0) / replays)
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-8b", choices=sorted(PRESETS))
+    parser.add_argument("--layers", type=int, default=None, help="default: the model's layer count")
+    parser.add_argument("--quant", default="bf16,int8,int4")
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--label", default="", help="a name for this source tree in the output")
+    args = parser.parse_args()
+    quants = args.quant.split(",")
+    if any(q not in QUANTS for q in quants):
+        print(f"--quant takes a comma-separated list of {', '.join(QUANTS)}.", file=sys.stderr)
+        return 2
+    if "int4" in quants and not all(
+        k % GROUP == 0 and linear_int4_mma.takes(n, k, GROUP) for n, k in linear_shapes(args.model)
+    ):
+        print(f"{args.model}'s linears do not fit int4 groups of {GROUP}; leave int4 out.", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        linear_int8_gemv.load_extension()
+        linear_int4_mma.load_extension()
+    layers = args.layers or PRESETS[args.model]["num_hidden_layers"]
+    copy = copy_bandwidth_gbs(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.model}, {layers} layers, batch 1, on {name}; copy bandwidth {copy:.1f} GB/s {args.label}")
+    print("| linears | step us (min-max) | weight GB | GB/s | share of copy |")
+    print("|---|---:|---:|---:|---:|")
+    x = torch.randn(1, linear_shapes(args.model)[0][1], device=device, dtype=torch.bfloat16)
+    for quant in quants:
+        step, nbytes = make_step(quant, args.model, layers, device)
+        times = step_seconds(step, x, args.replays, args.repeats)
+        median = statistics.median(times)
+        print(
+            f"| {quant} | {median * 1e6:.1f} ({min(times) * 1e6:.1f}-{max(times) * 1e6:.1f}) | {nbytes / 1e9:.2f} "
+            f"| {nbytes / median / 1e9:.0f} | {nbytes / median / 1e9 / copy:.1%} |",
+            flush=True,
+        )
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
