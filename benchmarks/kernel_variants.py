@@ -1,0 +1,110 @@
+"""Variants of a kernel's source, each timed by bench_linear_chain.py in the same run.
+
+Each variant is a copy of the `oiv2compile` package with one or more regular-expression substitutions
+applied to its files; every one must match at least once, or the run stops before anything is timed.
+The unchanged tree runs as `base`. The variants' kernel libraries compile in parallel (each source
+gets its own library name, kernels/_cuda_extension.py), then the chain runs once per variant per
+round, in the order base, A, B, ..., base, A, B, ..., so that a drift of the card spreads over all
+of them. Each chain run is a process of its own: one process can hold one library per op.
+
+    python benchmarks/kernel_variants.py --quant int8 --rounds 2 \\
+        --variant 'no-prefetch=kernels/csrc/linear_int8_gemv.cu:^.*cp\\.async\\.bulk\\.prefetch.*$=>' \\
+        --variant 'unroll8=kernels/csrc/linear_int8_gemv.cu:kUnroll = 4=>kUnroll = 8'
+
+A variant is NAME=FILE:PATTERN=>REPLACEMENT (FILE relative to the package; PATTERN a Python regular
+expression in multi-line mode); repeat --variant with the same NAME to apply several substitutions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "oiv2compile"
+CHAIN = Path(__file__).resolve().parent / "bench_linear_chain.py"
+
+
+def parse_variants(specs: list[str]) -> dict[str, list[tuple[str, str, str]]]:
+    """NAME=FILE:PATTERN=>REPLACEMENT, repeated → {name: [(file, pattern, replacement), ...]}."""
+    variants: dict[str, list[tuple[str, str, str]]] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        path, sep2, rule = rest.partition(":")
+        pattern, sep3, replacement = rule.partition("=>")
+        if not (sep and sep2 and sep3 and name and path and pattern) or name == "base":
+            raise ValueError(f"--variant takes NAME=FILE:PATTERN=>REPLACEMENT (NAME not 'base'), not {spec!r}")
+        variants.setdefault(name, []).append((path, pattern, replacement))
+    return variants
+
+
+def make_tree(root: Path, name: str, rules: list[tuple[str, str, str]]) -> Path:
+    """A copy of the package under root/name with the rules applied; raises if a rule matches nothing."""
+    tree = root / name
+    shutil.copytree(PACKAGE, tree / "oiv2compile", ignore=shutil.ignore_patterns("__pycache__"))
+    for path, pattern, replacement in rules:
+        target = tree / "oiv2compile" / path
+        text, count = re.subn(pattern, replacement, target.read_text(), flags=re.MULTILINE)
+        if count == 0:
+            raise ValueError(f"variant {name}: {pattern!r} matches nothing in {path}")
+        target.write_text(text)
+    return tree
+
+
+def compile_kernels(tree: Path) -> subprocess.CompletedProcess:
+    code = (
+        "from oiv2compile.kernels import linear_int4_mma, linear_int8_gemv; "
+        "print(linear_int8_gemv.load_extension()); print(linear_int4_mma.load_extension())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tree)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", action="append", default=[], help="NAME=FILE:PATTERN=>REPLACEMENT")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--model", default="llama-8b")
+    parser.add_argument("--quant", default="int8,int4")
+    parser.add_argument("--keep", type=Path, default=None, help="build the trees here and keep them")
+    args = parser.parse_args()
+    try:
+        variants = {"base": [], **parse_variants(args.variant)}
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    root = args.keep or Path(tempfile.mkdtemp(prefix="oiv2-variants-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        trees = {name: make_tree(root, name, rules) for name, rules in variants.items()}
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    import torch
+
+    cuda = torch.cuda.is_available()  # elsewhere the ops run their references: nothing to compile
+    with ThreadPoolExecutor(max_workers=len(trees)) as pool:
+        built = dict(zip(trees, pool.map(compile_kernels, trees.values()), strict=True)) if cuda else {}
+    for name, result in built.items():
+        if result.returncode != 0:
+            print(f"variant {name} did not compile:\n{result.stderr[-3000:]}", file=sys.stderr)
+            return 1
+    chain = [sys.executable, str(CHAIN), "--model", args.model, "--quant", args.quant]
+    for round_ in range(1, args.rounds + 1):
+        for name, tree in trees.items():
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            print(f"\n## {name}, round {round_}", flush=True)
+            subprocess.run([*chain, "--label", f"({name}, round {round_})"], env=env, check=True, cwd=tree)
+    if args.keep is None:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
