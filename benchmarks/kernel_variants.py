@@ -69,6 +69,12 @@ def compile_kernels(tree: Path) -> subprocess.CompletedProcess:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", default=[], help="NAME=FILE:PATTERN=>REPLACEMENT")
+    parser.add_argument(
+        "--variant-args",
+        action="append",
+        default=[],
+        help="NAME=ARGS: extra bench_linear_chain.py arguments of a variant",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default="llama-8b")
     parser.add_argument("--quant", default="int8,int4")
@@ -78,6 +84,10 @@ def main() -> int:
         variants = {"base": [], **parse_variants(args.variant)}
     except ValueError as exc:
         print(exc, file=sys.stderr)
+        return 2
+    extra = dict(spec.split("=", 1) for spec in args.variant_args)
+    if any(name not in variants for name in extra):
+        print(f"--variant-args names a variant not given: {sorted(set(extra) - set(variants))}", file=sys.stderr)
         return 2
     root = args.keep or Path(tempfile.mkdtemp(prefix="oiv2-variants-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -100,7 +110,8 @@ def main() -> int:
         for name, tree in trees.items():
             env = {**os.environ, "PYTHONPATH": str(tree)}
             print(f"\n## {name}, round {round_}", flush=True)
-            subprocess.run([*chain, "--label", f"({name}, round {round_})"], env=env, check=True, cwd=tree)
+            label = ["--label", f"({name}, round {round_})"]
+            subprocess.run([*chain, *label, *extra.get(name, "").split()], env=env, check=True, cwd=tree)
     if args.keep is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0
