@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -77,16 +78,7 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
     return step, sum(b for layer in stack for _, b in layer)
 
 
-# The Triton kernels between the linears, for --programmatic-edges: they must execute
-# griddepcontrol.wait before they touch memory, which the kernels on main do not (their
-# `_triton.launch_dependents` only lets the next kernel start); kernel_variants.py makes a tree where
-# they do.
-WAITING_KERNELS = ("_add_rms_norm_kernel", "_gated_act_kernel")
-
-
-def step_seconds(
-    step: Callable, x: torch.Tensor, replays: int, repeats: int, programmatic_edges: bool = False
-) -> list[float]:
+def step_seconds(step: Callable, x: torch.Tensor, replays: int, repeats: int) -> list[float]:
     """Seconds per step: CUDA-graph replays on CUDA, plain calls elsewhere."""
     cuda = x.device.type == "cuda"
     if cuda:
@@ -95,15 +87,9 @@ def step_seconds(
             for _ in range(3):
                 step(x)
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph(keep_graph=programmatic_edges)
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step(x)
-        if programmatic_edges:
-            from programmatic_edges import make_edges_programmatic
-
-            made, total = make_edges_programmatic(graph.raw_cuda_graph(), WAITING_KERNELS)
-            print(f"programmatic edges: {made} of {total}", flush=True)
-            graph.instantiate()
         run = graph.replay
     else:
         run = lambda: step(x)  # noqa: E731
@@ -120,8 +106,6 @@ def step_seconds(
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3 / replays)
         else:
-            import time
-
             t0 = time.perf_counter()
             for _ in range(replays):
                 run()
@@ -137,11 +121,6 @@ def main() -> int:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--label", default="", help="a name for this source tree in the output")
-    parser.add_argument(
-        "--programmatic-edges",
-        action="store_true",
-        help="make the graph's edges into the Triton kernels programmatic (only with kernels that wait: see WAITING_KERNELS)",
-    )
     args = parser.parse_args()
     quants = args.quant.split(",")
     if any(q not in QUANTS for q in quants):
@@ -165,7 +144,7 @@ def main() -> int:
     x = torch.randn(1, linear_shapes(args.model)[0][1], device=device, dtype=torch.bfloat16)
     for quant in quants:
         step, nbytes = make_step(quant, args.model, layers, device)
-        times = step_seconds(step, x, args.replays, args.repeats, args.programmatic_edges)
+        times = step_seconds(step, x, args.replays, args.repeats)
         median = statistics.median(times)
         print(
             f"| {quant} | {median * 1e6:.1f} ({min(times) * 1e6:.1f}-{max(times) * 1e6:.1f}) | {nbytes / 1e9:.2f} "

@@ -27,6 +27,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 PACKAGE = Path(__file__).resolve().parent.parent / "oiv2compile"
 CHAIN = Path(__file__).resolve().parent / "bench_linear_chain.py"
 
@@ -96,8 +98,6 @@ def main() -> int:
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
-    import torch
-
     cuda = torch.cuda.is_available()  # elsewhere the ops run their references: nothing to compile
     with ThreadPoolExecutor(max_workers=len(trees)) as pool:
         built = dict(zip(trees, pool.map(compile_kernels, trees.values()), strict=True)) if cuda else {}
