@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the rotary embedding of q and k apart from the cache writes",
     )
+    build.add_argument(
+        "--no-fuse-norm-into-linear",
+        action="store_true",
+        help="int8 on CUDA: keep each RMSNorm's weight and kernel apart from the decode product after it",
+    )
     build.add_argument("--force", action="store_true", help="replace OUT if it exists")
     build.set_defaults(func=_build)
 
@@ -190,7 +195,9 @@ def _build(args: argparse.Namespace) -> int:
     if args.no_cuda_graphs:
         overrides["cuda_graphs"] = {"enable_capture": False}
     fusion = {
-        f"enable_{name}": False for name in ("qkv", "ffn", "norms", "rope_kv_write") if getattr(args, f"no_fuse_{name}")
+        f"enable_{name}": False
+        for name in ("qkv", "ffn", "norms", "rope_kv_write", "norm_into_linear")
+        if getattr(args, f"no_fuse_{name}")
     }
     if fusion:
         overrides["fusion"] = fusion

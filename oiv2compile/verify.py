@@ -163,6 +163,9 @@ def _dequantized_hf_weights(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator
         assert tensors is not None, f"{node.name}: the quantized layout is not stored in the program"
         dequantize = dequantize_int8 if int8 else dequantize_mma if mma else dequantize_int4
         weight = dequantize(*tensors)
+        folded = facts.get("folded_norm")
+        if folded is not None:  # fold_norm_weights moved the RMSNorm's weight into these columns
+            weight = (weight.float() / folded.to(weight.device).float()).to(weight.dtype)
         # A fused weight (fuse_qkv, fuse_ffn) stands for several HF linears: each gets its rows.
         parts = facts.get("parts") or [(facts["storage"], weight.shape[0])]
         reader: type = torch.nn.Embedding if facts.get("lookup") else torch.nn.Linear

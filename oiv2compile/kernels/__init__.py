@@ -4,6 +4,7 @@ Importing this package registers every op; artifacts that call them need it impo
 """
 
 from oiv2compile.kernels.add_rms_norm import add_rms_norm, add_rms_norm_ref
+from oiv2compile.kernels.add_rms_norm_linear_int8_gemv import add_rms_norm_linear_int8_gemv_ref
 from oiv2compile.kernels.attention import attention, attention_ref
 from oiv2compile.kernels.embedding_int4 import embedding_int4, embedding_int4_ref
 from oiv2compile.kernels.embedding_int8 import embedding_int8, embedding_int8_ref
@@ -17,6 +18,7 @@ from oiv2compile.kernels.rope_kv_write import rope_kv_write, rope_kv_write_ref
 
 __all__ = [
     "add_rms_norm",
+    "add_rms_norm_linear_int8_gemv_ref",
     "add_rms_norm_ref",
     "attention",
     "attention_ref",

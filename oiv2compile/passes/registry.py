@@ -10,7 +10,10 @@ from collections.abc import Callable
 from torch.fx import GraphModule
 
 from oiv2compile.config import Backend, BuildConfig, Device, Quantization
+from oiv2compile.passes.fold_norm_weights import applies as fold_norm_applies
+from oiv2compile.passes.fold_norm_weights import fold_norm_weights
 from oiv2compile.passes.fuse_ffn import fuse_ffn
+from oiv2compile.passes.fuse_norm_into_gemv import fuse_norm_into_gemv
 from oiv2compile.passes.fuse_norms import fuse_norms
 from oiv2compile.passes.fuse_qkv import fuse_qkv
 from oiv2compile.passes.fuse_rope_kv_write import fuse_rope_kv_write
@@ -29,9 +32,11 @@ PASSES: dict[str, Pass] = {
     "fuse_rope_kv_write": fuse_rope_kv_write,
     "fuse_ffn": fuse_ffn,
     "fuse_norms": fuse_norms,
+    "fold_norm_weights": fold_norm_weights,
     "quantize_weights": quantize_weights,
     "quantize_embedding": quantize_embedding,
     "use_cuda_kernels": use_cuda_kernels,
+    "fuse_norm_into_gemv": fuse_norm_into_gemv,
 }
 
 
@@ -53,9 +58,14 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
     if cfg.fusion.enable_norms:
         passes.append(fuse_norms)
     if cfg.quantization is not Quantization.NONE:
+        fold = cfg.fusion.enable_norms and fold_norm_applies(cfg)
+        if fold:  # before quantization, which then quantizes the folded weights
+            passes.append(fold_norm_weights)
         passes.append(quantize_weights)
         if cfg.quant.include_embedding:  # after the head, whose quantized tensors a tied table reuses
             passes.append(quantize_embedding)
         if cfg.quant.enable_cuda_kernels and cfg.device is Device.CUDA and cfg.backend is Backend.INDUCTOR:
             passes.append(use_cuda_kernels)
+            if fold:  # reads the products use_cuda_kernels made
+                passes.append(fuse_norm_into_gemv)
     return passes

@@ -51,7 +51,9 @@ def _quantized(program, quant: str, dtype: torch.dtype = torch.bfloat16):  # typ
 
 def _cuda_cfg(quant: str) -> BuildConfig:
     return BuildConfig(device=Device.CUDA, backend=Backend.INDUCTOR).replace(
-        quantization=quant, quant={"group_size": 32}, fusion={"enable_qkv": False, "enable_ffn": False}
+        quantization=quant,
+        quant={"group_size": 32},
+        fusion={"enable_qkv": False, "enable_ffn": False, "enable_norms": False},
     )
 
 
@@ -162,7 +164,8 @@ def test_a_library_that_does_not_compile_leaves_the_triton_op(monkeypatch, caplo
 
 def test_the_pipeline_runs_it_last_on_cuda_inductor_builds_only():
     cuda = _cuda_cfg("int8")
-    assert pipeline(cuda)[-1] is gemv_pass.use_cuda_kernels
+    assert pipeline(cuda)[-1] is gemv_pass.use_cuda_kernels  # this config fuses no norms
+    assert pipeline(_cuda_cfg("int4").replace(fusion={"enable_norms": True}))[-1] is gemv_pass.use_cuda_kernels
     assert gemv_pass.use_cuda_kernels not in pipeline(cuda.replace(quant={"enable_cuda_kernels": False}))
     assert gemv_pass.use_cuda_kernels not in pipeline(cuda.replace(device=Device.CPU))
 

@@ -1,0 +1,185 @@
+"""fold_norm_weights and fuse_norm_into_gemv: on an int8 CUDA build each fused add + RMSNorm before a
+quantized linear hands its weight to that linear, and in the batch-1 decode program the add and norm
+run inside the int8 GEMV; the program computes what it did with the norm apart. Here on the CPU, where
+the C++ ops run their references and the library stands as a path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from oiv2compile.capture import DECODE_B1, PREFILL, CacheSpec, capture
+from oiv2compile.config import Backend, BuildConfig, Device
+from oiv2compile.models import load_model
+from oiv2compile.passes import use_cuda_kernels as gemv_pass
+from oiv2compile.passes.fold_norm_weights import fold_norm_weights
+from oiv2compile.passes.fuse_norm_into_gemv import fuse_norm_into_gemv
+from oiv2compile.passes.manager import cleanup
+from oiv2compile.passes.quantize_weights import quantize_weights
+from oiv2compile.passes.registry import pipeline
+from tests.passes.helpers import count, snapshot
+
+NORM = torch.ops.oiv2.add_rms_norm.default
+GEMV8 = torch.ops.oiv2.linear_int8_gemv.default
+FUSED = torch.ops.oiv2.add_rms_norm_linear_int8_gemv.default
+LAYERS = 2  # llama-tiny
+# Each layer's post-attention norm and each later layer's input norm and the final norm (fuse_norms).
+NORMS = 2 * LAYERS
+# The final norm reaches the head through a slice (the last position): it keeps its weight.
+FOLDED = NORMS - 1
+# Readers of the folded norms with the projections unfused: gate and up, or q, k and v.
+READERS = LAYERS * 2 + (LAYERS - 1) * 3
+
+
+@pytest.fixture
+def library(monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = Path("/x/oiv2_linear_int8_gemv_0.so")
+    monkeypatch.setattr(gemv_pass, "_LIBRARIES", {"oiv2compile.kernels.linear_int8_gemv": path})
+    return path
+
+
+def _cfg(**fusion: bool) -> BuildConfig:
+    return BuildConfig(device=Device.CUDA, backend=Backend.INDUCTOR).replace(quantization="int8", fusion=fusion)
+
+
+UNFUSED = {"enable_qkv": False, "enable_ffn": False}
+
+
+def _captured(program, fused_projections: bool = True):  # type: ignore[no-untyped-def]
+    """llama-tiny in bf16 with random norm weights, its projections fused as the pipeline fuses them
+    (or not), and its norms fused."""
+    hf = load_model("llama-tiny", dtype=torch.bfloat16, device="cpu", seed=0).model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    for name, param in hf.named_parameters():
+        if "norm" in name:
+            param.data = (1 + 0.5 * torch.randn(param.shape, generator=gen)).to(param.dtype)
+    spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=torch.bfloat16)
+    gm = capture(hf, spec, program).graph_module
+    cfg = _cfg() if fused_projections else _cfg(**UNFUSED)
+    for p in pipeline(cfg):
+        if p is fold_norm_weights:
+            break
+        p(gm, cfg)
+        cleanup(gm)
+    assert count(gm, NORM) == NORMS
+    return gm, spec
+
+
+def _run(gm, spec):  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(0)
+    caches = [torch.randn(spec.shape(), generator=gen).to(spec.torch_dtype) for _ in range(2 * spec.num_layers)]
+    args = torch.tensor([[17]]), torch.tensor([5]), torch.tensor([2]), torch.tensor([0])
+    return gm(*args, caches), caches
+
+
+def _norm_weights(gm) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    return [
+        getattr(gm.get_submodule(str(n.args[2].target).rpartition(".")[0]), str(n.args[2].target).rpartition(".")[2])
+        for n in gm.graph.find_nodes(op="call_function", target=NORM)
+    ]
+
+
+def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
+
+
+def test_the_norm_weights_fold_into_the_linears_and_the_program_computes_the_same():
+    gm, spec = _captured(DECODE_B1, fused_projections=False)
+    before = snapshot(gm)
+    weights = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
+
+    assert fold_norm_weights(gm, _cfg(**UNFUSED)) == FOLDED
+    cleanup(gm)
+
+    assert sum(bool((w == 1).all()) for w in _norm_weights(gm)) == FOLDED
+    folded = [n for n in gm.graph.nodes if "folded_norm" in n.meta.get("oiv2", {})]
+    assert len(folded) == READERS
+    names = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
+    assert sum(name.endswith("_norm_folded") for name in names) == READERS
+    assert len(weights - names) == READERS + FOLDED  # the unfolded weights and norm weights are gone
+    (want, _), (got, _) = _run(before, spec), _run(gm, spec)
+    # bf16: W * g is rounded once more than the model rounds.
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_the_decode_programs_norms_run_in_the_int8_gemv(library):
+    gm, spec = _captured(DECODE_B1)
+    cfg = _cfg()
+    float_logits, _ = _run(snapshot(gm), spec)
+    for p in (fold_norm_weights, quantize_weights, gemv_pass.use_cuda_kernels):
+        p(gm, cfg)
+        cleanup(gm)
+    before = snapshot(gm)
+    gemvs = 4 * LAYERS + 1  # qkv, o, gate/up, down, the head
+    assert count(gm, NORM) == NORMS and count(gm, GEMV8) == gemvs
+
+    assert fuse_norm_into_gemv(gm, cfg) == FOLDED  # the qkv and gate/up products that read a norm
+    cleanup(gm)
+    assert count(gm, NORM) == NORMS - FOLDED and count(gm, FUSED) == FOLDED and count(gm, GEMV8) == gemvs - FOLDED
+    for fused in gm.graph.find_nodes(op="call_function", target=FUSED):
+        assert fused.meta["oiv2"]["library"] == library.name and "folded_norm" in fused.meta["oiv2"]
+    assert gemv_pass.libraries(gm) == [library]
+    (want, want_caches), (got, got_caches) = _run(before, spec), _run(gm, spec)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16, the norm's scalar applied later
+    for a, b in zip(got_caches, want_caches, strict=True):  # k and v come from the fused qkv product
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    assert _sqnr_db(float_logits, got) >= 25  # int8 against the float program, logits of a random model
+
+
+def test_a_model_as_initialized_needs_no_fold(library):
+    """HF initializes norm weights to ones: nothing to fold, every norm before a product to fuse."""
+    hf = load_model("llama-tiny", dtype=torch.bfloat16, device="cpu", seed=0).model.requires_grad_(False)
+    spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=torch.bfloat16)
+    gm = capture(hf, spec, DECODE_B1).graph_module
+    cfg = BuildConfig(device=Device.CUDA, backend=Backend.INDUCTOR).replace(quantization="int8")
+    before = snapshot(gm)
+    passes = pipeline(cfg)
+    assert passes[-1] is fuse_norm_into_gemv and fold_norm_weights in passes
+    counts = {}
+    for p in passes:
+        counts[p.__name__] = p(gm, cfg)
+        cleanup(gm)
+    assert counts["fold_norm_weights"] == 0 and counts["fuse_norm_into_gemv"] == FOLDED
+    assert count(gm, NORM) == NORMS - FOLDED and count(gm, FUSED) == FOLDED
+    (want, _), (got, _) = _run(before, spec), _run(gm, spec)
+    assert _sqnr_db(want, got) >= 25
+
+
+def test_prefill_keeps_its_norms_and_reads_the_same_folded_weights(library):
+    gm, _ = _captured(PREFILL)
+    cfg = _cfg()
+    for p in (fold_norm_weights, quantize_weights, gemv_pass.use_cuda_kernels):
+        p(gm, cfg)
+        cleanup(gm)
+    assert fuse_norm_into_gemv(gm, cfg) == 0  # no one-row products
+    assert count(gm, NORM) == NORMS
+    assert sum(str(n.target).endswith("_norm_folded_int8") for n in gm.graph.find_nodes(op="get_attr")) == FOLDED
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"device": Device.CPU}, {"quantization": "int4"}, {"quant": {"enable_cuda_kernels": False}}],
+    ids=["cpu", "int4", "no-cuda-kernels"],
+)
+def test_not_where_no_fused_kernel_would_run(change, library):
+    gm, _ = _captured(DECODE_B1)
+    cfg = _cfg().replace(**change)
+    assert fold_norm_weights(gm, cfg) == 0 and fuse_norm_into_gemv(gm, cfg) == 0
+    assert fold_norm_weights not in pipeline(cfg) and fuse_norm_into_gemv not in pipeline(cfg)
+    assert fold_norm_weights not in pipeline(_cfg(enable_norm_into_linear=False))
+    assert fold_norm_weights(gm, _cfg(enable_norm_into_linear=False)) == 0
+
+
+def test_a_weight_read_twice_stays_unfolded():
+    """A linear's weight that something else reads too (a tied table, say) keeps its values."""
+    gm, _ = _captured(DECODE_B1)
+    norm = gm.graph.find_nodes(op="call_function", target=NORM)[0]
+    (linear,) = next(u for u in norm.users if u.args[1] == 0).users
+    with gm.graph.inserting_after(linear):  # a second reader of the same attribute
+        extra = gm.graph.get_attr(str(linear.args[1].target))
+    with gm.graph.inserting_after(extra):
+        gm.graph.call_function(torch.ops.aten.sum.default, (extra,))
+    assert fold_norm_weights(gm, _cfg()) == FOLDED - 1
