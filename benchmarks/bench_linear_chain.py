@@ -30,7 +30,8 @@ from oiv2compile.kernels import add_rms_norm, gated_act, linear_int4_mma, linear
 from oiv2compile.models import PRESETS
 
 GROUP = 128
-QUANTS = ("bf16", "int8", "int4")
+# int8-norm: int8 with each add + RMSNorm inside the GEMV after it (oiv2::add_rms_norm_linear_int8_gemv).
+QUANTS = ("bf16", "int8", "int8-norm", "int4")
 
 
 def linear_shapes(model: str) -> list[tuple[int, int]]:
@@ -47,7 +48,7 @@ def make_linear(quant: str, n: int, k: int, device: torch.device) -> tuple[Calla
     if quant == "bf16":
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         return (lambda x: F.linear(x, w)), w.numel() * 2
-    if quant == "int8":
+    if quant in ("int8", "int8-norm"):
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
         s = torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3
         return (lambda x: torch.ops.oiv2.linear_int8_gemv(x, q, s)), q.numel() + s.numel() * 2
@@ -65,6 +66,8 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
     hidden, q_width = shapes[0][1], shapes[1][1]  # o's input: the attention output's width
     stack = [[make_linear(quant, n, k, device) for n, k in shapes] for _ in range(layers)]
     norm = torch.ones(hidden, device=device, dtype=torch.bfloat16)
+    if quant == "int8-norm":
+        return _fused_norm_step(stack, layers, device, shapes, q_width)
 
     def step(x: torch.Tensor) -> torch.Tensor:
         residual = x
@@ -73,6 +76,32 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
             x = o(qkv(h)[:, :q_width].contiguous())  # attention's output stands in for q
             h, residual = torch.ops.oiv2.add_rms_norm(x, residual, norm, 1e-5)
             x = down(torch.ops.oiv2.gated_act(gate_up(h), "silu"))
+        return x
+
+    return step, sum(b for layer in stack for _, b in layer)
+
+
+def _fused_norm_step(stack, layers, device, shapes, q_width):  # type: ignore[no-untyped-def]
+    """The int8 step with each add + RMSNorm run inside the qkv and gate/up GEMVs."""
+    weights = []
+    for _ in range(layers):
+        qkv, gate_up = (
+            (
+                torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device),
+                torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3,
+            )
+            for n, k in (shapes[0], shapes[2])
+        )
+        weights.append((qkv, gate_up))
+    fused = torch.ops.oiv2.add_rms_norm_linear_int8_gemv
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        residual = x
+        for (_, (o, _), _, (down, _)), ((qq, qs), (gq, gs)) in zip(stack, weights, strict=True):
+            y, residual = fused(x, residual, qq, qs, 1e-5)
+            x = o(y[:, :q_width].contiguous())
+            y, residual = fused(x, residual, gq, gs, 1e-5)
+            x = down(torch.ops.oiv2.gated_act(y, "silu"))
         return x
 
     return step, sum(b for layer in stack for _, b in layer)
