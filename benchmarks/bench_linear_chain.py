@@ -30,7 +30,7 @@ from oiv2compile.kernels import add_rms_norm, gated_act, linear_int4_mma, linear
 from oiv2compile.models import PRESETS
 
 GROUP = 128
-# int8-norm: int8 with each add + RMSNorm inside the GEMV after it (oiv2::add_rms_norm_linear_int8_gemv).
+# int8-norm: int8 with each residual add and RMSNorm inside the GEMVs around it (fuse_norm_into_gemv).
 QUANTS = ("bf16", "int8", "int8-norm", "int4")
 
 
@@ -48,7 +48,7 @@ def make_linear(quant: str, n: int, k: int, device: torch.device) -> tuple[Calla
     if quant == "bf16":
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         return (lambda x: F.linear(x, w)), w.numel() * 2
-    if quant in ("int8", "int8-norm"):
+    if quant == "int8":
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
         s = torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3
         return (lambda x: torch.ops.oiv2.linear_int8_gemv(x, q, s)), q.numel() + s.numel() * 2
@@ -64,10 +64,10 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
     """One decode step of `layers` layers (batch 1) and the weight bytes it reads."""
     shapes = linear_shapes(model)
     hidden, q_width = shapes[0][1], shapes[1][1]  # o's input: the attention output's width
+    if quant == "int8-norm":
+        return _fused_norm_step(layers, device, shapes, q_width)
     stack = [[make_linear(quant, n, k, device) for n, k in shapes] for _ in range(layers)]
     norm = torch.ones(hidden, device=device, dtype=torch.bfloat16)
-    if quant == "int8-norm":
-        return _fused_norm_step(stack, layers, device, shapes, q_width)
 
     def step(x: torch.Tensor) -> torch.Tensor:
         residual = x
@@ -81,30 +81,30 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
     return step, sum(b for layer in stack for _, b in layer)
 
 
-def _fused_norm_step(stack, layers, device, shapes, q_width):  # type: ignore[no-untyped-def]
-    """The int8 step with each add + RMSNorm run inside the qkv and gate/up GEMVs."""
-    weights = []
-    for _ in range(layers):
-        qkv, gate_up = (
+def _fused_norm_step(layers: int, device: torch.device, shapes: list[tuple[int, int]], q_width: int):  # type: ignore[no-untyped-def]
+    """The int8 step with each residual add in the o and down GEMVs and each RMSNorm in the qkv and
+    gate/up GEMVs after them (oiv2::linear_int8_gemv_add, oiv2::rms_norm_linear_int8_gemv)."""
+    stack = [
+        [
             (
                 torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device),
                 torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3,
             )
-            for n, k in (shapes[0], shapes[2])
-        )
-        weights.append((qkv, gate_up))
-    fused = torch.ops.oiv2.add_rms_norm_linear_int8_gemv
+            for n, k in shapes
+        ]
+        for _ in range(layers)
+    ]
+    gemv_add, norm_gemv = torch.ops.oiv2.linear_int8_gemv_add, torch.ops.oiv2.rms_norm_linear_int8_gemv
 
     def step(x: torch.Tensor) -> torch.Tensor:
-        residual = x
-        for (_, (o, _), _, (down, _)), ((qq, qs), (gq, gs)) in zip(stack, weights, strict=True):
-            y, residual = fused(x, residual, qq, qs, 1e-5)
-            x = o(y[:, :q_width].contiguous())
-            y, residual = fused(x, residual, gq, gs, 1e-5)
-            x = down(torch.ops.oiv2.gated_act(y, "silu"))
-        return x
+        h = x  # the residual stream
+        for qkv, o, gate_up, down in stack:
+            y = norm_gemv(h, *qkv, 1e-5)
+            h = gemv_add(y[:, :q_width].contiguous(), *o, h)  # attention's output stands in for q
+            h = gemv_add(torch.ops.oiv2.gated_act(norm_gemv(h, *gate_up, 1e-5), "silu"), *down, h)
+        return h
 
-    return step, sum(b for layer in stack for _, b in layer)
+    return step, sum(q.numel() + s.numel() * 2 for layer in stack for q, s in layer)
 
 
 def step_seconds(step: Callable, x: torch.Tensor, replays: int, repeats: int) -> list[float]:

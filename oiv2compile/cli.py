@@ -76,9 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the rotary embedding of q and k apart from the cache writes",
     )
     build.add_argument(
-        "--no-fuse-norm-into-linear",
+        "--fuse-norm-into-linear",
         action="store_true",
-        help="int8 on CUDA: keep each RMSNorm's weight and kernel apart from the decode product after it",
+        help="int8 on CUDA: run each residual add and RMSNorm inside the decode products around it (experimental)",
     )
     build.add_argument("--force", action="store_true", help="replace OUT if it exists")
     build.set_defaults(func=_build)
@@ -195,10 +195,10 @@ def _build(args: argparse.Namespace) -> int:
     if args.no_cuda_graphs:
         overrides["cuda_graphs"] = {"enable_capture": False}
     fusion = {
-        f"enable_{name}": False
-        for name in ("qkv", "ffn", "norms", "rope_kv_write", "norm_into_linear")
-        if getattr(args, f"no_fuse_{name}")
+        f"enable_{name}": False for name in ("qkv", "ffn", "norms", "rope_kv_write") if getattr(args, f"no_fuse_{name}")
     }
+    if args.fuse_norm_into_linear:
+        fusion["enable_norm_into_linear"] = True
     if fusion:
         overrides["fusion"] = fusion
     print(f"building {args.model} -> {args.out}", file=sys.stderr)

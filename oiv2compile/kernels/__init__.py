@@ -4,7 +4,6 @@ Importing this package registers every op; artifacts that call them need it impo
 """
 
 from oiv2compile.kernels.add_rms_norm import add_rms_norm, add_rms_norm_ref
-from oiv2compile.kernels.add_rms_norm_linear_int8_gemv import add_rms_norm_linear_int8_gemv_ref
 from oiv2compile.kernels.attention import attention, attention_ref
 from oiv2compile.kernels.embedding_int4 import embedding_int4, embedding_int4_ref
 from oiv2compile.kernels.embedding_int8 import embedding_int8, embedding_int8_ref
@@ -14,11 +13,12 @@ from oiv2compile.kernels.linear_int4 import linear_int4, linear_int4_ref
 from oiv2compile.kernels.linear_int4_mma import linear_int4_mma_ref
 from oiv2compile.kernels.linear_int8 import linear_int8, linear_int8_ref
 from oiv2compile.kernels.linear_int8_gemv import linear_int8_gemv_ref
+from oiv2compile.kernels.linear_int8_gemv_add import linear_int8_gemv_add_ref
+from oiv2compile.kernels.rms_norm_linear_int8_gemv import rms_norm_linear_int8_gemv_ref
 from oiv2compile.kernels.rope_kv_write import rope_kv_write, rope_kv_write_ref
 
 __all__ = [
     "add_rms_norm",
-    "add_rms_norm_linear_int8_gemv_ref",
     "add_rms_norm_ref",
     "attention",
     "attention_ref",
@@ -34,8 +34,10 @@ __all__ = [
     "linear_int4_mma_ref",
     "linear_int4_ref",
     "linear_int8",
+    "linear_int8_gemv_add_ref",
     "linear_int8_gemv_ref",
     "linear_int8_ref",
+    "rms_norm_linear_int8_gemv_ref",
     "rope_kv_write",
     "rope_kv_write_ref",
 ]

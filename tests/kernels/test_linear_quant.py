@@ -237,66 +237,71 @@ def test_int8_gemv_cuda_kernel(rows, dtype):
 
 
 def _norm_gemv_case(rows: int, n: int, k: int, dtype: torch.dtype, device: str, seed: int):
-    """x, residual, the norm weight g, and the int8 layout of W * diag(g) for the fused op."""
+    """x, the norm weight g, and the int8 layout of W * diag(g), for oiv2::rms_norm_linear_int8_gemv."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, k, generator=gen).to(device, dtype)
-    residual = (torch.randn(rows, k, generator=gen) * 3).to(device, dtype)
+    x = (torch.randn(rows, k, generator=gen) * 3).to(device, dtype)
     g = (1 + 0.3 * torch.randn(k, generator=gen)).to(device, dtype)
-    w = _weight(n, k, seed).to(device)
-    q, scales = quantize_int8(w.float() * g.float(), dtype)
-    return x, residual, g, q, scales
+    q, scales = quantize_int8(_weight(n, k, seed).to(device).float() * g.float(), dtype)
+    return x, g, q, scales
 
 
-def _norm_then_linear(x, residual, g, q, scales, eps):  # type: ignore[no-untyped-def]
-    """The unfused oracle in float64: add_rms_norm's own reference with a unit weight (g is in the
-    folded int8 weight), then the product with that weight's dequantized values."""
-    from oiv2compile.kernels.add_rms_norm import add_rms_norm_ref
-
-    ones = torch.ones_like(g)
-    normed, hidden = add_rms_norm_ref(x.double(), residual.double(), ones.double(), eps)
-    return F.linear(normed, dequantize_int8(q, scales).double()), hidden
+def _norm_then_linear(x, q, scales, eps):  # type: ignore[no-untyped-def]
+    """The unfused oracle in float64: RMSNorm with a unit weight (g is in the folded int8 weight),
+    then the product with that weight's dequantized values."""
+    h = x.double()
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return F.linear(normed, dequantize_int8(q, scales).double())
 
 
-def test_add_rms_norm_int8_gemv_reference_and_fake():
-    from oiv2compile.kernels.add_rms_norm_linear_int8_gemv import add_rms_norm_linear_int8_gemv_ref
+def test_rms_norm_int8_gemv_reference_and_fake():
+    from oiv2compile.kernels.rms_norm_linear_int8_gemv import rms_norm_linear_int8_gemv_ref
 
-    x, residual, g, q, scales = _norm_gemv_case(3, 40, 64, torch.float32, "cpu", 6)
-    torch.library.opcheck(torch.ops.oiv2.add_rms_norm_linear_int8_gemv.default, (x, residual, q, scales, 1e-5))
-    out, hidden = add_rms_norm_linear_int8_gemv_ref(x, residual, q, scales, 1e-5)
-    expected, expected_hidden = _norm_then_linear(x, residual, g, q, scales, 1e-5)
-    assert out.shape == (3, 40) and hidden.shape == (3, 64)
-    torch.testing.assert_close(hidden, expected_hidden.float())
+    x, _g, q, scales = _norm_gemv_case(3, 40, 64, torch.float32, "cpu", 6)
+    torch.library.opcheck(torch.ops.oiv2.rms_norm_linear_int8_gemv.default, (x, q, scales, 1e-5))
+    out = rms_norm_linear_int8_gemv_ref(x, q, scales, 1e-5)
+    expected = _norm_then_linear(x, q, scales, 1e-5)
+    assert out.shape == (3, 40)
     assert (out.double() - expected).norm() / expected.norm() < 1e-6
 
 
-def test_add_rms_norm_int8_gemv_matches_the_norm_before_the_unfolded_weight():
+def test_rms_norm_int8_gemv_matches_the_norm_before_the_unfolded_weight():
     """Folding g into W and the norm's scalar past the product change only rounding: against the
     float linear of the model's own normalized activations, int8's error stays above 40 dB."""
-    from oiv2compile.kernels.add_rms_norm import add_rms_norm_ref
+    x, g, q, scales = _norm_gemv_case(2, 96, 256, torch.float32, "cpu", 7)
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    out = torch.ops.oiv2.rms_norm_linear_int8_gemv(x, q, scales, 1e-6)
+    assert sqnr_db(F.linear(g * h, _weight(96, 256, 7)), out) >= 40
 
-    x, residual, g, q, scales = _norm_gemv_case(2, 96, 256, torch.float32, "cpu", 7)
-    w = _weight(96, 256, 7)
-    normed, _ = add_rms_norm_ref(x, residual, g, 1e-6)
-    out, _ = torch.ops.oiv2.add_rms_norm_linear_int8_gemv(x, residual, q, scales, 1e-6)
-    assert sqnr_db(F.linear(normed, w), out) >= 40
+
+def test_int8_gemv_add_reference_and_fake():
+    from oiv2compile.kernels.linear_int8_gemv_add import linear_int8_gemv_add_ref
+
+    q, scales = quantize_int8(_weight(40, 64, 8), torch.bfloat16)
+    x, residual = torch.randn(2, 64).bfloat16(), torch.randn(2, 40).bfloat16()
+    torch.library.opcheck(torch.ops.oiv2.linear_int8_gemv_add.default, (x, q, scales, residual))
+    product = torch.ops.oiv2.linear_int8_gemv(x, q, scales)
+    torch.testing.assert_close(linear_int8_gemv_add_ref(x, q, scales, residual), product + residual, rtol=0, atol=0)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 2, 4])
-def test_add_rms_norm_int8_gemv_cuda_kernel(rows, dtype):
-    """The fused kernel against the unfused oracle, K not a multiple of a warp's step, N of a CTA's
-    rows; hidden is the rounded sum, bit for bit."""
-    from oiv2compile.kernels.add_rms_norm_linear_int8_gemv import load_extension
+def test_int8_gemv_epilogues_cuda_kernel(rows, dtype):
+    """The norm and residual-add forms of the kernel against their oracles, K not a multiple of a warp's
+    step, N not of a CTA's rows; the add rounds the product first, as the model does, bit for bit."""
+    from oiv2compile.kernels.linear_int8_gemv import load_extension
 
     load_extension()
-    x, residual, g, q, scales = _norm_gemv_case(rows, 1001, 2064, dtype, "cuda", rows)
-    out, hidden = torch.ops.oiv2.add_rms_norm_linear_int8_gemv(x, residual, q, scales, 1e-5)
-    expected, _ = _norm_then_linear(x, residual, g, q, scales, 1e-5)
-    assert out.dtype == dtype and out.shape == (rows, 1001) and hidden.shape == (rows, 2064)
-    torch.testing.assert_close(hidden, x + residual, rtol=0, atol=0)
+    x, _g, q, scales = _norm_gemv_case(rows, 1001, 2064, dtype, "cuda", rows)
+    out = torch.ops.oiv2.rms_norm_linear_int8_gemv(x, q, scales, 1e-5)
+    expected = _norm_then_linear(x, q, scales, 1e-5)
+    assert out.dtype == dtype and out.shape == (rows, 1001)
     assert (out.double() - expected).norm() / expected.norm() < 5e-3
-    torch.library.opcheck(torch.ops.oiv2.add_rms_norm_linear_int8_gemv.default, (x, residual, q, scales, 1e-5))
+    torch.library.opcheck(torch.ops.oiv2.rms_norm_linear_int8_gemv.default, (x, q, scales, 1e-5))
+    residual = torch.randn(rows, 1001, device="cuda").to(dtype)
+    summed = torch.ops.oiv2.linear_int8_gemv_add(x, q, scales, residual)
+    torch.testing.assert_close(summed, torch.ops.oiv2.linear_int8_gemv(x, q, scales) + residual, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.oiv2.linear_int8_gemv_add.default, (x, q, scales, residual))
 
 
 def test_int4_mma_layout_puts_each_nibble_where_the_kernel_reads_it():

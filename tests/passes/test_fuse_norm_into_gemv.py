@@ -1,7 +1,7 @@
 """fold_norm_weights and fuse_norm_into_gemv: on an int8 CUDA build each fused add + RMSNorm before a
-quantized linear hands its weight to that linear, and in the batch-1 decode program the add and norm
-run inside the int8 GEMV; the program computes what it did with the norm apart. Here on the CPU, where
-the C++ ops run their references and the library stands as a path."""
+quantized linear hands its weight to that linear, and in the batch-1 decode program the add runs in
+the int8 GEMV before it and the norm in the one after it; the program computes what it did with the
+norm apart. Here on the CPU, where the C++ ops run their references and the library stands as a path."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from oiv2compile.capture import DECODE_B1, PREFILL, CacheSpec, capture
+from oiv2compile.capture import DECODE, DECODE_B1, PREFILL, CacheSpec, capture
 from oiv2compile.config import Backend, BuildConfig, Device
 from oiv2compile.models import load_model
 from oiv2compile.passes import use_cuda_kernels as gemv_pass
@@ -23,7 +23,8 @@ from tests.passes.helpers import count, snapshot
 
 NORM = torch.ops.oiv2.add_rms_norm.default
 GEMV8 = torch.ops.oiv2.linear_int8_gemv.default
-FUSED = torch.ops.oiv2.add_rms_norm_linear_int8_gemv.default
+GEMV_ADD = torch.ops.oiv2.linear_int8_gemv_add.default
+NORM_GEMV = torch.ops.oiv2.rms_norm_linear_int8_gemv.default
 LAYERS = 2  # llama-tiny
 # Each layer's post-attention norm and each later layer's input norm and the final norm (fuse_norms).
 NORMS = 2 * LAYERS
@@ -41,7 +42,9 @@ def library(monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _cfg(**fusion: bool) -> BuildConfig:
-    return BuildConfig(device=Device.CUDA, backend=Backend.INDUCTOR).replace(quantization="int8", fusion=fusion)
+    return BuildConfig(device=Device.CUDA, backend=Backend.INDUCTOR).replace(
+        quantization="int8", fusion={"enable_norm_into_linear": True, **fusion}
+    )
 
 
 UNFUSED = {"enable_qkv": False, "enable_ffn": False}
@@ -116,11 +119,18 @@ def test_the_decode_programs_norms_run_in_the_int8_gemv(library):
     gemvs = 4 * LAYERS + 1  # qkv, o, gate/up, down, the head
     assert count(gm, NORM) == NORMS and count(gm, GEMV8) == gemvs
 
-    assert fuse_norm_into_gemv(gm, cfg) == FOLDED  # the qkv and gate/up products that read a norm
+    # Between o and gate/up, and between down and the next qkv: the final norm reads no GEMV's output.
+    assert fuse_norm_into_gemv(gm, cfg) == FOLDED
     cleanup(gm)
-    assert count(gm, NORM) == NORMS - FOLDED and count(gm, FUSED) == FOLDED and count(gm, GEMV8) == gemvs - FOLDED
-    for fused in gm.graph.find_nodes(op="call_function", target=FUSED):
-        assert fused.meta["oiv2"]["library"] == library.name and "folded_norm" in fused.meta["oiv2"]
+    assert count(gm, NORM) == NORMS - FOLDED and count(gm, GEMV_ADD) == FOLDED and count(gm, NORM_GEMV) == FOLDED
+    assert count(gm, GEMV8) == gemvs - 2 * FOLDED
+    for node in [
+        *gm.graph.find_nodes(op="call_function", target=GEMV_ADD),
+        *gm.graph.find_nodes(op="call_function", target=NORM_GEMV),
+    ]:
+        assert node.meta["oiv2"]["library"] == library.name and "quantized" in node.meta["oiv2"]
+    for node in gm.graph.find_nodes(op="call_function", target=NORM_GEMV):
+        assert "folded_norm" in node.meta["oiv2"] and node.args[0].target is GEMV_ADD
     assert gemv_pass.libraries(gm) == [library]
     (want, want_caches), (got, got_caches) = _run(before, spec), _run(gm, spec)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16, the norm's scalar applied later
@@ -134,7 +144,7 @@ def test_a_model_as_initialized_needs_no_fold(library):
     hf = load_model("llama-tiny", dtype=torch.bfloat16, device="cpu", seed=0).model.requires_grad_(False)
     spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=torch.bfloat16)
     gm = capture(hf, spec, DECODE_B1).graph_module
-    cfg = BuildConfig(device=Device.CUDA, backend=Backend.INDUCTOR).replace(quantization="int8")
+    cfg = _cfg()
     before = snapshot(gm)
     passes = pipeline(cfg)
     assert passes[-1] is fuse_norm_into_gemv and fold_norm_weights in passes
@@ -143,7 +153,7 @@ def test_a_model_as_initialized_needs_no_fold(library):
         counts[p.__name__] = p(gm, cfg)
         cleanup(gm)
     assert counts["fold_norm_weights"] == 0 and counts["fuse_norm_into_gemv"] == FOLDED
-    assert count(gm, NORM) == NORMS - FOLDED and count(gm, FUSED) == FOLDED
+    assert count(gm, NORM) == NORMS - FOLDED and count(gm, NORM_GEMV) == FOLDED
     (want, _), (got, _) = _run(before, spec), _run(gm, spec)
     assert _sqnr_db(want, got) >= 25
 
@@ -169,8 +179,9 @@ def test_not_where_no_fused_kernel_would_run(change, library):
     cfg = _cfg().replace(**change)
     assert fold_norm_weights(gm, cfg) == 0 and fuse_norm_into_gemv(gm, cfg) == 0
     assert fold_norm_weights not in pipeline(cfg) and fuse_norm_into_gemv not in pipeline(cfg)
-    assert fold_norm_weights not in pipeline(_cfg(enable_norm_into_linear=False))
-    assert fold_norm_weights(gm, _cfg(enable_norm_into_linear=False)) == 0
+    off = _cfg(enable_norm_into_linear=False)
+    assert off == _cfg().replace(fusion={"enable_norm_into_linear": BuildConfig().fusion.enable_norm_into_linear})
+    assert fold_norm_weights not in pipeline(off) and fold_norm_weights(gm, off) == 0
 
 
 def test_a_weight_read_twice_stays_unfolded():
@@ -183,3 +194,37 @@ def test_a_weight_read_twice_stays_unfolded():
     with gm.graph.inserting_after(extra):
         gm.graph.call_function(torch.ops.aten.sum.default, (extra,))
     assert fold_norm_weights(gm, _cfg()) == FOLDED - 1
+
+
+def _programs_with_random_norms():  # type: ignore[no-untyped-def]
+    """hf (bf16, random norm weights), its spec, and its prefill and decode programs after the
+    int8 CUDA pipeline with this fusion on."""
+    hf = load_model("llama-tiny", dtype=torch.bfloat16, device="cpu", seed=0).model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    for name, param in hf.named_parameters():
+        if "norm" in name:
+            param.data = (1 + 0.5 * torch.randn(param.shape, generator=gen)).to(param.dtype)
+    spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=torch.bfloat16)
+    programs = {p.name: capture(hf, spec, p) for p in (PREFILL, DECODE, DECODE_B1)}
+    cfg = _cfg()
+    for captured in programs.values():
+        for p in pipeline(cfg):
+            p(captured.graph_module, cfg)
+            cleanup(captured.graph_module)
+    return hf, spec, programs
+
+
+def test_the_check_against_hf_passes_with_folded_weights_and_fails_without_their_record(library):
+    """verify.py gives each HF linear the weight the quantized layout stands for: with the norm
+    weight folded in, that weight divided by g. Without that division the same programs fail it."""
+    from oiv2compile.errors import BuildError
+    from oiv2compile.verify import verify_against_hf
+
+    hf, spec, programs = _programs_with_random_norms()
+    assert count(programs[DECODE_B1.name].graph_module, NORM_GEMV) == FOLDED
+    report = verify_against_hf(hf, programs, spec)
+    assert max(report["relative_error"].values()) <= report["tolerance"]
+    for node in programs[PREFILL.name].graph_module.graph.nodes:
+        node.meta.get("oiv2", {}).pop("folded_norm", None)
+    with pytest.raises(BuildError, match="differs from Hugging Face"):
+        verify_against_hf(hf, programs, spec)

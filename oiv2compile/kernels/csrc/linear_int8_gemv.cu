@@ -1,10 +1,13 @@
 // oiv2::linear_int8_gemv: y[m, n] = scales[n] * sum_k x[m, k] * qweight[n, k] for M = 1..4 rows,
 // the matrix-vector product of a decode step with int8 weights (layout int8-rowmajor-v1).
-// oiv2::add_rms_norm_linear_int8_gemv: the same kernel reading h = x + residual (rounded to x's dtype,
-// as the residual add rounds it) and scaling row m of the product by rsqrt(mean(h[m]^2) + eps): the
-// residual add and RMSNorm before a linear whose weights hold the norm's weight (folded in at build
-// time). Every warp reads all of h anyway, so its sum of squares costs one FMA a feature and no pass;
-// the first warp of the grid also writes h, the new residual stream.
+// Two more ops of the same kernel carry a residual add and an RMSNorm between two such products (the
+// norm's weight folded into the second one's weights at build time, passes/fold_norm_weights.py):
+// oiv2::linear_int8_gemv_add: y = (x W^T) + residual, each rounded to x's dtype as the model rounds
+// them: the product that ends a block (o, down) writes the new residual stream.
+// oiv2::rms_norm_linear_int8_gemv: y[m] = rsqrt(mean(x[m]^2) + eps) * (x[m] W^T): every warp reads all
+// of x anyway, so the sum of squares costs one FMA a feature and no pass over x.
+// Doing the add here instead, in the kernel after it (x + residual read by every warp), cost more than
+// the norm kernel it saved (H100, 32 llama-8b layers: 2972 us a step against 2783; benchmarks/RESULTS.md).
 //
 // Bytes: N * K weight bytes stream once; x (M * K * 2 bytes) stays in L1. One warp per output row;
 // each lane loads 16 weight bytes per step with a non-allocating 128-bit load, UNROLL steps in flight
@@ -29,35 +32,17 @@ __device__ __forceinline__ float byte_to_float(uint32_t biased, uint32_t selecto
   return byte_plus_2p23(biased, selector) - (k2p23 + 128.0f);
 }
 
-// Eight sums a + b of x's dtype, each rounded to it (16 bytes each).
-__device__ __forceinline__ uint4 add8(const uint4& a, const uint4& b, __nv_bfloat16) {
-  uint4 r;
-  const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
-  const __nv_bfloat162* pb = reinterpret_cast<const __nv_bfloat162*>(&b);
-  __nv_bfloat162* pr = reinterpret_cast<__nv_bfloat162*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) pr[i] = __hadd2(pa[i], pb[i]);
-  return r;
-}
+// What the kernel does around the product (see the top of the file).
+enum class Epilogue { kPlain, kAddResidual, kRmsNorm };
 
-__device__ __forceinline__ uint4 add8(const uint4& a, const uint4& b, __half) {
-  uint4 r;
-  const __half2* pa = reinterpret_cast<const __half2*>(&a);
-  const __half2* pb = reinterpret_cast<const __half2*>(&b);
-  __half2* pr = reinterpret_cast<__half2*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) pr[i] = __hadd2(pa[i], pb[i]);
-  return r;
-}
-
-// kNorm: x is h = x + residual, normalized (see the top of the file); hidden receives h.
-template <typename T, int M, bool kNorm>
+// residual [M, N] with kAddResidual; eps with kRmsNorm.
+template <typename T, int M, Epilogue kMode>
 __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restrict__ x,
-                                                                const T* __restrict__ residual,
                                                                 const int8_t* __restrict__ w,
                                                                 const T* __restrict__ scales,
-                                                                T* __restrict__ y, T* __restrict__ hidden,
-                                                                int N, int K, float eps) {
+                                                                const T* __restrict__ residual,
+                                                                T* __restrict__ y, int N, int K, float eps) {
+  constexpr bool kNorm = kMode == Epilogue::kRmsNorm;
   const int n = blockIdx.x * kWarps + threadIdx.y;
   if (n >= N) return;
   const int lane = threadIdx.x;
@@ -92,22 +77,10 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
       }
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const size_t at = static_cast<size_t>(m) * K + k;
-        const uint4* xp = reinterpret_cast<const uint4*>(x + at);
-        uint4 xv[2] = {__ldg(xp), __ldg(xp + 1)};
-        if constexpr (kNorm) {
-          const uint4* rp = reinterpret_cast<const uint4*>(residual + at);
-          xv[0] = add8(xv[0], __ldg(rp), T());
-          xv[1] = add8(xv[1], __ldg(rp + 1), T());
-          if (n == 0) {
-            uint4* hp = reinterpret_cast<uint4*>(hidden + at);
-            hp[0] = xv[0];
-            hp[1] = xv[1];
-          }
-        }
+        const uint4* xp = reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + k);
         float xf[16];
-        to_float8<T>(xv[0], xf);
-        to_float8<T>(xv[1], xf + 8);
+        to_float8<T>(__ldg(xp), xf);
+        to_float8<T>(__ldg(xp + 1), xf + 8);
 #pragma unroll
         for (int j = 0; j < 16; ++j) acc[m] = fmaf(xf[j], wf[j], acc[m]);
         if constexpr (kNorm) {
@@ -125,79 +98,85 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
   if (lane == 0) {
     const float s = to_float(scales[n]);
 #pragma unroll
-    for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * N + n] = from_float<T>(acc[m] * s);
+    for (int m = 0; m < M; ++m) {
+      const size_t at = static_cast<size_t>(m) * N + n;
+      T out = from_float<T>(acc[m] * s);
+      if constexpr (kMode == Epilogue::kAddResidual) out = from_float<T>(to_float(out) + to_float(residual[at]));
+      y[at] = out;
+    }
   }
 }
 
-// What a launch reads and writes; residual and hidden only with the norm.
+// What a launch reads and writes; residual only with kAddResidual.
 struct Operands {
-  at::Tensor x, residual, w, s, y, hidden;
+  at::Tensor x, w, s, residual, y;
   double eps;
 };
 
-template <typename T, int M, bool kNorm>
+template <typename T, int M, Epilogue kMode>
 void launch(const Operands& o) {
   const int N = o.w.size(0), K = o.w.size(1);
   dim3 block(32, kWarps);
   dim3 grid((N + kWarps - 1) / kWarps);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
-  C10_CUDA_CHECK(launch_programmatic(gemv_int8_kernel<T, M, kNorm>, grid, block, 0, at::cuda::getCurrentCUDAStream(),
-                                     ptr(o.x), ptr(o.residual), o.w.data_ptr<int8_t>(), ptr(o.s), ptr(o.y),
-                                     ptr(o.hidden), N, K, static_cast<float>(o.eps)));
+  C10_CUDA_CHECK(launch_programmatic(gemv_int8_kernel<T, M, kMode>, grid, block, 0, at::cuda::getCurrentCUDAStream(),
+                                     ptr(o.x), o.w.data_ptr<int8_t>(), ptr(o.s), ptr(o.residual), ptr(o.y), N, K,
+                                     static_cast<float>(o.eps)));
 }
 
-template <typename T, bool kNorm>
+template <typename T, Epilogue kMode>
 void dispatch_rows(const Operands& o) {
   switch (o.x.size(0)) {
-    case 1: return launch<T, 1, kNorm>(o);
-    case 2: return launch<T, 2, kNorm>(o);
-    case 3: return launch<T, 3, kNorm>(o);
-    case 4: return launch<T, 4, kNorm>(o);
+    case 1: return launch<T, 1, kMode>(o);
+    case 2: return launch<T, 2, kMode>(o);
+    case 3: return launch<T, 3, kMode>(o);
+    case 4: return launch<T, 4, kMode>(o);
   }
 }
 
-template <bool kNorm>
-void dispatch(const Operands& o) {
-  if (o.x.scalar_type() == at::kBFloat16) return dispatch_rows<__nv_bfloat16, kNorm>(o);
-  return dispatch_rows<__half, kNorm>(o);
-}
-
-void check(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+// x [M, K] (M <= 4, bf16 or fp16), qweight [N, K] int8, scales [N] in x's dtype → y [M, N].
+template <Epilogue kMode>
+at::Tensor run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& residual,
+               double eps) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 4, "linear_int8_gemv takes 1 to 4 rows");
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "qweight must be [N, K] int8");
   TORCH_CHECK(x.size(1) == qweight.size(1) && x.size(1) % 16 == 0, "K must match and be a multiple of 16");
   TORCH_CHECK(x.scalar_type() == scales.scalar_type(), "scales must have x's dtype");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x must be bf16 or fp16");
+  const at::cuda::OptionalCUDAGuard guard(x.device());
+  at::Tensor y = at::empty({x.size(0), qweight.size(0)}, x.options());
+  Operands o{x.contiguous(), qweight.contiguous(), scales.contiguous(), at::Tensor(), y, eps};
+  if constexpr (kMode == Epilogue::kAddResidual) {
+    TORCH_CHECK(residual.sizes() == y.sizes() && residual.scalar_type() == x.scalar_type(),
+                "residual must be [M, N] in x's dtype");
+    o.residual = residual.contiguous();
+  }
+  if (x.scalar_type() == at::kBFloat16) {
+    dispatch_rows<__nv_bfloat16, kMode>(o);
+  } else {
+    dispatch_rows<__half, kMode>(o);
+  }
+  return y;
 }
 
-// x [M, K] (M <= 4, bf16 or fp16), qweight [N, K] int8, scales [N] in x's dtype → y [M, N].
 at::Tensor linear_int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
-  check(x, qweight, scales);
-  const at::cuda::OptionalCUDAGuard guard(x.device());
-  Operands o{x.contiguous(), at::Tensor(), qweight.contiguous(), scales.contiguous(),
-             at::empty({x.size(0), qweight.size(0)}, x.options()), at::Tensor(), 0.0};
-  dispatch<false>(o);
-  return o.y;
+  return run<Epilogue::kPlain>(x, qweight, scales, at::Tensor(), 0.0);
 }
 
-// x and residual [M, K] → (y [M, N], hidden = x + residual [M, K]); see the top of the file.
-std::tuple<at::Tensor, at::Tensor> add_rms_norm_linear_int8_gemv(const at::Tensor& x, const at::Tensor& residual,
-                                                                const at::Tensor& qweight, const at::Tensor& scales,
-                                                                double eps) {
-  check(x, qweight, scales);
-  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
-              "residual must have x's shape and dtype");
-  const at::cuda::OptionalCUDAGuard guard(x.device());
-  Operands o{x.contiguous(), residual.contiguous(), qweight.contiguous(), scales.contiguous(),
-             at::empty({x.size(0), qweight.size(0)}, x.options()), at::empty_like(x, at::MemoryFormat::Contiguous),
-             eps};
-  dispatch<true>(o);
-  return {o.y, o.hidden};
+at::Tensor linear_int8_gemv_add(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                const at::Tensor& residual) {
+  return run<Epilogue::kAddResidual>(x, qweight, scales, residual, 0.0);
+}
+
+at::Tensor rms_norm_linear_int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                     double eps) {
+  return run<Epilogue::kRmsNorm>(x, qweight, scales, at::Tensor(), eps);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(oiv2, CUDA, m) {
   m.impl("linear_int8_gemv", &linear_int8_gemv);
-  m.impl("add_rms_norm_linear_int8_gemv", &add_rms_norm_linear_int8_gemv);
+  m.impl("linear_int8_gemv_add", &linear_int8_gemv_add);
+  m.impl("rms_norm_linear_int8_gemv", &rms_norm_linear_int8_gemv);
 }
