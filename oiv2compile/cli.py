@@ -145,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
         "--cache-dir", type=Path, help="built artifacts kept between runs (default: ~/.cache/oiv2compile/bench)"
     )
     bench.add_argument("--rebuild", action="store_true", help="build again even where the cache holds the artifact")
+    bench.add_argument(
+        "--fuse-norm-into-linear", action="store_true", help="build the int8 artifacts with --fuse-norm-into-linear"
+    )
     bench.set_defaults(func=_bench)
 
     serve = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API (continuous batching)")
@@ -364,7 +367,9 @@ def _bench(args: argparse.Namespace) -> int:
             fields[name] = _names(value)
     if args.batch_sizes is not None:
         fields["batch_sizes"] = _batch_sizes(args.batch_sizes)
-    request = BenchRequest(model=args.model, rebuild=args.rebuild, **fields)
+    request = BenchRequest(
+        model=args.model, rebuild=args.rebuild, fuse_norm_into_linear=args.fuse_norm_into_linear, **fields
+    )
 
     def checkpoint(partial: dict[str, Any]) -> None:  # a run stopped part-way keeps the rows it measured
         if not partial["complete"]:

@@ -363,3 +363,31 @@ def test_bench_a_build_refused_in_its_own_process_becomes_the_rows_reason(tmp_pa
     assert row["status"] == "unavailable", row
     assert "not a multiple of the int4 group size 128" in row["reason"], row
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_bench_builds_only_its_int8_artifacts_with_the_norm_in_the_gemv(monkeypatch, tmp_path):
+    """--fuse-norm-into-linear changes the int8 builds' config alone, so the float row reuses the cache
+    entry of a run without it; the table names the int8 row's form."""
+    from oiv2compile import bench
+    from oiv2compile.errors import BuildError
+
+    configs = {}
+
+    def refuse(model, path, config):  # type: ignore[no-untyped-def]
+        configs[config.quantization.value] = config
+        raise BuildError("not built in this test")
+
+    monkeypatch.setattr(bench, "_build_in_child_process", refuse)
+    argv = _tiny_args(
+        tmp_path / "cache", "llama-tiny", "--backends", "eager", "--quant", "none,int8", "--baselines", ""
+    )
+    code, stdout, err = _bench(tmp_path / "out", *argv, "--fuse-norm-into-linear")
+    assert code == 0, err
+    assert configs["int8"].fusion.enable_norm_into_linear and not configs["none"].fusion.enable_norm_into_linear
+    assert "| eager | int8 (norm in GEMV) | 1 | unavailable" in stdout
+    assert _report(tmp_path / "out")["args"]["fuse_norm_into_linear"] is True
+    with_flag = {quant: config.fingerprint() for quant, config in configs.items()}
+    code, stdout, err = _bench(tmp_path / "out2", *argv)
+    assert code == 0, err
+    assert configs["none"].fingerprint() == with_flag["none"] and configs["int8"].fingerprint() != with_flag["int8"]
+    assert "| eager | int8 | 1 | unavailable" in stdout
