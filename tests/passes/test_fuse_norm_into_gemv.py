@@ -50,15 +50,21 @@ def _cfg(**fusion: bool) -> BuildConfig:
 UNFUSED = {"enable_qkv": False, "enable_ffn": False}
 
 
-def _captured(program, fused_projections: bool = True):  # type: ignore[no-untyped-def]
-    """llama-tiny in bf16 with random norm weights, its projections fused as the pipeline fuses them
-    (or not), and its norms fused."""
+def _tiny_with_random_norms():  # type: ignore[no-untyped-def]
+    """llama-tiny in bf16 with norm weights around 1 (HF initializes them to ones), and its cache spec."""
     hf = load_model("llama-tiny", dtype=torch.bfloat16, device="cpu", seed=0).model.requires_grad_(False)
     gen = torch.Generator().manual_seed(1)
     for name, param in hf.named_parameters():
         if "norm" in name:
             param.data = (1 + 0.5 * torch.randn(param.shape, generator=gen)).to(param.dtype)
     spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=torch.bfloat16)
+    return hf, spec
+
+
+def _captured(program, fused_projections: bool = True):  # type: ignore[no-untyped-def]
+    """llama-tiny in bf16 with random norm weights, its projections fused as the pipeline fuses them
+    (or not), and its norms fused."""
+    hf, spec = _tiny_with_random_norms()
     gm = capture(hf, spec, program).graph_module
     cfg = _cfg() if fused_projections else _cfg(**UNFUSED)
     for p in pipeline(cfg):
@@ -199,12 +205,7 @@ def test_a_weight_read_twice_stays_unfolded():
 def _programs_with_random_norms():  # type: ignore[no-untyped-def]
     """hf (bf16, random norm weights), its spec, and its prefill and decode programs after the
     int8 CUDA pipeline with this fusion on."""
-    hf = load_model("llama-tiny", dtype=torch.bfloat16, device="cpu", seed=0).model.requires_grad_(False)
-    gen = torch.Generator().manual_seed(1)
-    for name, param in hf.named_parameters():
-        if "norm" in name:
-            param.data = (1 + 0.5 * torch.randn(param.shape, generator=gen)).to(param.dtype)
-    spec = CacheSpec.for_model(hf.config, max_seq_len=32, max_batch_size=3, dtype=torch.bfloat16)
+    hf, spec = _tiny_with_random_norms()
     programs = {p.name: capture(hf, spec, p) for p in (PREFILL, DECODE, DECODE_B1)}
     cfg = _cfg()
     for captured in programs.values():
