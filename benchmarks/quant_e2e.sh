@@ -1,33 +1,80 @@
 #!/usr/bin/env bash
-# Batch-1 decode of bf16, int8 and int4 artifacts of one model, measured in one run (one process,
-# one card, with HF static-cache generate beside them), then the linear chain of the same model
-# (bench_linear_chain.py: bf16, int8 and int4 linears with the kernels between them, no build).
+# Batch-1 decode of bf16, int8 and int4 artifacts of one model, measured in one run (one process, one
+# card), then the linear chain of the same model (bench_linear_chain.py, no build) and a per-kernel
+# profile of each artifact (profile_decode.py). Results go to $RESULTS (bench tables and JSON, logs).
+#   MODEL=llama-8b RESULTS=out/quant-e2e bash benchmarks/quant_e2e.sh
+# Options (environment):
+#   TESTS=1          run `pytest -m cuda tests/kernels tests/runtime` on the card while the artifacts
+#                    build (about 12 minutes on an H100), and measure only after both are done;
+#   NORM_IN_GEMV=1   also build and measure int8 with --fuse-norm-into-linear (its own bench run, with
+#                    its own bf16 row from the same cache entry);
+#   BASELINES=...    the bench's --baselines for the measuring run (default: none);
+#   ARCHIVE=path     tar.gz of $RESULTS, rewritten after each phase (for a machine that may go away);
+#   DONE=path        touched when the measuring runs have finished (before the profile).
 # An 8B build takes 3-6 minutes and holds about 37 GB of GPU memory while it runs. With three GPUs or
 # more the three artifacts build in parallel, one per GPU, into a shared bench cache; with fewer, one
 # bench command builds them in turn (each in a process of its own). The measuring run then reuses them
 # (the cache is keyed by the build config, not the GPU index), alone on the card.
-#   MODEL=llama-8b OUT=out/quant-e2e bash benchmarks/quant_e2e.sh
-set -euo pipefail
+# On a lent machine whose calls are shorter than this script, start it in a session of its own
+# (`setsid nohup bash benchmarks/quant_e2e.sh > log 2>&1 < /dev/null &`) and poll for $DONE.
+set -uo pipefail
 MODEL=${MODEL:-llama-8b}
-OUT=${OUT:-out/quant-e2e}
-CACHE=${CACHE:-$OUT/cache}
+RESULTS=${RESULTS:-out/quant-e2e}
+CACHE=${CACHE:-$RESULTS/cache}
 GPUS=${GPUS:-$(nvidia-smi --list-gpus | wc -l)}
-COMMON=(--backends inductor --dtype bfloat16 --batch-sizes 1 --prompt-len 128 --new-tokens 128 --cache-dir "$CACHE")
-mkdir -p "$OUT"
+COMMON=(--backends inductor --dtype bfloat16 --batch-sizes 1 --prompt-len 128 --new-tokens 128 --max-seq-len 256
+  --cache-dir "$CACHE")
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1
+
+archive() { if [ -n "${ARCHIVE:-}" ]; then tar czf "$ARCHIVE" --exclude=cache -C "$RESULTS" .; fi; }
+stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$RESULTS/phases.txt"; }
+
+nvidia-smi -L > "$RESULTS/card.txt"
+stamp start
+if [ "${TESTS:-0}" = 1 ]; then
+  (CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -m cuda tests/kernels tests/runtime -p no:cacheprovider \
+    > "$RESULTS/cuda-tests.log" 2>&1; stamp "cuda tests rc=$?") &
+  tests=$!
+fi
 if [ "$GPUS" -ge 3 ]; then
   i=0
   pids=()
   for quant in none int8 int4; do
     CUDA_VISIBLE_DEVICES=$i python3 -m oiv2compile bench "$MODEL" --quant "$quant" --baselines '' \
-      --repeats 1 "${COMMON[@]}" --out "$OUT/build-$quant" >"$OUT/build-$quant.log" 2>&1 &
+      --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-$quant" >"$RESULTS/build-$quant.log" 2>&1 &
     pids+=($!)
     i=$((i + 1))
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
 else
   CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8,int4 --baselines '' \
-    --repeats 1 "${COMMON[@]}" --out "$OUT/build" >"$OUT/build.log" 2>&1
+    --repeats 1 "${COMMON[@]}" --out "$RESULTS/build" >"$RESULTS/build.log" 2>&1
 fi
-CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8,int4 --baselines hf-static \
-  --repeats 3 "${COMMON[@]}" --out "$OUT/$MODEL"
-CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_linear_chain.py --model "$MODEL" | tee "$OUT/linear-chain.md"
+if [ "${NORM_IN_GEMV:-0}" = 1 ]; then
+  CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant int8 --fuse-norm-into-linear --baselines '' \
+    --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-norm" >"$RESULTS/build-norm.log" 2>&1
+fi
+stamp builds done
+archive
+if [ -n "${tests:-}" ]; then wait "$tests"; fi
+archive
+CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8,int4 --baselines "${BASELINES:-}" \
+  --repeats 3 "${COMMON[@]}" --out "$RESULTS/$MODEL" >"$RESULTS/bench.log" 2>&1
+stamp measured
+if [ "${NORM_IN_GEMV:-0}" = 1 ]; then
+  CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8 --fuse-norm-into-linear \
+    --baselines '' --repeats 3 "${COMMON[@]}" --out "$RESULTS/$MODEL-norm" >"$RESULTS/bench-norm.log" 2>&1
+  stamp measured norm in gemv
+fi
+CHAIN_QUANTS=bf16,int8,int4
+if [ "${NORM_IN_GEMV:-0}" = 1 ]; then CHAIN_QUANTS=bf16,int8,int8-norm,int4,int8,int8-norm; fi
+CUDA_VISIBLE_DEVICES=0 PYTHONPATH=. python3 benchmarks/bench_linear_chain.py --model "$MODEL" --quant "$CHAIN_QUANTS" \
+  > "$RESULTS/linear-chain.md" 2>&1
+stamp chain done
+archive
+if [ -n "${DONE:-}" ]; then touch "$DONE"; fi
+CUDA_VISIBLE_DEVICES=0 PYTHONPATH=. python3 benchmarks/profile_decode.py "$CACHE"/*/ --out "$RESULTS/profile.json" \
+  > "$RESULTS/profile.log" 2>&1
+stamp profiled
+archive
