@@ -175,7 +175,9 @@ class BuildConfig:
             dtype = DType.BFLOAT16 if device is Device.CUDA else DType.FLOAT32
         fusion, quant = self.fusion, self.quant
         if self.backend is Backend.ONNX:
-            fusion = dataclasses.replace(fusion, enable_ffn=False, enable_norms=False, enable_rope_kv_write=False)
+            fusion = dataclasses.replace(
+                fusion, enable_ffn=False, enable_norms=False, enable_rope_kv_write=False, enable_norm_into_linear=False
+            )
             quant = dataclasses.replace(quant, include_embedding=False)
         return dataclasses.replace(self, device=device, dtype=dtype, fusion=fusion, quant=quant)
 
