@@ -11,12 +11,9 @@ passes/fuse_norm_into_gemv.py).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from oiv2compile.kernels import _cuda_extension
-from oiv2compile.kernels.linear_int8_gemv import SOURCE, linear_int8_gemv_ref
+from oiv2compile.kernels.linear_int8_gemv import linear_int8_gemv_ref
 
 _lib = torch.library.Library("oiv2", "FRAGMENT")
 _lib.define("linear_int8_gemv_add(Tensor x, Tensor qweight, Tensor scales, Tensor residual) -> Tensor")
@@ -37,8 +34,3 @@ def _linear_int8_gemv_add_fake(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, residual: torch.Tensor
 ) -> torch.Tensor:
     return x.new_empty((x.shape[0], qweight.shape[0]))
-
-
-def load_extension(build_dir: Path | None = None) -> Path:
-    """Compile and load the CUDA kernel, which oiv2::linear_int8_gemv shares; returns the library."""
-    return _cuda_extension.load(SOURCE, build_dir)

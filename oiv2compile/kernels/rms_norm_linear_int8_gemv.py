@@ -12,12 +12,7 @@ the sum of squares costs one FMA a feature there.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-
-from oiv2compile.kernels import _cuda_extension
-from oiv2compile.kernels.linear_int8_gemv import SOURCE
 
 _lib = torch.library.Library("oiv2", "FRAGMENT")
 _lib.define("rms_norm_linear_int8_gemv(Tensor x, Tensor qweight, Tensor scales, float eps) -> Tensor")
@@ -40,8 +35,3 @@ def _rms_norm_linear_int8_gemv_fake(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, eps: float
 ) -> torch.Tensor:
     return x.new_empty((x.shape[0], qweight.shape[0]))
-
-
-def load_extension(build_dir: Path | None = None) -> Path:
-    """Compile and load the CUDA kernel, which oiv2::linear_int8_gemv shares; returns the library."""
-    return _cuda_extension.load(SOURCE, build_dir)

@@ -32,7 +32,16 @@ from torch.fx import GraphModule, Node
 
 from oiv2compile import kernels  # noqa: F401  (registers the oiv2 ops this pass reads)
 from oiv2compile.config import Backend, BuildConfig, Device, Quantization
-from oiv2compile.passes.fx_utils import aten, attr_tensor, call_args, derived_weights, drop_attr, is_call, record
+from oiv2compile.passes.fx_utils import (
+    aten,
+    attr_names,
+    attr_tensor,
+    call_args,
+    derived_weights,
+    drop_attr,
+    is_call,
+    record,
+)
 from oiv2compile.passes.quantize_weights import DECODER_LAYER
 
 log = logging.getLogger(__name__)
@@ -88,14 +97,9 @@ def _foldable(gm: GraphModule, linear: Node, out: Node, g: torch.Tensor, cfg: Bu
     if args["input"] is not out or w is None or w.dim() != 2 or w.shape[1] != g.shape[0] or w.dtype != g.dtype:
         return False
     readers = gm.graph.find_nodes(op="get_attr", target=w_node.target)
-    if len(readers) != 1 or len(w_node.users) != 1 or _names_of(gm, w) != {str(w_node.target)}:  # or tied
+    if len(readers) != 1 or len(w_node.users) != 1 or attr_names(gm, w) != {str(w_node.target)}:  # or tied
         return False
     return DECODER_LAYER.search(str(w_node.target)) is not None or cfg.quant.include_output_head
-
-
-def _names_of(gm: GraphModule, tensor: torch.Tensor) -> set[str]:
-    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
-    return {name for name, value in named if value is tensor}
 
 
 def _fold(gm: GraphModule, linear: Node, g: torch.Tensor) -> None:

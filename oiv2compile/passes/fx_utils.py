@@ -202,10 +202,15 @@ def drop_attr(gm: GraphModule, node: Node) -> None:
     owner_name, _, leaf = str(node.target).rpartition(".")
     tensor = getattr(gm.get_submodule(owner_name), leaf)
     read = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
-    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
-    for name in {name for name, value in named if value is tensor and name not in read} | {str(node.target)}:
+    for name in (attr_names(gm, tensor) - read) | {str(node.target)}:
         owner_name, _, leaf = name.rpartition(".")
         delattr(gm.get_submodule(owner_name), leaf)
+
+
+def attr_names(gm: GraphModule, tensor: torch.Tensor) -> set[str]:
+    """Every parameter or buffer name under which `gm` holds `tensor` (a tied weight has several)."""
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    return {name for name, value in named if value is tensor}
 
 
 def common_parent(weights: list[Node]) -> str | None:
