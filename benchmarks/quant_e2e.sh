@@ -4,8 +4,9 @@
 # profile of each artifact (profile_decode.py). Results go to $RESULTS (bench tables and JSON, logs).
 #   MODEL=llama-8b RESULTS=out/quant-e2e bash benchmarks/quant_e2e.sh
 # Options (environment):
-#   TESTS=1          run `pytest -m cuda tests/kernels tests/runtime` on the card while the artifacts
-#                    build (about 12 minutes on an H100), and measure only after both are done;
+#   TESTS=1          run `pytest -m cuda tests/kernels tests/runtime` on the last card while the
+#                    artifacts build (about 12 minutes on an H100); on fewer than four cards the
+#                    measuring waits for them, on four or more it runs on card 0 beside them;
 #   NORM_IN_GEMV=1   also build and measure int8 with --fuse-norm-into-linear (its own bench run, with
 #                    its own bf16 row from the same cache entry);
 #   BASELINES=...    the bench's --baselines for the measuring run (default: none);
@@ -13,7 +14,7 @@
 #   DONE=path        touched when the measuring runs have finished (before the profile).
 # An 8B build takes 3-6 minutes and holds about 37 GB of GPU memory while it runs. With three GPUs or
 # more the three artifacts build in parallel, one per GPU, into a shared bench cache; with fewer, one
-# bench command builds them in turn (each in a process of its own). The measuring run then reuses them
+# bench command builds them in turn; with four, the norm-in-GEMV int8 build takes the fourth (each in a process of its own). The measuring run then reuses them
 # (the cache is keyed by the build config, not the GPU index), alone on the card.
 # On a lent machine whose calls are shorter than this script, start it in a session of its own
 # (`setsid nohup bash benchmarks/quant_e2e.sh > log 2>&1 < /dev/null &`) and poll for $DONE.
@@ -32,8 +33,11 @@ stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$RESULTS/phases.txt"; }
 
 nvidia-smi -L > "$RESULTS/card.txt"
 stamp start
+# The tests run on the last card; with four or more the measuring card (0) is not theirs, so the
+# measuring runs need not wait for them.
+TEST_GPU=$((GPUS - 1))
 if [ "${TESTS:-0}" = 1 ]; then
-  (CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -m cuda tests/kernels tests/runtime -p no:cacheprovider \
+  (CUDA_VISIBLE_DEVICES=$TEST_GPU python3 -m pytest -q -m cuda tests/kernels tests/runtime -p no:cacheprovider \
     > "$RESULTS/cuda-tests.log" 2>&1; stamp "cuda tests rc=$?") &
   tests=$!
 fi
@@ -46,19 +50,23 @@ if [ "$GPUS" -ge 3 ]; then
     pids+=($!)
     i=$((i + 1))
   done
+  if [ "${NORM_IN_GEMV:-0}" = 1 ] && [ "$GPUS" -ge 4 ]; then
+    CUDA_VISIBLE_DEVICES=3 python3 -m oiv2compile bench "$MODEL" --quant int8 --fuse-norm-into-linear \
+      --baselines '' --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-norm" >"$RESULTS/build-norm.log" 2>&1 &
+    pids+=($!)
+  fi
   for pid in "${pids[@]}"; do wait "$pid"; done
 else
   CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8,int4 --baselines '' \
     --repeats 1 "${COMMON[@]}" --out "$RESULTS/build" >"$RESULTS/build.log" 2>&1
 fi
-if [ "${NORM_IN_GEMV:-0}" = 1 ]; then
+if [ "${NORM_IN_GEMV:-0}" = 1 ] && [ "$GPUS" -lt 4 ]; then
   CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant int8 --fuse-norm-into-linear --baselines '' \
     --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-norm" >"$RESULTS/build-norm.log" 2>&1
 fi
 stamp builds done
 archive
-if [ -n "${tests:-}" ]; then wait "$tests"; fi
-archive
+if [ -n "${tests:-}" ] && [ "$TEST_GPU" = 0 ]; then wait "$tests"; archive; fi
 CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8,int4 --baselines "${BASELINES:-}" \
   --repeats 3 "${COMMON[@]}" --out "$RESULTS/$MODEL" >"$RESULTS/bench.log" 2>&1
 stamp measured
@@ -72,6 +80,7 @@ if [ "${NORM_IN_GEMV:-0}" = 1 ]; then CHAIN_QUANTS=bf16,int8,int8-norm,int4,int8
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=. python3 benchmarks/bench_linear_chain.py --model "$MODEL" --quant "$CHAIN_QUANTS" \
   > "$RESULTS/linear-chain.md" 2>&1
 stamp chain done
+if [ -n "${tests:-}" ]; then wait "$tests"; fi
 archive
 if [ -n "${DONE:-}" ]; then touch "$DONE"; fi
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=. python3 benchmarks/profile_decode.py "$CACHE"/*/ --out "$RESULTS/profile.json" \
