@@ -7,14 +7,15 @@
 #   TESTS=1          run `pytest -m cuda tests/kernels tests/runtime` on the last card while the
 #                    artifacts build (about 12 minutes on an H100); on fewer than four cards the
 #                    measuring waits for them, on four or more it runs on card 0 beside them;
-#   NORM_IN_GEMV=1   also build and measure int8 with --fuse-norm-into-linear (its own bench run, with
-#                    its own bf16 row from the same cache entry);
+#   NORM_APART=1     also build and measure int8 with --no-fuse-norm-into-linear (its own bench run,
+#                    with its own bf16 row from the same cache entry), and its rows in the chain;
 #   BASELINES=...    the bench's --baselines for the measuring run (default: none);
 #   ARCHIVE=path     tar.gz of $RESULTS, rewritten after each phase (for a machine that may go away);
 #   DONE=path        touched when the measuring runs have finished (before the profile).
 # An 8B build takes 3-6 minutes and holds about 37 GB of GPU memory while it runs. With three GPUs or
 # more the three artifacts build in parallel, one per GPU, into a shared bench cache; with fewer, one
-# bench command builds them in turn; with four, the norm-in-GEMV int8 build takes the fourth (each in a process of its own). The measuring run then reuses them
+# bench command builds them in turn; with four, the norms-apart int8 build takes the fourth (each in
+# a process of its own). The measuring run then reuses them
 # (the cache is keyed by the build config, not the GPU index), alone on the card.
 # On a lent machine whose calls are shorter than this script, start it in a session of its own
 # (`setsid nohup bash benchmarks/quant_e2e.sh > log 2>&1 < /dev/null &`) and poll for $DONE.
@@ -50,9 +51,9 @@ if [ "$GPUS" -ge 3 ]; then
     pids+=($!)
     i=$((i + 1))
   done
-  if [ "${NORM_IN_GEMV:-0}" = 1 ] && [ "$GPUS" -ge 4 ]; then
-    CUDA_VISIBLE_DEVICES=3 python3 -m oiv2compile bench "$MODEL" --quant int8 --fuse-norm-into-linear \
-      --baselines '' --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-norm" >"$RESULTS/build-norm.log" 2>&1 &
+  if [ "${NORM_APART:-0}" = 1 ] && [ "$GPUS" -ge 4 ]; then
+    CUDA_VISIBLE_DEVICES=3 python3 -m oiv2compile bench "$MODEL" --quant int8 --no-fuse-norm-into-linear \
+      --baselines '' --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-norms-apart" >"$RESULTS/build-norms-apart.log" 2>&1 &
     pids+=($!)
   fi
   for pid in "${pids[@]}"; do wait "$pid"; done
@@ -60,9 +61,9 @@ else
   CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8,int4 --baselines '' \
     --repeats 1 "${COMMON[@]}" --out "$RESULTS/build" >"$RESULTS/build.log" 2>&1
 fi
-if [ "${NORM_IN_GEMV:-0}" = 1 ] && [ "$GPUS" -lt 4 ]; then
-  CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant int8 --fuse-norm-into-linear --baselines '' \
-    --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-norm" >"$RESULTS/build-norm.log" 2>&1
+if [ "${NORM_APART:-0}" = 1 ] && [ "$GPUS" -lt 4 ]; then
+  CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant int8 --no-fuse-norm-into-linear --baselines '' \
+    --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-norms-apart" >"$RESULTS/build-norms-apart.log" 2>&1
 fi
 stamp builds done
 archive
@@ -70,13 +71,15 @@ if [ -n "${tests:-}" ] && [ "$TEST_GPU" = 0 ]; then wait "$tests"; archive; fi
 CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8,int4 --baselines "${BASELINES:-}" \
   --repeats 3 "${COMMON[@]}" --out "$RESULTS/$MODEL" >"$RESULTS/bench.log" 2>&1
 stamp measured
-if [ "${NORM_IN_GEMV:-0}" = 1 ]; then
-  CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8 --fuse-norm-into-linear \
-    --baselines '' --repeats 3 "${COMMON[@]}" --out "$RESULTS/$MODEL-norm" >"$RESULTS/bench-norm.log" 2>&1
-  stamp measured norm in gemv
+if [ "${NORM_APART:-0}" = 1 ]; then
+  CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8 --no-fuse-norm-into-linear \
+    --baselines '' --repeats 3 "${COMMON[@]}" --out "$RESULTS/$MODEL-norms-apart" >"$RESULTS/bench-norms-apart.log" 2>&1
+  stamp measured norms apart
 fi
-CHAIN_QUANTS=bf16,int8,int4
-if [ "${NORM_IN_GEMV:-0}" = 1 ]; then CHAIN_QUANTS=bf16,int8,int8-norm,int4,int8,int8-norm; fi
+CHAIN_QUANTS=bf16,int8-norm-act,int4  # the forms the artifacts run
+if [ "${NORM_APART:-0}" = 1 ]; then
+  CHAIN_QUANTS=bf16,int8,int8-norm,int8-norm-act,int4,int8,int8-norm,int8-norm-act
+fi
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=. python3 benchmarks/bench_linear_chain.py --model "$MODEL" --quant "$CHAIN_QUANTS" \
   > "$RESULTS/linear-chain.md" 2>&1
 stamp chain done

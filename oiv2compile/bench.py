@@ -106,7 +106,7 @@ class BenchRequest:
     seed: int = 0  # of the prompts and of a preset's random weights
     cache_dir: Path | None = None  # None: $OIV2_CACHE_DIR/bench or ~/.cache/oiv2compile/bench
     rebuild: bool = False  # build again even when the cache holds a matching artifact
-    fuse_norm_into_linear: bool = False  # int8 builds with --fuse-norm-into-linear (the others as they are)
+    fuse_norm_into_linear: bool = True  # False: int8 builds with --no-fuse-norm-into-linear (the others as they are)
 
     def __post_init__(self) -> None:
         _check_names("--backends", self.backends or (), BACKENDS)
@@ -518,8 +518,8 @@ def _prepare_artifact(target: _Target, request: BenchRequest, source: _Source, c
         return
     try:
         config = cfg.replace(backend=target.backend, **_quant_overrides(target.quant))
-        if request.fuse_norm_into_linear and target.quant == "int8":  # the other rows keep their cached builds
-            config = config.replace(fusion={"enable_norm_into_linear": True})
+        if not request.fuse_norm_into_linear and target.quant == "int8":  # the other rows keep their cached builds
+            config = config.replace(fusion={"enable_norm_into_linear": False})
         path = (request.cache_dir or default_cache_dir()) / f"{config.fingerprint()}-{source.cache_key}"
         if not request.rebuild and _reusable(path, config, source.model_id):
             target.build_s, target.reused = sum(read_manifest(path)["phases_s"].values()), True
@@ -944,7 +944,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     ]
     for row in report["rows"]:
         quant = row["quant"] + (
-            " (norm in GEMV)" if row["quant"] == "int8" and args.get("fuse_norm_into_linear") else ""
+            " (norms apart)" if row["quant"] == "int8" and args.get("fuse_norm_into_linear") is False else ""
         )
         head = f"| {row['backend']} | {quant} | {row['batch']} |"
         if row["status"] != "ok":

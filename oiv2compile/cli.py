@@ -76,9 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the rotary embedding of q and k apart from the cache writes",
     )
     build.add_argument(
-        "--fuse-norm-into-linear",
+        "--no-fuse-norm-into-linear",
         action="store_true",
-        help="int8 on CUDA: run each residual add and RMSNorm inside the decode products around it (experimental)",
+        help="int8 on CUDA: keep each residual add and RMSNorm apart from the decode products around it",
     )
     build.add_argument("--force", action="store_true", help="replace OUT if it exists")
     build.set_defaults(func=_build)
@@ -146,7 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--rebuild", action="store_true", help="build again even where the cache holds the artifact")
     bench.add_argument(
-        "--fuse-norm-into-linear", action="store_true", help="build the int8 artifacts with --fuse-norm-into-linear"
+        "--no-fuse-norm-into-linear",
+        action="store_true",
+        help="build the int8 artifacts with --no-fuse-norm-into-linear (the others as they are)",
     )
     bench.set_defaults(func=_bench)
 
@@ -200,8 +202,8 @@ def _build(args: argparse.Namespace) -> int:
     fusion = {
         f"enable_{name}": False for name in ("qkv", "ffn", "norms", "rope_kv_write") if getattr(args, f"no_fuse_{name}")
     }
-    if args.fuse_norm_into_linear:
-        fusion["enable_norm_into_linear"] = True
+    if args.no_fuse_norm_into_linear:
+        fusion["enable_norm_into_linear"] = False
     if fusion:
         overrides["fusion"] = fusion
     print(f"building {args.model} -> {args.out}", file=sys.stderr)
@@ -368,7 +370,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.batch_sizes is not None:
         fields["batch_sizes"] = _batch_sizes(args.batch_sizes)
     request = BenchRequest(
-        model=args.model, rebuild=args.rebuild, fuse_norm_into_linear=args.fuse_norm_into_linear, **fields
+        model=args.model, rebuild=args.rebuild, fuse_norm_into_linear=not args.no_fuse_norm_into_linear, **fields
     )
 
     def checkpoint(partial: dict[str, Any]) -> None:  # a run stopped part-way keeps the rows it measured

@@ -365,7 +365,7 @@ def test_bench_a_build_refused_in_its_own_process_becomes_the_rows_reason(tmp_pa
     assert not cache.exists() or not any(cache.iterdir())
 
 
-def test_bench_builds_only_its_int8_artifacts_with_the_norm_in_the_gemv(monkeypatch, tmp_path):
+def test_bench_builds_only_its_int8_artifacts_with_the_norms_apart(monkeypatch, tmp_path):
     """--fuse-norm-into-linear changes the int8 builds' config alone, so the float row reuses the cache
     entry of a run without it; the table names the int8 row's form."""
     from oiv2compile import bench
@@ -381,11 +381,11 @@ def test_bench_builds_only_its_int8_artifacts_with_the_norm_in_the_gemv(monkeypa
     argv = _tiny_args(
         tmp_path / "cache", "llama-tiny", "--backends", "eager", "--quant", "none,int8", "--baselines", ""
     )
-    code, stdout, err = _bench(tmp_path / "out", *argv, "--fuse-norm-into-linear")
+    code, stdout, err = _bench(tmp_path / "out", *argv, "--no-fuse-norm-into-linear")
     assert code == 0, err
-    assert configs["int8"].fusion.enable_norm_into_linear and not configs["none"].fusion.enable_norm_into_linear
-    assert "| eager | int8 (norm in GEMV) | 1 | unavailable" in stdout
-    assert _report(tmp_path / "out")["args"]["fuse_norm_into_linear"] is True
+    assert not configs["int8"].fusion.enable_norm_into_linear and configs["none"].fusion.enable_norm_into_linear
+    assert "| eager | int8 (norms apart) | 1 | unavailable" in stdout
+    assert _report(tmp_path / "out")["args"]["fuse_norm_into_linear"] is False
     with_flag = {quant: config.fingerprint() for quant, config in configs.items()}
     code, stdout, err = _bench(tmp_path / "out2", *argv)
     assert code == 0, err
