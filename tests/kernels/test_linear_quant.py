@@ -461,7 +461,9 @@ def test_int8_gemv_gated_act_cuda_kernel(rows, dtype, activation):
     out = torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act(x, q, scales, 1e-5, code)
     assert out.dtype == dtype and out.shape == (rows, width)
     expected = _norm_linear_gated_act(x, q, scales, 1e-5, activation)
-    assert (out.double() - expected).norm() / expected.norm() < 5e-3
+    # Four roundings to x's dtype (gate, up, the activation, the product) that the oracle does not make:
+    # bf16 measured 0.50-0.64% here on an H100.
+    assert (out.double() - expected).norm() / expected.norm() < (1e-2 if dtype == torch.bfloat16 else 5e-3)
     apart = torch.ops.oiv2.gated_act(torch.ops.oiv2.rms_norm_linear_int8_gemv(x, q, scales, 1e-5), activation)
     torch.testing.assert_close(out, apart, rtol=1e-2, atol=1e-3)
     torch.library.opcheck(torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act.default, (x, q, scales, 1e-5, code))

@@ -15,11 +15,6 @@ namespace oiv2_gemv {
 // writes (x), or writes anything, it waits for that grid to end; the weights it may stream before.
 __device__ __forceinline__ void wait_for_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
-// Lets the next kernel in the stream, where it was launched as a programmatic dependent, start its CTAs
-// once every CTA of this grid has called this (or ended). It orders nothing: the dependent still reads
-// what this grid writes only after its own wait_for_previous_grid.
-__device__ __forceinline__ void let_dependents_launch() { asm volatile("griddepcontrol.launch_dependents;" :::); }
-
 template <typename... Params, typename... Args>
 cudaError_t launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                                 Args... args) {

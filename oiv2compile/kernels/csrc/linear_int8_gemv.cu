@@ -74,15 +74,15 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
   const int n = min(out, N - 1) + (kGated && warp >= kHalf ? N : 0);  // past N: a row again, not stored
   const int lane = threadIdx.x;
   const int8_t* row = w + static_cast<size_t>(n) * K;
-  // Launched as a programmatic dependent, and letting the next kernel launch as one: once every CTA of
-  // this grid has started, the next kernel's CTAs take the slots that this grid's last wave leaves, and
-  // each loads its first kUnroll steps of weights, which depend on no kernel, into registers before
-  // it waits for this grid to end (griddepcontrol.wait: ended, and its writes visible). x is read, and
-  // y written, only after that wait. Prefetching whole rows into L2 before the wait cost more than it
-  // hid (H100, 32 llama-8b layers of int8 linears in a CUDA graph: 3062 us per step with it, 2783
-  // without, 2836 with neither the prefetch nor the early launch; benchmarks/RESULTS.md): the resident
-  // CTAs' rows of the fused gate/up matrix alone outgrow L2. A step's loads in registers do not.
-  let_dependents_launch();
+  // Launched as a programmatic dependent: the CTAs may be resident before the previous kernel ends. Each
+  // loads its first kUnroll steps of weights, which depend on no kernel, into registers, then waits for
+  // that kernel to end (griddepcontrol.wait: ended, and its writes visible); x is read, and y written,
+  // only after the wait. Prefetching whole rows into L2 before the wait cost more than it hid (H100, 32
+  // llama-8b layers of int8 linears in a CUDA graph: 3062 us per step with it, 2783 without, 2836 with
+  // neither the prefetch nor the early launch; benchmarks/RESULTS.md): the resident CTAs' rows of the
+  // fused gate/up matrix alone outgrow L2. A step's loads in registers do not. Letting this kernel's own
+  // dependents launch at its start (griddepcontrol.launch_dependents) cost 40 us a step of the fused
+  // chain (RESULTS.md, a65309a).
   const uint8_t* row_bytes = reinterpret_cast<const uint8_t*>(row);
   int4 wv[kUnroll];
   load_row<kUnroll>(row_bytes, lane * 16, K, wv);
