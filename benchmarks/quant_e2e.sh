@@ -76,10 +76,8 @@ if [ "${NORM_APART:-0}" = 1 ]; then
     --baselines '' --repeats 3 "${COMMON[@]}" --out "$RESULTS/$MODEL-norms-apart" >"$RESULTS/bench-norms-apart.log" 2>&1
   stamp measured norms apart
 fi
-CHAIN_QUANTS=bf16,int8-norm-act,int4  # the forms the artifacts run
-if [ "${NORM_APART:-0}" = 1 ]; then
-  CHAIN_QUANTS=bf16,int8,int8-norm,int8-norm-act,int4,int8,int8-norm,int8-norm-act
-fi
+CHAIN_QUANTS=bf16,int8-norm,int4  # the forms the artifacts run
+if [ "${NORM_APART:-0}" = 1 ]; then CHAIN_QUANTS=bf16,int8,int8-norm,int4,int8,int8-norm; fi
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=. python3 benchmarks/bench_linear_chain.py --model "$MODEL" --quant "$CHAIN_QUANTS" \
   > "$RESULTS/linear-chain.md" 2>&1
 stamp chain done

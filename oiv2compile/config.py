@@ -88,9 +88,9 @@ class FusionConfig:
     # Rotary embedding of q and k and the two cache writes as one oiv2::rope_kv_write, where q, k and v
     # are fused (passes/fuse_rope_kv_write.py).
     enable_rope_kv_write: bool = True
-    # Int8 on CUDA: an RMSNorm's weight folded into the linears after it, the residual add and the
-    # norm run inside the decode products around them, and the gated activation inside the gate/up
-    # product (passes/fold_norm_weights.py, fuse_norm_into_gemv.py, fuse_gated_act_into_gemv.py). H100, llama-8b batch 1: 312.0 tok/s against 304.9 with the norms
+    # Int8 on CUDA: an RMSNorm's weight folded into the linears after it, and the residual add and the
+    # norm run inside the decode products around them (passes/fold_norm_weights.py,
+    # passes/fuse_norm_into_gemv.py). H100, llama-8b batch 1: 312.0 tok/s against 304.9 with the norms
     # apart, 32 layers of int8 linears 2726 us a step against 2810 (benchmarks/RESULTS.md, d889441).
     enable_norm_into_linear: bool = True
 

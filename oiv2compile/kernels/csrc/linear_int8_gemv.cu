@@ -5,12 +5,7 @@
 // oiv2::linear_int8_gemv_add: y = (x W^T) + residual, each rounded to x's dtype as the model rounds
 // them: the product that ends a block (o, down) writes the new residual stream.
 // oiv2::rms_norm_linear_int8_gemv: y[m] = rsqrt(mean(x[m]^2) + eps) * (x[m] W^T): every warp reads all
-// of x anyway, so the sum of squares costs one FMA a feature and no pass over x; the CTA's warps share
-// it, each summing a quarter of x.
-// oiv2::rms_norm_linear_int8_gemv_gated_act: the same for the fused gate/up product of a gated MLP,
-// with the activation after it: y[m, j] = act(gate[m, j]) * up[m, j], gate and up being the product's
-// outputs j and I + j. Half of a CTA's warps take gate rows, half the up rows of the same outputs, and
-// they meet in shared memory: the [M, 2I] product is never written, and the activation kernel goes.
+// of x anyway, so the sum of squares costs one FMA a feature and no pass over x.
 // Doing the add here instead, in the kernel after it (x + residual read by every warp), cost more than
 // the norm kernel it saved (H100, 32 llama-8b layers: 2972 us a step against 2783; benchmarks/RESULTS.md).
 //
@@ -38,60 +33,32 @@ __device__ __forceinline__ float byte_to_float(uint32_t biased, uint32_t selecto
 }
 
 // What the kernel does around the product (see the top of the file).
-enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
+enum class Epilogue { kPlain, kAddResidual, kRmsNorm };
 
-// The gated MLP's activations, as oiv2::gated_act numbers them.
-enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
-
-__device__ __forceinline__ float activate(float g, int activation) {
-  if (activation == kSilu) return g / (1.0f + expf(-g));
-  if (activation == kGelu) return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
-  const float z = 0.7978845608028654f * (g + 0.044715f * g * g * g);  // tanh(z) = 2 * sigmoid(2z) - 1
-  return g / (1.0f + expf(-2.0f * z));
-}
-
-// Each x chunk of kWarpStep features is summed into the norm's sum of squares by one warp of the CTA:
-// chunk c by warp c % kWarps, which is the unrolled step u of every warp's loop.
-static_assert(kUnroll % kWarps == 0, "the sum of squares is split over the warps by unrolled step");
-
-// residual [M, N] with kAddResidual; eps with the norm; activation with kRmsNormGatedAct, where N is the
-// output width I and w has 2I rows. Modes with the norm meet at a barrier: there no warp returns early.
+// residual [M, N] with kAddResidual; eps with kRmsNorm.
 template <typename T, int M, Epilogue kMode>
 __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restrict__ x,
                                                                 const int8_t* __restrict__ w,
                                                                 const T* __restrict__ scales,
                                                                 const T* __restrict__ residual,
-                                                                T* __restrict__ y, int N, int K, float eps,
-                                                                int activation) {
-  constexpr bool kGated = kMode == Epilogue::kRmsNormGatedAct;
-  constexpr bool kNorm = kMode == Epilogue::kRmsNorm || kGated;
-  constexpr int kHalf = kWarps / 2;
-  const int warp = threadIdx.y;
-  // The output this warp's row feeds; gated, warps kHalf.. take the up rows of warps 0..'s outputs.
-  const int out = kGated ? blockIdx.x * kHalf + warp % kHalf : blockIdx.x * kWarps + warp;
-  const bool has_out = out < N;
-  if (!kNorm && !has_out) return;
-  const int n = min(out, N - 1) + (kGated && warp >= kHalf ? N : 0);  // past N: a row again, not stored
+                                                                T* __restrict__ y, int N, int K, float eps) {
+  constexpr bool kNorm = kMode == Epilogue::kRmsNorm;
+  const int n = blockIdx.x * kWarps + threadIdx.y;
+  if (n >= N) return;
   const int lane = threadIdx.x;
   const int8_t* row = w + static_cast<size_t>(n) * K;
-  // Launched as a programmatic dependent: the CTAs may be resident before the previous kernel ends. Each
-  // loads its first kUnroll steps of weights, which depend on no kernel, into registers, then waits for
-  // that kernel to end (griddepcontrol.wait: ended, and its writes visible); x is read, and y written,
-  // only after the wait. Prefetching whole rows into L2 before the wait cost more than it hid (H100, 32
+  // Launched as a programmatic dependent: the CTAs are resident when the previous kernel ends, and read
+  // x only after it has. Prefetching the row into L2 before the wait cost more than it hid (H100, 32
   // llama-8b layers of int8 linears in a CUDA graph: 3062 us per step with it, 2783 without, 2836 with
   // neither the prefetch nor the early launch; benchmarks/RESULTS.md): the resident CTAs' rows of the
-  // fused gate/up matrix alone outgrow L2. A step's loads in registers do not. Letting this kernel's own
-  // dependents launch at its start (griddepcontrol.launch_dependents) cost 40 us a step of the fused
-  // chain (RESULTS.md, a65309a).
-  const uint8_t* row_bytes = reinterpret_cast<const uint8_t*>(row);
-  int4 wv[kUnroll];
-  load_row<kUnroll>(row_bytes, lane * 16, K, wv);
+  // fused gate/up matrix alone outgrow L2.
   wait_for_previous_grid();
   float acc[M], sumsq[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = sumsq[m] = 0.0f;
   for (int base = lane * 16; base < K; base += kWarpStep * kUnroll) {
-    if (base != lane * 16) load_row<kUnroll>(row_bytes, base, K, wv);
+    int4 wv[kUnroll];
+    load_row<kUnroll>(reinterpret_cast<const uint8_t*>(row), base, K, wv);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int k = base + u * kWarpStep;
@@ -117,59 +84,25 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
 #pragma unroll
         for (int j = 0; j < 16; ++j) acc[m] = fmaf(xf[j], wf[j], acc[m]);
         if constexpr (kNorm) {
-          if (u % kWarps == warp) {
 #pragma unroll
-            for (int j = 0; j < 16; ++j) sumsq[m] = fmaf(xf[j], xf[j], sumsq[m]);
-          }
+          for (int j = 0; j < 16; ++j) sumsq[m] = fmaf(xf[j], xf[j], sumsq[m]);
         }
       }
     }
   }
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
-  if constexpr (kNorm) {
-    __shared__ float sumsq_part[kWarps][M];
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const float part = warp_sum(sumsq[m]);
-      if (lane == 0) sumsq_part[warp][m] = part;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float total = 0.0f;
-#pragma unroll
-      for (int v = 0; v < kWarps; ++v) total += sumsq_part[v][m];
-      acc[m] *= rsqrtf(total / K + eps);
-    }
+  for (int m = 0; m < M; ++m) {
+    acc[m] = warp_sum(acc[m]);
+    if constexpr (kNorm) acc[m] *= rsqrtf(warp_sum(sumsq[m]) / K + eps);
   }
-  if constexpr (kGated) {
-    // gate and up rounded to x's dtype, the activation too, then their product: as the model rounds.
-    __shared__ float up_part[kHalf][M];
-    const float s = to_float(scales[n]);
-    if (lane == 0 && warp >= kHalf) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) up_part[warp - kHalf][m] = to_float(from_float<T>(acc[m] * s));
-    }
-    __syncthreads();
-    if (lane == 0 && warp < kHalf && has_out) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const float gate = to_float(from_float<T>(acc[m] * s));
-        const float act = to_float(from_float<T>(activate(gate, activation)));
-        y[static_cast<size_t>(m) * N + out] = from_float<T>(act * up_part[warp][m]);
-      }
-    }
-    return;
-  }
-  if (lane == 0 && has_out) {
+  if (lane == 0) {
     const float s = to_float(scales[n]);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       const size_t at = static_cast<size_t>(m) * N + n;
-      T value = from_float<T>(acc[m] * s);
-      if constexpr (kMode == Epilogue::kAddResidual) value = from_float<T>(to_float(value) + to_float(residual[at]));
-      y[at] = value;
+      T out = from_float<T>(acc[m] * s);
+      if constexpr (kMode == Epilogue::kAddResidual) out = from_float<T>(to_float(out) + to_float(residual[at]));
+      y[at] = out;
     }
   }
 }
@@ -178,19 +111,17 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
 struct Operands {
   at::Tensor x, w, s, residual, y;
   double eps;
-  int activation;
 };
 
 template <typename T, int M, Epilogue kMode>
 void launch(const Operands& o) {
-  const int N = o.y.size(1), K = o.w.size(1);  // outputs: the weight's rows, or half of them gated
-  const int outs_per_cta = kMode == Epilogue::kRmsNormGatedAct ? kWarps / 2 : kWarps;
+  const int N = o.w.size(0), K = o.w.size(1);
   dim3 block(32, kWarps);
-  dim3 grid((N + outs_per_cta - 1) / outs_per_cta);
+  dim3 grid((N + kWarps - 1) / kWarps);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
   C10_CUDA_CHECK(launch_programmatic(gemv_int8_kernel<T, M, kMode>, grid, block, 0, at::cuda::getCurrentCUDAStream(),
                                      ptr(o.x), o.w.data_ptr<int8_t>(), ptr(o.s), ptr(o.residual), ptr(o.y), N, K,
-                                     static_cast<float>(o.eps), o.activation));
+                                     static_cast<float>(o.eps)));
 }
 
 template <typename T, Epilogue kMode>
@@ -203,24 +134,18 @@ void dispatch_rows(const Operands& o) {
   }
 }
 
-// x [M, K] (M <= 4, bf16 or fp16), qweight [N, K] int8, scales [N] in x's dtype → y [M, N] ([M, N / 2]
-// gated).
+// x [M, K] (M <= 4, bf16 or fp16), qweight [N, K] int8, scales [N] in x's dtype → y [M, N].
 template <Epilogue kMode>
 at::Tensor run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& residual,
-               double eps, int activation = kSilu) {
+               double eps) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 4, "linear_int8_gemv takes 1 to 4 rows");
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "qweight must be [N, K] int8");
   TORCH_CHECK(x.size(1) == qweight.size(1) && x.size(1) % 16 == 0, "K must match and be a multiple of 16");
   TORCH_CHECK(x.scalar_type() == scales.scalar_type(), "scales must have x's dtype");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x must be bf16 or fp16");
   const at::cuda::OptionalCUDAGuard guard(x.device());
-  int64_t width = qweight.size(0);
-  if constexpr (kMode == Epilogue::kRmsNormGatedAct) {
-    TORCH_CHECK(width % 2 == 0, "a gate/up qweight has an even number of rows");
-    width /= 2;
-  }
-  at::Tensor y = at::empty({x.size(0), width}, x.options());
-  Operands o{x.contiguous(), qweight.contiguous(), scales.contiguous(), at::Tensor(), y, eps, activation};
+  at::Tensor y = at::empty({x.size(0), qweight.size(0)}, x.options());
+  Operands o{x.contiguous(), qweight.contiguous(), scales.contiguous(), at::Tensor(), y, eps};
   if constexpr (kMode == Epilogue::kAddResidual) {
     TORCH_CHECK(residual.sizes() == y.sizes() && residual.scalar_type() == x.scalar_type(),
                 "residual must be [M, N] in x's dtype");
@@ -248,17 +173,10 @@ at::Tensor rms_norm_linear_int8_gemv(const at::Tensor& x, const at::Tensor& qwei
   return run<Epilogue::kRmsNorm>(x, qweight, scales, at::Tensor(), eps);
 }
 
-at::Tensor rms_norm_linear_int8_gemv_gated_act(const at::Tensor& x, const at::Tensor& qweight,
-                                               const at::Tensor& scales, double eps, int64_t activation) {
-  TORCH_CHECK(activation >= kSilu && activation <= kGeluTanh, "activation must be 0 (silu), 1 (gelu) or 2 (gelu_tanh)");
-  return run<Epilogue::kRmsNormGatedAct>(x, qweight, scales, at::Tensor(), eps, static_cast<int>(activation));
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(oiv2, CUDA, m) {
   m.impl("linear_int8_gemv", &linear_int8_gemv);
   m.impl("linear_int8_gemv_add", &linear_int8_gemv_add);
   m.impl("rms_norm_linear_int8_gemv", &rms_norm_linear_int8_gemv);
-  m.impl("rms_norm_linear_int8_gemv_gated_act", &rms_norm_linear_int8_gemv_gated_act);
 }
