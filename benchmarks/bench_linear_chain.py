@@ -30,8 +30,10 @@ from oiv2compile.kernels import add_rms_norm, gated_act, linear_int4_mma, linear
 from oiv2compile.models import PRESETS
 
 GROUP = 128
-# int8-norm: int8 with each residual add and RMSNorm inside the GEMVs around it (fuse_norm_into_gemv).
-QUANTS = ("bf16", "int8", "int8-norm", "int4")
+# int8-norm: int8 with each residual add and RMSNorm inside the GEMVs around it (fuse_norm_into_gemv);
+# int8-norm-act: that, and the gated activation in the gate/up GEMV (fuse_gated_act_into_gemv), as the
+# artifacts run it.
+QUANTS = ("bf16", "int8", "int8-norm", "int8-norm-act", "int4")
 
 
 def linear_shapes(model: str) -> list[tuple[int, int]]:
@@ -64,8 +66,8 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
     """One decode step of `layers` layers (batch 1) and the weight bytes it reads."""
     shapes = linear_shapes(model)
     hidden, q_width = shapes[0][1], shapes[1][1]  # o's input: the attention output's width
-    if quant == "int8-norm":
-        return _fused_norm_step(layers, device, shapes, q_width)
+    if quant in ("int8-norm", "int8-norm-act"):
+        return _fused_norm_step(layers, device, shapes, q_width, gated_in_gemv=quant == "int8-norm-act")
     stack = [[make_linear(quant, n, k, device) for n, k in shapes] for _ in range(layers)]
     norm = torch.ones(hidden, device=device, dtype=torch.bfloat16)
 
@@ -81,9 +83,12 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
     return step, sum(b for layer in stack for _, b in layer)
 
 
-def _fused_norm_step(layers: int, device: torch.device, shapes: list[tuple[int, int]], q_width: int):  # type: ignore[no-untyped-def]
+def _fused_norm_step(  # type: ignore[no-untyped-def]
+    layers: int, device: torch.device, shapes: list[tuple[int, int]], q_width: int, gated_in_gemv: bool
+):
     """The int8 step with each residual add in the o and down GEMVs and each RMSNorm in the qkv and
-    gate/up GEMVs after them (oiv2::linear_int8_gemv_add, oiv2::rms_norm_linear_int8_gemv)."""
+    gate/up GEMVs after them (oiv2::linear_int8_gemv_add, oiv2::rms_norm_linear_int8_gemv), and with
+    gated_in_gemv the activation in the gate/up GEMV too (oiv2::rms_norm_linear_int8_gemv_gated_act)."""
     stack = [
         [
             (
@@ -96,12 +101,17 @@ def _fused_norm_step(layers: int, device: torch.device, shapes: list[tuple[int, 
     ]
     gemv_add, norm_gemv = torch.ops.oiv2.linear_int8_gemv_add, torch.ops.oiv2.rms_norm_linear_int8_gemv
 
+    def mlp_input(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if gated_in_gemv:
+            return torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act(h, q, s, 1e-5, 0)  # silu
+        return torch.ops.oiv2.gated_act(norm_gemv(h, q, s, 1e-5), "silu")
+
     def step(x: torch.Tensor) -> torch.Tensor:
         h = x  # the residual stream
         for qkv, o, gate_up, down in stack:
             y = norm_gemv(h, *qkv, 1e-5)
             h = gemv_add(y[:, :q_width].contiguous(), *o, h)  # attention's output stands in for q
-            h = gemv_add(torch.ops.oiv2.gated_act(norm_gemv(h, *gate_up, 1e-5), "silu"), *down, h)
+            h = gemv_add(mlp_input(h, *gate_up), *down, h)
         return h
 
     return step, sum(q.numel() + s.numel() * 2 for layer in stack for q, s in layer)

@@ -5,7 +5,8 @@ The matrix-vector product of a decode step: each warp streams one weight row wit
 non-allocating loads and converts bytes to float without the I2F unit. The schema, the reference (the
 CPU path) and the fake live here; the CUDA kernel registers itself for the CUDA key when
 `load_extension()` has compiled and loaded it (`_cuda_extension`), together with the kernels of
-oiv2::linear_int8_gemv_add and oiv2::rms_norm_linear_int8_gemv, which share its source. use_cuda_kernels
+oiv2::linear_int8_gemv_add, oiv2::rms_norm_linear_int8_gemv and
+oiv2::rms_norm_linear_int8_gemv_gated_act, which share its source. use_cuda_kernels
 puts it in the batch-1 decode program of CUDA artifacts.
 """
 

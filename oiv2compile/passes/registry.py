@@ -13,6 +13,7 @@ from oiv2compile.config import Backend, BuildConfig, Device, Quantization
 from oiv2compile.passes.fold_norm_weights import applies as fold_norm_applies
 from oiv2compile.passes.fold_norm_weights import fold_norm_weights
 from oiv2compile.passes.fuse_ffn import fuse_ffn
+from oiv2compile.passes.fuse_gated_act_into_gemv import fuse_gated_act_into_gemv
 from oiv2compile.passes.fuse_norm_into_gemv import fuse_norm_into_gemv
 from oiv2compile.passes.fuse_norms import fuse_norms
 from oiv2compile.passes.fuse_qkv import fuse_qkv
@@ -37,6 +38,7 @@ PASSES: dict[str, Pass] = {
     "quantize_embedding": quantize_embedding,
     "use_cuda_kernels": use_cuda_kernels,
     "fuse_norm_into_gemv": fuse_norm_into_gemv,
+    "fuse_gated_act_into_gemv": fuse_gated_act_into_gemv,
 }
 
 
@@ -68,4 +70,6 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
             passes.append(use_cuda_kernels)
             if fold:  # reads the products use_cuda_kernels made
                 passes.append(fuse_norm_into_gemv)
+                if cfg.fusion.enable_ffn:  # the gated activation after the gate/up product with the norm
+                    passes.append(fuse_gated_act_into_gemv)
     return passes

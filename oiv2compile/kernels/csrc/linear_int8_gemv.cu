@@ -6,6 +6,12 @@
 // them: the product that ends a block (o, down) writes the new residual stream.
 // oiv2::rms_norm_linear_int8_gemv: y[m] = rsqrt(mean(x[m]^2) + eps) * (x[m] W^T): every warp reads all
 // of x anyway, so the sum of squares costs one FMA a feature and no pass over x.
+// oiv2::rms_norm_linear_int8_gemv_gated_act: the same for the fused gate/up product of a gated MLP,
+// with the activation after it: y[m, j] = act(gate[m, j]) * up[m, j], gate and up being the product's
+// outputs j and I + j. Half of a CTA's warps take gate rows, half the up rows of the same outputs, and
+// they meet in shared memory: the [M, 2I] product is never written, and the activation kernel goes.
+// The other modes compile as before this one came (no barrier, no early loads): the chain of a65309a,
+// whose kernel had both in every mode, was 64 us a step slower (benchmarks/RESULTS.md).
 // Doing the add here instead, in the kernel after it (x + residual read by every warp), cost more than
 // the norm kernel it saved (H100, 32 llama-8b layers: 2972 us a step against 2783; benchmarks/RESULTS.md).
 //
@@ -33,18 +39,35 @@ __device__ __forceinline__ float byte_to_float(uint32_t biased, uint32_t selecto
 }
 
 // What the kernel does around the product (see the top of the file).
-enum class Epilogue { kPlain, kAddResidual, kRmsNorm };
+enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
 
-// residual [M, N] with kAddResidual; eps with kRmsNorm.
+// The gated MLP's activations, numbered as in oiv2::gated_act's ACTIVATIONS.
+enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
+__device__ __forceinline__ float activate(float g, int activation) {
+  if (activation == kSilu) return g / (1.0f + expf(-g));
+  if (activation == kGelu) return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
+  const float z = 0.7978845608028654f * (g + 0.044715f * g * g * g);  // tanh(z) = 2 * sigmoid(2z) - 1
+  return g / (1.0f + expf(-2.0f * z));
+}
+
+// residual [M, N] with kAddResidual; eps with the norm; activation with kRmsNormGatedAct, where N is the
+// output width I and w has 2I rows.
 template <typename T, int M, Epilogue kMode>
 __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restrict__ x,
                                                                 const int8_t* __restrict__ w,
                                                                 const T* __restrict__ scales,
                                                                 const T* __restrict__ residual,
-                                                                T* __restrict__ y, int N, int K, float eps) {
-  constexpr bool kNorm = kMode == Epilogue::kRmsNorm;
-  const int n = blockIdx.x * kWarps + threadIdx.y;
-  if (n >= N) return;
+                                                                T* __restrict__ y, int N, int K, float eps,
+                                                                int activation) {
+  constexpr bool kGated = kMode == Epilogue::kRmsNormGatedAct;
+  constexpr bool kNorm = kMode == Epilogue::kRmsNorm || kGated;
+  constexpr int kHalf = kWarps / 2;
+  // Gated: warps kHalf.. take the up rows of warps 0..'s outputs, and every warp reaches the barrier
+  // (a warp past the last output computes a row again and stores nothing).
+  const int out = kGated ? blockIdx.x * kHalf + threadIdx.y % kHalf : blockIdx.x * kWarps + threadIdx.y;
+  if (!kGated && out >= N) return;
+  const int n = kGated ? min(out, N - 1) + (threadIdx.y >= kHalf ? N : 0) : out;
   const int lane = threadIdx.x;
   const int8_t* row = w + static_cast<size_t>(n) * K;
   // Launched as a programmatic dependent: the CTAs are resident when the previous kernel ends, and read
@@ -95,6 +118,26 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
     acc[m] = warp_sum(acc[m]);
     if constexpr (kNorm) acc[m] *= rsqrtf(warp_sum(sumsq[m]) / K + eps);
   }
+  if constexpr (kGated) {
+    // gate and up rounded to x's dtype, the activation too, then their product: as the model rounds.
+    __shared__ float up_part[kHalf][M];
+    const float s = to_float(scales[n]);
+    const int warp = threadIdx.y;
+    if (lane == 0 && warp >= kHalf) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) up_part[warp - kHalf][m] = to_float(from_float<T>(acc[m] * s));
+    }
+    __syncthreads();
+    if (lane == 0 && warp < kHalf && out < N) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const float gate = to_float(from_float<T>(acc[m] * s));
+        const float act = to_float(from_float<T>(activate(gate, activation)));
+        y[static_cast<size_t>(m) * N + out] = from_float<T>(act * up_part[warp][m]);
+      }
+    }
+    return;
+  }
   if (lane == 0) {
     const float s = to_float(scales[n]);
 #pragma unroll
@@ -111,17 +154,19 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
 struct Operands {
   at::Tensor x, w, s, residual, y;
   double eps;
+  int activation;
 };
 
 template <typename T, int M, Epilogue kMode>
 void launch(const Operands& o) {
-  const int N = o.w.size(0), K = o.w.size(1);
+  const int N = o.y.size(1), K = o.w.size(1);  // outputs: the weight's rows, or half of them gated
+  const int outs_per_cta = kMode == Epilogue::kRmsNormGatedAct ? kWarps / 2 : kWarps;
   dim3 block(32, kWarps);
-  dim3 grid((N + kWarps - 1) / kWarps);
+  dim3 grid((N + outs_per_cta - 1) / outs_per_cta);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
   C10_CUDA_CHECK(launch_programmatic(gemv_int8_kernel<T, M, kMode>, grid, block, 0, at::cuda::getCurrentCUDAStream(),
                                      ptr(o.x), o.w.data_ptr<int8_t>(), ptr(o.s), ptr(o.residual), ptr(o.y), N, K,
-                                     static_cast<float>(o.eps)));
+                                     static_cast<float>(o.eps), o.activation));
 }
 
 template <typename T, Epilogue kMode>
@@ -134,18 +179,24 @@ void dispatch_rows(const Operands& o) {
   }
 }
 
-// x [M, K] (M <= 4, bf16 or fp16), qweight [N, K] int8, scales [N] in x's dtype → y [M, N].
+// x [M, K] (M <= 4, bf16 or fp16), qweight [N, K] int8, scales [N] in x's dtype → y [M, N] ([M, N / 2]
+// gated).
 template <Epilogue kMode>
 at::Tensor run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& residual,
-               double eps) {
+               double eps, int activation = kSilu) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 4, "linear_int8_gemv takes 1 to 4 rows");
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "qweight must be [N, K] int8");
   TORCH_CHECK(x.size(1) == qweight.size(1) && x.size(1) % 16 == 0, "K must match and be a multiple of 16");
   TORCH_CHECK(x.scalar_type() == scales.scalar_type(), "scales must have x's dtype");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x must be bf16 or fp16");
   const at::cuda::OptionalCUDAGuard guard(x.device());
-  at::Tensor y = at::empty({x.size(0), qweight.size(0)}, x.options());
-  Operands o{x.contiguous(), qweight.contiguous(), scales.contiguous(), at::Tensor(), y, eps};
+  int64_t width = qweight.size(0);
+  if constexpr (kMode == Epilogue::kRmsNormGatedAct) {
+    TORCH_CHECK(width % 2 == 0, "a gate/up qweight has an even number of rows");
+    width /= 2;
+  }
+  at::Tensor y = at::empty({x.size(0), width}, x.options());
+  Operands o{x.contiguous(), qweight.contiguous(), scales.contiguous(), at::Tensor(), y, eps, activation};
   if constexpr (kMode == Epilogue::kAddResidual) {
     TORCH_CHECK(residual.sizes() == y.sizes() && residual.scalar_type() == x.scalar_type(),
                 "residual must be [M, N] in x's dtype");
@@ -173,10 +224,17 @@ at::Tensor rms_norm_linear_int8_gemv(const at::Tensor& x, const at::Tensor& qwei
   return run<Epilogue::kRmsNorm>(x, qweight, scales, at::Tensor(), eps);
 }
 
+at::Tensor rms_norm_linear_int8_gemv_gated_act(const at::Tensor& x, const at::Tensor& qweight,
+                                               const at::Tensor& scales, double eps, int64_t activation) {
+  TORCH_CHECK(activation >= kSilu && activation <= kGeluTanh, "activation must be 0 (silu), 1 (gelu) or 2 (gelu_tanh)");
+  return run<Epilogue::kRmsNormGatedAct>(x, qweight, scales, at::Tensor(), eps, static_cast<int>(activation));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(oiv2, CUDA, m) {
   m.impl("linear_int8_gemv", &linear_int8_gemv);
   m.impl("linear_int8_gemv_add", &linear_int8_gemv_add);
   m.impl("rms_norm_linear_int8_gemv", &rms_norm_linear_int8_gemv);
+  m.impl("rms_norm_linear_int8_gemv_gated_act", &rms_norm_linear_int8_gemv_gated_act);
 }

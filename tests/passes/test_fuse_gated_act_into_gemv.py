@@ -1,0 +1,65 @@
+"""fuse_gated_act_into_gemv: in the batch-1 decode program of an int8 CUDA build, the gated activation
+after each gate/up product that runs its norm goes into that product; the program computes exactly
+what it did. Here on the CPU, where the C++ ops run their references and the library stands as a path."""
+
+from __future__ import annotations
+
+import torch
+
+from oiv2compile.capture import DECODE_B1, PREFILL
+from oiv2compile.passes import use_cuda_kernels as gemv_pass
+from oiv2compile.passes.fold_norm_weights import fold_norm_weights
+from oiv2compile.passes.fuse_gated_act_into_gemv import fuse_gated_act_into_gemv
+from oiv2compile.passes.fuse_norm_into_gemv import fuse_norm_into_gemv
+from oiv2compile.passes.manager import cleanup
+from oiv2compile.passes.quantize_weights import quantize_weights
+from oiv2compile.passes.registry import pipeline
+from tests.passes.helpers import count, snapshot
+from tests.passes.test_fuse_norm_into_gemv import FOLDED, LAYERS, NORM_GEMV, _captured, _cfg, _run, library
+
+__all__ = ["library"]  # the fixture, used by name
+
+GATED_ACT = torch.ops.oiv2.gated_act.default
+NORM_GEMV_ACT = torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act.default
+
+
+def _through_norm_fusion(program, cfg):  # type: ignore[no-untyped-def]
+    gm, spec = _captured(program)
+    for p in (fold_norm_weights, quantize_weights, gemv_pass.use_cuda_kernels, fuse_norm_into_gemv):
+        p(gm, cfg)
+        cleanup(gm)
+    return gm, spec
+
+
+def test_each_layers_gated_activation_runs_in_its_gate_up_product(library):
+    cfg = _cfg()
+    gm, spec = _through_norm_fusion(DECODE_B1, cfg)
+    before = snapshot(gm)
+    assert count(gm, GATED_ACT) == LAYERS and count(gm, NORM_GEMV) == FOLDED
+
+    assert fuse_gated_act_into_gemv(gm, cfg) == LAYERS  # every layer's post-attention norm runs in gate/up
+    cleanup(gm)
+    assert count(gm, GATED_ACT) == 0 and count(gm, NORM_GEMV_ACT) == LAYERS
+    assert count(gm, NORM_GEMV) == FOLDED - LAYERS  # the later layers' qkv
+    for node in gm.graph.find_nodes(op="call_function", target=NORM_GEMV_ACT):
+        facts = node.meta["oiv2"]
+        assert facts["library"] == library.name and facts["activation"] == "silu" and "folded_norm" in facts
+        assert node.meta["val"].shape[-1] * 2 == node.args[1].meta["val"].shape[0]
+    assert gemv_pass.libraries(gm) == [library]
+    (want, want_caches), (got, got_caches) = _run(before, spec), _run(gm, spec)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same reference computations
+    for a, b in zip(got_caches, want_caches, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_prefill_keeps_its_activation(library):
+    cfg = _cfg()
+    gm, _ = _through_norm_fusion(PREFILL, cfg)
+    assert fuse_gated_act_into_gemv(gm, cfg) == 0 and count(gm, GATED_ACT) == LAYERS
+
+
+def test_in_the_pipeline_where_the_norm_fusion_runs_and_the_mlp_is_fused():
+    assert pipeline(_cfg())[-2:] == [fuse_norm_into_gemv, fuse_gated_act_into_gemv]
+    assert fuse_gated_act_into_gemv not in pipeline(_cfg(enable_ffn=False))
+    assert fuse_gated_act_into_gemv not in pipeline(_cfg(enable_norm_into_linear=False))
+    assert fuse_gated_act_into_gemv not in pipeline(_cfg().replace(quantization="int4"))
