@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="int8 on CUDA: keep each residual add and RMSNorm apart from the decode products around it",
     )
+    build.add_argument(
+        "--fuse-gated-act-into-linear",
+        action="store_true",
+        help="int8 on CUDA, experimental (not yet timed): also run the gated activation inside the gate/up GEMV",
+    )
     build.add_argument("--force", action="store_true", help="replace OUT if it exists")
     build.set_defaults(func=_build)
 
@@ -204,6 +209,8 @@ def _build(args: argparse.Namespace) -> int:
     }
     if args.no_fuse_norm_into_linear:
         fusion["enable_norm_into_linear"] = False
+    if args.fuse_gated_act_into_linear:
+        fusion["enable_gated_act_into_linear"] = True
     if fusion:
         overrides["fusion"] = fusion
     print(f"building {args.model} -> {args.out}", file=sys.stderr)

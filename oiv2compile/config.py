@@ -93,6 +93,11 @@ class FusionConfig:
     # passes/fuse_norm_into_gemv.py). H100, llama-8b batch 1: 312.0 tok/s against 304.9 with the norms
     # apart, 32 layers of int8 linears 2726 us a step against 2810 (benchmarks/RESULTS.md, d889441).
     enable_norm_into_linear: bool = True
+    # Int8 on CUDA, with the above: the gated activation inside the gate/up decode product
+    # (passes/fuse_gated_act_into_gemv.py). Off until timed on a GPU in this form: on a65309a's kernel it
+    # saved 20-25 us a step of the chain, but that kernel was slower in its other modes
+    # (benchmarks/RESULTS.md).
+    enable_gated_act_into_linear: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,12 @@ class BuildConfig:
         fusion, quant = self.fusion, self.quant
         if self.backend is Backend.ONNX:
             fusion = dataclasses.replace(
-                fusion, enable_ffn=False, enable_norms=False, enable_rope_kv_write=False, enable_norm_into_linear=False
+                fusion,
+                enable_ffn=False,
+                enable_norms=False,
+                enable_rope_kv_write=False,
+                enable_norm_into_linear=False,
+                enable_gated_act_into_linear=False,
             )
             quant = dataclasses.replace(quant, include_embedding=False)
         return dataclasses.replace(self, device=device, dtype=dtype, fusion=fusion, quant=quant)

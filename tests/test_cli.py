@@ -71,6 +71,7 @@ def test_build_run_inspect(capsys, tmp_path):
         "enable_norms": False,
         "enable_rope_kv_write": True,
         "enable_norm_into_linear": True,
+        "enable_gated_act_into_linear": False,
     }
     assert "fuse_norms" not in manifest["passes"]["decode"] and manifest["passes"]["decode"]["fuse_ffn"]["count"] == 2
 

@@ -77,7 +77,12 @@ def test_the_onnx_backend_builds_without_the_fusions_it_cannot_lower():
 
     onnx = BuildConfig().replace(backend="onnx").resolve(cuda_available=False)
     assert onnx.fusion == FusionConfig(
-        enable_qkv=True, enable_ffn=False, enable_norms=False, enable_rope_kv_write=False, enable_norm_into_linear=False
+        enable_qkv=True,
+        enable_ffn=False,
+        enable_norms=False,
+        enable_rope_kv_write=False,
+        enable_norm_into_linear=False,
+        enable_gated_act_into_linear=False,
     )
     assert not onnx.quant.include_embedding  # oiv2::embedding_int8/int4 have no ONNX translation
     inductor = BuildConfig().resolve(cuda_available=False)

@@ -11,7 +11,9 @@ with its launch gap and the [1, 2I] round trip through memory. The weights are t
 the same layout; prefill keeps its own product and activation.
 
 Preconditions: the product's output is read by the reshape alone and the reshape by the activation
-alone. Runs where fuse_norm_into_gemv runs (fold_norm_weights.applies).
+alone. Runs where fuse_norm_into_gemv runs (fold_norm_weights.applies), with
+BuildConfig.fusion.enable_gated_act_into_linear (`build --fuse-gated-act-into-linear`; off by default
+until timed on a GPU in this form, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ NORM_GEMV_ACT = torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act.default
 
 
 def fuse_gated_act_into_gemv(gm: GraphModule, cfg: BuildConfig) -> int:
-    if not applies(cfg):
+    if not (applies(cfg) and cfg.fusion.enable_gated_act_into_linear):
         return 0
     count = 0
     for act in gm.graph.find_nodes(op="call_function", target=GATED_ACT):

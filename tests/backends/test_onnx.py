@@ -105,6 +105,7 @@ def test_quantized_onnx_artifacts_run_every_linear_as_matmul_nbits(quant, artifa
         "enable_norms": False,
         "enable_rope_kv_write": False,
         "enable_norm_into_linear": False,
+        "enable_gated_act_into_linear": False,
     }
     assert linears == 5 * engine.spec.num_layers + 1
     for program in ("prefill", "decode"):

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from oiv2compile.capture import DECODE_B1, PREFILL
+from oiv2compile.capture import DECODE, DECODE_B1, PREFILL
+from oiv2compile.config import BuildConfig
 from oiv2compile.passes import use_cuda_kernels as gemv_pass
 from oiv2compile.passes.fold_norm_weights import fold_norm_weights
 from oiv2compile.passes.fuse_gated_act_into_gemv import fuse_gated_act_into_gemv
@@ -15,12 +16,25 @@ from oiv2compile.passes.manager import cleanup
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.registry import pipeline
 from tests.passes.helpers import count, snapshot
-from tests.passes.test_fuse_norm_into_gemv import FOLDED, LAYERS, NORM_GEMV, _captured, _cfg, _run, library
+from tests.passes.test_fuse_norm_into_gemv import (
+    FOLDED,
+    LAYERS,
+    NORM_GEMV,
+    _captured,
+    _run,
+    _tiny_with_random_norms,
+    library,
+)
+from tests.passes.test_fuse_norm_into_gemv import _cfg as _norm_cfg
 
 __all__ = ["library"]  # the fixture, used by name
 
 GATED_ACT = torch.ops.oiv2.gated_act.default
 NORM_GEMV_ACT = torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act.default
+
+
+def _cfg(**fusion: bool) -> BuildConfig:
+    return _norm_cfg(**{"enable_gated_act_into_linear": True, **fusion})
 
 
 def _through_norm_fusion(program, cfg):  # type: ignore[no-untyped-def]
@@ -60,6 +74,24 @@ def test_prefill_keeps_its_activation(library):
 
 def test_in_the_pipeline_where_the_norm_fusion_runs_and_the_mlp_is_fused():
     assert pipeline(_cfg())[-2:] == [fuse_norm_into_gemv, fuse_gated_act_into_gemv]
+    assert fuse_gated_act_into_gemv not in pipeline(_norm_cfg())  # off by default: not yet timed
+    assert not BuildConfig().fusion.enable_gated_act_into_linear
     assert fuse_gated_act_into_gemv not in pipeline(_cfg(enable_ffn=False))
     assert fuse_gated_act_into_gemv not in pipeline(_cfg(enable_norm_into_linear=False))
     assert fuse_gated_act_into_gemv not in pipeline(_cfg().replace(quantization="int4"))
+
+
+def test_the_check_against_hf_passes_with_the_activation_in_the_product(library):
+    from oiv2compile.capture import capture
+    from oiv2compile.verify import verify_against_hf
+
+    hf, spec = _tiny_with_random_norms()
+    programs = {p.name: capture(hf, spec, p) for p in (PREFILL, DECODE, DECODE_B1)}
+    cfg = _cfg()
+    for captured in programs.values():
+        for p in pipeline(cfg):
+            p(captured.graph_module, cfg)
+            cleanup(captured.graph_module)
+    assert count(programs[DECODE_B1.name].graph_module, NORM_GEMV_ACT) == LAYERS
+    report = verify_against_hf(hf, programs, spec)
+    assert max(report["relative_error"].values()) <= report["tolerance"]
