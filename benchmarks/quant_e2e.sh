@@ -77,7 +77,9 @@ if [ "${NORM_APART:-0}" = 1 ]; then
   stamp measured norms apart
 fi
 CHAIN_QUANTS=bf16,int8-norm,int4  # the forms the artifacts run
-if [ "${NORM_APART:-0}" = 1 ]; then CHAIN_QUANTS=bf16,int8,int8-norm,int4,int8,int8-norm; fi
+if [ "${NORM_APART:-0}" = 1 ]; then
+  CHAIN_QUANTS=bf16,int8,int8-norm,int8-norm-act,int4,int8,int8-norm,int8-norm-act  # -act: not yet the default
+fi
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=. python3 benchmarks/bench_linear_chain.py --model "$MODEL" --quant "$CHAIN_QUANTS" \
   > "$RESULTS/linear-chain.md" 2>&1
 stamp chain done
