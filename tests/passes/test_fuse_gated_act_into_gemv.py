@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from oiv2compile.capture import DECODE, DECODE_B1, PREFILL
+from oiv2compile.capture import DECODE_B1, PREFILL
 from oiv2compile.config import BuildConfig
 from oiv2compile.passes import use_cuda_kernels as gemv_pass
 from oiv2compile.passes.fold_norm_weights import fold_norm_weights
@@ -21,8 +21,8 @@ from tests.passes.test_fuse_norm_into_gemv import (
     LAYERS,
     NORM_GEMV,
     _captured,
+    _programs_with_random_norms,
     _run,
-    _tiny_with_random_norms,
     library,
 )
 from tests.passes.test_fuse_norm_into_gemv import _cfg as _norm_cfg
@@ -82,16 +82,9 @@ def test_in_the_pipeline_where_the_norm_fusion_runs_and_the_mlp_is_fused():
 
 
 def test_the_check_against_hf_passes_with_the_activation_in_the_product(library):
-    from oiv2compile.capture import capture
     from oiv2compile.verify import verify_against_hf
 
-    hf, spec = _tiny_with_random_norms()
-    programs = {p.name: capture(hf, spec, p) for p in (PREFILL, DECODE, DECODE_B1)}
-    cfg = _cfg()
-    for captured in programs.values():
-        for p in pipeline(cfg):
-            p(captured.graph_module, cfg)
-            cleanup(captured.graph_module)
+    hf, spec, programs = _programs_with_random_norms(_cfg())
     assert count(programs[DECODE_B1.name].graph_module, NORM_GEMV_ACT) == LAYERS
     report = verify_against_hf(hf, programs, spec)
     assert max(report["relative_error"].values()) <= report["tolerance"]

@@ -202,12 +202,12 @@ def test_a_weight_read_twice_stays_unfolded():
     assert fold_norm_weights(gm, _cfg()) == FOLDED - 1
 
 
-def _programs_with_random_norms():  # type: ignore[no-untyped-def]
+def _programs_with_random_norms(cfg: BuildConfig | None = None):  # type: ignore[no-untyped-def]
     """hf (bf16, random norm weights), its spec, and its prefill and decode programs after the
-    int8 CUDA pipeline with this fusion on."""
+    int8 CUDA pipeline with this fusion on (or with cfg's)."""
     hf, spec = _tiny_with_random_norms()
     programs = {p.name: capture(hf, spec, p) for p in (PREFILL, DECODE, DECODE_B1)}
-    cfg = _cfg()
+    cfg = cfg or _cfg()
     for captured in programs.values():
         for p in pipeline(cfg):
             p(captured.graph_module, cfg)
