@@ -27,12 +27,14 @@ import torch.nn.functional as F
 
 from oiv2compile.bench import copy_bandwidth_gbs
 from oiv2compile.kernels import add_rms_norm, gated_act, linear_int4_mma, linear_int8_gemv  # noqa: F401 (ops)
+from oiv2compile.kernels.gated_act import ACTIVATIONS
 from oiv2compile.models import PRESETS
 
 GROUP = 128
-# int8-norm: int8 with each residual add and RMSNorm inside the GEMVs around it (fuse_norm_into_gemv);
-# int8-norm-act: that, and the gated activation in the gate/up GEMV (fuse_gated_act_into_gemv), as the
-# artifacts run it.
+SILU = ACTIVATIONS.index("silu")  # the gated kernel takes the activation by index
+# int8-norm: int8 with each residual add and RMSNorm inside the GEMVs around it (fuse_norm_into_gemv),
+# as int8 artifacts run by default; int8-norm-act: that, and the gated activation in the gate/up GEMV
+# (fuse_gated_act_into_gemv, with build --fuse-gated-act-into-linear).
 QUANTS = ("bf16", "int8", "int8-norm", "int8-norm-act", "int4")
 
 
@@ -103,7 +105,7 @@ def _fused_norm_step(  # type: ignore[no-untyped-def]
 
     def mlp_input(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if gated_in_gemv:
-            return torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act(h, q, s, 1e-5, 0)  # silu
+            return torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act(h, q, s, 1e-5, SILU)
         return torch.ops.oiv2.gated_act(norm_gemv(h, q, s, 1e-5), "silu")
 
     def step(x: torch.Tensor) -> torch.Tensor:

@@ -143,9 +143,9 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       const size_t at = static_cast<size_t>(m) * N + n;
-      T out = from_float<T>(acc[m] * s);
-      if constexpr (kMode == Epilogue::kAddResidual) out = from_float<T>(to_float(out) + to_float(residual[at]));
-      y[at] = out;
+      T value = from_float<T>(acc[m] * s);
+      if constexpr (kMode == Epilogue::kAddResidual) value = from_float<T>(to_float(value) + to_float(residual[at]));
+      y[at] = value;
     }
   }
 }
