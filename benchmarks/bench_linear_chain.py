@@ -32,10 +32,10 @@ from oiv2compile.models import PRESETS
 
 GROUP = 128
 SILU = ACTIVATIONS.index("silu")  # the gated kernel takes the activation by index
-# int8-norm: int8 with each residual add and RMSNorm inside the GEMVs around it (fuse_norm_into_gemv),
-# as int8 artifacts run by default; int8-norm-act: that, and the gated activation in the gate/up GEMV
+# int8-norm / int4-norm: each residual add and RMSNorm inside the products around it
+# (fuse_norm_into_gemv); -norm-act: that, and the gated activation in the gate/up product
 # (fuse_gated_act_into_gemv, with build --fuse-gated-act-into-linear).
-QUANTS = ("bf16", "int8", "int8-norm", "int8-norm-act", "int4")
+QUANTS = ("bf16", "int8", "int8-norm", "int8-norm-act", "int4", "int4-norm", "int4-norm-act")
 
 
 def linear_shapes(model: str) -> list[tuple[int, int]]:
@@ -56,20 +56,24 @@ def make_linear(quant: str, n: int, k: int, device: torch.device) -> tuple[Calla
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
         s = torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3
         return (lambda x: torch.ops.oiv2.linear_int8_gemv(x, q, s)), q.numel() + s.numel() * 2
+    packed, pairs = int4_weight(n, k, device)
+    return (lambda x: torch.ops.oiv2.linear_int4_mma(x, packed, pairs)), packed.numel() + pairs.numel() * 2
+
+
+def int4_weight(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random levels and group scales in int4-mma16x64-v1: (packed, scale_zero)."""
     levels = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=device)
-    packed = linear_int4_mma.pack(levels)
     scales = torch.rand(n, k // GROUP, device=device, dtype=torch.bfloat16) * 1e-3
     zeros = torch.full((n, k // GROUP), 8.0, device=device, dtype=torch.bfloat16)
-    pairs = linear_int4_mma.scale_zero(scales, zeros)
-    return (lambda x: torch.ops.oiv2.linear_int4_mma(x, packed, pairs)), packed.numel() + pairs.numel() * 2
+    return linear_int4_mma.pack(levels), linear_int4_mma.scale_zero(scales, zeros)
 
 
 def make_step(quant: str, model: str, layers: int, device: torch.device) -> tuple[Callable, int]:
     """One decode step of `layers` layers (batch 1) and the weight bytes it reads."""
     shapes = linear_shapes(model)
     hidden, q_width = shapes[0][1], shapes[1][1]  # o's input: the attention output's width
-    if quant in ("int8-norm", "int8-norm-act"):
-        return _fused_norm_step(layers, device, shapes, q_width, gated_in_gemv=quant == "int8-norm-act")
+    if quant.startswith(("int8-norm", "int4-norm")):
+        return _fused_norm_step(quant[:4], layers, device, shapes, q_width, gated_in_gemv=quant.endswith("-act"))
     stack = [[make_linear(quant, n, k, device) for n, k in shapes] for _ in range(layers)]
     norm = torch.ones(hidden, device=device, dtype=torch.bfloat16)
 
@@ -86,34 +90,47 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
 
 
 def _fused_norm_step(  # type: ignore[no-untyped-def]
-    layers: int, device: torch.device, shapes: list[tuple[int, int]], q_width: int, gated_in_gemv: bool
+    bits: str, layers: int, device: torch.device, shapes: list[tuple[int, int]], q_width: int, gated_in_gemv: bool
 ):
-    """The int8 step with each residual add in the o and down GEMVs and each RMSNorm in the qkv and
-    gate/up GEMVs after them (oiv2::linear_int8_gemv_add, oiv2::rms_norm_linear_int8_gemv), and with
-    gated_in_gemv the activation in the gate/up GEMV too (oiv2::rms_norm_linear_int8_gemv_gated_act)."""
-    stack = [
-        [
+    """The int8 or int4 step with each residual add in the o and down products and each RMSNorm in the
+    qkv and gate/up products after them (oiv2::linear_int8_gemv_add, oiv2::rms_norm_linear_int8_gemv;
+    oiv2::linear_int4_mma_add, oiv2::rms_norm_linear_int4_mma), and with gated_in_gemv the activation in
+    the gate/up product too (oiv2::rms_norm_linear_int8_gemv_gated_act, ..._int4_mma_gated_act)."""
+    ops = torch.ops.oiv2
+    if bits == "int8":
+        weights = [
             (
                 torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device),
                 torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3,
             )
+            for _ in range(layers)
             for n, k in shapes
         ]
-        for _ in range(layers)
-    ]
-    gemv_add, norm_gemv = torch.ops.oiv2.linear_int8_gemv_add, torch.ops.oiv2.rms_norm_linear_int8_gemv
+        product_add, norm_product, norm_product_act = (
+            ops.linear_int8_gemv_add,
+            ops.rms_norm_linear_int8_gemv,
+            ops.rms_norm_linear_int8_gemv_gated_act,
+        )
+    else:
+        weights = [int4_weight(n, k, device) for _ in range(layers) for n, k in shapes]
+        product_add, norm_product, norm_product_act = (
+            ops.linear_int4_mma_add,
+            ops.rms_norm_linear_int4_mma,
+            ops.rms_norm_linear_int4_mma_gated_act,
+        )
+    stack = [weights[4 * i : 4 * i + 4] for i in range(layers)]
 
     def mlp_input(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if gated_in_gemv:
-            return torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act(h, q, s, 1e-5, SILU)
-        return torch.ops.oiv2.gated_act(norm_gemv(h, q, s, 1e-5), "silu")
+            return norm_product_act(h, q, s, 1e-5, SILU)
+        return ops.gated_act(norm_product(h, q, s, 1e-5), "silu")
 
     def step(x: torch.Tensor) -> torch.Tensor:
         h = x  # the residual stream
         for qkv, o, gate_up, down in stack:
-            y = norm_gemv(h, *qkv, 1e-5)
-            h = gemv_add(y[:, :q_width].contiguous(), *o, h)  # attention's output stands in for q
-            h = gemv_add(mlp_input(h, *gate_up), *down, h)
+            y = norm_product(h, *qkv, 1e-5)
+            h = product_add(y[:, :q_width].contiguous(), *o, h)  # attention's output stands in for q
+            h = product_add(mlp_input(h, *gate_up), *down, h)
         return h
 
     return step, sum(q.numel() + s.numel() * 2 for layer in stack for q, s in layer)
@@ -167,7 +184,7 @@ def main() -> int:
     if any(q not in QUANTS for q in quants):
         print(f"--quant takes a comma-separated list of {', '.join(QUANTS)}.", file=sys.stderr)
         return 2
-    if "int4" in quants and not all(
+    if any(q.startswith("int4") for q in quants) and not all(
         k % GROUP == 0 and linear_int4_mma.takes(n, k, GROUP) for n, k in linear_shapes(args.model)
     ):
         print(f"{args.model}'s linears do not fit int4 groups of {GROUP}; leave int4 out.", file=sys.stderr)

@@ -1,5 +1,6 @@
-// What the hand-written GEMV kernels (linear_int8_gemv.cu, linear_int4_gemv.cu) share: streaming
-// 128-bit loads, activations to float, a byte to float without the I2F unit, a warp's sum.
+// What the hand-written GEMV kernels (linear_int8_gemv.cu, linear_int4_mma.cu) share: programmatic
+// launches, streaming 128-bit loads, activations to float, a byte to float without the I2F unit, the
+// gated activations, a warp's sum.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,6 +15,10 @@ namespace oiv2_gemv {
 // attention kernels do at their start, kernels/_triton.py). Before a kernel reads what the previous one
 // writes (x), or writes anything, it waits for that grid to end; the weights it may stream before.
 __device__ __forceinline__ void wait_for_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+// The kernel after this one (launched as a programmatic dependent) may start once every CTA of this grid
+// has called this or ended; it still waits for this grid to end before it reads what this grid writes.
+__device__ __forceinline__ void allow_dependents_to_launch() { asm volatile("griddepcontrol.launch_dependents;"); }
 
 template <typename... Params, typename... Args>
 cudaError_t launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
@@ -95,6 +100,16 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
+
+// The gated MLP's activations, numbered as in oiv2::gated_act's ACTIVATIONS.
+enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
+__device__ __forceinline__ float activate(float g, int activation) {
+  if (activation == kSilu) return g / (1.0f + expf(-g));
+  if (activation == kGelu) return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
+  const float z = 0.7978845608028654f * (g + 0.044715f * g * g * g);  // tanh(z) = 2 * sigmoid(2z) - 1
+  return g / (1.0f + expf(-2.0f * z));
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
