@@ -7,14 +7,15 @@
 #   TESTS=1          run `pytest -m cuda tests/kernels tests/runtime` on the last card while the
 #                    artifacts build (about 12 minutes on an H100); on fewer than four cards the
 #                    measuring waits for them, on four or more it runs on card 0 beside them;
-#   NORM_APART=1     also build and measure int8 with --no-fuse-norm-into-linear (its own bench run,
-#                    with its own bf16 row from the same cache entry), and its rows in the chain;
+#   NORM_APART=1     also build and measure $NORM_APART_QUANT (int8 or int4; default int4) with
+#                    --no-fuse-norm-into-linear (its own bench run, with its own bf16 row from the same
+#                    cache entry), and the unfused rows in the chain;
 #   BASELINES=...    the bench's --baselines for the measuring run (default: none);
 #   ARCHIVE=path     tar.gz of $RESULTS, rewritten after each phase (for a machine that may go away);
 #   DONE=path        touched when the measuring runs have finished (before the profile).
 # An 8B build takes 3-6 minutes and holds about 37 GB of GPU memory while it runs. With three GPUs or
 # more the three artifacts build in parallel, one per GPU, into a shared bench cache; with fewer, one
-# bench command builds them in turn; with four, the norms-apart int8 build takes the fourth (each in
+# bench command builds them in turn; with four, the norms-apart build takes the fourth (each in
 # a process of its own). The measuring run then reuses them
 # (the cache is keyed by the build config, not the GPU index), alone on the card.
 # On a lent machine whose calls are shorter than this script, start it in a session of its own
@@ -24,6 +25,7 @@ MODEL=${MODEL:-llama-8b}
 RESULTS=${RESULTS:-out/quant-e2e}
 CACHE=${CACHE:-$RESULTS/cache}
 GPUS=${GPUS:-$(nvidia-smi --list-gpus | wc -l)}
+APART=${NORM_APART_QUANT:-int4}
 COMMON=(--backends inductor --dtype bfloat16 --batch-sizes 1 --prompt-len 128 --new-tokens 128 --max-seq-len 256
   --cache-dir "$CACHE")
 mkdir -p "$RESULTS"
@@ -52,7 +54,7 @@ if [ "$GPUS" -ge 3 ]; then
     i=$((i + 1))
   done
   if [ "${NORM_APART:-0}" = 1 ] && [ "$GPUS" -ge 4 ]; then
-    CUDA_VISIBLE_DEVICES=3 python3 -m oiv2compile bench "$MODEL" --quant int8 --no-fuse-norm-into-linear \
+    CUDA_VISIBLE_DEVICES=3 python3 -m oiv2compile bench "$MODEL" --quant "$APART" --no-fuse-norm-into-linear \
       --baselines '' --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-norms-apart" >"$RESULTS/build-norms-apart.log" 2>&1 &
     pids+=($!)
   fi
@@ -62,7 +64,7 @@ else
     --repeats 1 "${COMMON[@]}" --out "$RESULTS/build" >"$RESULTS/build.log" 2>&1
 fi
 if [ "${NORM_APART:-0}" = 1 ] && [ "$GPUS" -lt 4 ]; then
-  CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant int8 --no-fuse-norm-into-linear --baselines '' \
+  CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant "$APART" --no-fuse-norm-into-linear --baselines '' \
     --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-norms-apart" >"$RESULTS/build-norms-apart.log" 2>&1
 fi
 stamp builds done
@@ -72,13 +74,13 @@ CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8,i
   --repeats 3 "${COMMON[@]}" --out "$RESULTS/$MODEL" >"$RESULTS/bench.log" 2>&1
 stamp measured
 if [ "${NORM_APART:-0}" = 1 ]; then
-  CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8 --no-fuse-norm-into-linear \
+  CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant "none,$APART" --no-fuse-norm-into-linear \
     --baselines '' --repeats 3 "${COMMON[@]}" --out "$RESULTS/$MODEL-norms-apart" >"$RESULTS/bench-norms-apart.log" 2>&1
   stamp measured norms apart
 fi
-CHAIN_QUANTS=bf16,int8-norm,int4  # the forms the artifacts run
+CHAIN_QUANTS=bf16,int8-norm-act,int4-norm  # the forms the artifacts run
 if [ "${NORM_APART:-0}" = 1 ]; then
-  CHAIN_QUANTS=bf16,int8,int8-norm,int8-norm-act,int4,int8,int8-norm,int8-norm-act  # -act: not yet the default
+  CHAIN_QUANTS=bf16,int8,int8-norm,int8-norm-act,int4,int4-norm,int8,int8-norm,int8-norm-act,int4,int4-norm
 fi
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=. python3 benchmarks/bench_linear_chain.py --model "$MODEL" --quant "$CHAIN_QUANTS" \
   > "$RESULTS/linear-chain.md" 2>&1

@@ -53,6 +53,7 @@ SCHEMA_VERSION = 1
 BACKENDS = ("inductor", "eager", "onnx", "tensorrt")
 BASELINES = ("hf-eager", "hf-static")
 QUANTS = ("none", "int8", "int4")
+QUANTIZED_WITH_NORM_FUSION = ("int8", "int4")  # the rows --no-fuse-norm-into-linear builds apart
 REPORT = "bench.json"
 TABLE = "bench.md"
 PLOTS = ("tokens_per_s_vs_batch.png", "time_per_token.png")
@@ -106,7 +107,8 @@ class BenchRequest:
     seed: int = 0  # of the prompts and of a preset's random weights
     cache_dir: Path | None = None  # None: $OIV2_CACHE_DIR/bench or ~/.cache/oiv2compile/bench
     rebuild: bool = False  # build again even when the cache holds a matching artifact
-    fuse_norm_into_linear: bool = True  # False: int8 builds with --no-fuse-norm-into-linear (the others as they are)
+    # False: int8 and int4 builds with --no-fuse-norm-into-linear (the others as they are)
+    fuse_norm_into_linear: bool = True
 
     def __post_init__(self) -> None:
         _check_names("--backends", self.backends or (), BACKENDS)
@@ -518,7 +520,7 @@ def _prepare_artifact(target: _Target, request: BenchRequest, source: _Source, c
         return
     try:
         config = cfg.replace(backend=target.backend, **_quant_overrides(target.quant))
-        if not request.fuse_norm_into_linear and target.quant == "int8":  # the other rows keep their cached builds
+        if not request.fuse_norm_into_linear and target.quant in QUANTIZED_WITH_NORM_FUSION:  # others: their cache
             config = config.replace(fusion={"enable_norm_into_linear": False})
         path = (request.cache_dir or default_cache_dir()) / f"{config.fingerprint()}-{source.cache_key}"
         if not request.rebuild and _reusable(path, config, source.model_id):
@@ -944,7 +946,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     ]
     for row in report["rows"]:
         quant = row["quant"] + (
-            " (norms apart)" if row["quant"] == "int8" and args.get("fuse_norm_into_linear") is False else ""
+            " (norms apart)"
+            if row["quant"] in QUANTIZED_WITH_NORM_FUSION and args.get("fuse_norm_into_linear") is False
+            else ""
         )
         head = f"| {row['backend']} | {quant} | {row['batch']} |"
         if row["status"] != "ok":

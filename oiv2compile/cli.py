@@ -78,12 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--no-fuse-norm-into-linear",
         action="store_true",
-        help="int8 on CUDA: keep each residual add and RMSNorm apart from the decode products around it",
+        help="int8 and int4 on CUDA: keep each residual add and RMSNorm apart from the decode products around it",
     )
     build.add_argument(
-        "--fuse-gated-act-into-linear",
+        "--no-fuse-gated-act-into-linear",
         action="store_true",
-        help="int8 on CUDA, experimental (not yet timed): also run the gated activation inside the gate/up GEMV",
+        help="int8 on CUDA: keep the gated activation apart from the gate/up GEMV",
     )
     build.add_argument("--force", action="store_true", help="replace OUT if it exists")
     build.set_defaults(func=_build)
@@ -153,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--no-fuse-norm-into-linear",
         action="store_true",
-        help="build the int8 artifacts with --no-fuse-norm-into-linear (the others as they are)",
+        help="build the int8 and int4 artifacts with --no-fuse-norm-into-linear (the others as they are)",
     )
     bench.set_defaults(func=_bench)
 
@@ -209,8 +209,8 @@ def _build(args: argparse.Namespace) -> int:
     }
     if args.no_fuse_norm_into_linear:
         fusion["enable_norm_into_linear"] = False
-    if args.fuse_gated_act_into_linear:
-        fusion["enable_gated_act_into_linear"] = True
+    if args.no_fuse_gated_act_into_linear:
+        fusion["enable_gated_act_into_linear"] = False
     if fusion:
         overrides["fusion"] = fusion
     print(f"building {args.model} -> {args.out}", file=sys.stderr)

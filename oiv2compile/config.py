@@ -88,16 +88,16 @@ class FusionConfig:
     # Rotary embedding of q and k and the two cache writes as one oiv2::rope_kv_write, where q, k and v
     # are fused (passes/fuse_rope_kv_write.py).
     enable_rope_kv_write: bool = True
-    # Int8 on CUDA: an RMSNorm's weight folded into the linears after it, and the residual add and the
-    # norm run inside the decode products around them (passes/fold_norm_weights.py,
-    # passes/fuse_norm_into_gemv.py). H100, llama-8b batch 1: 312.0 tok/s against 304.9 with the norms
-    # apart, 32 layers of int8 linears 2726 us a step against 2810 (benchmarks/RESULTS.md, d889441).
+    # Int8 and int4 on CUDA: an RMSNorm's weight folded into the linears after it, and the residual add
+    # and the norm run inside the batch-1 decode products around them (passes/fold_norm_weights.py,
+    # passes/fuse_norm_into_gemv.py). H100, 32 llama-8b layers of linears a step (benchmarks/RESULTS.md):
+    # int8 2726 us against 2810 with the norms apart (d889441; 312.0 tok/s against 304.9 end to end),
+    # int4 1868 us against 2031 (5088796).
     enable_norm_into_linear: bool = True
-    # Int8 on CUDA, with the above: the gated activation inside the gate/up decode product
-    # (passes/fuse_gated_act_into_gemv.py). Off until timed on a GPU in this form: on a65309a's kernel it
-    # saved 20-25 us a step of the chain, but that kernel was slower in its other modes
-    # (benchmarks/RESULTS.md).
-    enable_gated_act_into_linear: bool = False
+    # Int8 on CUDA, with the above: the gated activation inside the gate/up decode GEMV
+    # (passes/fuse_gated_act_into_gemv.py). H100, the same chain: 2681 us against 2702 without
+    # (5088796). The int4 form of it was slower than the activation kernel (1899 us against 1868).
+    enable_gated_act_into_linear: bool = True
 
 
 @dataclass(frozen=True)

@@ -379,12 +379,14 @@ def test_bench_builds_only_its_int8_artifacts_with_the_norms_apart(monkeypatch, 
 
     monkeypatch.setattr(bench, "_build_in_child_process", refuse)
     argv = _tiny_args(
-        tmp_path / "cache", "llama-tiny", "--backends", "eager", "--quant", "none,int8", "--baselines", ""
+        tmp_path / "cache", "llama-tiny", "--backends", "eager", "--quant", "none,int8,int4", "--baselines", ""
     )
     code, stdout, err = _bench(tmp_path / "out", *argv, "--no-fuse-norm-into-linear")
     assert code == 0, err
     assert not configs["int8"].fusion.enable_norm_into_linear and configs["none"].fusion.enable_norm_into_linear
+    assert not configs["int4"].fusion.enable_norm_into_linear
     assert "| eager | int8 (norms apart) | 1 | unavailable" in stdout
+    assert "| eager | int4 (norms apart) | 1 | unavailable" in stdout
     assert _report(tmp_path / "out")["args"]["fuse_norm_into_linear"] is False
     with_flag = {quant: config.fingerprint() for quant, config in configs.items()}
     code, stdout, err = _bench(tmp_path / "out2", *argv)

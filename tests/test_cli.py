@@ -50,6 +50,7 @@ def test_build_run_inspect(capsys, tmp_path):
         "--max-batch-size",
         "2",
         "--no-fuse-norms",
+        "--no-fuse-gated-act-into-linear",
     )
     assert code == 0, err
     assert "capture prefill:" in err and "lower decode (eager):" in err and f"built {out}" in err

@@ -1,5 +1,5 @@
 """fold_norm_weights: an RMSNorm's weight moves into the weights of the linears that read its output,
-so that the int8 decode product can run the norm itself (fuse_norm_into_gemv).
+so that the int8 and int4 decode products can run the norm themselves (fuse_norm_into_gemv).
 
 Before (after fuse_norms, W a floating attribute that only this linear reads, g the norm's weight):
     out, hidden = oiv2.add_rms_norm(x, residual, g, eps)
@@ -13,8 +13,8 @@ unit weight, which fuse_norm_into_gemv needs. Each linear records the storage of
 for and g, so that the check against Hugging Face (verify.py) gives the HF linear the weight the
 quantized layout stands for divided by g.
 
-Preconditions: int8 quantization with the CUDA kernels on a CUDA build through Inductor (where the
-fused kernel exists); g is 1-D and nonzero, W [N, len(g)] in g's dtype; W is read by this linear
+Preconditions: int8 or int4 quantization with the CUDA kernels on a CUDA build through Inductor (where
+the fused kernels exist); g is 1-D and nonzero, W [N, len(g)] in g's dtype; W is read by this linear
 alone and is not tied to another attribute (an output head tied to the embedding table keeps its
 weight); the linear is one quantize_weights quantizes. Skips a norm whose weight is already all ones
 (a model as initialized), and a norm any of whose readers is not such a linear: the final norm, whose
@@ -50,10 +50,10 @@ ADD_RMS_NORM = torch.ops.oiv2.add_rms_norm.default
 
 
 def applies(cfg: BuildConfig) -> bool:
-    """Where the norm can run inside the int8 decode product: both passes ask this."""
+    """Where the norm can run inside the quantized decode products: both passes ask this."""
     return (
         cfg.fusion.enable_norm_into_linear
-        and cfg.quantization is Quantization.INT8
+        and cfg.quantization in (Quantization.INT8, Quantization.INT4)
         and cfg.quant.enable_cuda_kernels
         and cfg.device is Device.CUDA
         and cfg.backend is Backend.INDUCTOR

@@ -70,6 +70,7 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
             passes.append(use_cuda_kernels)
             if fold:  # reads the products use_cuda_kernels made
                 passes.append(fuse_norm_into_gemv)
-                if cfg.fusion.enable_ffn and cfg.fusion.enable_gated_act_into_linear:  # after gate/up's norm
+                gated = cfg.fusion.enable_ffn and cfg.fusion.enable_gated_act_into_linear
+                if gated and cfg.quantization is Quantization.INT8:  # after gate/up's norm
                     passes.append(fuse_gated_act_into_gemv)
     return passes

@@ -1,7 +1,8 @@
-"""fold_norm_weights and fuse_norm_into_gemv: on an int8 CUDA build each fused add + RMSNorm before a
-quantized linear hands its weight to that linear, and in the batch-1 decode program the add runs in
-the int8 GEMV before it and the norm in the one after it; the program computes what it did with the
-norm apart. Here on the CPU, where the C++ ops run their references and the library stands as a path."""
+"""fold_norm_weights and fuse_norm_into_gemv: on an int8 or int4 CUDA build each fused add + RMSNorm
+before a quantized linear hands its weight to that linear, and in the batch-1 decode program the add
+runs in the quantized product before it and the norm in the one after it; the program computes what it
+did with the norm apart. Here on the CPU, where the C++ ops run their references and the library
+stands as a path."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ NORM = torch.ops.oiv2.add_rms_norm.default
 GEMV8 = torch.ops.oiv2.linear_int8_gemv.default
 GEMV_ADD = torch.ops.oiv2.linear_int8_gemv_add.default
 NORM_GEMV = torch.ops.oiv2.rms_norm_linear_int8_gemv.default
+MMA = torch.ops.oiv2.linear_int4_mma.default
+MMA_ADD = torch.ops.oiv2.linear_int4_mma_add.default
+NORM_MMA = torch.ops.oiv2.rms_norm_linear_int4_mma.default
 LAYERS = 2  # llama-tiny
 # Each layer's post-attention norm and each later layer's input norm and the final norm (fuse_norms).
 NORMS = 2 * LAYERS
@@ -41,10 +45,24 @@ def library(monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+@pytest.fixture
+def library4(monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = Path("/x/oiv2_linear_int4_mma_0.so")
+    monkeypatch.setattr(gemv_pass, "_LIBRARIES", {"oiv2compile.kernels.linear_int4_mma": path})
+    return path
+
+
 def _cfg(**fusion: bool) -> BuildConfig:
+    """int8 with the norm fusion alone (the gated activation's is tested in its own file)."""
     return BuildConfig(device=Device.CUDA, backend=Backend.INDUCTOR).replace(
-        quantization="int8", fusion={"enable_norm_into_linear": True, **fusion}
+        quantization="int8",
+        fusion={"enable_norm_into_linear": True, "enable_gated_act_into_linear": False, **fusion},
     )
+
+
+def _cfg4() -> BuildConfig:
+    """int4 in groups of 64 (llama-tiny's widths are 64 and 128)."""
+    return _cfg().replace(quantization="int4", quant={"group_size": 64})
 
 
 UNFUSED = {"enable_qkv": False, "enable_ffn": False}
@@ -145,6 +163,47 @@ def test_the_decode_programs_norms_run_in_the_int8_gemv(library):
     assert _sqnr_db(float_logits, got) >= 25  # int8 against the float program, logits of a random model
 
 
+def test_the_decode_programs_norms_run_in_the_int4_products(library4):
+    """int4: the tensor-core op takes the norm's input as it is (no reshape); the head (259 rows, not a
+    multiple of 16) keeps the Triton op, so the final norm stays as with int8."""
+    gm, spec = _captured(DECODE_B1)
+    cfg = _cfg4()
+    float_logits, _ = _run(snapshot(gm), spec)
+    for p in (fold_norm_weights, quantize_weights, gemv_pass.use_cuda_kernels):
+        p(gm, cfg)
+        cleanup(gm)
+    before = snapshot(gm)
+    products = 4 * LAYERS  # qkv, o, gate/up, down
+    assert count(gm, NORM) == NORMS and count(gm, MMA) == products
+
+    assert fuse_norm_into_gemv(gm, cfg) == FOLDED
+    cleanup(gm)
+    assert count(gm, NORM) == NORMS - FOLDED and count(gm, MMA_ADD) == FOLDED and count(gm, NORM_MMA) == FOLDED
+    assert count(gm, MMA) == products - 2 * FOLDED
+    for node in gm.graph.find_nodes(op="call_function", target=NORM_MMA):
+        assert "folded_norm" in node.meta["oiv2"] and node.args[0].target is MMA_ADD
+        assert node.meta["oiv2"]["library"] == library4.name
+    (want, want_caches), (got, got_caches) = _run(before, spec), _run(gm, spec)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16, the norm's scalar applied later
+    for a, b in zip(got_caches, want_caches, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    assert _sqnr_db(float_logits, got) >= 15  # int4 against the float program, logits of a random model
+
+
+@pytest.mark.parametrize("program", [PREFILL, DECODE], ids=lambda p: p.name)
+def test_int4_programs_of_unfixed_rows_keep_their_norms(program, library4):
+    """The int4 epilogues run in the streamed kernel alone (1 to 8 rows): prefill and the decode program
+    of any batch keep the norm kernel, and read the same folded weights."""
+    gm, _ = _captured(program)
+    cfg = _cfg4()
+    assert fold_norm_weights(gm, cfg) == FOLDED
+    for p in (quantize_weights, gemv_pass.use_cuda_kernels):
+        p(gm, cfg)
+        cleanup(gm)
+    assert count(gm, MMA) == 4 * LAYERS
+    assert fuse_norm_into_gemv(gm, cfg) == 0 and count(gm, NORM) == NORMS
+
+
 def test_a_model_as_initialized_needs_no_fold(library):
     """HF initializes norm weights to ones: nothing to fold, every norm before a product to fuse."""
     hf = load_model("llama-tiny", dtype=torch.bfloat16, device="cpu", seed=0).model.requires_grad_(False)
@@ -177,8 +236,8 @@ def test_prefill_keeps_its_norms_and_reads_the_same_folded_weights(library):
 
 @pytest.mark.parametrize(
     "change",
-    [{"device": Device.CPU}, {"quantization": "int4"}, {"quant": {"enable_cuda_kernels": False}}],
-    ids=["cpu", "int4", "no-cuda-kernels"],
+    [{"device": Device.CPU}, {"quantization": "none"}, {"quant": {"enable_cuda_kernels": False}}],
+    ids=["cpu", "float", "no-cuda-kernels"],
 )
 def test_not_where_no_fused_kernel_would_run(change, library):
     gm, _ = _captured(DECODE_B1)
@@ -213,6 +272,16 @@ def _programs_with_random_norms(cfg: BuildConfig | None = None):  # type: ignore
             p(captured.graph_module, cfg)
             cleanup(captured.graph_module)
     return hf, spec, programs
+
+
+def test_the_int4_check_against_hf_passes_with_the_norms_in_the_products(library4):
+    from oiv2compile.verify import verify_against_hf
+
+    hf, spec, programs = _programs_with_random_norms(_cfg4())
+    assert count(programs[DECODE_B1.name].graph_module, NORM_MMA) == FOLDED
+    assert count(programs[DECODE.name].graph_module, NORM_MMA) == 0
+    report = verify_against_hf(hf, programs, spec)
+    assert max(report["relative_error"].values()) <= report["tolerance"]
 
 
 def test_the_check_against_hf_passes_with_folded_weights_and_fails_without_their_record(library):

@@ -165,7 +165,8 @@ def test_a_library_that_does_not_compile_leaves_the_triton_op(monkeypatch, caplo
 def test_the_pipeline_runs_it_last_on_cuda_inductor_builds_only():
     cuda = _cuda_cfg("int8")
     assert pipeline(cuda)[-1] is gemv_pass.use_cuda_kernels  # this config fuses no norms
-    assert pipeline(_cuda_cfg("int4").replace(fusion={"enable_norms": True}))[-1] is gemv_pass.use_cuda_kernels
+    int4 = pipeline(_cuda_cfg("int4").replace(fusion={"enable_norms": True}))
+    assert int4[-2] is gemv_pass.use_cuda_kernels and int4[-1].__name__ == "fuse_norm_into_gemv"  # reads its ops
     assert gemv_pass.use_cuda_kernels not in pipeline(cuda.replace(quant={"enable_cuda_kernels": False}))
     assert gemv_pass.use_cuda_kernels not in pipeline(cuda.replace(device=Device.CPU))
 

@@ -1,6 +1,6 @@
 // What the hand-written GEMV kernels (linear_int8_gemv.cu, linear_int4_mma.cu) share: programmatic
-// launches, streaming 128-bit loads, activations to float, a byte to float without the I2F unit, the
-// gated activations, a warp's sum.
+// launches, streaming 128-bit loads, activations to float, a byte to float without the I2F unit, a warp's
+// sum.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -100,16 +100,6 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
-
-// The gated MLP's activations, numbered as in oiv2::gated_act's ACTIVATIONS.
-enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
-
-__device__ __forceinline__ float activate(float g, int activation) {
-  if (activation == kSilu) return g / (1.0f + expf(-g));
-  if (activation == kGelu) return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
-  const float z = 0.7978845608028654f * (g + 0.044715f * g * g * g);  // tanh(z) = 2 * sigmoid(2z) - 1
-  return g / (1.0f + expf(-2.0f * z));
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

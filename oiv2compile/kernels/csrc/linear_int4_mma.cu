@@ -340,9 +340,8 @@ constexpr int streamed_smem_bytes() {
 }
 
 // What the streamed kernel does after the product (see the top of the file): nothing; the residual
-// add; the RMSNorm's scalar of each row; that and the gated activation, a CTA taking the gate blocks
-// [first, end) and the up blocks of the same outputs (N / 32 blocks on, fuse_ffn's order).
-enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
+// add; the RMSNorm's scalar of each row.
+enum class Epilogue { kPlain, kAddResidual, kRmsNorm };
 
 // kN consecutive chunks of 64 features, from chunk c of the block, against 8 * kTiles rows of x, into
 // acc. ws: the lane's 16 bytes of the first chunk (the next 512 bytes on); szg: row g's (scale, zero)
@@ -381,8 +380,7 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
   }
 }
 
-// One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8 * kTiles) of x (with
-// kRmsNormGatedAct, those and the up blocks of the same outputs). Stage s is chunks [c0, c0 + 16) of one
+// One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8 * kTiles) of x. Stage s is chunks [c0, c0 + 16) of one
 // block and the groups they touch; consumer warp w takes the kStageChunks / kConsumers consecutive
 // chunks from w * that, and adds its sums into shared memory when its block ends. The producer lets the
 // next kernel launch once it has issued its last copy (that kernel's CTAs take an SM as this one's
@@ -390,9 +388,8 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
 template <typename T, int kTiles, int kGroupShift, Epilogue kMode>
 __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kernel(
     const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
-    const T* __restrict__ residual, T* __restrict__ y, int M, int N, int K, float eps, int activation) {
-  constexpr bool kGated = kMode == Epilogue::kRmsNormGatedAct;
-  constexpr bool kNorm = kMode == Epilogue::kRmsNorm || kGated;
+    const T* __restrict__ residual, T* __restrict__ y, int M, int N, int K, float eps) {
+  constexpr bool kNorm = kMode == Epilogue::kRmsNorm;
   constexpr int group_shift = kGroupShift;
   extern __shared__ __align__(128) unsigned char smem[];
   float* sums = reinterpret_cast<float*>(smem + kStages * kStageBytes);  // [block][x row][16]
@@ -401,12 +398,9 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   float* row_sumsq = reinterpret_cast<float*>(empty + kStages);  // [x row]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = K / kChunk, groups = K >> group_shift;
-  const int units = kGated ? N / (2 * kRows) : N / kRows;  // gated: pairs of a gate and an up block
   int first, end;
-  cta_blocks(units, blockIdx.x, gridDim.x, first, end);
-  const int count = (kGated ? 2 : 1) * (end - first);  // blocks this CTA sums: v = 0..count-1
-  auto block_of = [&](int v) { return kGated && v >= end - first ? v - (end - first) + first + units : first + v; };
-  for (int i = threadIdx.x; i < count * 8 * kTiles * kRows; i += blockDim.x) sums[i] = 0.0f;
+  cta_blocks(N / kRows, blockIdx.x, gridDim.x, first, end);
+  for (int i = threadIdx.x; i < (end - first) * 8 * kTiles * kRows; i += blockDim.x) sums[i] = 0.0f;
   if (kNorm && threadIdx.x < 8 * kTiles) row_sumsq[threadIdx.x] = 0.0f;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
@@ -420,8 +414,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   if (warp == kConsumers) {  // the producer
     if (lane == 0) {
       int s = 0;
-      for (int v = 0; v < count; ++v) {
-        const int b = block_of(v);
+      for (int b = first; b < end; ++b) {
         for (int c0 = 0; c0 < chunks; c0 += kStageChunks, ++s) {
           const int slot = s % kStages;
           if (s >= kStages) barrier_wait(&empty[slot], ((s / kStages) + 1) & 1);
@@ -457,7 +450,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
     x_pointers<T, kTiles>(x, M, K, g, t, xp);
     const Constants k = constants<T>();
     int s = 0;
-    for (int v = 0; v < count; ++v) {
+    for (int b = first; b < end; ++b) {
       float acc[kTiles][4];
 #pragma unroll
       for (int r = 0; r < kTiles; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.0f;
@@ -480,7 +473,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
         if (lane == 0) barrier_arrive(&empty[slot]);
       }
       // acc[r][e]: row g + 8 * (e >> 1) of the block, row 8 * r + 2 * t + (e & 1) of x.
-      float* block_sums = sums + v * 8 * kTiles * kRows;
+      float* block_sums = sums + (b - first) * 8 * kTiles * kRows;
 #pragma unroll
       for (int r = 0; r < kTiles; ++r) {
 #pragma unroll
@@ -494,25 +487,17 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   wait_for_previous_grid();  // every thread that writes y (the consumers have waited already)
   __syncthreads();
   // Output row (first + bl) * 16 + row of x row m: rounded as the model rounds (the product, then the
-  // sum with the residual; gate and up, the activation, then their product).
-  const int width = kGated ? N / 2 : N;
+  // sum with the residual).
   for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) {
     const int bl = i / (M * kRows), m = (i / kRows) % M, row = i % kRows;
     const float sum = sums[(bl * 8 * kTiles + m) * kRows + row];
-    const size_t at = static_cast<size_t>(m) * width + (first + bl) * kRows + row;
+    const size_t at = static_cast<size_t>(m) * N + (first + bl) * kRows + row;
     if constexpr (kMode == Epilogue::kPlain) {
       y[at] = from_float<T>(sum);
     } else if constexpr (kMode == Epilogue::kAddResidual) {
       y[at] = from_float<T>(to_float(from_float<T>(sum)) + to_float(residual[at]));
     } else {
-      const float rms = rsqrtf(row_sumsq[m] / K + eps);
-      if constexpr (kMode == Epilogue::kRmsNorm) {
-        y[at] = from_float<T>(sum * rms);
-      } else {
-        const float up_sum = sums[((end - first + bl) * 8 * kTiles + m) * kRows + row];
-        const float gate = to_float(from_float<T>(sum * rms)), up = to_float(from_float<T>(up_sum * rms));
-        y[at] = from_float<T>(to_float(from_float<T>(activate(gate, activation))) * up);
-      }
+      y[at] = from_float<T>(sum * rsqrtf(row_sumsq[m] / K + eps));
     }
   }
 }
@@ -582,11 +567,10 @@ __global__ void int4_mma_dequant_kernel(const int4* __restrict__ w, const uint32
   }
 }
 
-// What a launch reads and writes: residual with kAddResidual, eps with the norm, activation gated.
+// What a launch reads and writes: residual with kAddResidual, eps with the norm.
 struct Operands {
   at::Tensor x, w, sz, residual, y;
   double eps;
-  int activation;
 };
 
 // The streamed kernel's grid: CTAs of up to kMaxBlocksPerCta blocks each, as many as fill the SMs once
@@ -594,9 +578,7 @@ struct Operands {
 template <typename T, int kTiles, int kGroupShift, Epilogue kMode>
 void launch_streamed(const Operands& o) {
   const int M = o.x.size(0), K = o.x.size(1), N = o.w.size(0);
-  constexpr int kBlocksPerUnit = kMode == Epilogue::kRmsNormGatedAct ? 2 : 1;  // a gate and an up block
-  const int units = N / kRows / kBlocksPerUnit;
-  constexpr int kMaxUnitsPerCta = kMaxBlocksPerCta / kBlocksPerUnit;
+  const int blocks = N / kRows;
   constexpr int smem = streamed_smem_bytes<kTiles>();
   auto kernel = int4_mma_streamed_kernel<T, kTiles, kGroupShift, kMode>;
   // CTAs an SM holds at once: asked once per instantiation (the same on every card this process uses).
@@ -610,13 +592,13 @@ void launch_streamed(const Operands& o) {
   // One CTA a slot (every SM then streams an equal share, within a block), fewer where the blocks are
   // fewer than the slots, more where a CTA would sum more than kMaxBlocksPerCta blocks.
   const int slots = std::max(1, per_sm) * sms;
-  const int ctas = std::max(std::min(units, slots), (units + kMaxUnitsPerCta - 1) / kMaxUnitsPerCta);
+  const int ctas = std::max(std::min(blocks, slots), (blocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
   C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(32 * (kConsumers + 1)), smem,
                                      at::cuda::getCurrentCUDAStream(), ptr(o.x),
                                      reinterpret_cast<const int4*>(o.w.data_ptr()),
                                      reinterpret_cast<const uint32_t*>(o.sz.data_ptr()), ptr(o.residual), ptr(o.y),
-                                     M, N, K, static_cast<float>(o.eps), o.activation));
+                                     M, N, K, static_cast<float>(o.eps)));
 }
 
 template <typename T, int kTiles, Epilogue kMode = Epilogue::kPlain>
@@ -654,7 +636,7 @@ void launch_tiles(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz
 template <typename T>
 void run_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group) {
   const int64_t rows = x.size(0);
-  if (rows <= 8) return launch_streamed_group<T, 1>(Operands{x, w, sz, at::Tensor(), y, 0.0, kSilu}, group);
+  if (rows <= 8) return launch_streamed_group<T, 1>(Operands{x, w, sz, at::Tensor(), y, 0.0}, group);
   if (rows <= 16) return launch_tiles<T, 2>(x, w, sz, y, group);
   return launch_tiles<T, 4>(x, w, sz, y, group);
 }
@@ -728,26 +710,23 @@ at::Tensor linear_int4_mma(const at::Tensor& x, const at::Tensor& packed, const 
 }
 
 // The ops with an epilogue (decode steps of 1 to 8 rows, the streamed kernel alone): x [..., K] →
-// y [..., N] ([..., N/2] gated); residual [..., N] in x's dtype with kAddResidual.
+// y [..., N]; residual [..., N] in x's dtype with kAddResidual.
 template <Epilogue kMode>
 at::Tensor run_epilogue(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero,
-                        const at::Tensor& residual, double eps, int activation) {
+                        const at::Tensor& residual, double eps) {
   const int64_t group = check_operands(x, packed, scale_zero);
-  constexpr bool kGated = kMode == Epilogue::kRmsNormGatedAct;
-  const int64_t N = packed.size(0), width = kGated ? N / 2 : N;
-  TORCH_CHECK(!kGated || N % (2 * kRows) == 0, "a gate/up weight needs N a multiple of 32");
+  const int64_t N = packed.size(0);
   const at::cuda::OptionalCUDAGuard guard(x.device());
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = width;
-  Operands o{rows_of(x), packed.contiguous(), scale_zero.contiguous(), at::Tensor(), at::Tensor(), eps, activation};
+  out_sizes.back() = N;
+  Operands o{rows_of(x), packed.contiguous(), scale_zero.contiguous(), at::Tensor(), at::Tensor(), eps};
   TORCH_CHECK(o.x.size(0) >= 1 && o.x.size(0) <= 8, "the int4 products with an epilogue take 1 to 8 rows");
   TORCH_CHECK(aligned16(o.w) && aligned16(o.sz), "packed and scale_zero must start on 16-byte boundaries");
-  o.y = at::empty({o.x.size(0), width}, x.options());
+  o.y = at::empty({o.x.size(0), N}, x.options());
   if constexpr (kMode == Epilogue::kAddResidual) {
-    TORCH_CHECK(residual.scalar_type() == x.scalar_type() && residual.numel() == o.y.numel() &&
-                    residual.size(-1) == width,
+    TORCH_CHECK(residual.scalar_type() == x.scalar_type() && residual.sizes() == at::IntArrayRef(out_sizes),
                 "residual must have the product's shape and x's dtype");
-    o.residual = residual.reshape({-1, width}).contiguous();
+    o.residual = residual.reshape({-1, N}).contiguous();
   }
   if (x.scalar_type() == at::kBFloat16) {
     launch_streamed_group<__nv_bfloat16, 1, kMode>(o, group);
@@ -759,19 +738,12 @@ at::Tensor run_epilogue(const at::Tensor& x, const at::Tensor& packed, const at:
 
 at::Tensor linear_int4_mma_add(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero,
                                const at::Tensor& residual) {
-  return run_epilogue<Epilogue::kAddResidual>(x, packed, scale_zero, residual, 0.0, kSilu);
+  return run_epilogue<Epilogue::kAddResidual>(x, packed, scale_zero, residual, 0.0);
 }
 
 at::Tensor rms_norm_linear_int4_mma(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero,
                                     double eps) {
-  return run_epilogue<Epilogue::kRmsNorm>(x, packed, scale_zero, at::Tensor(), eps, kSilu);
-}
-
-at::Tensor rms_norm_linear_int4_mma_gated_act(const at::Tensor& x, const at::Tensor& packed,
-                                              const at::Tensor& scale_zero, double eps, int64_t activation) {
-  TORCH_CHECK(activation >= kSilu && activation <= kGeluTanh, "activation must be 0 (silu), 1 (gelu) or 2 (gelu_tanh)");
-  return run_epilogue<Epilogue::kRmsNormGatedAct>(x, packed, scale_zero, at::Tensor(), eps,
-                                                  static_cast<int>(activation));
+  return run_epilogue<Epilogue::kRmsNorm>(x, packed, scale_zero, at::Tensor(), eps);
 }
 
 }  // namespace
@@ -780,5 +752,4 @@ TORCH_LIBRARY_IMPL(oiv2, CUDA, m) {
   m.impl("linear_int4_mma", &linear_int4_mma);
   m.impl("linear_int4_mma_add", &linear_int4_mma_add);
   m.impl("rms_norm_linear_int4_mma", &rms_norm_linear_int4_mma);
-  m.impl("rms_norm_linear_int4_mma_gated_act", &rms_norm_linear_int4_mma_gated_act);
 }
