@@ -17,14 +17,23 @@
 // consumer warps each take two consecutive chunks of a stage (the group size is a template argument,
 // so a group of 128 gets its scales once) and add their sums into shared memory when a block ends. It
 // is launched as a programmatic dependent: the copies start while the previous kernel drains, and the
-// consumers read x only after griddepcontrol.wait.
+// consumers read x only after griddepcontrol.wait. Its producer lets the next kernel launch once it has
+// issued its last copy, so a product right after this one (the norm inside both, below) starts its own
+// copies as this one's CTAs leave their SMs: 32 llama-8b layers of int4 products with the norms inside
+// took 1868 us a step with that, 2041 without (H100, benchmarks/RESULTS.md).
+// Two more ops run in the streamed kernel, with an epilogue (1 to 8 rows): oiv2::linear_int4_mma_add
+// (y = (x W^T) + residual, each rounded as the model rounds them: o and down write the new residual
+// stream) and oiv2::rms_norm_linear_int4_mma (y = rsqrt(mean(x^2) + eps) * (x W^T), W holding the
+// norm's weight: the consumers sum the squares of x while the first stage is on its way). A gated
+// activation in the gate/up epilogue (a CTA streaming the gate blocks of its outputs, then their up
+// blocks) was slower than the activation kernel (1899 against 1868 us in the chain) and is not here.
 // 9 to 32 rows, the tiled kernel: a CTA per block, its warps splitting K, each lane with kUnroll
 // chunks in flight in registers (it beats the streamed kernel there: more accumulators a warp).
 //
-// Where they stand (benchmarks/RESULTS.md, H100, llama-8b shapes at one row): 57-62% of the copy
-// bandwidth on 14336x4096 and 4096x14336, 71-76% on the fused gate/up (28672x4096), 79-82% on the
-// output head; what is left is mostly a fixed 5-7 us a call (launch, first bytes, last block), which
-// cuBLAS pays too on the small shapes.
+// Where they stand (benchmarks/RESULTS.md, H100, llama-8b shapes at one row, calls back to back):
+// 61-67% of the copy bandwidth on 14336x4096 and 4096x14336, 71-76% on the fused gate/up
+// (28672x4096), 96% on the output head; what is left on the small shapes is a fixed 5-6 us a call
+// (first bytes, last block), which cuBLAS pays too there.
 //
 // More rows (prefill): slices of W are dequantized into a bf16/fp16 buffer and multiplied by cuBLAS.
 #include <ATen/ATen.h>
