@@ -132,14 +132,20 @@ def test_the_norm_weights_fold_into_the_linears_and_the_program_computes_the_sam
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
-def test_the_decode_programs_norms_run_in_the_int8_gemv(library):
+def _quantized_decode(cfg: BuildConfig):  # type: ignore[no-untyped-def]
+    """The batch-1 decode program through use_cuda_kernels: (it, its spec, the float program's logits,
+    a copy of it before the norm fusion)."""
     gm, spec = _captured(DECODE_B1)
-    cfg = _cfg()
     float_logits, _ = _run(snapshot(gm), spec)
     for p in (fold_norm_weights, quantize_weights, gemv_pass.use_cuda_kernels):
         p(gm, cfg)
         cleanup(gm)
-    before = snapshot(gm)
+    return gm, spec, float_logits, snapshot(gm)
+
+
+def test_the_decode_programs_norms_run_in_the_int8_gemv(library):
+    cfg = _cfg()
+    gm, spec, float_logits, before = _quantized_decode(cfg)
     gemvs = 4 * LAYERS + 1  # qkv, o, gate/up, down, the head
     assert count(gm, NORM) == NORMS and count(gm, GEMV8) == gemvs
 
@@ -166,13 +172,8 @@ def test_the_decode_programs_norms_run_in_the_int8_gemv(library):
 def test_the_decode_programs_norms_run_in_the_int4_products(library4):
     """int4: the tensor-core op takes the norm's input as it is (no reshape); the head (259 rows, not a
     multiple of 16) keeps the Triton op, so the final norm stays as with int8."""
-    gm, spec = _captured(DECODE_B1)
     cfg = _cfg4()
-    float_logits, _ = _run(snapshot(gm), spec)
-    for p in (fold_norm_weights, quantize_weights, gemv_pass.use_cuda_kernels):
-        p(gm, cfg)
-        cleanup(gm)
-    before = snapshot(gm)
+    gm, spec, float_logits, before = _quantized_decode(cfg)
     products = 4 * LAYERS  # qkv, o, gate/up, down
     assert count(gm, NORM) == NORMS and count(gm, MMA) == products
 
