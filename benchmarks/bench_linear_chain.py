@@ -53,11 +53,16 @@ def make_linear(quant: str, n: int, k: int, device: torch.device) -> tuple[Calla
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         return (lambda x: F.linear(x, w)), w.numel() * 2
     if quant == "int8":
-        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
-        s = torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3
+        q, s = int8_weight(n, k, device)
         return (lambda x: torch.ops.oiv2.linear_int8_gemv(x, q, s)), q.numel() + s.numel() * 2
     packed, pairs = int4_weight(n, k, device)
     return (lambda x: torch.ops.oiv2.linear_int4_mma(x, packed, pairs)), packed.numel() + pairs.numel() * 2
+
+
+def int8_weight(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random int8 rows and their scales in int8-rowmajor-v1: (qweight, scales)."""
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+    return q, torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3
 
 
 def int4_weight(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,18 +102,11 @@ def _fused_norm_step(  # type: ignore[no-untyped-def]
     oiv2::linear_int4_mma_add, oiv2::rms_norm_linear_int4_mma), and with gated_in_gemv (int8) the
     activation in the gate/up GEMV too (oiv2::rms_norm_linear_int8_gemv_gated_act)."""
     ops = torch.ops.oiv2
+    make_weight = int8_weight if bits == "int8" else int4_weight
+    weights = [make_weight(n, k, device) for _ in range(layers) for n, k in shapes]
     if bits == "int8":
-        weights = [
-            (
-                torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device),
-                torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3,
-            )
-            for _ in range(layers)
-            for n, k in shapes
-        ]
         product_add, norm_product = ops.linear_int8_gemv_add, ops.rms_norm_linear_int8_gemv
     else:
-        weights = [int4_weight(n, k, device) for _ in range(layers) for n, k in shapes]
         product_add, norm_product = ops.linear_int4_mma_add, ops.rms_norm_linear_int4_mma
     stack = [weights[4 * i : 4 * i + 4] for i in range(layers)]
 

@@ -36,7 +36,6 @@ layer's input norm, which fuse_norms leaves as it is, and every program of more 
 from __future__ import annotations
 
 import logging
-import math
 import operator
 from typing import Any
 
@@ -46,7 +45,7 @@ from torch.fx import GraphModule, Node
 from oiv2compile import kernels  # noqa: F401  (registers the oiv2 ops this pass inserts)
 from oiv2compile.config import BuildConfig
 from oiv2compile.passes.fold_norm_weights import ADD_RMS_NORM, applies
-from oiv2compile.passes.fx_utils import aten, attr_tensor, fake_value, is_call, record
+from oiv2compile.passes.fx_utils import aten, attr_tensor, fake_value, fixed_rows, is_call, record
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +106,9 @@ def _products_around(gm: GraphModule, norm: Node) -> tuple[Node, Node, Node] | N
 
 
 def _mma_rows(node: Node) -> int | None:
-    """The int4 product's rows where every size of x but the last is fixed and they are 1 to 8."""
-    x = fake_value(node.args[0])
-    if x is None or not all(isinstance(s, int) for s in x.shape):
-        return None
-    rows = math.prod(x.shape[:-1])
-    return rows if 1 <= rows <= MMA_MAX_ROWS else None
+    """The int4 product's rows where they are fixed and 1 to 8."""
+    rows = fixed_rows(node)
+    return rows if rows is not None and 1 <= rows <= MMA_MAX_ROWS else None
 
 
 def _rewrite(gm: GraphModule, norm: Node, first: Node, residual: Node, second: Node) -> None:

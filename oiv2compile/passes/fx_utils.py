@@ -3,6 +3,7 @@ and the weight attributes that fusions add and drop."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,15 @@ def call_args(node: Node) -> dict[str, Any]:
         elif arg.has_default_value():
             values[arg.name] = arg.default_value
     return values
+
+
+def fixed_rows(node: Node) -> int | None:
+    """The rows of an op's input x (every size but the last, multiplied) where all are fixed ints, else
+    None (a dynamic batch or sequence)."""
+    x = fake_value(call_args(node)["x"])
+    if x is None or x.dim() < 1 or not all(isinstance(s, int) for s in x.shape):
+        return None
+    return math.prod(x.shape[:-1])
 
 
 @dataclass(frozen=True)

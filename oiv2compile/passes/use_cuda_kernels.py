@@ -32,7 +32,6 @@ program. Where the compile fails the pass rewrites nothing and logs why: the Tri
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,16 @@ from oiv2compile.config import Backend, BuildConfig, Device, Quantization
 from oiv2compile.kernels import linear_int4_mma, linear_int8_gemv
 from oiv2compile.kernels.linear_int4 import group_size_of
 from oiv2compile.kernels.linear_int4 import unpack as unpack_grouphalves
-from oiv2compile.passes.fx_utils import aten, attr_tensor, call_args, derived_weights, drop_attr, fake_value, record
+from oiv2compile.passes.fx_utils import (
+    aten,
+    attr_tensor,
+    call_args,
+    derived_weights,
+    drop_attr,
+    fake_value,
+    fixed_rows,
+    record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +69,7 @@ def use_cuda_kernels(gm: GraphModule, cfg: BuildConfig) -> int:
             if library is None:
                 return count
             _rewrite_int4(gm, node, library)
-        elif node.target is INT8 and _rows(node) == 1 and _half_precision(node):
+        elif node.target is INT8 and fixed_rows(node) == 1 and _half_precision(node):
             library = _library(linear_int8_gemv)
             if library is None:
                 return count
@@ -76,14 +84,6 @@ def _half_precision(node: Node) -> bool:
     """The C++ kernels' activations: bf16 or fp16, with a fixed feature count."""
     x = fake_value(call_args(node)["x"])
     return x is not None and x.dtype in (torch.bfloat16, torch.float16) and isinstance(x.shape[-1], int)
-
-
-def _rows(node: Node) -> int | None:
-    """The product's row count when every size of x but the last is a fixed int, else None."""
-    x = fake_value(call_args(node)["x"])
-    if x is None or x.dim() < 1 or not all(isinstance(s, int) for s in x.shape):
-        return None
-    return math.prod(x.shape[:-1])
 
 
 def _int4_fits(gm: GraphModule, node: Node) -> bool:

@@ -389,11 +389,11 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
   }
 }
 
-// One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8 * kTiles) of x. Stage s is chunks [c0, c0 + 16) of one
-// block and the groups they touch; consumer warp w takes the kStageChunks / kConsumers consecutive
-// chunks from w * that, and adds its sums into shared memory when its block ends. The producer lets the
-// next kernel launch once it has issued its last copy (that kernel's CTAs take an SM as this one's
-// leave it, and start their own copies).
+// One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8 * kTiles) of x. Stage s
+// is chunks [c0, c0 + 16) of one block and the groups they touch; consumer warp w takes the
+// kStageChunks / kConsumers consecutive chunks from w * that, and adds its sums into shared memory
+// when its block ends. The producer lets the next kernel launch once it has issued its last copy (that
+// kernel's CTAs take an SM as this one's leave it, and start their own copies).
 template <typename T, int kTiles, int kGroupShift, Epilogue kMode>
 __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kernel(
     const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
