@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the rotary embedding of q and k apart from the cache writes",
     )
     build.add_argument(
+        "--no-fuse-rope-into-attention",
+        action="store_true",
+        help="CUDA: keep the decode programs' rotary embedding and cache writes apart from the attention",
+    )
+    build.add_argument(
         "--no-fuse-norm-into-linear",
         action="store_true",
         help="int8 and int4 on CUDA: keep each residual add and RMSNorm apart from the decode products around it",
@@ -207,6 +212,8 @@ def _build(args: argparse.Namespace) -> int:
     fusion = {
         f"enable_{name}": False for name in ("qkv", "ffn", "norms", "rope_kv_write") if getattr(args, f"no_fuse_{name}")
     }
+    if args.no_fuse_rope_into_attention:
+        fusion["enable_rope_into_attention"] = False
     if args.no_fuse_norm_into_linear:
         fusion["enable_norm_into_linear"] = False
     if args.no_fuse_gated_act_into_linear:

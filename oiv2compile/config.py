@@ -88,6 +88,9 @@ class FusionConfig:
     # Rotary embedding of q and k and the two cache writes as one oiv2::rope_kv_write, where q, k and v
     # are fused (passes/fuse_rope_kv_write.py).
     enable_rope_kv_write: bool = True
+    # CUDA, with the above: in the decode programs, that kernel's work inside the attention's
+    # (passes/fuse_rope_into_attention.py).
+    enable_rope_into_attention: bool = True
     # Int8 and int4 on CUDA: an RMSNorm's weight folded into the linears after it, and the residual add
     # and the norm run inside the batch-1 decode products around them (passes/fold_norm_weights.py,
     # passes/fuse_norm_into_gemv.py). H100, 32 llama-8b layers of linears a step (benchmarks/RESULTS.md):
@@ -185,6 +188,7 @@ class BuildConfig:
                 enable_ffn=False,
                 enable_norms=False,
                 enable_rope_kv_write=False,
+                enable_rope_into_attention=False,
                 enable_norm_into_linear=False,
                 enable_gated_act_into_linear=False,
             )

@@ -46,6 +46,8 @@ def check_pass_counts(
         "substitute_attention": (spec.num_layers, "attention layers"),
         "fuse_qkv": (spec.num_layers, "q, k, v projection triples"),
         "fuse_rope_kv_write": (spec.num_layers, "rotary embeddings and cache writes"),
+        # The decode programs' (one new token); prefill keeps its two kernels.
+        "fuse_rope_into_attention": (0 if program == PREFILL.name else spec.num_layers, "rotary kernels before attention"),
         "fuse_ffn": (spec.num_layers, "gated MLPs"),
         # The first layer's input norm has no residual add before it; the final norm has one.
         "fuse_norms": (2 * spec.num_layers, "residual adds followed by an RMSNorm"),
@@ -68,7 +70,7 @@ def check_pass_counts(
             )
 
 
-_FUSIONS = ("fuse_qkv", "fuse_rope_kv_write", "fuse_ffn", "fuse_norms")
+_FUSIONS = ("fuse_qkv", "fuse_rope_kv_write", "fuse_rope_into_attention", "fuse_ffn", "fuse_norms")
 
 
 @torch.no_grad()

@@ -81,6 +81,7 @@ def test_the_onnx_backend_builds_without_the_fusions_it_cannot_lower():
         enable_ffn=False,
         enable_norms=False,
         enable_rope_kv_write=False,
+        enable_rope_into_attention=False,
         enable_norm_into_linear=False,
         enable_gated_act_into_linear=False,
     )

@@ -19,6 +19,7 @@ from oiv2compile.kernels.rms_norm_linear_int4_mma import rms_norm_linear_int4_mm
 from oiv2compile.kernels.rms_norm_linear_int8_gemv import rms_norm_linear_int8_gemv_ref
 from oiv2compile.kernels.rms_norm_linear_int8_gemv_gated_act import rms_norm_linear_int8_gemv_gated_act_ref
 from oiv2compile.kernels.rope_kv_write import rope_kv_write, rope_kv_write_ref
+from oiv2compile.kernels.rope_kv_write_attention import rope_kv_write_attention, rope_kv_write_attention_ref
 
 __all__ = [
     "add_rms_norm",
@@ -45,5 +46,7 @@ __all__ = [
     "rms_norm_linear_int8_gemv_gated_act_ref",
     "rms_norm_linear_int8_gemv_ref",
     "rope_kv_write",
+    "rope_kv_write_attention",
+    "rope_kv_write_attention_ref",
     "rope_kv_write_ref",
 ]

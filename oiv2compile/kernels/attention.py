@@ -27,6 +27,8 @@ SINGLE_PASS_MAX_CACHE positions keep the single-pass kernel.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch.library import triton_op, wrap_triton
 
@@ -87,6 +89,56 @@ def attention_ref(
 if HAS_TRITON:
 
     @triton.jit
+    def _rope_token(
+        Row,
+        CosTable,
+        SinTable,
+        PositionId,
+        TABLE_LEN,
+        start,
+        kvh,
+        head,
+        row_valid,
+        d,
+        d_valid,
+        NUM_HEADS: tl.constexpr,
+        num_kv_heads,
+        HEAD_DIM: tl.constexpr,
+        CACHE_POSITIONS: tl.constexpr,
+    ):
+        """One new token of oiv2::rope_kv_write_attention: (q [BLOCK_M, BLOCK_D] of the heads `head`,
+        rotated and rounded to the row's dtype as oiv2::rope_kv_write writes it; kv head kvh's key
+        [BLOCK_D], rotated, in float32; its value [BLOCK_D]). Row points at the token's
+        [q heads | k heads | v heads] row, PositionId at its rotary position (read unless
+        CACHE_POSITIONS: then it is the cache position, start)."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        if CACHE_POSITIONS:
+            rotary_pos = start
+        else:
+            rotary_pos = tl.load(PositionId)
+        rotary_pos = tl.minimum(tl.maximum(rotary_pos, 0), TABLE_LEN - 1).to(tl.int64)
+        # Feature d turns with its partner (d + D/2) mod D by the table's angle d mod D/2:
+        # x' = x * cos - partner * sin below D/2, x * cos + partner * sin above.
+        partner = (d + HALF) % HEAD_DIM
+        c = tl.load(CosTable + rotary_pos * HALF + d % HALF, mask=d_valid, other=0.0).to(tl.float32)
+        sn = tl.load(SinTable + rotary_pos * HALF + d % HALF, mask=d_valid, other=0.0).to(tl.float32)
+        sn = tl.where(d < HALF, -sn, sn)
+        q_mask = row_valid[:, None] & d_valid[None, :]
+        q_row = Row + head[:, None] * HEAD_DIM  # [BLOCK_M, 1]
+        x = tl.load(q_row + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        x_partner = tl.load(q_row + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q = (x * c[None, :] + x_partner * sn[None, :]).to(Row.dtype.element_ty)
+        k_row = Row + (NUM_HEADS + kvh) * HEAD_DIM
+        k = tl.load(k_row + d, mask=d_valid, other=0.0).to(tl.float32)
+        k_partner = tl.load(k_row + partner, mask=d_valid, other=0.0).to(tl.float32)
+        v = tl.load(Row + (NUM_HEADS + num_kv_heads + kvh) * HEAD_DIM + d, mask=d_valid, other=0.0)
+        return q, k * c + k_partner * sn, v
+
+    @triton.jit
+    def _write_token(Dst, value, mask):
+        tl.store(Dst, value.to(Dst.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _attention_kernel(
         Q,
         K,
@@ -121,6 +173,16 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         IEEE: tl.constexpr,
         LAUNCH_DEPENDENTS: tl.constexpr,
+        QKV,
+        CosTable,
+        SinTable,
+        PositionIds,
+        stride_xb,
+        stride_pb,
+        TABLE_LEN,
+        ROPE: tl.constexpr,
+        NUM_HEADS: tl.constexpr,
+        CACHE_POSITIONS: tl.constexpr,
     ):
         # The o projection streams its weights meanwhile.
         pid_m = tl.program_id(0) + launch_dependents(LAUNCH_DEPENDENTS)
@@ -139,15 +201,37 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_D)
         d_valid = d < HEAD_DIM
 
-        q = tl.load(
-            Q + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qs + d[None, :] * stride_qd,
-            mask=row_valid[:, None] & d_valid[None, :],
-            other=0.0,
-        )
-        # Only the filled part: up to the last query row's own position.
-        kv_len = tl.minimum(start + tl.max(tl.where(row_valid, t, 0), axis=0) + 1, T)
         k_base = K + slot.to(tl.int64) * stride_kn + kvh * stride_kh
         v_base = V + slot.to(tl.int64) * stride_vn + kvh * stride_vh
+        if ROPE:  # one new token (t = 0): q, k and v from the projection's row; k and v into the cache
+            q, k_new, v_new = _rope_token(
+                QKV + b.to(tl.int64) * stride_xb,
+                CosTable,
+                SinTable,
+                PositionIds + b.to(tl.int64) * stride_pb,
+                TABLE_LEN,
+                start,
+                kvh,
+                head,
+                row_valid,
+                d,
+                d_valid,
+                NUM_HEADS,
+                num_kv_heads,
+                HEAD_DIM,
+                CACHE_POSITIONS,
+            )
+            if (pid_m == 0) & (start < T):
+                _write_token(k_base + start * stride_kt + d * stride_kd, k_new, d_valid)
+                _write_token(v_base + start * stride_vt + d * stride_vd, v_new, d_valid)
+        else:
+            q = tl.load(
+                Q + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qs + d[None, :] * stride_qd,
+                mask=row_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
+        # Only the filled part: up to the last query row's own position.
+        kv_len = tl.minimum(start + tl.max(tl.where(row_valid, t, 0), axis=0) + 1, T)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -159,7 +243,11 @@ if HAS_TRITON:
             n = n0 + tl.arange(0, BLOCK_N)
             n_valid = n < kv_len
             kv_mask = n_valid[:, None] & d_valid[None, :]
+            if ROPE:  # the new token's key and value come from registers, not from the cache being written
+                kv_mask = kv_mask & (n != start)[:, None]
             k = tl.load(k_base + n[:, None] * stride_kt + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+            if ROPE:
+                k = tl.where((n == start)[:, None], k_new[None, :].to(k.dtype), k)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -174,6 +262,8 @@ if HAS_TRITON:
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_base + n[:, None] * stride_vt + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+            if ROPE:
+                v = tl.where((n == start)[:, None], v_new[None, :].to(v.dtype), v)
             if IEEE:
                 pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
@@ -219,6 +309,16 @@ if HAS_TRITON:
         CHUNK: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
         IEEE: tl.constexpr,
+        QKV,
+        CosTable,
+        SinTable,
+        PositionIds,
+        stride_xb,
+        stride_pb,
+        TABLE_LEN,
+        ROPE: tl.constexpr,
+        NUM_HEADS: tl.constexpr,
+        CACHE_POSITIONS: tl.constexpr,
     ):
         split = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -232,7 +332,8 @@ if HAS_TRITON:
         d_valid = d < HEAD_DIM
         # Partials are [B, Hq, NUM_SPLITS] (and [..., HEAD_DIM] for acc), row-major.
         part = (b.to(tl.int64) * num_kv_heads * GROUP + head) * NUM_SPLITS + split  # [BLOCK_M]
-        kv_len = tl.minimum(tl.load(Positions + b) + 1, T)
+        start = tl.load(Positions + b)  # the new token's position
+        kv_len = tl.minimum(start + 1, T)
         lo = split * CHUNK
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -240,13 +341,35 @@ if HAS_TRITON:
         # A chunk past the filled length loads nothing: its partial is empty (m = -inf, l = 0).
         if lo < kv_len:
             slot = tl.load(Slots + b)
-            q = tl.load(
-                Q + b * stride_qb + head[:, None] * stride_qh + d[None, :] * stride_qd,
-                mask=row_valid[:, None] & d_valid[None, :],
-                other=0.0,
-            )
             k_base = K + slot.to(tl.int64) * stride_kn + kvh * stride_kh
             v_base = V + slot.to(tl.int64) * stride_vn + kvh * stride_vh
+            if ROPE:  # every program rotates q; the one whose chunk holds the new token writes it
+                q, k_new, v_new = _rope_token(
+                    QKV + b.to(tl.int64) * stride_xb,
+                    CosTable,
+                    SinTable,
+                    PositionIds + b.to(tl.int64) * stride_pb,
+                    TABLE_LEN,
+                    start,
+                    kvh,
+                    head,
+                    row_valid,
+                    d,
+                    d_valid,
+                    NUM_HEADS,
+                    num_kv_heads,
+                    HEAD_DIM,
+                    CACHE_POSITIONS,
+                )
+                if (start < lo + CHUNK) & (start < T):  # lo <= start here
+                    _write_token(k_base + start * stride_kt + d * stride_kd, k_new, d_valid)
+                    _write_token(v_base + start * stride_vt + d * stride_vd, v_new, d_valid)
+            else:
+                q = tl.load(
+                    Q + b * stride_qb + head[:, None] * stride_qh + d[None, :] * stride_qd,
+                    mask=row_valid[:, None] & d_valid[None, :],
+                    other=0.0,
+                )
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             qk_scale = SCALE * 1.4426950408889634  # exp(x) = exp2(x * log2(e)); see _attention_kernel
             # A constant trip count: the last filled chunk masks its tail (a loop bounded by a loaded
@@ -255,7 +378,11 @@ if HAS_TRITON:
                 n = lo + i * BLOCK_N + tl.arange(0, BLOCK_N)
                 n_valid = n < kv_len
                 kv_mask = n_valid[:, None] & d_valid[None, :]
+                if ROPE:  # see _attention_kernel
+                    kv_mask = kv_mask & (n != start)[:, None]
                 k = tl.load(k_base + n[:, None] * stride_kt + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+                if ROPE:
+                    k = tl.where((n == start)[:, None], k_new[None, :].to(k.dtype), k)
                 if IEEE:
                     s = tl.dot(q, tl.trans(k), input_precision="ieee")
                 else:
@@ -268,6 +395,8 @@ if HAS_TRITON:
                 p = tl.exp2(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 v = tl.load(v_base + n[:, None] * stride_vt + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+                if ROPE:
+                    v = tl.where((n == start)[:, None], v_new[None, :].to(v.dtype), v)
                 if IEEE:
                     pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
                 else:
@@ -366,53 +495,116 @@ def decode_splits(
     return -(-cache_len // chunk)
 
 
+class RotaryToken(NamedTuple):
+    """What oiv2::rope_kv_write_attention gives the decode kernels in place of q: the new token's
+    fused projection row qkv [B, 1, (Hq + 2 Hkv) * D], the rotary tables [L, D/2], the rotary
+    position ids [B, 1] or None (the cache positions), and Hq. The kernels rotate q and k themselves,
+    write k and v into the caches, and take the new position's key and value from registers."""
+
+    qkv: torch.Tensor
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+    position_ids: torch.Tensor | None
+    num_heads: int
+
+
 def _attention_triton(
-    q: torch.Tensor,
+    q: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
     positions: torch.Tensor,
     scale: float,
     splits: int | None = None,
+    rope: RotaryToken | None = None,
 ) -> torch.Tensor:
     """splits: programs per (sequence, kv head) of a decode call; None plans them (decode_splits),
-    1 forces the single-pass kernel (the benchmark's baseline)."""
-    B, _Hq, S, _D = q.shape
+    1 forces the single-pass kernel (the benchmark's baseline). rope: q is None, and the new token
+    comes from rope.qkv (one token per sequence)."""
+    B, _Hq, S, _D = _query_shape(q, k_cache, rope)
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
     if splits is None:
-        splits = decode_splits(S, B, Hkv, T, _sm_count(q.device))
+        splits = decode_splits(S, B, Hkv, T, _sm_count(k_cache.device))
     if splits == 1:
-        return _attention_single(q, k_cache, v_cache, slots, positions, scale)
+        return _attention_single(q, k_cache, v_cache, slots, positions, scale, rope)
     if not (isinstance(S, int) and S == 1 and isinstance(T, int)):
         raise ValueError(f"split attention takes one new token per sequence and a fixed cache length, not S={S}, T={T}")
     # Whole steps of BLOCK_N per chunk; the last chunk may end past T (its tail is masked).
     chunk = BLOCK_N * triton.cdiv(triton.cdiv(T, BLOCK_N), splits)
-    return _attention_split(q, k_cache, v_cache, slots, positions, scale, chunk)
+    return _attention_split(q, k_cache, v_cache, slots, positions, scale, chunk, rope)
+
+
+def _query_shape(q: torch.Tensor | None, k_cache: torch.Tensor, rope: RotaryToken | None) -> tuple[Any, ...]:
+    """(B, Hq, S, D) of the queries: q's, or the fused row's (S = 1)."""
+    if rope is None:
+        if q is None:
+            raise ValueError("attention takes q, or the fused row of a rotary token")
+        return tuple(q.shape)
+    B, S, width = rope.qkv.shape
+    return B, rope.num_heads, S, width // (rope.num_heads + 2 * k_cache.shape[1])
+
+
+def _query_args(q: torch.Tensor | None, rope: RotaryToken | None, positions: torch.Tensor) -> dict[str, Any]:
+    """The kernels' query arguments: Q and its strides, or the fused row, its tables and positions
+    (Q then unused)."""
+    if rope is None:
+        return dict(
+            Q=q,
+            QKV=q,
+            CosTable=q,
+            SinTable=q,
+            PositionIds=positions,
+            stride_xb=0,
+            stride_pb=0,
+            TABLE_LEN=1,
+            ROPE=False,
+            NUM_HEADS=1,
+            CACHE_POSITIONS=True,
+        )
+    qkv = rope.qkv if rope.qkv.stride(-1) == 1 else rope.qkv.contiguous()
+    ids = rope.position_ids
+    return dict(
+        Q=qkv,
+        QKV=qkv,
+        CosTable=rope.cos_table.contiguous(),  # [L, D/2]
+        SinTable=rope.sin_table.contiguous(),
+        PositionIds=positions if ids is None else ids,  # [B, 1]; not read where CACHE_POSITIONS
+        stride_xb=qkv.stride(0),
+        stride_pb=0 if ids is None else ids.stride(0),
+        TABLE_LEN=rope.cos_table.shape[0],
+        ROPE=True,
+        NUM_HEADS=rope.num_heads,
+        CACHE_POSITIONS=ids is None,
+    )
 
 
 def _attention_single(
-    q: torch.Tensor,
+    q: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
     positions: torch.Tensor,
     scale: float,
+    rope: RotaryToken | None = None,
 ) -> torch.Tensor:
-    B, Hq, S, D = q.shape
+    B, Hq, S, D = _query_shape(q, k_cache, rope)
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
-    out = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
+    query = _query_args(q, rope, positions)
+    like = query.pop("Q")  # q, or the fused row
+    out = torch.empty((B, Hq, S, D), dtype=like.dtype, device=like.device)
+    q_strides = q.stride() if q is not None else (0, 0, 0, 0)
     # S is symbolic in the prefill graph: branch only on a concrete size so no shape guard is added.
     block_m = 16 if isinstance(S, int) and group * S <= 16 else 64
     grid = (triton.cdiv(group * S, block_m), B * Hkv)
     wrap_triton(_attention_kernel)[grid](
-        q,
+        like,
         k_cache,
         v_cache,
         out,
         slots,
         positions,
-        *q.stride(),
+        *q_strides,
         *k_cache.stride(),
         *v_cache.stride(),
         *out.stride(),
@@ -425,36 +617,40 @@ def _attention_single(
         BLOCK_D=max(16, next_power_of_2(D)),
         BLOCK_M=block_m,
         BLOCK_N=BLOCK_N,
-        IEEE=q.dtype == torch.float32,
-        LAUNCH_DEPENDENTS=dependents_may_launch_early(q.device),
+        IEEE=like.dtype == torch.float32,
+        LAUNCH_DEPENDENTS=dependents_may_launch_early(like.device),
+        **query,
         num_warps=4,
     )
     return out
 
 
 def _attention_split(
-    q: torch.Tensor,
+    q: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
     positions: torch.Tensor,
     scale: float,
     chunk: int,
+    rope: RotaryToken | None = None,
 ) -> torch.Tensor:
     """Flash-decoding of q [B, Hq, 1, D]: programs of `chunk` positions (a multiple of BLOCK_N), then
     one program per (sequence, query head) combining their partials."""
-    B, Hq, _S, D = q.shape
+    B, Hq, _S, D = _query_shape(q, k_cache, rope)
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
     splits = triton.cdiv(T, chunk)
     block_d = max(16, next_power_of_2(D))
+    query = _query_args(q, rope, positions)
+    like = query.pop("Q")  # q, or the fused row
     # Each program's running max, sum and un-normalized output, float32.
-    max_part = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)  # [B, Hq, splits]
-    sum_part = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
-    acc_part = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)  # [B, Hq, splits, D]
-    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
+    max_part = torch.empty((B, Hq, splits), dtype=torch.float32, device=like.device)  # [B, Hq, splits]
+    sum_part = torch.empty((B, Hq, splits), dtype=torch.float32, device=like.device)
+    acc_part = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=like.device)  # [B, Hq, splits, D]
+    out = torch.empty((B, Hq, 1, D), dtype=like.dtype, device=like.device)
     wrap_triton(_attention_split_kernel)[(splits, B * Hkv)](
-        q,
+        like,
         k_cache,
         v_cache,
         max_part,
@@ -462,9 +658,9 @@ def _attention_split(
         acc_part,
         slots,
         positions,
-        q.stride(0),
-        q.stride(1),
-        q.stride(3),
+        q.stride(0) if q is not None else 0,
+        q.stride(1) if q is not None else 0,
+        q.stride(3) if q is not None else 0,
         *k_cache.stride(),
         *v_cache.stride(),
         T,
@@ -478,7 +674,8 @@ def _attention_split(
         BLOCK_N=BLOCK_N,
         CHUNK=chunk,
         NUM_SPLITS=splits,
-        IEEE=q.dtype == torch.float32,
+        IEEE=like.dtype == torch.float32,
+        **query,
         num_warps=4,
     )
     wrap_triton(_attention_combine_kernel)[(B * Hq,)](
@@ -497,7 +694,7 @@ def _attention_split(
         BLOCK_S=min(32, next_power_of_2(splits)),
         CHUNK=chunk,
         NUM_SPLITS=splits,
-        LAUNCH_DEPENDENTS=dependents_may_launch_early(q.device),
+        LAUNCH_DEPENDENTS=dependents_may_launch_early(like.device),
         num_warps=4,
     )
     return out

@@ -17,6 +17,7 @@ from oiv2compile.passes.fuse_gated_act_into_gemv import fuse_gated_act_into_gemv
 from oiv2compile.passes.fuse_norm_into_gemv import fuse_norm_into_gemv
 from oiv2compile.passes.fuse_norms import fuse_norms
 from oiv2compile.passes.fuse_qkv import fuse_qkv
+from oiv2compile.passes.fuse_rope_into_attention import fuse_rope_into_attention
 from oiv2compile.passes.fuse_rope_kv_write import fuse_rope_kv_write
 from oiv2compile.passes.quantize_embedding import quantize_embedding
 from oiv2compile.passes.quantize_weights import quantize_weights
@@ -31,6 +32,7 @@ PASSES: dict[str, Pass] = {
     "substitute_attention": substitute_attention,
     "fuse_qkv": fuse_qkv,
     "fuse_rope_kv_write": fuse_rope_kv_write,
+    "fuse_rope_into_attention": fuse_rope_into_attention,
     "fuse_ffn": fuse_ffn,
     "fuse_norms": fuse_norms,
     "fold_norm_weights": fold_norm_weights,
@@ -55,6 +57,9 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
         passes.append(fuse_qkv)
         if cfg.fusion.enable_rope_kv_write:  # reads the fused projection's output
             passes.append(fuse_rope_kv_write)
+            triton_attention = cfg.device is Device.CUDA and cfg.backend is Backend.INDUCTOR
+            if cfg.fusion.enable_rope_into_attention and triton_attention:
+                passes.append(fuse_rope_into_attention)
     if cfg.fusion.enable_ffn:
         passes.append(fuse_ffn)
     if cfg.fusion.enable_norms:
