@@ -47,7 +47,10 @@ def check_pass_counts(
         "fuse_qkv": (spec.num_layers, "q, k, v projection triples"),
         "fuse_rope_kv_write": (spec.num_layers, "rotary embeddings and cache writes"),
         # The decode programs' (one new token); prefill keeps its two kernels.
-        "fuse_rope_into_attention": (0 if program == PREFILL.name else spec.num_layers, "rotary kernels before attention"),
+        "fuse_rope_into_attention": (
+            0 if program == PREFILL.name else spec.num_layers,
+            "rotary kernels before attention",
+        ),
         "fuse_ffn": (spec.num_layers, "gated MLPs"),
         # The first layer's input norm has no residual add before it; the final norm has one.
         "fuse_norms": (2 * spec.num_layers, "residual adds followed by an RMSNorm"),

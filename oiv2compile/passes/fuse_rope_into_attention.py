@@ -42,16 +42,11 @@ def fuse_rope_into_attention(gm: GraphModule, cfg: BuildConfig) -> int:
         rope = _rope_of(attention)
         if rope is None:
             continue
-        qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots, positions, num_heads, num_kv_heads = rope.args
         scale: Any = attention.args[5]
         with gm.graph.inserting_before(attention):
-            fused = gm.graph.call_function(
-                FUSED,
-                (qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots, positions)
-                + (num_heads, num_kv_heads, scale),
-            )
+            fused = gm.graph.call_function(FUSED, (*rope.args, scale))  # rope_kv_write's arguments, then scale
         fused.meta["val"] = attention.meta.get("val")  # [B, Hq, 1, D]
-        record(fused, num_heads=num_heads, num_kv_heads=num_kv_heads)
+        record(fused, num_heads=rope.args[8], num_kv_heads=rope.args[9])
         attention.replace_all_uses_with(fused)
         gm.graph.erase_node(attention)
         gm.graph.erase_node(rope)

@@ -142,3 +142,34 @@ def interpret_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernels_match_oracles_interpreted(shape, dtype, rotary, interpret_kernels):
     _check(shape, dtype, "cpu", _kernel(shape[6]), rotary)
+
+
+@pytest.mark.cuda
+def test_split_decode_aotinductor_cuda(tmp_path):
+    """The op through AOTInductor with a dynamic batch over a long cache (the split kernel), writing
+    the caches the caller passes, run at two batch sizes."""
+    from oiv2compile import _torch_compat
+
+    class Decode(torch.nn.Module):
+        def forward(self, qkv, cos, sin, k, v, slots, positions):  # type: ignore[no-untyped-def]
+            return torch.ops.oiv2.rope_kv_write_attention(qkv, cos, sin, None, k, v, slots, positions, 32, 8, 0.125)
+
+    qkv, cos, sin, _ids, k, v, slots, positions, *_ = _inputs(
+        (2, 32, 8, 128, 4096, [5, 3000], None), torch.bfloat16, "cuda", 0, "cache"
+    )
+    batch = torch.export.Dim("batch", min=1, max=8)
+    exported = torch.export.export(
+        Decode(),
+        (qkv, cos, sin, k.clone(), v.clone(), slots, positions),
+        dynamic_shapes=({0: batch}, None, None, None, None, {0: batch}, {0: batch}),
+    )
+    runner = _torch_compat.aoti_load_package(_torch_compat.aoti_compile_and_package(exported, tmp_path / "d.pt2", {}))
+    for rows in (1, 2):
+        k_run, v_run = k.clone(), v.clone()
+        out = runner(qkv[:rows], cos, sin, k_run, v_run, slots[:rows], positions[:rows])
+        q_want, k_want, v_want = rope_oracle(qkv[:rows], cos, sin, None, k, v, slots[:rows], positions[:rows], 32, 8)
+        want = attention_oracle(q_want, k_want, v_want, slots[:rows].cpu(), positions[:rows].cpu(), 0.125)
+        err = (out.double().cpu() - want).norm() / want.norm()
+        assert err < 2e-2, f"relative error {err:.2e}"
+        torch.testing.assert_close(k_run.double().cpu(), k_want, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(v_run.double().cpu(), v_want, rtol=2e-2, atol=2e-2)

@@ -50,6 +50,13 @@ def test_batch1_decode_calls_the_gemv_and_agrees_with_the_triton_build(scheme, a
     # layer's input norm (llama-tiny's two layers); int8 also runs each gate/up's activation.
     assert passes["decode_b1"]["fuse_norm_into_gemv"]["count"] == 3
     assert passes["decode_b1"].get("fuse_gated_act_into_gemv", {"count": 0})["count"] == (2 if scheme == "int8" else 0)
+    # Each decode program's rotary kernels run inside the attention; prefill keeps them.
+    assert (
+        passes["decode_b1"]["fuse_rope_into_attention"]["count"]
+        == passes["decode"]["fuse_rope_into_attention"]["count"]
+        == 2
+    )
+    assert passes["prefill"]["fuse_rope_into_attention"]["count"] == 0
     if scheme == "int8":  # one-row products only: a symbolic batch keeps the Triton op
         assert passes["decode"]["use_cuda_kernels"]["count"] == 0
     else:  # every product whose weight fits the layout (llama-tiny's head of 259 rows does not)
