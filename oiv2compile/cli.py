@@ -160,6 +160,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build the int8 and int4 artifacts with --no-fuse-norm-into-linear (the others as they are)",
     )
+    bench.add_argument(
+        "--no-fuse-rope-into-attention",
+        action="store_true",
+        help="build every artifact with --no-fuse-rope-into-attention",
+    )
     bench.set_defaults(func=_bench)
 
     serve = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API (continuous batching)")
@@ -384,7 +389,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.batch_sizes is not None:
         fields["batch_sizes"] = _batch_sizes(args.batch_sizes)
     request = BenchRequest(
-        model=args.model, rebuild=args.rebuild, fuse_norm_into_linear=not args.no_fuse_norm_into_linear, **fields
+        model=args.model,
+        rebuild=args.rebuild,
+        fuse_norm_into_linear=not args.no_fuse_norm_into_linear,
+        fuse_rope_into_attention=not args.no_fuse_rope_into_attention,
+        **fields,
     )
 
     def checkpoint(partial: dict[str, Any]) -> None:  # a run stopped part-way keeps the rows it measured
