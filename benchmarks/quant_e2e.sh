@@ -11,14 +11,14 @@
 #   NORM_APART=1     also build and measure $NORM_APART_QUANT (int8 or int4; default int4) with
 #                    --no-fuse-norm-into-linear (its own bench run, with its own bf16 row from the same
 #                    cache entry), and the unfused rows in the chain;
-#   ROPE_APART=1     instead, build and measure $ROPE_APART_QUANT (default int8) with
-#                    --no-fuse-rope-into-attention (its own bench run: bf16 would need a build of its own);
+#   ROPE_FUSED=1     instead, build and measure $ROPE_FUSED_QUANT (default int8) with
+#                    --fuse-rope-into-attention (its own bench run: bf16 would need a build of its own);
 #   BASELINES=...    the bench's --baselines for the measuring run (default: none);
 #   ARCHIVE=path     tar.gz of $RESULTS, rewritten after each phase (for a machine that may go away);
 #   DONE=path        touched when the measuring runs have finished (before the profile).
 # An 8B build takes 3-6 minutes and holds about 37 GB of GPU memory while it runs. With three GPUs or
 # more the three artifacts build in parallel, one per GPU, into a shared bench cache; with fewer, one
-# bench command builds them in turn; with four, the build with a fusion apart (NORM_APART, ROPE_APART) takes the fourth (each in
+# bench command builds them in turn; with four, the build of NORM_APART or ROPE_FUSED takes the fourth (each in
 # a process of its own). The measuring run then reuses them
 # (the cache is keyed by the build config, not the GPU index), alone on the card.
 # On a lent machine whose calls are shorter than this script, start it in a session of its own
@@ -31,10 +31,10 @@ GPUS=${GPUS:-$(nvidia-smi --list-gpus | wc -l)}
 APART=${NORM_APART_QUANT:-int4}
 APART_FLAG=--no-fuse-norm-into-linear
 APART_MEASURED="none,$APART"  # the bf16 row reuses its cache entry: the flag leaves bf16 builds alone
-if [ "${ROPE_APART:-0}" = 1 ]; then
+if [ "${ROPE_FUSED:-0}" = 1 ]; then  # the fourth build, as NORM_APART's
   NORM_APART=1
-  APART=${ROPE_APART_QUANT:-int8}
-  APART_FLAG=--no-fuse-rope-into-attention
+  APART=${ROPE_FUSED_QUANT:-int8}
+  APART_FLAG=--fuse-rope-into-attention
   APART_MEASURED=$APART
 fi
 TEST_PATHS=${TEST_PATHS:-tests/kernels tests/runtime}
@@ -92,7 +92,7 @@ if [ "${NORM_APART:-0}" = 1 ]; then
   stamp "measured $APART $APART_FLAG"
 fi
 CHAIN_QUANTS=bf16,int8-norm-act,int4-norm  # the forms the artifacts run
-if [ "${NORM_APART:-0}" = 1 ] && [ "${ROPE_APART:-0}" != 1 ]; then
+if [ "${NORM_APART:-0}" = 1 ] && [ "${ROPE_FUSED:-0}" != 1 ]; then
   CHAIN_QUANTS=bf16,int8,int8-norm,int8-norm-act,int4,int4-norm,int8,int8-norm,int8-norm-act,int4,int4-norm
 fi
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=. python3 benchmarks/bench_linear_chain.py --model "$MODEL" --quant "$CHAIN_QUANTS" \

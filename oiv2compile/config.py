@@ -89,8 +89,10 @@ class FusionConfig:
     # are fused (passes/fuse_rope_kv_write.py).
     enable_rope_kv_write: bool = True
     # CUDA, with the above: in the decode programs, that kernel's work inside the attention's
-    # (passes/fuse_rope_into_attention.py).
-    enable_rope_into_attention: bool = True
+    # (passes/fuse_rope_into_attention.py). Off: alone it saves 0.6-1.6 us a layer (5.1 against 6.7 us
+    # at 129 positions), but llama-8b int8 decode ran at 386.6 tok/s with it against 391.4 without (H200,
+    # 537801e, benchmarks/RESULTS.md).
+    enable_rope_into_attention: bool = False
     # Int8 and int4 on CUDA: an RMSNorm's weight folded into the linears after it, and the residual add
     # and the norm run inside the batch-1 decode products around them (passes/fold_norm_weights.py,
     # passes/fuse_norm_into_gemv.py). H100, 32 llama-8b layers of linears a step (benchmarks/RESULTS.md):

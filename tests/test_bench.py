@@ -365,8 +365,8 @@ def test_bench_a_build_refused_in_its_own_process_becomes_the_rows_reason(tmp_pa
     assert not cache.exists() or not any(cache.iterdir())
 
 
-def test_bench_builds_every_artifact_with_the_rope_apart(monkeypatch, tmp_path):
-    """--no-fuse-rope-into-attention changes every build's config, and the table names each row's form."""
+def test_bench_builds_every_artifact_with_the_rope_in_the_attention(monkeypatch, tmp_path):
+    """--fuse-rope-into-attention changes every build's config, and the table names each row's form."""
     from oiv2compile import bench
     from oiv2compile.errors import BuildError
 
@@ -380,14 +380,15 @@ def test_bench_builds_every_artifact_with_the_rope_apart(monkeypatch, tmp_path):
     argv = _tiny_args(
         tmp_path / "cache", "llama-tiny", "--backends", "eager", "--quant", "none,int8", "--baselines", ""
     )
-    code, stdout, err = _bench(tmp_path / "out", *argv, "--no-fuse-rope-into-attention")
+    code, stdout, err = _bench(tmp_path / "out", *argv, "--fuse-rope-into-attention")
     assert code == 0, err
-    assert (
-        not configs["none"].fusion.enable_rope_into_attention and not configs["int8"].fusion.enable_rope_into_attention
-    )
-    assert "| eager | none (rope apart) | 1 | unavailable" in stdout
-    assert "| eager | int8 (rope apart) | 1 | unavailable" in stdout
-    assert _report(tmp_path / "out")["args"]["fuse_rope_into_attention"] is False
+    assert configs["none"].fusion.enable_rope_into_attention and configs["int8"].fusion.enable_rope_into_attention
+    assert "| eager | none (rope in attention) | 1 | unavailable" in stdout
+    assert "| eager | int8 (rope in attention) | 1 | unavailable" in stdout
+    assert _report(tmp_path / "out")["args"]["fuse_rope_into_attention"] is True
+    code, stdout, err = _bench(tmp_path / "out2", *argv)
+    assert code == 0, err
+    assert not configs["int8"].fusion.enable_rope_into_attention and "| eager | int8 | 1 | unavailable" in stdout
 
 
 def test_bench_builds_only_its_int8_artifacts_with_the_norms_apart(monkeypatch, tmp_path):

@@ -10,11 +10,16 @@ sequence b to cache[slots[b], :, positions[b], :], as oiv2::rope_kv_write does.
 Why: in a decode step the rotary kernel runs between the q/k/v product and the attention, each of
 them a kernel that AOTInductor launches after the one before has ended. Here each attention program
 rotates its group's q heads and its kv head's key from the row itself (a few hundred bytes), writes
-the key and value into the cache, and takes the new position's key and value from registers while it
-reads the others from the cache, so no program reads what another is writing. The program whose
-positions hold the new token writes it: the only one at a single pass, the split whose chunk holds
-it otherwise. Numerics: q and k rotated in float32 and rounded once, as oiv2::rope_kv_write rounds
-them, then oiv2::attention's arithmetic.
+the key and value into the cache, reads the positions before it from the cache, and adds the new
+position's key and value from registers after that loop, so no program reads what another is
+writing. The program whose positions hold the new token writes it: the only one at a single pass,
+the split whose chunk holds it otherwise. Numerics: q and k rotated in float32 and rounded once, as
+oiv2::rope_kv_write rounds them, then oiv2::attention's arithmetic.
+
+Measured (H200, llama-8b heads, batch 1, one call replayed from a CUDA graph): 5.13 us against 6.72
+for the two ops at 129 filled positions of 256, 6.97 against 7.53 at 251, 10.07 against 10.84 at 3001
+of 4096 (split). End to end it did not pay: llama-8b int8 decode 386.6 tok/s with it, 391.4 without
+(537801e, benchmarks/RESULTS.md), so passes/fuse_rope_into_attention.py runs only where asked.
 """
 
 from __future__ import annotations

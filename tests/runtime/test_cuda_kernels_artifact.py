@@ -33,6 +33,9 @@ def artifacts(tmp_path_factory):  # type: ignore[no-untyped-def]
                 dtype="bfloat16",
                 quantization=scheme,
                 quant={**quant, "enable_cuda_kernels": gemv},
+                # The rotary kernels inside the attention in the builds with the C++ kernels: checked
+                # against the Triton builds, which keep them apart.
+                fusion={"enable_rope_into_attention": gemv},
                 **TINY_BUILD,
             )
     return built
