@@ -31,7 +31,8 @@ test-cuda: venv
 
 # The Triton kernels in Triton's CPU interpreter (needs Triton installed, as on the GPU machine).
 test-interpret: venv
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not cuda" tests/kernels/test_attention.py tests/kernels/test_rope_kv_write.py
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not cuda" tests/kernels/test_attention.py tests/kernels/test_rope_kv_write.py \
+		tests/kernels/test_rope_kv_write_attention.py
 
 lint: venv
 	$(VENV)/bin/ruff check oiv2compile tests benchmarks tools
