@@ -365,8 +365,8 @@ def test_bench_a_build_refused_in_its_own_process_becomes_the_rows_reason(tmp_pa
     assert not cache.exists() or not any(cache.iterdir())
 
 
-def test_bench_builds_every_artifact_with_the_rope_in_the_attention(monkeypatch, tmp_path):
-    """--fuse-rope-into-attention changes every build's config, and the table names each row's form."""
+def _refused_builds(monkeypatch):  # type: ignore[no-untyped-def]
+    """Builds refused with a user error, each one's config kept by quantization: {quant: BuildConfig}."""
     from oiv2compile import bench
     from oiv2compile.errors import BuildError
 
@@ -377,6 +377,12 @@ def test_bench_builds_every_artifact_with_the_rope_in_the_attention(monkeypatch,
         raise BuildError("not built in this test")
 
     monkeypatch.setattr(bench, "_build_in_child_process", refuse)
+    return configs
+
+
+def test_bench_builds_every_artifact_with_the_rope_in_the_attention(monkeypatch, tmp_path):
+    """--fuse-rope-into-attention changes every build's config, and the table names each row's form."""
+    configs = _refused_builds(monkeypatch)
     argv = _tiny_args(
         tmp_path / "cache", "llama-tiny", "--backends", "eager", "--quant", "none,int8", "--baselines", ""
     )
@@ -394,16 +400,7 @@ def test_bench_builds_every_artifact_with_the_rope_in_the_attention(monkeypatch,
 def test_bench_builds_only_its_int8_artifacts_with_the_norms_apart(monkeypatch, tmp_path):
     """--fuse-norm-into-linear changes the int8 builds' config alone, so the float row reuses the cache
     entry of a run without it; the table names the int8 row's form."""
-    from oiv2compile import bench
-    from oiv2compile.errors import BuildError
-
-    configs = {}
-
-    def refuse(model, path, config):  # type: ignore[no-untyped-def]
-        configs[config.quantization.value] = config
-        raise BuildError("not built in this test")
-
-    monkeypatch.setattr(bench, "_build_in_child_process", refuse)
+    configs = _refused_builds(monkeypatch)
     argv = _tiny_args(
         tmp_path / "cache", "llama-tiny", "--backends", "eager", "--quant", "none,int8,int4", "--baselines", ""
     )
