@@ -104,6 +104,7 @@ def test_quantized_onnx_artifacts_run_every_linear_as_matmul_nbits(quant, artifa
         "enable_ffn": False,
         "enable_norms": False,
         "enable_rope_kv_write": False,
+        "enable_rope_into_attention": False,
         "enable_norm_into_linear": False,
         "enable_gated_act_into_linear": False,
     }
