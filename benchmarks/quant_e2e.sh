@@ -28,14 +28,18 @@ MODEL=${MODEL:-llama-8b}
 RESULTS=${RESULTS:-out/quant-e2e}
 CACHE=${CACHE:-$RESULTS/cache}
 GPUS=${GPUS:-$(nvidia-smi --list-gpus | wc -l)}
-APART=${NORM_APART_QUANT:-int4}
-APART_FLAG=--no-fuse-norm-into-linear
-APART_MEASURED="none,$APART"  # the bf16 row reuses its cache entry: the flag leaves bf16 builds alone
-if [ "${ROPE_FUSED:-0}" = 1 ]; then  # the fourth build, as NORM_APART's
-  NORM_APART=1
+# The fourth build (NORM_APART or ROPE_FUSED): its quantization, its flag, and what its bench run measures.
+FOURTH=0
+if [ "${ROPE_FUSED:-0}" = 1 ]; then
+  FOURTH=1
   APART=${ROPE_FUSED_QUANT:-int8}
   APART_FLAG=--fuse-rope-into-attention
   APART_MEASURED=$APART
+elif [ "${NORM_APART:-0}" = 1 ]; then
+  FOURTH=1
+  APART=${NORM_APART_QUANT:-int4}
+  APART_FLAG=--no-fuse-norm-into-linear
+  APART_MEASURED="none,$APART"  # the bf16 row reuses its cache entry: the flag leaves bf16 builds alone
 fi
 TEST_PATHS=${TEST_PATHS:-tests/kernels tests/runtime}
 COMMON=(--backends inductor --dtype bfloat16 --batch-sizes 1 --prompt-len 128 --new-tokens 128 --max-seq-len 256
@@ -66,7 +70,7 @@ if [ "$GPUS" -ge 3 ]; then
     pids+=($!)
     i=$((i + 1))
   done
-  if [ "${NORM_APART:-0}" = 1 ] && [ "$GPUS" -ge 4 ]; then
+  if [ "$FOURTH" = 1 ] && [ "$GPUS" -ge 4 ]; then
     CUDA_VISIBLE_DEVICES=3 python3 -m oiv2compile bench "$MODEL" --quant "$APART" "$APART_FLAG" \
       --baselines '' --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-apart" >"$RESULTS/build-apart.log" 2>&1 &
     pids+=($!)
@@ -76,7 +80,7 @@ else
   CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8,int4 --baselines '' \
     --repeats 1 "${COMMON[@]}" --out "$RESULTS/build" >"$RESULTS/build.log" 2>&1
 fi
-if [ "${NORM_APART:-0}" = 1 ] && [ "$GPUS" -lt 4 ]; then
+if [ "$FOURTH" = 1 ] && [ "$GPUS" -lt 4 ]; then
   CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant "$APART" "$APART_FLAG" --baselines '' \
     --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-apart" >"$RESULTS/build-apart.log" 2>&1
 fi
@@ -86,13 +90,13 @@ if [ -n "${tests:-}" ] && [ "$TEST_GPU" = 0 ]; then wait "$tests"; archive; fi
 CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant none,int8,int4 --baselines "${BASELINES:-}" \
   --repeats 3 "${COMMON[@]}" --out "$RESULTS/$MODEL" >"$RESULTS/bench.log" 2>&1
 stamp measured
-if [ "${NORM_APART:-0}" = 1 ]; then
+if [ "$FOURTH" = 1 ]; then
   CUDA_VISIBLE_DEVICES=0 python3 -m oiv2compile bench "$MODEL" --quant "$APART_MEASURED" "$APART_FLAG" \
     --baselines '' --repeats 3 "${COMMON[@]}" --out "$RESULTS/$MODEL-apart" >"$RESULTS/bench-apart.log" 2>&1
   stamp "measured $APART $APART_FLAG"
 fi
 CHAIN_QUANTS=bf16,int8-norm-act,int4-norm  # the forms the artifacts run
-if [ "${NORM_APART:-0}" = 1 ] && [ "${ROPE_FUSED:-0}" != 1 ]; then
+if [ "$FOURTH" = 1 ] && [ "$APART_FLAG" = --no-fuse-norm-into-linear ]; then
   CHAIN_QUANTS=bf16,int8,int8-norm,int8-norm-act,int4,int4-norm,int8,int8-norm,int8-norm-act,int4,int4-norm
 fi
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=. python3 benchmarks/bench_linear_chain.py --model "$MODEL" --quant "$CHAIN_QUANTS" \

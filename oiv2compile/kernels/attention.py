@@ -663,6 +663,7 @@ def _attention_split(
     block_d = max(16, next_power_of_2(D))
     query = _query_args(q, rope, positions)
     like = query.pop("Q")  # q, or the fused row
+    q_strides = q.stride() if q is not None else (0, 0, 0, 0)
     # Each program's running max, sum and un-normalized output, float32.
     max_part = torch.empty((B, Hq, splits), dtype=torch.float32, device=like.device)  # [B, Hq, splits]
     sum_part = torch.empty((B, Hq, splits), dtype=torch.float32, device=like.device)
@@ -677,9 +678,9 @@ def _attention_split(
         acc_part,
         slots,
         positions,
-        q.stride(0) if q is not None else 0,
-        q.stride(1) if q is not None else 0,
-        q.stride(3) if q is not None else 0,
+        q_strides[0],
+        q_strides[1],
+        q_strides[3],
         *k_cache.stride(),
         *v_cache.stride(),
         T,
