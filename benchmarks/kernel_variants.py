@@ -13,6 +13,8 @@ of them. Each chain run is a process of its own: one process can hold one librar
 
 A variant is NAME=FILE:PATTERN=>REPLACEMENT (FILE relative to the package; PATTERN a Python regular
 expression in multi-line mode); repeat --variant with the same NAME to apply several substitutions.
+A change too large for a pattern replaces the whole file: --variant-file NAME=FILE=SOURCE (SOURCE a path
+to the variant's copy of FILE).
 """
 
 from __future__ import annotations
@@ -46,10 +48,29 @@ def parse_variants(specs: list[str]) -> dict[str, list[tuple[str, str, str]]]:
     return variants
 
 
-def make_tree(root: Path, name: str, rules: list[tuple[str, str, str]]) -> Path:
-    """A copy of the package under root/name with the rules applied; raises if a rule matches nothing."""
+def parse_variant_files(specs: list[str]) -> dict[str, list[tuple[str, Path]]]:
+    """NAME=FILE=SOURCE, repeated → {name: [(file, source), ...]}."""
+    variants: dict[str, list[tuple[str, Path]]] = {}
+    for spec in specs:
+        name, path, source = [*spec.split("=", 2), "", ""][:3]
+        if not (name and path and source) or name == "base" or not Path(source).is_file():
+            raise ValueError(f"--variant-file takes NAME=FILE=SOURCE (NAME not 'base', SOURCE a file), not {spec!r}")
+        variants.setdefault(name, []).append((path, Path(source)))
+    return variants
+
+
+def make_tree(
+    root: Path, name: str, rules: list[tuple[str, str, str]], files: list[tuple[str, Path]] | None = None
+) -> Path:
+    """A copy of the package under root/name with the files replaced, then the rules applied; raises if
+    a rule matches nothing or a replaced file is not in the package."""
     tree = root / name
     shutil.copytree(PACKAGE, tree / "oiv2compile", ignore=shutil.ignore_patterns("__pycache__"))
+    for path, source in files or []:
+        target = tree / "oiv2compile" / path
+        if not target.is_file():
+            raise ValueError(f"variant {name}: {path} is not a file of the package")
+        shutil.copyfile(source, target)
     for path, pattern, replacement in rules:
         target = tree / "oiv2compile" / path
         text, count = re.subn(pattern, replacement, target.read_text(), flags=re.MULTILINE)
@@ -71,6 +92,7 @@ def compile_kernels(tree: Path) -> subprocess.CompletedProcess:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", default=[], help="NAME=FILE:PATTERN=>REPLACEMENT")
+    parser.add_argument("--variant-file", action="append", default=[], help="NAME=FILE=SOURCE")
     parser.add_argument(
         "--variant-args",
         action="append",
@@ -84,6 +106,8 @@ def main() -> int:
     args = parser.parse_args()
     try:
         variants = {"base": [], **parse_variants(args.variant)}
+        files = parse_variant_files(args.variant_file)
+        variants.update({name: [] for name in files if name not in variants})
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -94,7 +118,7 @@ def main() -> int:
     root = args.keep or Path(tempfile.mkdtemp(prefix="oiv2-variants-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        trees = {name: make_tree(root, name, rules) for name, rules in variants.items()}
+        trees = {name: make_tree(root, name, rules, files.get(name)) for name, rules in variants.items()}
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2

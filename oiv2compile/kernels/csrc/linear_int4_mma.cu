@@ -5,10 +5,11 @@
 // x per mma; rows past M read row M - 1 and are never stored). The layout is packed at build time so
 // that a lane's 16 bytes of a 64-feature chunk are exactly its A fragments of four m16n8k16 steps. A
 // word's 8 nibbles become bf16/fp16 pairs MAGIC_VALUE + q with one shift and one lop3 a pair. The zero
-// points need no subtraction per pair: a second mma with an all-ones A gives sum x, and each group
-// ends with
+// points need no subtraction per pair: each group ends with
 //     acc += scale * sum x * (MAGIC_VALUE + q) - scale * (MAGIC_VALUE + zero) * sum x
-// on float sums (exact products, float accumulation), so no rounded weight is ever formed.
+// on float sums (exact products, float accumulation), so no rounded weight is ever formed. The streamed
+// kernel (below) sums x over each group once, before its products; the tiled kernel gets sum x from a
+// second mma with an all-ones A.
 //
 // Up to 8 rows, the streamed kernel: each CTA takes a contiguous run of 16-row blocks (one CTA per SM
 // slot, so every SM streams an equal share). A producer warp copies W and the scales each stage needs
@@ -17,29 +18,38 @@
 // consumer warps each take two consecutive chunks of a stage (the group size is a template argument,
 // so a group of 128 gets its scales once) and add their sums into shared memory when a block ends. It
 // is launched as a programmatic dependent: the copies start while the previous kernel drains, and the
-// consumers read x only after griddepcontrol.wait. Its producer lets the next kernel launch once it has
-// issued its last copy, so a product right after this one (the norm inside both, below) starts its own
-// copies as this one's CTAs leave their SMs: 32 llama-8b layers of int4 products with the norms inside
-// took 1868 us a step with that, 2041 without (H100, benchmarks/RESULTS.md).
+// consumers read x only after griddepcontrol.wait. They first sum each group of x (and, for the norm
+// below, the squares) into shared memory in one pass, then take the k-steps of a group in two
+// accumulators by turns, one mma a step. The earlier form (a second mma a step for sum x, one
+// accumulator) was bound by the consumers, not by the memory: in 32 llama-8b layers of int4 products
+// with the norms inside (H200, benchmarks/RESULTS.md) it took 1864 us a step, 1070 with the math left
+// out and 1651 with the copies left out; this form took 1705 in the same run as 1864. Copying x into
+// shared memory as well (the producer, after griddepcontrol.wait) took 1733 and is not here. The
+// producer lets the next kernel launch once it has issued its last copy, so a product right after this
+// one (the norm inside both, below) starts its own copies as this one's CTAs leave their SMs: 32
+// llama-8b layers of int4 products with the norms inside took 1868 us a step with that, 2041 without
+// (H100).
 // Two more ops run in the streamed kernel, with an epilogue (1 to 8 rows): oiv2::linear_int4_mma_add
 // (y = (x W^T) + residual, each rounded as the model rounds them: o and down write the new residual
 // stream) and oiv2::rms_norm_linear_int4_mma (y = rsqrt(mean(x^2) + eps) * (x W^T), W holding the
-// norm's weight: the consumers sum the squares of x while the first stage is on its way). A gated
+// norm's weight: the consumers sum the squares of x in the same pass as the groups). A gated
 // activation in the gate/up epilogue (a CTA streaming the gate blocks of its outputs, then their up
 // blocks) was slower than the activation kernel (1899 against 1868 us in the chain) and is not here.
 // 9 to 32 rows, the tiled kernel: a CTA per block, its warps splitting K, each lane with kUnroll
 // chunks in flight in registers (it beats the streamed kernel there: more accumulators a warp).
 //
-// Where they stand (benchmarks/RESULTS.md, H100, llama-8b shapes at one row, calls back to back):
-// 61-67% of the copy bandwidth on 14336x4096 and 4096x14336, 71-76% on the fused gate/up
-// (28672x4096), 96% on the output head; what is left on the small shapes is a fixed 5-6 us a call
-// (first bytes, last block), which cuBLAS pays too there.
+// Where they stood before the group sums (benchmarks/RESULTS.md, llama-8b shapes at one row, calls back
+// to back): 61-67% of the copy bandwidth on 14336x4096 and 4096x14336 and 96% on the output head on an
+// H100; 46-56% and 74% on an H200.
 //
 // More rows (prefill): slices of W are dequantized into a bf16/fp16 buffer and multiplied by cuBLAS.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <map>
+#include <mutex>
 
 #include "gemv_common.cuh"
 
@@ -341,76 +351,143 @@ __device__ __forceinline__ void cta_blocks(int blocks, int cta, int ctas, int& f
   end = static_cast<int>(static_cast<int64_t>(blocks) * (cta + 1) / ctas);
 }
 
-// The ring, the sums of each block ([block][x row][16]), the barriers, and the sum of squares of each
-// row of x (the norm's).
-template <int kTiles>
-constexpr int streamed_smem_bytes() {
-  return kStages * kStageBytes + kMaxBlocksPerCta * 8 * kTiles * kRows * 4 + 2 * kStages * 8 + 8 * kTiles * 4;
+// Byte offsets of the streamed kernel's shared memory: the ring of stages, then the sums of each block
+// ([block][x row][16]), the barriers (full and empty, a stage each), the sum of squares of each row of x
+// (the norm's), and the sum of x over each group ([group][8]: the zero points' term).
+struct StreamedLayout {
+  int sums, barriers, row_sumsq, group_sums, total;
+};
+
+__host__ __device__ inline StreamedLayout streamed_layout(int M, int groups) {
+  StreamedLayout l{};
+  int at = kStages * kStageBytes;
+  l.sums = at;
+  at += kMaxBlocksPerCta * M * kRows * 4;
+  l.barriers = at;
+  at += 2 * kStages * 8;
+  l.row_sumsq = at;
+  at += 8 * 4;
+  l.group_sums = at;
+  at += groups * 8 * 4;
+  l.total = at;
+  return l;
 }
 
 // What the streamed kernel does after the product (see the top of the file): nothing; the residual
 // add; the RMSNorm's scalar of each row.
 enum class Epilogue { kPlain, kAddResidual, kRmsNorm };
 
-// kN consecutive chunks of 64 features, from chunk c of the block, against 8 * kTiles rows of x, into
-// acc. ws: the lane's 16 bytes of the first chunk (the next 512 bytes on); szg: row g's (scale, zero)
-// pair of group g0. The group size is a template argument, so a group that spans both chunks gets its
-// scales once.
-template <typename T, int kTiles, int kGroupShift, int kN>
-__device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const uint4* const (&xp)[kTiles],
-                                            const uint32_t* szg, const Constants& k, float (&acc)[kTiles][4]) {
+// The consumer warps' own barrier (the producer warp goes on copying).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"r"(32 * kConsumers) : "memory"); }
+
+// One pass of the consumer threads over x: the sum of each group of each row into
+// group_sums[group * 8 + m] (the zero points' term: no mma against an all-ones operand), and with the
+// norm each row's sum of squares into row_sumsq. A warp reads 256 consecutive features at a time, so a
+// group's lanes (kGroup / 8 of them) are in one warp.
+template <typename T, int kGroupShift, bool kNorm>
+__device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq) {
+  constexpr int kLanesPerGroup = (1 << kGroupShift) / 8;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int m = 0; m < M; ++m) {
+    float sq = 0.0f;
+    for (int base = warp * 256; base < K; base += 256 * kConsumers) {
+      const int f = base + lane * 8;
+      float part = 0.0f;
+      if (f < K) {
+        float xf[8];
+        to_float8<T>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + f)), xf);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          part += xf[j];
+          if constexpr (kNorm) sq = fmaf(xf[j], xf[j], sq);
+        }
+      }
+#pragma unroll
+      for (int off = 1; off < kLanesPerGroup; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
+      if (f < K && (lane & (kLanesPerGroup - 1)) == 0) group_sums[(f >> kGroupShift) * 8 + m] = part;
+    }
+    if constexpr (kNorm) {
+      sq = warp_sum(sq);
+      if (lane == 0) atomicAdd(&row_sumsq[m], sq);
+    }
+  }
+}
+
+// A group ends (streamed kernel): acc += scale * dot - scale * (MAGIC_VALUE + zero) * sum x, for rows g
+// and g + 8 (pair_g, pair_g8) and x rows 2t, 2t + 1 (gs: their sums over the group); dot in two chains.
+template <typename T>
+__device__ __forceinline__ void end_group_sums(uint32_t pair_g, uint32_t pair_g8, const float (&dot)[2][4], float2 gs,
+                                               float (&acc)[4]) {
+  float scale_g, scale_g8, corr_g, corr_g8;
+  scale_and_correction<T>(pair_g, scale_g, corr_g);
+  scale_and_correction<T>(pair_g8, scale_g8, corr_g8);
+  acc[0] = fmaf(scale_g, dot[0][0] + dot[1][0], fmaf(-corr_g, gs.x, acc[0]));
+  acc[1] = fmaf(scale_g, dot[0][1] + dot[1][1], fmaf(-corr_g, gs.y, acc[1]));
+  acc[2] = fmaf(scale_g8, dot[0][2] + dot[1][2], fmaf(-corr_g8, gs.x, acc[2]));
+  acc[3] = fmaf(scale_g8, dot[0][3] + dot[1][3], fmaf(-corr_g8, gs.y, acc[3]));
+}
+
+// kN consecutive chunks of 64 features, from chunk c of the block, against up to 8 rows of x, into acc.
+// ws: the lane's 16 bytes of the first chunk (the next 512 bytes on); xl: features t*8.. of the row the
+// lane feeds to the mma, in 16-byte units; szg: row g's (scale, zero) pair of group g0. The k-steps
+// alternate between two accumulators, so that consecutive mma do not wait for each other. The group size
+// is a template argument, so a group that spans both chunks gets its scales once.
+template <typename T, int kGroupShift, int kN>
+__device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const uint4* xl, const uint32_t* szg,
+                                            const float* group_sums, int t, const Constants& k, float (&acc)[4]) {
   constexpr int kStepsPerGroup = (1 << kGroupShift) / 16;  // k-steps (two words a 32-feature half)
   int4 wv[kN];
 #pragma unroll
   for (int n = 0; n < kN; ++n) wv[n] = ws[n * 32];
-  float dot[kTiles][4], sum[kTiles][4];  // per group: sum x * (MAGIC_VALUE + q), and sum x
-  uint4 xv[kTiles];
+  float dot[2][4];  // per group: sum x * (MAGIC_VALUE + q), even and odd k-steps
+  uint4 xv;
 #pragma unroll
   for (int step = 0; step < 4 * kN; ++step) {
     const int n = step >> 2, j = step & 3;
     if (step % kStepsPerGroup == 0) {
 #pragma unroll
-      for (int r = 0; r < kTiles; ++r) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dot[r][e] = sum[r][e] = 0.0f;
-      }
+      for (int e = 0; e < 4; ++e) dot[0][e] = dot[1][e] = 0.0f;
     }
-    if ((j & 1) == 0) {  // x: features (c + n) * 64 + (j / 2) * 32 + t * 8 .. + 8
-#pragma unroll
-      for (int r = 0; r < kTiles; ++r) xv[r] = __ldg(xp[r] + (c + n) * 8 + (j >> 1) * 4);
-    }
+    if ((j & 1) == 0) xv = __ldg(xl + (c + n) * 8 + (j >> 1) * 4);  // features (c+n)*64 + (j/2)*32 ..
     const uint32_t word = j == 0 ? wv[n].x : j == 1 ? wv[n].y : j == 2 ? wv[n].z : wv[n].w;
-    step_product<T, kTiles>(word, j, xv, k, dot, sum);
+    uint32_t a[4];
+    magic_levels(word, k.mask, k.magic, a);
+    Mma<T>::run(dot[step & 1], a, (j & 1) ? xv.z : xv.x, (j & 1) ? xv.w : xv.y);
     if ((step + 1) % kStepsPerGroup == 0) {  // a group ends: its scales and zero points on the float sums
       const int group = ((c + n) * kChunk + (j >> 1) * 32) >> kGroupShift;
       const uint32_t* pairs = szg + ((group - g0) << 4);
-      end_group<T, kTiles>(pairs[0], pairs[8], dot, sum, acc);
+      const float2 gs = *reinterpret_cast<const float2*>(group_sums + group * 8 + 2 * t);
+      end_group_sums<T>(pairs[0], pairs[8], dot, gs, acc);
     }
   }
 }
 
-// One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8 * kTiles) of x. Stage s
-// is chunks [c0, c0 + 16) of one block and the groups they touch; consumer warp w takes the
-// kStageChunks / kConsumers consecutive chunks from w * that, and adds its sums into shared memory
-// when its block ends. The producer lets the next kernel launch once it has issued its last copy (that
-// kernel's CTAs take an SM as this one's leave it, and start their own copies).
-template <typename T, int kTiles, int kGroupShift, Epilogue kMode>
+// One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8) of x. Stage s is chunks
+// [c0, c0 + 16) of one block and the groups they touch; consumer warp w takes the kStageChunks /
+// kConsumers consecutive chunks from w * that, and adds its sums into shared memory when its block ends.
+// The producer lets the next kernel launch once it has issued its last copy (that kernel's CTAs take an
+// SM as this one's leave it, and start their own copies). The consumers first sum x over each group (and
+// its squares, for the norm).
+template <typename T, int kGroupShift, Epilogue kMode>
 __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kernel(
     const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
     const T* __restrict__ residual, T* __restrict__ y, int M, int N, int K, float eps) {
   constexpr bool kNorm = kMode == Epilogue::kRmsNorm;
   constexpr int group_shift = kGroupShift;
   extern __shared__ __align__(128) unsigned char smem[];
-  float* sums = reinterpret_cast<float*>(smem + kStages * kStageBytes);  // [block][x row][16]
-  uint64_t* full = reinterpret_cast<uint64_t*>(sums + kMaxBlocksPerCta * 8 * kTiles * kRows);
-  uint64_t* empty = full + kStages;
-  float* row_sumsq = reinterpret_cast<float*>(empty + kStages);  // [x row]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = K / kChunk, groups = K >> group_shift;
+  const StreamedLayout layout = streamed_layout(M, groups);
+  float* sums = reinterpret_cast<float*>(smem + layout.sums);  // [block][x row][16]
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barriers);
+  uint64_t* empty = full + kStages;
+  float* row_sumsq = reinterpret_cast<float*>(smem + layout.row_sumsq);    // [x row]
+  float* group_sums = reinterpret_cast<float*>(smem + layout.group_sums);  // [group][8]
   int first, end;
   cta_blocks(N / kRows, blockIdx.x, gridDim.x, first, end);
-  for (int i = threadIdx.x; i < (end - first) * 8 * kTiles * kRows; i += blockDim.x) sums[i] = 0.0f;
-  if (kNorm && threadIdx.x < 8 * kTiles) row_sumsq[threadIdx.x] = 0.0f;
+  for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) sums[i] = 0.0f;
+  for (int i = threadIdx.x; i < groups * 8; i += blockDim.x) group_sums[i] = 0.0f;  // x rows past M stay 0
+  if (kNorm && threadIdx.x < 8) row_sumsq[threadIdx.x] = 0.0f;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
       barrier_init(&full[i], 1);
@@ -441,28 +518,16 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
     }
   } else {  // a consumer
     wait_for_previous_grid();  // x is the previous kernel's output
-    if constexpr (kNorm) {  // each row's sum of squares: consumer thread i takes features 8i.. + 8 and on
-      for (int m = 0; m < M; ++m) {
-        float sq = 0.0f;
-        for (int f = threadIdx.x * 8; f < K; f += 8 * 32 * kConsumers) {
-          float xf[8];
-          to_float8<T>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + f)), xf);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) sq = fmaf(xf[j], xf[j], sq);
-        }
-        sq = warp_sum(sq);
-        if (lane == 0) atomicAdd(&row_sumsq[m], sq);
-      }
-    }
+    sum_x<T, kGroupShift, kNorm>(x, M, K, group_sums, row_sumsq);
+    consumers_sync();
     const int g = lane >> 2, t = lane & 3;
-    const uint4* xp[kTiles];
-    x_pointers<T, kTiles>(x, M, K, g, t, xp);
+    // Features t*8.. of the row of x this lane feeds to the mma (rows past M read row M - 1: their columns
+    // of the product are never stored), in 16-byte units.
+    const uint4* xl = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(g, M - 1)) * K + t * 8));
     const Constants k = constants<T>();
     int s = 0;
     for (int b = first; b < end; ++b) {
-      float acc[kTiles][4];
-#pragma unroll
-      for (int r = 0; r < kTiles; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.0f;
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int c0 = 0; c0 < chunks; c0 += kStageChunks, ++s) {
         const int slot = s % kStages;
         barrier_wait(&full[slot], (s / kStages) & 1);
@@ -474,22 +539,21 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
         constexpr int kPerWarp = kStageChunks / kConsumers;
         const int i = warp * kPerWarp;
         if (i + kPerWarp <= n) {
-          run_product<T, kTiles, kGroupShift, kPerWarp>(ws + i * 32, c0 + i, g0, xp, szg, k, acc);
+          run_product<T, kGroupShift, kPerWarp>(ws + i * 32, c0 + i, g0, xl, szg, group_sums, t, k, acc);
         } else {  // the block's last stage, cut short: one chunk at a time (a group of 128 never ends here)
-          for (int c = i; c < n; ++c) run_product<T, kTiles, kGroupShift, 1>(ws + c * 32, c0 + c, g0, xp, szg, k, acc);
+          for (int c = i; c < n; ++c) {
+            run_product<T, kGroupShift, 1>(ws + c * 32, c0 + c, g0, xl, szg, group_sums, t, k, acc);
+          }
         }
         __syncwarp();
         if (lane == 0) barrier_arrive(&empty[slot]);
       }
-      // acc[r][e]: row g + 8 * (e >> 1) of the block, row 8 * r + 2 * t + (e & 1) of x.
-      float* block_sums = sums + (b - first) * 8 * kTiles * kRows;
+      // acc[e]: row g + 8 * (e >> 1) of the block, row 2 * t + (e & 1) of x.
+      float* block_sums = sums + (b - first) * M * kRows;
 #pragma unroll
-      for (int r = 0; r < kTiles; ++r) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int m = 8 * r + 2 * t + (e & 1);
-          if (m < M) atomicAdd(&block_sums[m * kRows + g + 8 * (e >> 1)], acc[r][e]);
-        }
+      for (int e = 0; e < 4; ++e) {
+        const int m = 2 * t + (e & 1);
+        if (m < M) atomicAdd(&block_sums[m * kRows + g + 8 * (e >> 1)], acc[e]);
       }
     }
   }
@@ -499,7 +563,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   // sum with the residual).
   for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) {
     const int bl = i / (M * kRows), m = (i / kRows) % M, row = i % kRows;
-    const float sum = sums[(bl * 8 * kTiles + m) * kRows + row];
+    const float sum = sums[(bl * M + m) * kRows + row];
     const size_t at = static_cast<size_t>(m) * N + (first + bl) * kRows + row;
     if constexpr (kMode == Epilogue::kPlain) {
       y[at] = from_float<T>(sum);
@@ -584,19 +648,32 @@ struct Operands {
 
 // The streamed kernel's grid: CTAs of up to kMaxBlocksPerCta blocks each, as many as fill the SMs once
 // (so each SM streams an equal share), more where the blocks are too many for that.
-template <typename T, int kTiles, int kGroupShift, Epilogue kMode>
+template <typename T, int kGroupShift, Epilogue kMode>
 void launch_streamed(const Operands& o) {
   const int M = o.x.size(0), K = o.x.size(1), N = o.w.size(0);
   const int blocks = N / kRows;
-  constexpr int smem = streamed_smem_bytes<kTiles>();
-  auto kernel = int4_mma_streamed_kernel<T, kTiles, kGroupShift, kMode>;
-  // CTAs an SM holds at once: asked once per instantiation (the same on every card this process uses).
-  static const int per_sm = [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 32 * (kConsumers + 1), smem));
-    return n;
-  }();
+  const int smem = streamed_layout(M, K >> kGroupShift).total;
+  auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode>;
+  // CTAs an SM holds at once, asked once per shared-memory size (the same on every card this process
+  // uses); the kernel's size limit is the largest size asked for so far.
+  static std::mutex mutex;
+  static std::map<int, int> per_sm_of;
+  static int limit = 0;
+  int per_sm;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    auto it = per_sm_of.find(smem);
+    if (it == per_sm_of.end()) {
+      if (smem > limit) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        limit = smem;
+      }
+      int n = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 32 * (kConsumers + 1), smem));
+      it = per_sm_of.emplace(smem, n).first;
+    }
+    per_sm = it->second;
+  }
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   // One CTA a slot (every SM then streams an equal share, within a block), fewer where the blocks are
   // fewer than the slots, more where a CTA would sum more than kMaxBlocksPerCta blocks.
@@ -610,11 +687,11 @@ void launch_streamed(const Operands& o) {
                                      M, N, K, static_cast<float>(o.eps)));
 }
 
-template <typename T, int kTiles, Epilogue kMode = Epilogue::kPlain>
+template <typename T, Epilogue kMode = Epilogue::kPlain>
 void launch_streamed_group(const Operands& o, int group) {
-  if (group == 32) return launch_streamed<T, kTiles, 5, kMode>(o);
-  if (group == 64) return launch_streamed<T, kTiles, 6, kMode>(o);
-  return launch_streamed<T, kTiles, 7, kMode>(o);
+  if (group == 32) return launch_streamed<T, 5, kMode>(o);
+  if (group == 64) return launch_streamed<T, 6, kMode>(o);
+  return launch_streamed<T, 7, kMode>(o);
 }
 
 template <typename T, int kTiles, int kWarps>
@@ -645,7 +722,7 @@ void launch_tiles(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz
 template <typename T>
 void run_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group) {
   const int64_t rows = x.size(0);
-  if (rows <= 8) return launch_streamed_group<T, 1>(Operands{x, w, sz, at::Tensor(), y, 0.0}, group);
+  if (rows <= 8) return launch_streamed_group<T>(Operands{x, w, sz, at::Tensor(), y, 0.0}, group);
   if (rows <= 16) return launch_tiles<T, 2>(x, w, sz, y, group);
   return launch_tiles<T, 4>(x, w, sz, y, group);
 }
@@ -738,9 +815,9 @@ at::Tensor run_epilogue(const at::Tensor& x, const at::Tensor& packed, const at:
     o.residual = residual.reshape({-1, N}).contiguous();
   }
   if (x.scalar_type() == at::kBFloat16) {
-    launch_streamed_group<__nv_bfloat16, 1, kMode>(o, group);
+    launch_streamed_group<__nv_bfloat16, kMode>(o, group);
   } else {
-    launch_streamed_group<__half, 1, kMode>(o, group);
+    launch_streamed_group<__half, kMode>(o, group);
   }
   return o.y.view(out_sizes);
 }
