@@ -653,6 +653,9 @@ void launch_streamed(const Operands& o) {
   const int M = o.x.size(0), K = o.x.size(1), N = o.w.size(0);
   const int blocks = N / kRows;
   const int smem = streamed_layout(M, K >> kGroupShift).total;
+  TORCH_CHECK(smem <= static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin),
+              "linear_int4_mma: K = ", K, " in groups of ", 1 << kGroupShift,
+              " needs more shared memory for its group sums than a CTA of this card has");
   auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode>;
   // CTAs an SM holds at once, asked once per shared-memory size (the same on every card this process
   // uses); the kernel's size limit is the largest size asked for so far.
