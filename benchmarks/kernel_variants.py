@@ -89,6 +89,20 @@ def compile_kernels(tree: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tree)
 
 
+def compiled(trees: dict[str, Path], built: dict[str, subprocess.CompletedProcess]) -> dict[str, Path]:
+    """The trees whose kernels compiled; each that did not is reported and left out. Raises if base did not."""
+    kept = {}
+    for name, tree in trees.items():
+        result = built.get(name)
+        if result is not None and result.returncode != 0:
+            if name == "base":
+                raise RuntimeError(f"the unchanged tree did not compile:\n{result.stderr[-3000:]}")
+            print(f"variant {name} did not compile, left out:\n{result.stderr[-3000:]}", file=sys.stderr)
+            continue
+        kept[name] = tree
+    return kept
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", default=[], help="NAME=FILE:PATTERN=>REPLACEMENT")
@@ -103,6 +117,9 @@ def main() -> int:
     parser.add_argument("--model", default="llama-8b")
     parser.add_argument("--quant", default="int8,int4")
     parser.add_argument("--keep", type=Path, default=None, help="build the trees here and keep them")
+    parser.add_argument(
+        "--run-timeout", type=float, default=300.0, help="seconds a chain run may take; a variant past it is left out"
+    )
     args = parser.parse_args()
     try:
         variants = {"base": [], **parse_variants(args.variant)}
@@ -125,17 +142,29 @@ def main() -> int:
     cuda = torch.cuda.is_available()  # elsewhere the ops run their references: nothing to compile
     with ThreadPoolExecutor(max_workers=len(trees)) as pool:
         built = dict(zip(trees, pool.map(compile_kernels, trees.values()), strict=True)) if cuda else {}
-    for name, result in built.items():
-        if result.returncode != 0:
-            print(f"variant {name} did not compile:\n{result.stderr[-3000:]}", file=sys.stderr)
-            return 1
+    try:
+        trees = compiled(trees, built)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     chain = [sys.executable, str(CHAIN), "--model", args.model, "--quant", args.quant]
     for round_ in range(1, args.rounds + 1):
-        for name, tree in trees.items():
+        for name, tree in list(trees.items()):
             env = {**os.environ, "PYTHONPATH": str(tree)}
             print(f"\n## {name}, round {round_}", flush=True)
             label = ["--label", f"({name}, round {round_})"]
-            subprocess.run([*chain, *label, *extra.get(name, "").split()], env=env, check=True, cwd=tree)
+            try:
+                subprocess.run(
+                    [*chain, *label, *extra.get(name, "").split()],
+                    env=env,
+                    check=True,
+                    cwd=tree,
+                    timeout=args.run_timeout,
+                )
+            except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as exc:
+                print(f"variant {name} left out: {exc}", file=sys.stderr)
+                print(f"(left out: {type(exc).__name__})", flush=True)
+                del trees[name]
     if args.keep is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0

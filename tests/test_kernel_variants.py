@@ -1,6 +1,7 @@
 """benchmarks/kernel_variants.py: the variant trees it builds (the timing itself needs a GPU)."""
 
 import importlib.util
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,17 @@ def test_variant_files_are_refused_when_malformed_or_missing(tmp_path):
         kernel_variants.make_tree(tmp_path / "trees", "v", [], [("kernels/csrc/absent.cu", copy)])
     with pytest.raises(ValueError, match="matches nothing"):
         kernel_variants.make_tree(tmp_path / "trees2", "w", [(SOURCE, "no such text", "")])
+
+
+def test_a_variant_that_did_not_compile_is_left_out_but_base_must_compile(tmp_path, capsys):
+    trees = {"base": tmp_path / "base", "good": tmp_path / "good", "bad": tmp_path / "bad"}
+
+    def result(code: int) -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess([], code, "", "nvcc: error")
+
+    built = {"base": result(0), "good": result(0), "bad": result(1)}
+    assert kernel_variants.compiled(trees, built) == {"base": trees["base"], "good": trees["good"]}
+    assert "variant bad did not compile" in capsys.readouterr().err
+    assert kernel_variants.compiled(trees, {}) == trees  # no GPU: nothing was compiled
+    with pytest.raises(RuntimeError, match="unchanged tree"):
+        kernel_variants.compiled(trees, {**built, "base": result(1)})
