@@ -4,8 +4,11 @@ kernel (TORCH_LIBRARY_IMPL) when it loads."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,17 +40,33 @@ def load(source: Path, build_dir: Path | None = None) -> Path:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
     if f"{name}.so" in _LOADED:
         return target / f"{name}.so"
-    cpp_extension.load(
-        name=name,
-        sources=[str(source)],
-        extra_cuda_cflags=["-O3", "--use_fast_math"],
-        extra_include_paths=[str(CSRC)],
-        build_directory=str(target),
-        is_python_module=False,
-        verbose=False,
-    )
+    with _building(target):
+        cpp_extension.load(
+            name=name,
+            sources=[str(source)],
+            extra_cuda_cflags=["-O3", "--use_fast_math"],
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(target),
+            is_python_module=False,
+            verbose=False,
+        )
     _LOADED.add(f"{name}.so")
     return target / f"{name}.so"
+
+
+@contextlib.contextmanager
+def _building(target: Path) -> Iterator[None]:
+    """One process at a time builds or loads the library in `target`, under a lock the system lets go
+    of when its holder dies. torch's own lock is a file that a build killed midway (Ctrl-C, a timeout)
+    leaves behind, and every later load then waits for it forever: holding ours, no build of ours can be
+    running, so such a file is stale and goes."""
+    with open(target / "oiv2-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (target / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_library(path: Path) -> None:

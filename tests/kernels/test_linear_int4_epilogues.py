@@ -97,6 +97,27 @@ def test_int4_norm_kernel_over_many_blocks_a_cta(rows):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize(("n", "k"), [(1008, 960), (34000, 2112)])
+def test_int4_streamed_kernel_on_one_short_stage_and_many_blocks_a_cta(n, k):
+    """The three streamed ops where a block is one stage cut short (K = 960: 15 chunks, not 16) and
+    where a CTA sums four or five blocks (N = 34000: 2125 blocks), at one and eight rows."""
+    mma.load_extension()
+    eps = 1e-5
+    for rows in (1, 8):
+        x, packed, pairs, weight = _case(rows, n, k, 64, torch.bfloat16, "cuda", n + rows)
+        expected = F.linear(x.double(), weight)
+        plain = ops.linear_int4_mma(x, packed, pairs)
+        assert _rel(plain, expected) < 5e-3
+        per_feature = (plain.double() - expected).abs().amax(dim=0) / expected.abs().amax()
+        assert float(per_feature.max()) < 2e-2  # no block of 16 rows left out or summed twice
+        normed = ops.rms_norm_linear_int4_mma(x, packed, pairs, eps)
+        assert _rel(normed, F.linear(_normed(x, eps), weight)) < 5e-3
+        residual = torch.randn(rows, n, device="cuda").to(torch.bfloat16)
+        summed = ops.linear_int4_mma_add(x, packed, pairs, residual)
+        assert _rel(summed, expected + residual.double()) < 5e-3
+
+
+@pytest.mark.cuda
 def test_int4_epilogue_ops_refuse_more_than_eight_rows():
     mma.load_extension()
     x, packed, pairs, _ = _case(9, 64, 128, 128, torch.bfloat16, "cuda", 3)

@@ -3,6 +3,10 @@ weights they stand for, opcheck, and the error they add (SQNR against the float 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -354,6 +358,41 @@ def test_cuda_extensions_are_named_by_their_sources(tmp_path, monkeypatch):
     second = _cuda_extension.extension_name(source)
     source.write_text("d")
     assert len({first, second, _cuda_extension.extension_name(source)}) == 3
+
+
+def test_cuda_extension_load_clears_the_lock_a_killed_build_left(tmp_path, monkeypatch):
+    """torch's lock file, left by a build killed midway, made every later load wait forever: the load
+    removes it under a lock of its own, which another process cannot take meanwhile and which the
+    system lets go of with its holder."""
+    from torch.utils import cpp_extension
+
+    from oiv2compile.kernels import _cuda_extension
+
+    source = tmp_path / "k.cu"
+    source.write_text("a")
+    monkeypatch.setattr(_cuda_extension, "CSRC", tmp_path)
+    monkeypatch.setattr(_cuda_extension, "_LOADED", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    name = _cuda_extension.extension_name(source)
+    target = tmp_path / "ext" / name
+    target.mkdir(parents=True)
+    (target / "lock").touch()
+    probe = "import fcntl, sys; fcntl.flock(open(sys.argv[1]), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+
+    def other_process_takes_the_lock() -> bool:
+        return subprocess.run([sys.executable, "-c", probe, str(target / "oiv2-build.lock")]).returncode == 0
+
+    seen = []
+
+    def fake_load(name: str, build_directory: str, **_: object) -> None:
+        seen.append(((Path(build_directory) / "lock").exists(), other_process_takes_the_lock()))
+        (Path(build_directory) / f"{name}.so").touch()
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert _cuda_extension.load(source, tmp_path / "ext") == target / f"{name}.so"
+    assert seen == [(False, False)]
+    assert other_process_takes_the_lock()
 
 
 @pytest.mark.cuda
