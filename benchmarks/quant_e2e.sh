@@ -15,7 +15,9 @@
 #                    --fuse-rope-into-attention (its own bench run: bf16 would need a build of its own);
 #   BASELINES=...    the bench's --baselines for the measuring run (default: none);
 #   ARCHIVE=path     tar.gz of $RESULTS, rewritten after each phase (for a machine that may go away);
-#   DONE=path        touched when the measuring runs have finished (before the profile).
+#   DONE=path        touched when the measuring runs have finished (before the profile);
+#   PARALLEL_BUILDS=1 build the three artifacts at once even on fewer than three cards (build i on
+#                    card i mod $GPUS): three 8B builds hold about 111 GB, which one H200 has.
 # An 8B build takes 3-6 minutes and holds about 37 GB of GPU memory while it runs. With three GPUs or
 # more the three artifacts build in parallel, one per GPU, into a shared bench cache; with fewer, one
 # bench command builds them in turn; with four, the build of NORM_APART or ROPE_FUSED takes the fourth (each in
@@ -61,11 +63,11 @@ if [ "${TESTS:-0}" = 1 ]; then
     > "$RESULTS/cuda-tests.log" 2>&1; stamp "cuda tests rc=$?") &
   tests=$!
 fi
-if [ "$GPUS" -ge 3 ]; then
+if [ "$GPUS" -ge 3 ] || [ "${PARALLEL_BUILDS:-0}" = 1 ]; then
   i=0
   pids=()
   for quant in none int8 int4; do
-    CUDA_VISIBLE_DEVICES=$i python3 -m oiv2compile bench "$MODEL" --quant "$quant" --baselines '' \
+    CUDA_VISIBLE_DEVICES=$((i % GPUS)) python3 -m oiv2compile bench "$MODEL" --quant "$quant" --baselines '' \
       --repeats 1 "${COMMON[@]}" --out "$RESULTS/build-$quant" >"$RESULTS/build-$quant.log" 2>&1 &
     pids+=($!)
     i=$((i + 1))
