@@ -61,12 +61,9 @@ def _building(target: Path) -> Iterator[None]:
     leaves behind, and every later load then waits for it forever: holding ours, no build of ours can be
     running, so such a file is stale and goes."""
     with open(target / "oiv2-build.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            (target / "lock").unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        fcntl.flock(handle, fcntl.LOCK_EX)  # let go of when the file closes
+        (target / "lock").unlink(missing_ok=True)
+        yield
 
 
 def load_library(path: Path) -> None:
