@@ -13,18 +13,23 @@
 //
 // Up to 8 rows, the streamed kernel: each CTA takes a contiguous run of 16-row blocks (one CTA per SM
 // slot, so every SM streams an equal share). A producer warp copies W and the scales each stage needs
-// into a ring of 4 shared-memory stages with the Hopper bulk-copy engine (cp.async.bulk, L2
-// evict-first, completion counted on an mbarrier), so the bytes in flight do not cost registers; 8
-// consumer warps each take two consecutive chunks of a stage (the group size is a template argument,
-// so a group of 128 gets its scales once) and add their sums into shared memory when a block ends. It
-// is launched as a programmatic dependent: the copies start while the previous kernel drains, and the
-// consumers read x only after griddepcontrol.wait. They first sum each group of x (and, for the norm
-// below, the squares) into shared memory in one pass, then take the k-steps of a group in two
-// accumulators by turns, one mma a step. The earlier form (a second mma a step for sum x, one
-// accumulator) was bound by the consumers, not by the memory: in 32 llama-8b layers of int4 products
-// with the norms inside (H200, benchmarks/RESULTS.md) it took 1864 us a step, 1070 with the math left
-// out and 1651 with the copies left out; this form took 1705 in the same run as 1864. Copying x into
-// shared memory as well (the producer, after griddepcontrol.wait) took 1733 and is not here. The
+// into a ring of 8 shared-memory stages (80 KB: two CTAs an SM) with the Hopper bulk-copy engine
+// (cp.async.bulk, L2 evict-first, completion counted on an mbarrier), so the bytes in flight do not cost
+// registers; 8 consumer warps each take two consecutive chunks of a stage (the group size is a template
+// argument, so a group of 128 gets its scales once) and add their sums into shared memory when a block
+// ends. It is launched as a programmatic dependent: the copies start while the previous kernel drains,
+// and the consumers read x only after griddepcontrol.wait. Consumer warp w multiplies the same 128
+// features of every stage, so it first sums x over the groups of those features alone (and, for the
+// norm below, their squares), with its loads batched and no barrier with the other warps, then takes
+// the k-steps of a group in two accumulators by turns, one mma a step. In 32 llama-8b layers of int4
+// products with the norms inside (H200, benchmarks/RESULTS.md): 1702 us a step with 4 stages and a
+// pass over all of x by every warp, 1574 with 8 stages, 1788 with 4 stages and each warp's own sums,
+// 1497 with both; 6 stages (three CTAs an SM) 1760, 12 and 16 stages (one CTA an SM) 1834 and 1860,
+// stages sized for group 128 (8.7 KB) 1798 at 8 stages (three an SM) and 1576 at 12 (two an SM).
+// The form before the group sums (a second mma a step for sum x, one accumulator) was bound by the
+// consumers, not by the memory: it took 1864 us a step, 1070 with the math left out and 1651 with the
+// copies left out. Copying x into shared memory as well (the producer, after griddepcontrol.wait) was
+// slower (1733 against 1705) and is not here. The
 // producer lets the next kernel launch once it has issued its last copy, so a product right after this
 // one (the norm inside both, below) starts its own copies as this one's CTAs leave their SMs: 32
 // llama-8b layers of int4 products with the norms inside took 1868 us a step with that, 2041 without
@@ -299,7 +304,7 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
 
 constexpr int kConsumers = 8;                         // consumer warps of a CTA (plus one producer warp)
 constexpr int kStageChunks = 2 * kConsumers;          // chunks of one stage: two a consumer (512 B each)
-constexpr int kStages = 4;                            // stages in the ring
+constexpr int kStages = 8;                            // stages in the ring
 constexpr int kMaxStageGroups = kStageChunks * kChunk / 32;  // groups a stage can touch (group 32)
 constexpr int kStageWeightBytes = kStageChunks * 32 * 16;
 constexpr int kStageBytes = kStageWeightBytes + kMaxStageGroups * kRows * 4;
@@ -377,40 +382,45 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int groups) {
 // add; the RMSNorm's scalar of each row.
 enum class Epilogue { kPlain, kAddResidual, kRmsNorm };
 
-// The consumer warps' own barrier (the producer warp goes on copying).
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"r"(32 * kConsumers) : "memory"); }
-
-// One pass of the consumer threads over x: the sum of each group of each row into
-// group_sums[group * 8 + m] (the zero points' term: no mma against an all-ones operand), and with the
-// norm each row's sum of squares into row_sumsq. A warp reads 256 consecutive features at a time, so a
-// group's lanes (kGroup / 8 of them) are in one warp.
+// The consumer warp's pass over its own features of x: warp w multiplies the chunks of 128-feature slices
+// w, w + 8, w + 16, ... (chunks 2w and 2w + 1 of every stage), so it sums x over the groups of those
+// slices only, into group_sums[group * 8 + m], and needs no other warp's sums (no barrier between the
+// consumers). Each lane takes 4 features of a slice; kBatch slices are loaded before any is summed.
+// With the norm, the warp's share of each row's sum of squares goes into row_sumsq (read after the
+// CTA's last barrier).
 template <typename T, int kGroupShift, bool kNorm>
 __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq) {
-  constexpr int kLanesPerGroup = (1 << kGroupShift) / 8;
+  constexpr int kLanesPerGroup = (1 << kGroupShift) / 4;
+  constexpr int kBatch = 8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int m = 0; m < M; ++m) {
+    const T* xm = x + static_cast<size_t>(m) * K;
     float sq = 0.0f;
-    for (int base = warp * 256; base < K; base += 256 * kConsumers) {
-      const int f = base + lane * 8;
-      float part = 0.0f;
-      if (f < K) {
-        float xf[8];
-        to_float8<T>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + f)), xf);
+    for (int s0 = warp * 128; s0 < K; s0 += 128 * kConsumers * kBatch) {
+      uint2 v[kBatch];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          part += xf[j];
-          if constexpr (kNorm) sq = fmaf(xf[j], xf[j], sq);
-        }
+      for (int b = 0; b < kBatch; ++b) {
+        const int f = s0 + b * 128 * kConsumers + lane * 4;
+        v[b] = f < K ? __ldg(reinterpret_cast<const uint2*>(xm + f)) : make_uint2(0u, 0u);
       }
 #pragma unroll
-      for (int off = 1; off < kLanesPerGroup; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
-      if (f < K && (lane & (kLanesPerGroup - 1)) == 0) group_sums[(f >> kGroupShift) * 8 + m] = part;
+      for (int b = 0; b < kBatch; ++b) {
+        const int f = s0 + b * 128 * kConsumers + lane * 4;
+        const float x0 = Mma<T>::low(v[b].x), x1 = Mma<T>::high(v[b].x);
+        const float x2 = Mma<T>::low(v[b].y), x3 = Mma<T>::high(v[b].y);
+        float part = (x0 + x1) + (x2 + x3);
+        if constexpr (kNorm) sq = fmaf(x0, x0, fmaf(x1, x1, fmaf(x2, x2, fmaf(x3, x3, sq))));
+#pragma unroll
+        for (int off = 1; off < kLanesPerGroup; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
+        if (f < K && (lane & (kLanesPerGroup - 1)) == 0) group_sums[(f >> kGroupShift) * 8 + m] = part;
+      }
     }
     if constexpr (kNorm) {
       sq = warp_sum(sq);
       if (lane == 0) atomicAdd(&row_sumsq[m], sq);
     }
   }
+  __syncwarp();
 }
 
 // A group ends (streamed kernel): acc += scale * dot - scale * (MAGIC_VALUE + zero) * sum x, for rows g
@@ -519,7 +529,6 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   } else {  // a consumer
     wait_for_previous_grid();  // x is the previous kernel's output
     sum_x<T, kGroupShift, kNorm>(x, M, K, group_sums, row_sumsq);
-    consumers_sync();
     const int g = lane >> 2, t = lane & 3;
     // Features t*8.. of the row of x this lane feeds to the mma (rows past M read row M - 1: their columns
     // of the product are never stored), in 16-byte units.
