@@ -118,6 +118,28 @@ def test_int4_streamed_kernel_on_one_short_stage_and_many_blocks_a_cta(n, k):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_streamed_kernel_sums_x_over_more_slices_than_one_batch(group):
+    """K = 8320: 65 slices of 128 features, so consumer warp 0 sums x over a ninth slice in a second
+    batch of loads (8 warps, 8 slices a batch each), and the block's last stage holds two chunks, both
+    warp 0's; at one and three rows, every streamed op."""
+    mma.load_extension()
+    n, k, eps = 1024, 8320, 1e-5
+    for rows in (1, 3):
+        x, packed, pairs, weight = _case(rows, n, k, group, torch.bfloat16, "cuda", 7 * rows + group)
+        expected = F.linear(x.double(), weight)
+        plain = ops.linear_int4_mma(x, packed, pairs)
+        assert _rel(plain, expected) < 5e-3
+        per_feature = (plain.double() - expected).abs().amax(dim=0) / expected.abs().amax()
+        assert float(per_feature.max()) < 2e-2  # every output row has all of its groups
+        normed = ops.rms_norm_linear_int4_mma(x, packed, pairs, eps)
+        assert _rel(normed, F.linear(_normed(x, eps), weight)) < 5e-3
+        residual = torch.randn(rows, n, device="cuda").to(torch.bfloat16)
+        summed = ops.linear_int4_mma_add(x, packed, pairs, residual)
+        assert _rel(summed, expected + residual.double()) < 5e-3
+
+
+@pytest.mark.cuda
 def test_int4_epilogue_ops_refuse_more_than_eight_rows():
     mma.load_extension()
     x, packed, pairs, _ = _case(9, 64, 128, 128, torch.bfloat16, "cuda", 3)
