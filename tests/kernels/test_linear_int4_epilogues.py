@@ -96,25 +96,30 @@ def test_int4_norm_kernel_over_many_blocks_a_cta(rows):
     assert _rel(summed, F.linear(x.double(), weight) + residual.double()) < 5e-3
 
 
+def _check_streamed_ops(rows, n, k, group, seed, eps=1e-5):
+    """The three streamed ops on one bf16 case against the float64 oracle, each output row checked on
+    its own too (no block of 16 rows left out or summed twice, none missing a group)."""
+    x, packed, pairs, weight = _case(rows, n, k, group, torch.bfloat16, "cuda", seed)
+    expected = F.linear(x.double(), weight)
+    plain = ops.linear_int4_mma(x, packed, pairs)
+    assert _rel(plain, expected) < 5e-3
+    per_feature = (plain.double() - expected).abs().amax(dim=0) / expected.abs().amax()
+    assert float(per_feature.max()) < 2e-2
+    normed = ops.rms_norm_linear_int4_mma(x, packed, pairs, eps)
+    assert _rel(normed, F.linear(_normed(x, eps), weight)) < 5e-3
+    residual = torch.randn(rows, n, device="cuda").to(torch.bfloat16)
+    summed = ops.linear_int4_mma_add(x, packed, pairs, residual)
+    assert _rel(summed, expected + residual.double()) < 5e-3
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize(("n", "k"), [(1008, 960), (34000, 2112)])
 def test_int4_streamed_kernel_on_one_short_stage_and_many_blocks_a_cta(n, k):
     """The three streamed ops where a block is one stage cut short (K = 960: 15 chunks, not 16) and
     where a CTA sums four or five blocks (N = 34000: 2125 blocks), at one and eight rows."""
     mma.load_extension()
-    eps = 1e-5
     for rows in (1, 8):
-        x, packed, pairs, weight = _case(rows, n, k, 64, torch.bfloat16, "cuda", n + rows)
-        expected = F.linear(x.double(), weight)
-        plain = ops.linear_int4_mma(x, packed, pairs)
-        assert _rel(plain, expected) < 5e-3
-        per_feature = (plain.double() - expected).abs().amax(dim=0) / expected.abs().amax()
-        assert float(per_feature.max()) < 2e-2  # no block of 16 rows left out or summed twice
-        normed = ops.rms_norm_linear_int4_mma(x, packed, pairs, eps)
-        assert _rel(normed, F.linear(_normed(x, eps), weight)) < 5e-3
-        residual = torch.randn(rows, n, device="cuda").to(torch.bfloat16)
-        summed = ops.linear_int4_mma_add(x, packed, pairs, residual)
-        assert _rel(summed, expected + residual.double()) < 5e-3
+        _check_streamed_ops(rows, n, k, 64, n + rows)
 
 
 @pytest.mark.cuda
@@ -124,19 +129,8 @@ def test_int4_streamed_kernel_sums_x_over_more_slices_than_one_batch(group):
     batch of loads (8 warps, 8 slices a batch each), and the block's last stage holds two chunks, both
     warp 0's; at one and three rows, every streamed op."""
     mma.load_extension()
-    n, k, eps = 1024, 8320, 1e-5
     for rows in (1, 3):
-        x, packed, pairs, weight = _case(rows, n, k, group, torch.bfloat16, "cuda", 7 * rows + group)
-        expected = F.linear(x.double(), weight)
-        plain = ops.linear_int4_mma(x, packed, pairs)
-        assert _rel(plain, expected) < 5e-3
-        per_feature = (plain.double() - expected).abs().amax(dim=0) / expected.abs().amax()
-        assert float(per_feature.max()) < 2e-2  # every output row has all of its groups
-        normed = ops.rms_norm_linear_int4_mma(x, packed, pairs, eps)
-        assert _rel(normed, F.linear(_normed(x, eps), weight)) < 5e-3
-        residual = torch.randn(rows, n, device="cuda").to(torch.bfloat16)
-        summed = ops.linear_int4_mma_add(x, packed, pairs, residual)
-        assert _rel(summed, expected + residual.double()) < 5e-3
+        _check_streamed_ops(rows, 1024, 8320, group, 7 * rows + group)
 
 
 @pytest.mark.cuda
