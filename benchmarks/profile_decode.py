@@ -7,7 +7,11 @@ For each artifact: a random prompt of --prompt-len tokens is prefilled into --ba
 generate and the server call it (CUDA-graph replay where the artifact captured graphs). Reported per
 step: every kernel's time and calls, the kernels grouped by what they do, the sum of kernel time
 against the step's wall time (the rest is launch gaps and host work), and the weight and KV bytes a
-step must read against the copy bandwidth measured in the same run (the roofline share).
+step must read against the copy bandwidth measured in the same run (the roofline share). Then where
+the kernels meet: for each pair of kinds in a row (a quantized linear after attention, ...), how many
+such boundaries a step has and the time from one kernel's end to the next one's start, summed over
+the step (negative where the next starts early, as a programmatic dependent does), from the middle
+profiled step's kernels in the order they ran.
 
     PYTHONPATH=. python benchmarks/profile_decode.py out/llama-8b out/llama-8b-unfused --out prof.json
 """
@@ -15,6 +19,7 @@ step must read against the copy bandwidth measured in the same run (the roofline
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -55,6 +60,21 @@ def category(kernel: str) -> str:
     return "other"
 
 
+def boundaries(kernels: list[tuple[str, float, float]]) -> list[dict[str, Any]]:
+    """Kernels (name, start us, end us) of one step → per pair of kinds in a row ("before → after"): the
+    count, the summed gap from the one's end to the next's start (us; negative: they overlap) and the
+    summed positive part alone, largest positive part first."""
+    ordered = sorted(kernels, key=lambda k: k[1])
+    pairs: dict[str, dict[str, Any]] = {}
+    for (before, _, end), (after, start, _) in itertools.pairwise(ordered):
+        key = f"{category(before)} → {category(after)}"
+        entry = pairs.setdefault(key, {"pair": key, "count": 0, "gap_us": 0.0, "idle_us": 0.0})
+        entry["count"] += 1
+        entry["gap_us"] += start - end
+        entry["idle_us"] += max(0.0, start - end)
+    return sorted(pairs.values(), key=lambda e: -e["idle_us"])
+
+
 def profile_artifact(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     engine = oiv2compile.load(path)
     device = engine.device
@@ -91,13 +111,18 @@ def profile_artifact(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     engine.release(slots)
 
     kernels: dict[str, dict[str, float]] = defaultdict(lambda: {"us": 0.0, "calls": 0})
+    timeline = []
     for event in prof.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
+        timeline.append((event.name, float(event.time_range.start), float(event.time_range.end)))
         entry = kernels[event.name]
         entry["us"] += event.device_time_total / args.steps  # a device event's own duration, us
         entry["calls"] += 1 / args.steps
     kernel_us = sum(k["us"] for k in kernels.values())
+    timeline.sort(key=lambda k: k[1])
+    per_step = len(timeline) // args.steps
+    middle = timeline[per_step * (args.steps // 2) : per_step * (args.steps // 2 + 1)]
     groups: dict[str, float] = defaultdict(float)
     for name, k in kernels.items():
         groups[category(name)] += k["us"]
@@ -116,6 +141,7 @@ def profile_artifact(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         "bytes_per_step": weight_bytes + kv_bytes,
         "kernels": sorted(({"name": n, **k} for n, k in kernels.items()), key=lambda k: -k["us"]),
         "categories": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+        "boundaries": boundaries(middle),
     }
 
 
@@ -138,6 +164,14 @@ def markdown(report: dict[str, Any], top: int) -> str:
         lines += [f"| {name} | {us:.1f} | {us / r['kernel_us_per_step']:.0%} |" for name, us in r["categories"].items()]
         lines += ["", "| kernel | us / step | calls / step |", "|---|---:|---:|"]
         lines += [f"| `{k['name'][:90]}` | {k['us']:.1f} | {k['calls']:.0f} |" for k in r["kernels"][:top]]
+        lines += [
+            "",
+            "| kernels in a row (middle step) | count | gap us, summed | idle us, summed |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {b['pair']} | {b['count']} | {b['gap_us']:.1f} | {b['idle_us']:.1f} |" for b in r["boundaries"][:top]
+        ]
         lines.append("")
     return "\n".join(lines)
 
