@@ -33,9 +33,9 @@ from oiv2compile.models import PRESETS
 GROUP = 128
 SILU = ACTIVATIONS.index("silu")  # the gated kernel takes the activation by index
 # int8-norm / int4-norm: each residual add and RMSNorm inside the products around it
-# (fuse_norm_into_gemv); int8-norm-act: that, and the gated activation in the gate/up GEMV
-# (fuse_gated_act_into_gemv).
-QUANTS = ("bf16", "int8", "int8-norm", "int8-norm-act", "int4", "int4-norm")
+# (fuse_norm_into_gemv); int8-norm-act / int4-norm-act: that, and the gated activation in the gate/up
+# product (fuse_gated_act_into_gemv; random levels, so the int4 rows' interleave changes nothing here).
+QUANTS = ("bf16", "int8", "int8-norm", "int8-norm-act", "int4", "int4-norm", "int4-norm-act")
 
 
 def linear_shapes(model: str) -> list[tuple[int, int]]:
@@ -99,20 +99,23 @@ def _fused_norm_step(  # type: ignore[no-untyped-def]
 ):
     """The int8 or int4 step with each residual add in the o and down products and each RMSNorm in the
     qkv and gate/up products after them (oiv2::linear_int8_gemv_add, oiv2::rms_norm_linear_int8_gemv;
-    oiv2::linear_int4_mma_add, oiv2::rms_norm_linear_int4_mma), and with gated_in_gemv (int8) the
-    activation in the gate/up GEMV too (oiv2::rms_norm_linear_int8_gemv_gated_act)."""
+    oiv2::linear_int4_mma_add, oiv2::rms_norm_linear_int4_mma), and with gated_in_gemv the activation
+    in the gate/up product too (oiv2::rms_norm_linear_int8_gemv_gated_act,
+    oiv2::rms_norm_linear_int4_mma_gated_act)."""
     ops = torch.ops.oiv2
     make_weight = int8_weight if bits == "int8" else int4_weight
     weights = [make_weight(n, k, device) for _ in range(layers) for n, k in shapes]
     if bits == "int8":
         product_add, norm_product = ops.linear_int8_gemv_add, ops.rms_norm_linear_int8_gemv
+        norm_product_act = ops.rms_norm_linear_int8_gemv_gated_act
     else:
         product_add, norm_product = ops.linear_int4_mma_add, ops.rms_norm_linear_int4_mma
+        norm_product_act = ops.rms_norm_linear_int4_mma_gated_act
     stack = [weights[4 * i : 4 * i + 4] for i in range(layers)]
 
     def mlp_input(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if gated_in_gemv:
-            return ops.rms_norm_linear_int8_gemv_gated_act(h, q, s, 1e-5, SILU)
+            return norm_product_act(h, q, s, 1e-5, SILU)
         return ops.gated_act(norm_product(h, q, s, 1e-5), "silu")
 
     def step(x: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--no-fuse-gated-act-into-linear",
         action="store_true",
-        help="int8 on CUDA: keep the gated activation apart from the gate/up GEMV",
+        help="int8 and int4 on CUDA: keep the gated activation apart from the gate/up decode product",
     )
     build.add_argument("--force", action="store_true", help="replace OUT if it exists")
     build.set_defaults(func=_build)

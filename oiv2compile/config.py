@@ -99,9 +99,9 @@ class FusionConfig:
     # int8 2726 us against 2810 with the norms apart (d889441; 312.0 tok/s against 304.9 end to end),
     # int4 1868 us against 2031 (5088796).
     enable_norm_into_linear: bool = True
-    # Int8 on CUDA, with the above: the gated activation inside the gate/up decode GEMV
-    # (passes/fuse_gated_act_into_gemv.py). H100, the same chain: 2681 us against 2702 without
-    # (5088796). The int4 form of it was slower than the activation kernel (1899 us against 1868).
+    # Int8 and int4 on CUDA, with the above: the gated activation inside the gate/up decode product
+    # (passes/fuse_gated_act_into_gemv.py). int8, H100, the same chain: 2681 us against 2702 without
+    # (5088796). int4: the gate/up weight's rows interleaved by 8 (not yet timed on a GPU).
     enable_gated_act_into_linear: bool = True
 
 

@@ -153,6 +153,7 @@ def _dequantized_hf_weights(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator
     from oiv2compile.kernels.linear_int4_mma import LAYOUT as MMA_LAYOUT
     from oiv2compile.kernels.linear_int4_mma import dequantize as dequantize_mma
     from oiv2compile.kernels.linear_int8 import dequantize as dequantize_int8
+    from oiv2compile.kernels.rms_norm_linear_int4_mma_gated_act import INTERLEAVED, deinterleave
 
     # By the storage of the HF weight: the linears' and the lookups' apart.
     dequantized: dict[type, dict[int, torch.Tensor]] = {torch.nn.Linear: {}, torch.nn.Embedding: {}}
@@ -171,6 +172,8 @@ def _dequantized_hf_weights(hf_model: Any, gm: torch.fx.GraphModule) -> Iterator
         folded = facts.get("folded_norm")
         if folded is not None:  # fold_norm_weights moved the RMSNorm's weight into these columns
             weight = (weight.float() / folded.to(weight.device).float()).to(weight.dtype)
+        if facts.get("gate_up_rows") == INTERLEAVED:  # fuse_gated_act_into_gemv: gate rows first again
+            weight = deinterleave(weight.t()).t()
         # A fused weight (fuse_qkv, fuse_ffn) stands for several HF linears: each gets its rows.
         parts = facts.get("parts") or [(facts["storage"], weight.shape[0])]
         reader: type = torch.nn.Embedding if facts.get("lookup") else torch.nn.Linear

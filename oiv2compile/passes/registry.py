@@ -76,6 +76,6 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
             if fold:  # reads the products use_cuda_kernels made
                 passes.append(fuse_norm_into_gemv)
                 gated = cfg.fusion.enable_ffn and cfg.fusion.enable_gated_act_into_linear
-                if gated and cfg.quantization is Quantization.INT8:  # after gate/up's norm
+                if gated:  # after gate/up's norm
                     passes.append(fuse_gated_act_into_gemv)
     return passes

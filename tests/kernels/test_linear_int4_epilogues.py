@@ -1,6 +1,6 @@
-"""The int4 products with an epilogue, oiv2::linear_int4_mma_add and oiv2::rms_norm_linear_int4_mma:
-against float64 oracles of the weights they stand for, against the plain product with the epilogue
-apart, and opcheck."""
+"""The int4 products with an epilogue, oiv2::linear_int4_mma_add, oiv2::rms_norm_linear_int4_mma and
+oiv2::rms_norm_linear_int4_mma_gated_act: against float64 oracles of the weights they stand for, against
+the plain product with the epilogue apart, and opcheck."""
 
 from __future__ import annotations
 
@@ -9,9 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from oiv2compile.kernels import linear_int4_mma as mma
+from oiv2compile.kernels.gated_act import ACTIVATIONS
 from oiv2compile.kernels.linear_int4 import dequantize, quantize, unpack
 from oiv2compile.kernels.linear_int4_mma_add import linear_int4_mma_add_ref
 from oiv2compile.kernels.rms_norm_linear_int4_mma import rms_norm_linear_int4_mma_ref
+from oiv2compile.kernels.rms_norm_linear_int4_mma_gated_act import (
+    deinterleave,
+    interleave_gate_up,
+    interleaved_rows,
+    rms_norm_linear_int4_mma_gated_act_ref,
+)
 
 ops = torch.ops.oiv2
 
@@ -46,11 +53,42 @@ def test_int4_epilogue_references_against_float64_and_opcheck():
     assert normed.shape == (3, 96) and _rel(normed, F.linear(_normed(x, 1e-5), weight)) < 1e-6
 
 
+def _gated(normed: torch.Tensor, weight: torch.Tensor, activation: int) -> torch.Tensor:
+    """The float64 oracle of the gated op: weight [2I, K] with the gate rows first."""
+    gate, up = F.linear(normed, weight).chunk(2, dim=-1)
+    name = ACTIVATIONS[activation]
+    act = F.silu(gate) if name == "silu" else F.gelu(gate, approximate="tanh" if name == "gelu_tanh" else "none")
+    return act * up
+
+
+def test_interleave_puts_an_outputs_gate_and_up_rows_in_one_block():
+    assert interleaved_rows(16).tolist() == [*range(8), *range(16, 24), *range(8, 16), *range(24, 32)]
+    with pytest.raises(ValueError, match="multiple of 8"):
+        interleaved_rows(12)
+    x, packed, pairs, _ = _case(2, 64, 128, 64, torch.float32, "cpu", 4)
+    packed_i, pairs_i = interleave_gate_up(packed, pairs)
+    order = interleaved_rows(32)
+    assert torch.equal(mma.unpack(packed_i), mma.unpack(packed)[order])
+    assert torch.equal(mma.dequantize(packed_i, pairs_i), mma.dequantize(packed, pairs)[order])
+    # the product in interleaved order, deinterleaved, is the product of the weight as it was
+    assert torch.equal(deinterleave(ops.linear_int4_mma(x, packed_i, pairs_i)), ops.linear_int4_mma(x, packed, pairs))
+
+
+@pytest.mark.parametrize("activation", range(len(ACTIVATIONS)))
+def test_int4_gated_reference_against_float64_and_opcheck(activation):
+    x, packed, pairs, weight = _case(3, 96, 128, 64, torch.float32, "cpu", 5 + activation)
+    packed_i, pairs_i = interleave_gate_up(packed, pairs)
+    out = rms_norm_linear_int4_mma_gated_act_ref(x, packed_i, pairs_i, 1e-5, activation)
+    assert out.shape == (3, 48) and _rel(out, _gated(_normed(x, 1e-5), weight, activation)) < 1e-5
+    torch.library.opcheck(ops.rms_norm_linear_int4_mma_gated_act.default, (x, packed_i, pairs_i, 1e-5, activation))
+
+
 def test_int4_epilogue_ops_keep_leading_dimensions():
     x, packed, pairs, _ = _case(6, 64, 128, 128, torch.float32, "cpu", 2)
     x3 = x.reshape(2, 3, 128)
     assert ops.linear_int4_mma_add(x3, packed, pairs, torch.zeros(2, 3, 64)).shape == (2, 3, 64)
     assert ops.rms_norm_linear_int4_mma(x3, packed, pairs, 1e-5).shape == (2, 3, 64)
+    assert ops.rms_norm_linear_int4_mma_gated_act(x3, packed, pairs, 1e-5, 0).shape == (2, 3, 32)
 
 
 @pytest.mark.cuda
@@ -96,6 +134,47 @@ def test_int4_norm_kernel_over_many_blocks_a_cta(rows):
     assert _rel(summed, F.linear(x.double(), weight) + residual.double()) < 5e-3
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", range(len(ACTIVATIONS)))
+@pytest.mark.parametrize(("rows", "group"), [(1, 128), (3, 32), (8, 128)])
+def test_int4_gated_cuda_kernel(rows, group, activation, dtype):
+    """The gated epilogue on a fused gate/up weight of 2I = 1008 rows (63 blocks, I = 504) and K = 4224:
+    against the float64 oracle, and against the norm's product, deinterleaved, through oiv2::gated_act
+    (the same roundings; a last bit of the product may differ)."""
+    mma.load_extension()
+    n, k, eps = 1008, 4224, 1e-5
+    x, packed, pairs, weight = _case(rows, n, k, group, dtype, "cuda", 3 * rows + group + activation)
+    packed_i, pairs_i = interleave_gate_up(packed, pairs)
+    out = ops.rms_norm_linear_int4_mma_gated_act(x, packed_i, pairs_i, eps, activation)
+    assert out.dtype == dtype and out.shape == (rows, n // 2)
+    assert _rel(out, _gated(_normed(x, eps), weight, activation)) < 1e-2
+    apart = ops.gated_act(
+        deinterleave(ops.rms_norm_linear_int4_mma(x, packed_i, pairs_i, eps)), ACTIVATIONS[activation]
+    )
+    torch.testing.assert_close(out, apart, rtol=2e-2, atol=2e-2)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2}  # opcheck runs the op twice: the last bit may differ
+    torch.library.opcheck(
+        ops.rms_norm_linear_int4_mma_gated_act.default, (x, packed_i, pairs_i, eps, activation), **tolerance
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, 8])
+def test_int4_gated_kernel_over_many_blocks_a_cta(rows):
+    """2I = 34000 (2125 blocks: a CTA takes several), K = 2112 (33 chunks: a short last stage); every
+    output checked on its own (no block's gate or up rows left out, summed twice or paired wrongly)."""
+    mma.load_extension()
+    n, k, eps = 34000, 2112, 1e-5
+    x, packed, pairs, weight = _case(rows, n, k, 64, torch.bfloat16, "cuda", 60 + rows)
+    packed_i, pairs_i = interleave_gate_up(packed, pairs)
+    expected = _gated(_normed(x, eps), weight, 0)
+    out = ops.rms_norm_linear_int4_mma_gated_act(x, packed_i, pairs_i, eps, 0)
+    per_feature = (out.double() - expected).abs().amax(dim=0) / expected.abs().amax()
+    assert float(per_feature.max()) < 3e-2
+    assert _rel(out, expected) < 1e-2
+
+
 def _check_streamed_ops(rows, n, k, group, seed, eps=1e-5):
     """The three streamed ops on one bf16 case against the float64 oracle, each output row checked on
     its own too (no block of 16 rows left out or summed twice, none missing a group)."""
@@ -139,3 +218,7 @@ def test_int4_epilogue_ops_refuse_more_than_eight_rows():
     x, packed, pairs, _ = _case(9, 64, 128, 128, torch.bfloat16, "cuda", 3)
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
         ops.rms_norm_linear_int4_mma(x, packed, pairs, 1e-5)
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        ops.rms_norm_linear_int4_mma_gated_act(x, packed, pairs, 1e-5, 0)
+    with pytest.raises(RuntimeError, match="activation must be"):
+        ops.rms_norm_linear_int4_mma_gated_act(x[:1], packed, pairs, 1e-5, 3)

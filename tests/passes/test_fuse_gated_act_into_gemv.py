@@ -1,12 +1,15 @@
-"""fuse_gated_act_into_gemv: in the batch-1 decode program of an int8 CUDA build, the gated activation
-after each gate/up product that runs its norm goes into that product; the program computes exactly
-what it did. Here on the CPU, where the C++ ops run their references and the library stands as a path."""
+"""fuse_gated_act_into_gemv: in the batch-1 decode program of an int8 or int4 CUDA build, the gated
+activation after each gate/up product that runs its norm goes into that product; the program computes
+exactly what it did. int4: every program reads the gate/up weight with its rows interleaved, and the
+others put the product back in order before the activation. Here on the CPU, where the C++ ops run
+their references and the library stands as a path."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from oiv2compile.capture import DECODE_B1, PREFILL
+from oiv2compile.capture import DECODE, DECODE_B1, PREFILL
 from oiv2compile.config import BuildConfig
 from oiv2compile.passes import use_cuda_kernels as gemv_pass
 from oiv2compile.passes.fold_norm_weights import fold_norm_weights
@@ -19,22 +22,35 @@ from tests.passes.helpers import count, snapshot
 from tests.passes.test_fuse_norm_into_gemv import (
     FOLDED,
     LAYERS,
+    MMA,
     NORM_GEMV,
+    NORM_MMA,
     _captured,
     _programs_with_random_norms,
     _run,
     library,
+    library4,
 )
 from tests.passes.test_fuse_norm_into_gemv import _cfg as _norm_cfg
+from tests.passes.test_fuse_norm_into_gemv import _cfg4 as _norm_cfg4
 
-__all__ = ["library"]  # the fixture, used by name
+__all__ = ["library", "library4"]  # the fixtures, used by name
 
 GATED_ACT = torch.ops.oiv2.gated_act.default
 NORM_GEMV_ACT = torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act.default
+NORM_MMA_ACT = torch.ops.oiv2.rms_norm_linear_int4_mma_gated_act.default
 
 
 def _cfg(**fusion: bool) -> BuildConfig:
     return _norm_cfg(**{"enable_gated_act_into_linear": True, **fusion})
+
+
+def _cfg4() -> BuildConfig:
+    return _norm_cfg4().replace(fusion={"enable_gated_act_into_linear": True})
+
+
+def _gate_up_weights(gm) -> set[str]:  # type: ignore[no-untyped-def]
+    return {str(n.target) for n in gm.graph.find_nodes(op="get_attr") if "gate_up" in str(n.target)}
 
 
 def _through_norm_fusion(program, cfg):  # type: ignore[no-untyped-def]
@@ -78,8 +94,7 @@ def test_in_the_pipeline_where_the_norm_fusion_runs_and_the_mlp_is_fused():
     assert fuse_gated_act_into_gemv not in pipeline(_norm_cfg())
     assert fuse_gated_act_into_gemv not in pipeline(_cfg(enable_ffn=False))
     assert fuse_gated_act_into_gemv not in pipeline(_cfg(enable_norm_into_linear=False))
-    int4 = _cfg().replace(quantization="int4")  # the norm fusion runs, but int4 has no gated form
-    assert fuse_norm_into_gemv in pipeline(int4) and fuse_gated_act_into_gemv not in pipeline(int4)
+    assert pipeline(_cfg4())[-2:] == [fuse_norm_into_gemv, fuse_gated_act_into_gemv]
 
 
 def test_the_check_against_hf_passes_with_the_activation_in_the_product(library):
@@ -87,5 +102,58 @@ def test_the_check_against_hf_passes_with_the_activation_in_the_product(library)
 
     hf, spec, programs = _programs_with_random_norms(_cfg())
     assert count(programs[DECODE_B1.name].graph_module, NORM_GEMV_ACT) == LAYERS
+    report = verify_against_hf(hf, programs, spec)
+    assert max(report["relative_error"].values()) <= report["tolerance"]
+
+
+def test_int4_each_layers_gated_activation_runs_in_its_gate_up_product(library4):
+    cfg = _cfg4()
+    gm, spec = _through_norm_fusion(DECODE_B1, cfg)
+    before = snapshot(gm)
+    assert count(gm, GATED_ACT) == LAYERS and count(gm, NORM_MMA) == FOLDED
+
+    assert fuse_gated_act_into_gemv(gm, cfg) == LAYERS
+    cleanup(gm)
+    assert count(gm, GATED_ACT) == 0 and count(gm, NORM_MMA_ACT) == LAYERS
+    assert count(gm, NORM_MMA) == FOLDED - LAYERS  # the later layers' qkv
+    for node in gm.graph.find_nodes(op="call_function", target=NORM_MMA_ACT):
+        facts = node.meta["oiv2"]
+        assert facts["library"] == library4.name and facts["activation"] == "silu" and "folded_norm" in facts
+        assert str(node.args[1].target).endswith("_interleaved")
+        assert str(node.args[2].target).endswith("_interleaved_scale_zero")
+        assert node.meta["val"].shape[-1] * 2 == node.args[1].meta["val"].shape[0]
+    assert all("_interleaved" in name for name in _gate_up_weights(gm))  # the first order is read no more
+    (want, want_caches), (got, got_caches) = _run(before, spec), _run(gm, spec)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same reference computations
+    for a, b in zip(got_caches, want_caches, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("program", [PREFILL, DECODE], ids=lambda p: p.name)
+def test_int4_programs_of_more_rows_read_the_interleaved_weight_and_reorder_its_product(program, library4):
+    """Prefill and the decode program of any batch keep the activation kernel, but read the same
+    interleaved weight as the batch-1 program (one copy in the artifact) and put the product back in
+    gate-then-up order before the activation."""
+    cfg = _cfg4()
+    gm, _ = _through_norm_fusion(program, cfg)
+    assert fuse_gated_act_into_gemv(gm, cfg) == 0
+    cleanup(gm)
+    assert count(gm, GATED_ACT) == LAYERS and count(gm, NORM_MMA_ACT) == 0
+    assert all("_interleaved" in name for name in _gate_up_weights(gm))
+    for act in gm.graph.find_nodes(op="call_function", target=GATED_ACT):
+        ordered = act.args[0]
+        assert ordered.target is torch.ops.aten.flatten.using_ints
+        product = ordered.args[0].args[0].args[0]
+        assert product.target is MMA and product.meta["oiv2"]["gate_up_rows"] == "interleaved by 8"
+
+
+def test_int4_check_against_hf_passes_with_the_activation_in_the_product(library4):
+    """All three programs after the int4 pipeline, against HF: the batch-1 program with the gated
+    product, the others with the reordered product."""
+    from oiv2compile.verify import verify_against_hf
+
+    hf, spec, programs = _programs_with_random_norms(_cfg4())
+    assert count(programs[DECODE_B1.name].graph_module, NORM_MMA_ACT) == LAYERS
+    assert count(programs[PREFILL.name].graph_module, GATED_ACT) == LAYERS
     report = verify_against_hf(hf, programs, spec)
     assert max(report["relative_error"].values()) <= report["tolerance"]

@@ -1,6 +1,6 @@
 // What the hand-written GEMV kernels (linear_int8_gemv.cu, linear_int4_mma.cu) share: programmatic
-// launches, streaming 128-bit loads, activations to float, a byte to float without the I2F unit, a warp's
-// sum.
+// launches, the gated MLP's activations, streaming 128-bit loads, activations to float, a byte to float
+// without the I2F unit, a warp's sum.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,6 +19,16 @@ __device__ __forceinline__ void wait_for_previous_grid() { asm volatile("griddep
 // The kernel after this one (launched as a programmatic dependent) may start once every CTA of this grid
 // has called this or ended; it still waits for this grid to end before it reads what this grid writes.
 __device__ __forceinline__ void allow_dependents_to_launch() { asm volatile("griddepcontrol.launch_dependents;"); }
+
+// The gated MLP's activations, numbered as in oiv2::gated_act's ACTIVATIONS.
+enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
+__device__ __forceinline__ float activate(float g, int activation) {
+  if (activation == kSilu) return g / (1.0f + expf(-g));
+  if (activation == kGelu) return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
+  const float z = 0.7978845608028654f * (g + 0.044715f * g * g * g);  // tanh(z) = 2 * sigmoid(2z) - 1
+  return g / (1.0f + expf(-2.0f * z));
+}
 
 template <typename... Params, typename... Args>
 cudaError_t launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,

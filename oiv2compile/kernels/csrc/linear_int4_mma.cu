@@ -37,9 +37,13 @@
 // Two more ops run in the streamed kernel, with an epilogue (1 to 8 rows): oiv2::linear_int4_mma_add
 // (y = (x W^T) + residual, each rounded as the model rounds them: o and down write the new residual
 // stream) and oiv2::rms_norm_linear_int4_mma (y = rsqrt(mean(x^2) + eps) * (x W^T), W holding the
-// norm's weight: the consumers sum the squares of x in the same pass as the groups). A gated
-// activation in the gate/up epilogue (a CTA streaming the gate blocks of its outputs, then their up
-// blocks) was slower than the activation kernel (1899 against 1868 us in the chain) and is not here.
+// norm's weight: the consumers sum the squares of x in the same pass as the groups), and
+// oiv2::rms_norm_linear_int4_mma_gated_act (the norm, the fused gate/up product and the gated activation
+// after it: W's rows interleaved by 8, so that rows r and r + 8 of each block of 16 are the gate and up
+// rows of the same output, which one lane's accumulators already hold side by side; the [M, 2I] product
+// is never written). An earlier gated form (a CTA streaming the gate blocks of its outputs, then their
+// up blocks: CTAs took whole pairs of blocks) was slower than the activation kernel (1899 against 1868
+// us in the chain, four stages of ring).
 // 9 to 32 rows, the tiled kernel: a CTA per block, its warps splitting K, each lane with kUnroll
 // chunks in flight in registers (it beats the streamed kernel there: more accumulators a warp).
 //
@@ -379,8 +383,9 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int groups) {
 }
 
 // What the streamed kernel does after the product (see the top of the file): nothing; the residual
-// add; the RMSNorm's scalar of each row.
-enum class Epilogue { kPlain, kAddResidual, kRmsNorm };
+// add; the RMSNorm's scalar of each row; that scalar and the gated activation (W's rows interleaved by 8:
+// the output has N / 2 columns).
+enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
 
 // The consumer warp's pass over its own features of x: warp w multiplies the chunks of 128-feature slices
 // w, w + 8, w + 16, ... (chunks 2w and 2w + 1 of every stage), so it sums x over the groups of those
@@ -481,8 +486,9 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
 template <typename T, int kGroupShift, Epilogue kMode>
 __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kernel(
     const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
-    const T* __restrict__ residual, T* __restrict__ y, int M, int N, int K, float eps) {
-  constexpr bool kNorm = kMode == Epilogue::kRmsNorm;
+    const T* __restrict__ residual, T* __restrict__ y, int M, int N, int K, float eps, int activation) {
+  constexpr bool kGated = kMode == Epilogue::kRmsNormGatedAct;
+  constexpr bool kNorm = kMode == Epilogue::kRmsNorm || kGated;
   constexpr int group_shift = kGroupShift;
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -568,6 +574,21 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   }
   wait_for_previous_grid();  // every thread that writes y (the consumers have waited already)
   __syncthreads();
+  if constexpr (kGated) {
+    // Output (first + bl) * 8 + r of x row m: gate (row r of the block) and up (row r + 8) rounded to x's
+    // dtype, the activation too, then their product, as the model rounds them.
+    const int width = N / 2;
+    for (int i = threadIdx.x; i < (end - first) * M * 8; i += blockDim.x) {
+      const int bl = i / (M * 8), m = (i / 8) % M, r = i % 8;
+      const float* row_sums = sums + (bl * M + m) * kRows;
+      const float norm = rsqrtf(row_sumsq[m] / K + eps);
+      const float gate = to_float(from_float<T>(row_sums[r] * norm));
+      const float up = to_float(from_float<T>(row_sums[r + 8] * norm));
+      const float act = to_float(from_float<T>(activate(gate, activation)));
+      y[static_cast<size_t>(m) * width + (first + bl) * 8 + r] = from_float<T>(act * up);
+    }
+    return;
+  }
   // Output row (first + bl) * 16 + row of x row m: rounded as the model rounds (the product, then the
   // sum with the residual).
   for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) {
@@ -649,10 +670,12 @@ __global__ void int4_mma_dequant_kernel(const int4* __restrict__ w, const uint32
   }
 }
 
-// What a launch reads and writes: residual with kAddResidual, eps with the norm.
+// What a launch reads and writes: residual with kAddResidual, eps with the norm, activation with the
+// gated epilogue.
 struct Operands {
   at::Tensor x, w, sz, residual, y;
   double eps;
+  int activation = kSilu;
 };
 
 // The streamed kernel's grid: CTAs of up to kMaxBlocksPerCta blocks each, as many as fill the SMs once
@@ -696,7 +719,7 @@ void launch_streamed(const Operands& o) {
                                      at::cuda::getCurrentCUDAStream(), ptr(o.x),
                                      reinterpret_cast<const int4*>(o.w.data_ptr()),
                                      reinterpret_cast<const uint32_t*>(o.sz.data_ptr()), ptr(o.residual), ptr(o.y),
-                                     M, N, K, static_cast<float>(o.eps)));
+                                     M, N, K, static_cast<float>(o.eps), o.activation));
 }
 
 template <typename T, Epilogue kMode = Epilogue::kPlain>
@@ -808,19 +831,20 @@ at::Tensor linear_int4_mma(const at::Tensor& x, const at::Tensor& packed, const 
 }
 
 // The ops with an epilogue (decode steps of 1 to 8 rows, the streamed kernel alone): x [..., K] →
-// y [..., N]; residual [..., N] in x's dtype with kAddResidual.
+// y [..., N] (N / 2 with the gated activation); residual [..., N] in x's dtype with kAddResidual.
 template <Epilogue kMode>
 at::Tensor run_epilogue(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero,
-                        const at::Tensor& residual, double eps) {
+                        const at::Tensor& residual, double eps, int activation = kSilu) {
   const int64_t group = check_operands(x, packed, scale_zero);
   const int64_t N = packed.size(0);
+  const int64_t width = kMode == Epilogue::kRmsNormGatedAct ? N / 2 : N;
   const at::cuda::OptionalCUDAGuard guard(x.device());
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = N;
-  Operands o{rows_of(x), packed.contiguous(), scale_zero.contiguous(), at::Tensor(), at::Tensor(), eps};
+  out_sizes.back() = width;
+  Operands o{rows_of(x), packed.contiguous(), scale_zero.contiguous(), at::Tensor(), at::Tensor(), eps, activation};
   TORCH_CHECK(o.x.size(0) >= 1 && o.x.size(0) <= 8, "the int4 products with an epilogue take 1 to 8 rows");
   TORCH_CHECK(aligned16(o.w) && aligned16(o.sz), "packed and scale_zero must start on 16-byte boundaries");
-  o.y = at::empty({o.x.size(0), N}, x.options());
+  o.y = at::empty({o.x.size(0), width}, x.options());
   if constexpr (kMode == Epilogue::kAddResidual) {
     TORCH_CHECK(residual.scalar_type() == x.scalar_type() && residual.sizes() == at::IntArrayRef(out_sizes),
                 "residual must have the product's shape and x's dtype");
@@ -844,10 +868,20 @@ at::Tensor rms_norm_linear_int4_mma(const at::Tensor& x, const at::Tensor& packe
   return run_epilogue<Epilogue::kRmsNorm>(x, packed, scale_zero, at::Tensor(), eps);
 }
 
+// packed holds the fused gate/up weight [2I, K] with its rows interleaved by 8 (gate rows 8j..8j+7, then
+// up rows 8j..8j+7, in block j of 16): y [..., I] = act(gate) * up.
+at::Tensor rms_norm_linear_int4_mma_gated_act(const at::Tensor& x, const at::Tensor& packed,
+                                              const at::Tensor& scale_zero, double eps, int64_t activation) {
+  TORCH_CHECK(activation >= kSilu && activation <= kGeluTanh, "activation must be 0 (silu), 1 (gelu) or 2 (gelu_tanh)");
+  return run_epilogue<Epilogue::kRmsNormGatedAct>(x, packed, scale_zero, at::Tensor(), eps,
+                                                  static_cast<int>(activation));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(oiv2, CUDA, m) {
   m.impl("linear_int4_mma", &linear_int4_mma);
   m.impl("linear_int4_mma_add", &linear_int4_mma_add);
   m.impl("rms_norm_linear_int4_mma", &rms_norm_linear_int4_mma);
+  m.impl("rms_norm_linear_int4_mma_gated_act", &rms_norm_linear_int4_mma_gated_act);
 }

@@ -41,16 +41,6 @@ __device__ __forceinline__ float byte_to_float(uint32_t biased, uint32_t selecto
 // What the kernel does around the product (see the top of the file).
 enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
 
-// The gated MLP's activations, numbered as in oiv2::gated_act's ACTIVATIONS.
-enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
-
-__device__ __forceinline__ float activate(float g, int activation) {
-  if (activation == kSilu) return g / (1.0f + expf(-g));
-  if (activation == kGelu) return 0.5f * g * (1.0f + erff(g * 0.7071067811865476f));
-  const float z = 0.7978845608028654f * (g + 0.044715f * g * g * g);  // tanh(z) = 2 * sigmoid(2z) - 1
-  return g / (1.0f + expf(-2.0f * z));
-}
-
 // residual [M, N] with kAddResidual; eps with the norm; activation with kRmsNormGatedAct, where N is the
 // output width I and w has 2I rows.
 template <typename T, int M, Epilogue kMode>
