@@ -97,7 +97,7 @@ if [ "$FOURTH" = 1 ]; then
     --baselines '' --repeats 3 "${COMMON[@]}" --out "$RESULTS/$MODEL-apart" >"$RESULTS/bench-apart.log" 2>&1
   stamp "measured $APART $APART_FLAG"
 fi
-CHAIN_QUANTS=bf16,int8-norm-act,int4-norm  # the forms the artifacts run
+CHAIN_QUANTS=bf16,int8-norm-act,int4-norm,int4-norm-act  # the forms the artifacts run (int4-norm: before the gated form)
 if [ "$FOURTH" = 1 ] && [ "$APART_FLAG" = --no-fuse-norm-into-linear ]; then
   CHAIN_QUANTS=bf16,int8,int8-norm,int8-norm-act,int4,int4-norm,int8,int8-norm,int8-norm-act,int4,int4-norm
 fi
