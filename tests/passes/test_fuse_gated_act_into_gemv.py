@@ -61,25 +61,32 @@ def _through_norm_fusion(program, cfg):  # type: ignore[no-untyped-def]
     return gm, spec
 
 
-def test_each_layers_gated_activation_runs_in_its_gate_up_product(library):
-    cfg = _cfg()
+def _gated_decode(cfg, norm_product, gated_product, library):  # type: ignore[no-untyped-def]
+    """The batch-1 program through the pass: each layer's gate/up product that runs its norm runs the
+    activation too, and the program computes exactly what it did (the same reference computations)."""
     gm, spec = _through_norm_fusion(DECODE_B1, cfg)
     before = snapshot(gm)
-    assert count(gm, GATED_ACT) == LAYERS and count(gm, NORM_GEMV) == FOLDED
+    assert count(gm, GATED_ACT) == LAYERS and count(gm, norm_product) == FOLDED
 
     assert fuse_gated_act_into_gemv(gm, cfg) == LAYERS  # every layer's post-attention norm runs in gate/up
     cleanup(gm)
-    assert count(gm, GATED_ACT) == 0 and count(gm, NORM_GEMV_ACT) == LAYERS
-    assert count(gm, NORM_GEMV) == FOLDED - LAYERS  # the later layers' qkv
-    for node in gm.graph.find_nodes(op="call_function", target=NORM_GEMV_ACT):
+    assert count(gm, GATED_ACT) == 0 and count(gm, gated_product) == LAYERS
+    assert count(gm, norm_product) == FOLDED - LAYERS  # the later layers' qkv
+    nodes = gm.graph.find_nodes(op="call_function", target=gated_product)
+    for node in nodes:
         facts = node.meta["oiv2"]
         assert facts["library"] == library.name and facts["activation"] == "silu" and "folded_norm" in facts
         assert node.meta["val"].shape[-1] * 2 == node.args[1].meta["val"].shape[0]
-    assert gemv_pass.libraries(gm) == [library]
     (want, want_caches), (got, got_caches) = _run(before, spec), _run(gm, spec)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same reference computations
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
     for a, b in zip(got_caches, want_caches, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    return gm, nodes
+
+
+def test_each_layers_gated_activation_runs_in_its_gate_up_product(library):
+    gm, _ = _gated_decode(_cfg(), NORM_GEMV, NORM_GEMV_ACT, library)
+    assert gemv_pass.libraries(gm) == [library]
 
 
 def test_prefill_keeps_its_activation(library):
@@ -107,26 +114,11 @@ def test_the_check_against_hf_passes_with_the_activation_in_the_product(library)
 
 
 def test_int4_each_layers_gated_activation_runs_in_its_gate_up_product(library4):
-    cfg = _cfg4()
-    gm, spec = _through_norm_fusion(DECODE_B1, cfg)
-    before = snapshot(gm)
-    assert count(gm, GATED_ACT) == LAYERS and count(gm, NORM_MMA) == FOLDED
-
-    assert fuse_gated_act_into_gemv(gm, cfg) == LAYERS
-    cleanup(gm)
-    assert count(gm, GATED_ACT) == 0 and count(gm, NORM_MMA_ACT) == LAYERS
-    assert count(gm, NORM_MMA) == FOLDED - LAYERS  # the later layers' qkv
-    for node in gm.graph.find_nodes(op="call_function", target=NORM_MMA_ACT):
-        facts = node.meta["oiv2"]
-        assert facts["library"] == library4.name and facts["activation"] == "silu" and "folded_norm" in facts
+    gm, nodes = _gated_decode(_cfg4(), NORM_MMA, NORM_MMA_ACT, library4)
+    for node in nodes:
         assert str(node.args[1].target).endswith("_interleaved")
         assert str(node.args[2].target).endswith("_interleaved_scale_zero")
-        assert node.meta["val"].shape[-1] * 2 == node.args[1].meta["val"].shape[0]
     assert all("_interleaved" in name for name in _gate_up_weights(gm))  # the first order is read no more
-    (want, want_caches), (got, got_caches) = _run(before, spec), _run(gm, spec)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same reference computations
-    for a, b in zip(got_caches, want_caches, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("program", [PREFILL, DECODE], ids=lambda p: p.name)
