@@ -42,7 +42,7 @@ from oiv2compile.config import BuildConfig
 from oiv2compile.kernels.gated_act import ACTIVATIONS
 from oiv2compile.kernels.rms_norm_linear_int4_mma_gated_act import HALF, INTERLEAVED, interleave_gate_up
 from oiv2compile.passes.fold_norm_weights import applies
-from oiv2compile.passes.fx_utils import aten, attr_tensors, derived_weights, fake_value, is_call, record
+from oiv2compile.passes.fx_utils import aten, attr_tensors, derived_weights, drop_attr, fake_value, is_call, record
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,9 @@ def _rewrite_int4(gm: GraphModule, act: Node, product: Node) -> None:
         y.meta["val"] = fake_value(act)
         record(y, **product.meta.get("oiv2", {}), activation=activation, gate_up_rows=INTERLEAVED)
         act.replace_all_uses_with(y)
+        gm.graph.erase_node(act)
+        gm.graph.erase_node(product)
+        _drop_first_order(gm, packed, pairs)
         return
     # Elsewhere the product reads the interleaved rows too, and its output goes back to gate-then-up order.
     product.args = (product.args[0], w_node, sz_node)
@@ -144,3 +147,10 @@ def _rewrite_int4(gm: GraphModule, act: Node, product: Node) -> None:
         ordered = gm.graph.call_function(aten.flatten.using_ints, (halves, -3, -1))
         ordered.meta["val"] = halves.meta["val"].flatten(-3, -1)
     act.replace_input_with(product, ordered)
+    _drop_first_order(gm, packed, pairs)
+
+
+def _drop_first_order(gm: GraphModule, packed: Node, pairs: Node) -> None:
+    """The weight in gate-then-up order, read no more: the artifact saves every attribute it finds."""
+    drop_attr(gm, packed)
+    drop_attr(gm, pairs)

@@ -50,7 +50,10 @@ def _cfg4() -> BuildConfig:
 
 
 def _gate_up_weights(gm) -> set[str]:  # type: ignore[no-untyped-def]
-    return {str(n.target) for n in gm.graph.find_nodes(op="get_attr") if "gate_up" in str(n.target)}
+    """The gate/up tensors the program reads and those it holds (the artifact saves these)."""
+    read = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
+    held = {name for name, _ in gm.named_buffers()} | {name for name, _ in gm.named_parameters()}
+    return {name for name in read | held if "gate_up" in name}
 
 
 def _through_norm_fusion(program, cfg):  # type: ignore[no-untyped-def]
