@@ -101,7 +101,8 @@ class FusionConfig:
     enable_norm_into_linear: bool = True
     # Int8 and int4 on CUDA, with the above: the gated activation inside the gate/up decode product
     # (passes/fuse_gated_act_into_gemv.py). int8, H100, the same chain: 2681 us against 2702 without
-    # (5088796). int4: the gate/up weight's rows interleaved by 8 (not yet timed on a GPU).
+    # (5088796). int4: the gate/up weight's rows interleaved by 8; H200, 32 llama-8b layers of int4
+    # products: 1469-1487 us against 1504-1510 with the activation apart (512b446).
     enable_gated_act_into_linear: bool = True
 
 
