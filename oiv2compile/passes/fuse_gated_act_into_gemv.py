@@ -26,8 +26,9 @@ Preconditions: the product's output is read by the activation alone (int8: throu
 alone); int4: the product's weight tensors are read by it alone. Runs after fuse_norm_into_gemv on int8
 and int4 builds (fold_norm_weights.applies), with BuildConfig.fusion.enable_gated_act_into_linear (on by
 default; `build --no-fuse-gated-act-into-linear` turns it off). H100, 32 llama-8b layers of int8
-linears: 2681 us a step against 2702 with the activation kernel (benchmarks/RESULTS.md). An earlier int4
-form (whole pairs of gate and up blocks a CTA) was slower than the kernel; this one has not been timed.
+linears: 2681 us a step against 2702 with the activation kernel; H200, 32 llama-8b layers of int4
+products: 1469-1487 us against 1504-1510 (benchmarks/RESULTS.md, 512b446). An earlier int4 form (whole
+pairs of gate and up blocks a CTA) was slower than the kernel.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def fuse_gated_act_into_gemv(gm: GraphModule, cfg: BuildConfig) -> int:
             continue
         product = _int4_product_before(gm, act)
         if product is not None:
+            in_epilogue = is_call(product, NORM_MMA)  # the decode product; elsewhere only the weight changes
             _rewrite_int4(gm, act, product)
-            count += is_call(product, NORM_MMA)
+            count += in_epilogue
     log.debug("fuse_gated_act_into_gemv: %d gated activations run in the products before them", count)
     return count
 
