@@ -763,6 +763,215 @@ void run_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at:
   return launch_tiles<T, 4>(x, w, sz, y, group);
 }
 
+// ---- More than 32 rows (prefill): a mixed-input GEMM on the tensor cores. A CTA multiplies 128 rows
+// of W (8 blocks) by 128 rows of x over a run of chunks; its 8 warps each take 2 blocks by 64 rows of
+// x (8 tiles of 8). Every chunk's x tile (16 KB), W bytes (4 KB) and the group scales it touches are
+// copied into a ring of shared-memory stages with cp.async, so the copies of the next stages run while
+// the warps multiply this one. A warp turns its lanes' words into the weights themselves, (q - zero) *
+// scale rounded once as the reference rounds them, and reuses each A fragment for 8 mma; x's 16-byte
+// units are stored XOR-swizzled by row parity, so a warp's fragment loads hit every bank once. Where
+// the CTAs would not fill the SMs (few rows of W), K is split over CTAs that write float partial
+// sums, added by a second pass.
+constexpr int kGemmWarpsN = 4;                      // warps along W's rows: 2 blocks (32 rows) each
+constexpr int kGemmWarpsM = 2;                      // warps along x's rows: 8 tiles (64 rows) each
+constexpr int kGemmBlocks = 2 * kGemmWarpsN;        // blocks of W a CTA multiplies
+constexpr int kGemmRows = 64 * kGemmWarpsM;         // rows of x a CTA multiplies
+constexpr int kGemmThreads = 32 * kGemmWarpsN * kGemmWarpsM;
+constexpr int kGemmStages = 4;
+constexpr int kGemmXBytes = kGemmRows * kChunk * 2;  // a stage's x tile: 128 bytes a row
+constexpr int kGemmWBytes = kGemmBlocks * 32 * 16;   // a stage's W: 512 bytes a block
+
+template <int kGroupShift>
+struct GemmStage {
+  static constexpr int kGroups = kGroupShift == 5 ? 2 : 1;  // groups of a block one chunk touches
+  static constexpr int kSzBytes = kGemmBlocks * kGroups * kRows * 4;
+  static constexpr int kBytes = kGemmXBytes + kGemmWBytes + kSzBytes;
+};
+
+__device__ __forceinline__ void copy_async16(void* dst, const void* src, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// Copies chunk c's x tile, W bytes and scales for a CTA into one stage (rows past M and blocks past N
+// are zero-filled; their results are never stored).
+template <typename T, int kGroupShift>
+__device__ __forceinline__ void gemm_copy_stage(uint8_t* stage, const T* x, const int4* w, const uint32_t* scale_zero,
+                                                int M, int K, int m0, int block0, int blocks, int c) {
+  using Stage = GemmStage<kGroupShift>;
+  const int chunks = K / kChunk;
+  for (int i = threadIdx.x; i < kGemmRows * 8; i += kGemmThreads) {
+    const int r = i >> 3, u = i & 7, m = m0 + r;
+    const T* src = x + static_cast<size_t>(min(m, M - 1)) * K + c * kChunk + u * 8;
+    copy_async16(stage + r * 128 + ((u ^ ((r & 1) << 2)) << 4), src, m < M);
+  }
+  for (int i = threadIdx.x; i < kGemmBlocks * 32; i += kGemmThreads) {
+    const int b = block0 + (i >> 5);
+    const int4* src = w + (static_cast<size_t>(min(b, blocks - 1)) * chunks + c) * 32 + (i & 31);
+    copy_async16(stage + kGemmXBytes + i * 16, src, b < blocks);
+  }
+  constexpr int kUnits = Stage::kGroups * 4;  // 16-byte units of a block's pairs
+  if (threadIdx.x < kGemmBlocks * kUnits) {
+    const int b = block0 + threadIdx.x / kUnits, u = threadIdx.x % kUnits;
+    const size_t group = (c * kChunk) >> kGroupShift;
+    const uint32_t* src = scale_zero + (static_cast<size_t>(min(b, blocks - 1)) * (K >> kGroupShift) + group) * kRows;
+    copy_async16(stage + kGemmXBytes + kGemmWBytes + threadIdx.x * 16, src + u * 4, b < blocks);
+  }
+}
+
+// Grid (row tiles of x, CTAs of W's rows, splits of K); each split takes chunks_per_split chunks. With
+// one split the CTA writes y; with more, partial [splits, M, N] in float.
+template <typename T, int kGroupShift>
+__global__ void __launch_bounds__(kGemmThreads, 2)
+    int4_mma_gemm_kernel(const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
+                         T* __restrict__ y, float* __restrict__ partial, int M, int N, int K, int chunks_per_split) {
+  using Stage = GemmStage<kGroupShift>;
+  extern __shared__ __align__(128) uint8_t gemm_smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int wn = warp % kGemmWarpsN, wm = warp / kGemmWarpsN;
+  const int m0 = blockIdx.x * kGemmRows, block0 = blockIdx.y * kGemmBlocks, blocks = N / kRows;
+  const int c0 = blockIdx.z * chunks_per_split;
+  const int steps = min(K / kChunk - c0, chunks_per_split);
+  const uint32_t mask = in_register(0x000F000Fu), magic = in_register(Mma<T>::kMagic);
+
+  wait_for_previous_grid();
+#pragma unroll
+  for (int s = 0; s < kGemmStages - 1; ++s) {
+    if (s < steps) {
+      gemm_copy_stage<T, kGroupShift>(gemm_smem + s * Stage::kBytes, x, w, scale_zero, M, K, m0, block0, blocks, c0 + s);
+    }
+    copy_async_commit();
+  }
+  float acc[2][8][4];
+#pragma unroll
+  for (int b = 0; b < 2; ++b) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[b][i][0] = acc[b][i][1] = acc[b][i][2] = acc[b][i][3] = 0.0f;
+  }
+  for (int s = 0; s < steps; ++s) {
+    copy_async_wait<kGemmStages - 2>();
+    __syncthreads();  // stage s is in; every warp is done with stage s - 1, whose slot the next copy takes
+    const int next = s + kGemmStages - 1;
+    if (next < steps) {
+      gemm_copy_stage<T, kGroupShift>(gemm_smem + (next % kGemmStages) * Stage::kBytes, x, w, scale_zero, M, K, m0,
+                                      block0, blocks, c0 + next);
+    }
+    copy_async_commit();
+    const uint8_t* stage = gemm_smem + (s % kGemmStages) * Stage::kBytes;
+    const uint4* xs = reinterpret_cast<const uint4*>(stage) + wm * 64 * 8;
+    const int4* ws = reinterpret_cast<const int4*>(stage + kGemmXBytes) + wn * 2 * 32 + lane;
+    const uint32_t* szs = reinterpret_cast<const uint32_t*>(stage + kGemmXBytes + kGemmWBytes) +
+                          wn * 2 * Stage::kGroups * kRows + g;
+    uint32_t words[2][4];
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int4 v = ws[b * 32];
+      words[b][0] = v.x, words[b][1] = v.y, words[b][2] = v.z, words[b][3] = v.w;
+    }
+    uint32_t scale2[2][2], offset2[2][2];  // [block][row g, row g + 8]
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // features half*32 .. +32 of the chunk: steps 2 half, 2 half + 1
+      if (half == 0 || Stage::kGroups == 2) {
+#pragma unroll
+        for (int b = 0; b < 2; ++b) {
+#pragma unroll
+          for (int hi = 0; hi < 2; ++hi) {
+            const uint32_t pair = szs[(b * Stage::kGroups + half * (Stage::kGroups - 1)) * kRows + 8 * hi];
+            scale2[b][hi] = __byte_perm(pair, pair, 0x1010);
+            offset2[b][hi] = Mma<T>::pair(Mma<T>::kMagicValue + Mma<T>::high(pair));
+          }
+        }
+      }
+      uint32_t a[2][2][4];  // [block][step 2 half + j][fragment]
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          uint32_t levels[4];
+          magic_levels(words[b][2 * half + j], mask, magic, levels);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) a[b][j][r] = scaled_pair<T>(levels[r], offset2[b][r & 1], scale2[b][r & 1]);
+        }
+      }
+#pragma unroll
+      for (int tile = 0; tile < 8; ++tile) {
+        const int row = tile * 8 + g;  // of the warp's 64; its parity is g's
+        const uint4 xv = xs[row * 8 + ((half * 4 + t) ^ ((g & 1) << 2))];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+          for (int b = 0; b < 2; ++b) Mma<T>::run(acc[b][tile], a[b][j], j ? xv.z : xv.x, j ? xv.w : xv.y);
+        }
+      }
+    }
+  }
+  copy_async_wait<0>();
+
+  // acc[b][tile][e]: row 16 * (block0 + 2 wn + b) + g + 8 (e >> 1) of W, row m0 + 64 wm + 8 tile + 2t + (e & 1) of x.
+#pragma unroll
+  for (int b = 0; b < 2; ++b) {
+#pragma unroll
+    for (int tile = 0; tile < 8; ++tile) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = (block0 + 2 * wn + b) * kRows + g + 8 * (e >> 1);
+        const int m = m0 + 64 * wm + 8 * tile + 2 * t + (e & 1);
+        if (m >= M || n >= N) continue;
+        if (partial == nullptr) {
+          y[static_cast<size_t>(m) * N + n] = from_float<T>(acc[b][tile][e]);
+        } else {
+          partial[(static_cast<size_t>(blockIdx.z) * M + m) * N + n] = acc[b][tile][e];
+        }
+      }
+    }
+  }
+}
+
+// Splits of K for an [M, N] product: enough CTAs to give every SM one, each split at least 8 chunks.
+int gemm_splits(int64_t M, int64_t N, int64_t K) {
+  const int64_t ctas = ((M + kGemmRows - 1) / kGemmRows) * ((N / kRows + kGemmBlocks - 1) / kGemmBlocks);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t most = std::max<int64_t>(1, K / kChunk / 8);
+  return static_cast<int>(std::min<int64_t>(most, (sms + ctas - 1) / ctas));
+}
+
+template <typename T, int kGroupShift>
+void launch_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int splits) {
+  const int M = x.size(0), K = x.size(1), N = w.size(0);
+  const int chunks = K / kChunk;
+  const int per_split = (chunks + splits - 1) / splits;
+  splits = (chunks + per_split - 1) / per_split;  // no split left empty
+  auto kernel = int4_mma_gemm_kernel<T, kGroupShift>;
+  constexpr int smem = kGemmStages * GemmStage<kGroupShift>::kBytes;
+  static std::once_flag configured;
+  std::call_once(configured, [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  });
+  at::Tensor partial;
+  if (splits > 1) partial = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+  const dim3 grid((M + kGemmRows - 1) / kGemmRows, (N / kRows + kGemmBlocks - 1) / kGemmBlocks, splits);
+  C10_CUDA_CHECK(launch_programmatic(kernel, grid, dim3(kGemmThreads), smem, at::cuda::getCurrentCUDAStream(),
+                                     reinterpret_cast<const T*>(x.data_ptr()),
+                                     reinterpret_cast<const int4*>(w.data_ptr()),
+                                     reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),
+                                     splits > 1 ? partial.data_ptr<float>() : nullptr, M, N, K, per_split));
+  if (splits > 1) at::sum_out(y, partial, 0);
+}
+
+template <typename T>
+void run_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group, int splits = 0) {
+  if (splits <= 0) splits = gemm_splits(x.size(0), w.size(0), x.size(1));
+  if (group == 32) return launch_gemm<T, 5>(x, w, sz, y, splits);
+  if (group == 64) return launch_gemm<T, 6>(x, w, sz, y, splits);
+  return launch_gemm<T, 7>(x, w, sz, y, splits);
+}
+
 // y [M, N] = x @ W^T by slices of W dequantized into a buffer that L2 holds, each through cuBLAS.
 template <typename T>
 void run_dequant_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group) {
@@ -824,9 +1033,9 @@ at::Tensor linear_int4_mma(const at::Tensor& x, const at::Tensor& packed, const 
   if (y.numel() == 0) return y.view(out_sizes);
   const bool mma = x2.size(0) <= 8 * kMaxTiles;
   if (x.scalar_type() == at::kBFloat16) {
-    mma ? run_mma<__nv_bfloat16>(x2, wc, sc, y, group) : run_dequant_gemm<__nv_bfloat16>(x2, wc, sc, y, group);
+    mma ? run_mma<__nv_bfloat16>(x2, wc, sc, y, group) : run_gemm<__nv_bfloat16>(x2, wc, sc, y, group);
   } else {
-    mma ? run_mma<__half>(x2, wc, sc, y, group) : run_dequant_gemm<__half>(x2, wc, sc, y, group);
+    mma ? run_mma<__half>(x2, wc, sc, y, group) : run_gemm<__half>(x2, wc, sc, y, group);
   }
   return y.view(out_sizes);
 }
