@@ -938,27 +938,27 @@ __global__ void __launch_bounds__(kGemmThreads, 2)
 // packs) and x as B from shared memory in the 128-byte swizzle. wgmma reads B's 16 features of a k-step
 // in the mma's own order, which the layout permutes within each half chunk, so x is first rewritten
 // into that order (x_in_mma_order, one pass over x). A CTA multiplies 64 * kWarpGroups rows of W (warp
-// w: block w) by 128 rows of x; the copies run kGemmAhead chunks ahead of the multiplies, and each chunk's
+// w: block w) by 128 rows of x; the copies run L::kAhead chunks ahead of the multiplies, and each chunk's
 // four wgmma run while the next chunk's weights are turned into bf16/fp16 (two register sets by turns).
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define OIV2_HAS_WGMMA 1
 #endif
 
-constexpr int kWgmmaStages = 6;                                  // shared-memory slots of the ring
-constexpr int kGemmAhead = kWgmmaStages - 2;                     // chunks copied ahead of the multiplies
 constexpr int kWgmmaXBytes = 128 * kChunk * 2;                   // a slot's x tile: 128 rows of 128 bytes
 
-template <int kGroupShift, int kWarpGroups>
+// kStages shared-memory slots in the ring; the copies run kStages - 1 chunks ahead of the multiplies.
+template <int kGroupShift, int kWarpGroups, int kStages>
 struct WgmmaLayout {
+  static constexpr int kAhead = kStages - 1;
   static constexpr int kBlocks = 4 * kWarpGroups;
   static constexpr int kThreads = 128 * kWarpGroups;
   static constexpr int kGroups = kGroupShift == 5 ? 2 : 1;
   static constexpr int kWBytes = kBlocks * 32 * 16;
   static constexpr int kSzBytes = kBlocks * kGroups * kRows * 4;
   // x slots first (each on a 1024-byte boundary, the swizzle's period), then W's, then the scales'.
-  static constexpr int kW = kWgmmaStages * kWgmmaXBytes;
-  static constexpr int kSz = kW + kWgmmaStages * kWBytes;
-  static constexpr int kBytes = kSz + kWgmmaStages * kSzBytes + 1024;  // + room to align the base
+  static constexpr int kW = kStages * kWgmmaXBytes;
+  static constexpr int kSz = kW + kStages * kWBytes;
+  static constexpr int kBytes = kSz + kStages * kSzBytes + 1024;  // + room to align the base
 };
 
 template <typename T>
@@ -998,11 +998,6 @@ __device__ __forceinline__ uint64_t sw128_descriptor(const void* p) {
 }
 
 // Keeps values in their registers up to this point (the asynchronous wgmma still reads or writes them).
-template <int kN>
-__device__ __forceinline__ void hold(uint32_t (&v)[kN]) {
-#pragma unroll
-  for (int i = 0; i < kN; ++i) asm volatile("" : "+r"(v[i])::"memory");
-}
 __device__ __forceinline__ void hold(float (&v)[64]) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(v[i])::"memory");
@@ -1021,11 +1016,11 @@ __global__ void x_in_mma_order_kernel(const uint32_t* __restrict__ x, uint4* __r
   out[i] = make_uint4(__ldg(src), __ldg(src + 4), __ldg(src + 8), __ldg(src + 12));
 }
 
-template <typename T, int kGroupShift, int kWarpGroups>
+template <typename T, int kGroupShift, int kWarpGroups, int kStages>
 __device__ __forceinline__ void wgmma_copy_chunk(uint8_t* base, int slot, const T* x, const int4* w,
                                                  const uint32_t* scale_zero, int M, int K, int m0, int block0,
                                                  int blocks, int c) {
-  using L = WgmmaLayout<kGroupShift, kWarpGroups>;
+  using L = WgmmaLayout<kGroupShift, kWarpGroups, kStages>;
   const int chunks = K / kChunk;
   uint8_t* xs = base + slot * kWgmmaXBytes;
   for (int i = threadIdx.x; i < 128 * 8; i += L::kThreads) {
@@ -1047,29 +1042,18 @@ __device__ __forceinline__ void wgmma_copy_chunk(uint8_t* base, int slot, const 
   }
 }
 
-// One chunk s of a CTA's run: wait for its copies, start the copies kGemmAhead chunks ahead, turn the
-// warp's weights into the A fragments `a` and start the chunk's four wgmma; returns once chunk s - 1's
-// wgmma are done, so `other` (their fragments) and chunk s - 1's slot are free.
-template <typename T, int kGroupShift, int kWarpGroups>
-__device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, const T* x, const int4* w,
-                                            const uint32_t* scale_zero, int M, int K, int m0, int block0, int blocks,
-                                            int c0, uint32_t mask, uint32_t magic, float (&acc)[64],
-                                            uint32_t (&a)[4][4], uint32_t (&other)[4][4]) {
-  using L = WgmmaLayout<kGroupShift, kWarpGroups>;
+// The A fragments of a chunk's four k-steps for this warp's block, from the chunk's slot: its words and
+// its groups' (scale, zero), turned into (q - zero) * scale.
+template <typename T, int kGroupShift, int kWarpGroups, int kStages>
+__device__ __forceinline__ void wgmma_fragments(const uint8_t* base, int slot, uint32_t mask, uint32_t magic,
+                                                uint32_t (&a)[4][4]) {
+  using L = WgmmaLayout<kGroupShift, kWarpGroups, kStages>;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
-  copy_async_wait<kGemmAhead - 1>();
-  __syncthreads();  // chunk s is in; every warpgroup is done with chunk s - 2, whose slot the next copy takes
-  if (s + kGemmAhead < steps) {
-    wgmma_copy_chunk<T, kGroupShift, kWarpGroups>(base, (s + kGemmAhead) % kWgmmaStages, x, w, scale_zero, M, K, m0,
-                                                  block0, blocks, c0 + s + kGemmAhead);
-  }
-  copy_async_commit();
-  const int slot = s % kWgmmaStages;
   const int4 v = reinterpret_cast<const int4*>(base + L::kW + slot * L::kWBytes)[warp * 32 + lane];
   const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
                              static_cast<uint32_t>(v.w)};
-  const uint32_t* szs = reinterpret_cast<const uint32_t*>(base + L::kSz + slot * L::kSzBytes) +
-                        warp * L::kGroups * kRows + g;
+  const uint32_t* szs =
+      reinterpret_cast<const uint32_t*>(base + L::kSz + slot * L::kSzBytes) + warp * L::kGroups * kRows + g;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int gl = half * (L::kGroups - 1);
@@ -1088,25 +1072,45 @@ __device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, con
       for (int r = 0; r < 4; ++r) a[2 * half + j][r] = scaled_pair<T>(levels[r], offset2[r & 1], scale2[r & 1]);
     }
   }
+}
+
+// Chunk s of a CTA's run: start its four wgmma on the fragments `a`; while they run, wait for chunk
+// s + 1's copies, start the copies L::kAhead chunks ahead (into the slot of chunk s - 1, done) and turn
+// chunk s + 1's weights into `next`; then wait for the wgmma. All of a wgmma's register inputs are set
+// before the fence that opens its batch, so ptxas keeps the batch asynchronous.
+template <typename T, int kGroupShift, int kWarpGroups, int kStages>
+__device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, const T* x, const int4* w,
+                                            const uint32_t* scale_zero, int M, int K, int m0, int block0, int blocks,
+                                            int c0, uint32_t mask, uint32_t magic, float (&acc)[64],
+                                            uint32_t (&a)[4][4], uint32_t (&next)[4][4]) {
+  using L = WgmmaLayout<kGroupShift, kWarpGroups, kStages>;
   uint64_t desc[4];  // + 32 bytes a k-step
 #pragma unroll
-  for (int q = 0; q < 4; ++q) desc[q] = sw128_descriptor(base + slot * kWgmmaXBytes + 32 * q);
+  for (int q = 0; q < 4; ++q) desc[q] = sw128_descriptor(base + (s % kStages) * kWgmmaXBytes + 32 * q);
   asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
   for (int q = 0; q < 4; ++q) Wgmma<T>::run(acc, a[q], desc[q], 1);
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-  asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // chunk s - 1 is done: its set is free
-#pragma unroll
-  for (int q = 0; q < 4; ++q) hold(other[q]);
+  if (s + 1 < steps) {
+    copy_async_wait<L::kAhead - 2>();
+    __syncthreads();  // chunk s + 1 is in; every warpgroup is done with chunk s - 1, whose slot the copy takes
+    if (s + L::kAhead < steps) {
+      wgmma_copy_chunk<T, kGroupShift, kWarpGroups, kStages>(base, (s + L::kAhead) % kStages, x, w, scale_zero, M, K, m0,
+                                                    block0, blocks, c0 + s + L::kAhead);
+    }
+    copy_async_commit();
+    wgmma_fragments<T, kGroupShift, kWarpGroups, kStages>(base, (s + 1) % kStages, mask, magic, next);
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 }
 
 // Grid and splits as int4_mma_gemm_kernel's; x in the mma's order (x_in_mma_order_kernel).
-template <typename T, int kGroupShift, int kWarpGroups>
+template <typename T, int kGroupShift, int kWarpGroups, int kStages>
 __global__ void __launch_bounds__(128 * kWarpGroups, 1)
     int4_wgmma_gemm_kernel(const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
                            T* __restrict__ y, float* __restrict__ partial, int M, int N, int K, int chunks_per_split) {
 #ifdef OIV2_HAS_WGMMA
-  using L = WgmmaLayout<kGroupShift, kWarpGroups>;
+  using L = WgmmaLayout<kGroupShift, kWarpGroups, kStages>;
   extern __shared__ uint8_t wgmma_smem[];
   uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(wgmma_smem) + 1023) & ~uintptr_t{1023});
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1118,24 +1122,27 @@ __global__ void __launch_bounds__(128 * kWarpGroups, 1)
 
   wait_for_previous_grid();
 #pragma unroll
-  for (int s = 0; s < kGemmAhead; ++s) {
-    if (s < steps) wgmma_copy_chunk<T, kGroupShift, kWarpGroups>(base, s, x, w, scale_zero, M, K, m0, block0, blocks, c0 + s);
+  for (int s = 0; s < L::kAhead; ++s) {
+    if (s < steps) wgmma_copy_chunk<T, kGroupShift, kWarpGroups, kStages>(base, s, x, w, scale_zero, M, K, m0, block0, blocks, c0 + s);
     copy_async_commit();
   }
   float acc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
   uint32_t a0[4][4], a1[4][4];  // the A fragments of a chunk's four k-steps, two sets by turns
-
+  if (steps > 0) {
+    copy_async_wait<L::kAhead - 1>();
+    __syncthreads();
+    wgmma_fragments<T, kGroupShift, kWarpGroups, kStages>(base, 0, mask, magic, a0);
+  }
   for (int s = 0; s < steps; s += 2) {
-    wgmma_chunk<T, kGroupShift, kWarpGroups>(base, s, steps, x, w, scale_zero, M, K, m0, block0, blocks, c0, mask, magic,
+    wgmma_chunk<T, kGroupShift, kWarpGroups, kStages>(base, s, steps, x, w, scale_zero, M, K, m0, block0, blocks, c0, mask, magic,
                                              acc, a0, a1);
     if (s + 1 < steps) {
-      wgmma_chunk<T, kGroupShift, kWarpGroups>(base, s + 1, steps, x, w, scale_zero, M, K, m0, block0, blocks, c0, mask,
+      wgmma_chunk<T, kGroupShift, kWarpGroups, kStages>(base, s + 1, steps, x, w, scale_zero, M, K, m0, block0, blocks, c0, mask,
                                                magic, acc, a1, a0);
     }
   }
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
   hold(acc);
   copy_async_wait<0>();
 
@@ -1197,10 +1204,10 @@ void launch_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz,
   launch_split<T>(kernel, x, w, sz, y, splits, kGemmBlocks, kGemmThreads, smem);
 }
 
-template <typename T, int kGroupShift, int kWarpGroups>
+template <typename T, int kGroupShift, int kWarpGroups, int kStages>
 void launch_wgmma_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int splits) {
-  using L = WgmmaLayout<kGroupShift, kWarpGroups>;
-  auto kernel = int4_wgmma_gemm_kernel<T, kGroupShift, kWarpGroups>;
+  using L = WgmmaLayout<kGroupShift, kWarpGroups, kStages>;
+  auto kernel = int4_wgmma_gemm_kernel<T, kGroupShift, kWarpGroups, kStages>;
   static std::once_flag configured;
   std::call_once(configured, [&] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes));
@@ -1217,8 +1224,10 @@ void launch_wgmma_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // kind 0: the mma.sync GEMM; 1 and 2: the wgmma GEMM with one or two warpgroups a CTA.
 template <typename T, int kGroupShift>
 void run_gemm_kind(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int splits, int kind) {
-  if (kind == 1) return launch_wgmma_gemm<T, kGroupShift, 1>(x, w, sz, y, splits);
-  if (kind == 2) return launch_wgmma_gemm<T, kGroupShift, 2>(x, w, sz, y, splits);
+  if (kind == 1) return launch_wgmma_gemm<T, kGroupShift, 1, 6>(x, w, sz, y, splits);
+  if (kind == 2) return launch_wgmma_gemm<T, kGroupShift, 2, 6>(x, w, sz, y, splits);
+  if (kind == 3) return launch_wgmma_gemm<T, kGroupShift, 2, 4>(x, w, sz, y, splits);
+  if (kind == 4) return launch_wgmma_gemm<T, kGroupShift, 1, 4>(x, w, sz, y, splits);
   launch_gemm<T, kGroupShift>(x, w, sz, y, splits);
 }
 
