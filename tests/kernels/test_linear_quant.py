@@ -398,11 +398,12 @@ def test_cuda_extension_load_clears_the_lock_a_killed_build_left(tmp_path, monke
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 17, 32, 33, 300])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 16, 17, 32, 33, 100, 128, 300])
 def test_int4_mma_cuda_kernel(rows, group, dtype):
     """The CUDA C++ op on N = 1008 (63 blocks of 16) and K = 4224 (66 chunks of 64, not a multiple of
-    the warps' stride), every tile count of the tensor-core path (1 to 32 rows) and the dequantize-
-    then-cuBLAS path (33 and 300 rows), against the weights the layout stands for."""
+    the warps' stride), every tile count of the tensor-core path (1 to 32 rows), the wgmma GEMM on
+    Hopper (33 to 128 rows: a CTA of W's rows cut short at N, rows of x past M, K split unevenly over
+    8 CTAs) and the dequantize-then-cuBLAS path (300 rows), against the weights the layout stands for."""
     mma.load_extension()
     n, k = 1008, 4224
     gen = torch.Generator().manual_seed(rows * group)

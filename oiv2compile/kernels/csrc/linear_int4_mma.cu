@@ -52,7 +52,10 @@
 // to back): 61-67% of the copy bandwidth on 14336x4096 and 4096x14336 and 96% on the output head on an
 // H100; 46-56% and 74% on an H200.
 //
-// More rows (prefill): slices of W are dequantized into a bf16/fp16 buffer and multiplied by cuBLAS.
+// 33 to 128 rows on Hopper (a prefill of a short prompt, a large decode batch): a mixed-input GEMM on the
+// warpgroup tensor cores (wgmma, below). More rows, or another card: slices of W are dequantized into a
+// bf16/fp16 buffer and multiplied by cuBLAS, which wins from 512 rows on (cuBLAS's bf16 GEMM runs near
+// the tensor cores' peak there; the wgmma GEMM at 400-430 TFLOPS).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -73,6 +76,9 @@ constexpr int kMaxTiles = 4;  // rows of x through the tensor cores: 8 per tile
 // The prefill path's buffer of dequantized rows: 64 MB took 0.6-0.8x the time of 16 MB (and 8 MB)
 // at 64 to 2048 rows on an H200 (llama-8b shapes, 2026-11-27, benchmarks/RESULTS.md).
 constexpr int64_t kDequantBytes = int64_t{64} << 20;
+// Rows up to which Hopper takes the wgmma GEMM (below): at 128 rows it took 0.53x (gate/up) to 1.17x (o)
+// the time of dequantize-then-cuBLAS, at 512 rows 1.18-1.6x (H200, llama-8b shapes, benchmarks/RESULTS.md).
+constexpr int64_t kWgmmaMaxRows = 128;
 
 template <typename T>
 struct Mma;
@@ -763,31 +769,7 @@ void run_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at:
   return launch_tiles<T, 4>(x, w, sz, y, group);
 }
 
-// ---- More than 32 rows (prefill): a mixed-input GEMM on the tensor cores. A CTA multiplies 128 rows
-// of W (8 blocks) by 128 rows of x over a run of chunks; its 8 warps each take 2 blocks by 64 rows of
-// x (8 tiles of 8). Every chunk's x tile (16 KB), W bytes (4 KB) and the group scales it touches are
-// copied into a ring of shared-memory stages with cp.async, so the copies of the next stages run while
-// the warps multiply this one. A warp turns its lanes' words into the weights themselves, (q - zero) *
-// scale rounded once as the reference rounds them, and reuses each A fragment for 8 mma; x's 16-byte
-// units are stored XOR-swizzled by row parity, so a warp's fragment loads hit every bank once. Where
-// the CTAs would not fill the SMs (few rows of W), K is split over CTAs that write float partial
-// sums, added by a second pass.
-constexpr int kGemmWarpsN = 4;                      // warps along W's rows: 2 blocks (32 rows) each
-constexpr int kGemmWarpsM = 2;                      // warps along x's rows: 8 tiles (64 rows) each
-constexpr int kGemmBlocks = 2 * kGemmWarpsN;        // blocks of W a CTA multiplies
-constexpr int kGemmRows = 64 * kGemmWarpsM;         // rows of x a CTA multiplies
-constexpr int kGemmThreads = 32 * kGemmWarpsN * kGemmWarpsM;
-constexpr int kGemmStages = 4;
-constexpr int kGemmXBytes = kGemmRows * kChunk * 2;  // a stage's x tile: 128 bytes a row
-constexpr int kGemmWBytes = kGemmBlocks * 32 * 16;   // a stage's W: 512 bytes a block
-
-template <int kGroupShift>
-struct GemmStage {
-  static constexpr int kGroups = kGroupShift == 5 ? 2 : 1;  // groups of a block one chunk touches
-  static constexpr int kSzBytes = kGemmBlocks * kGroups * kRows * 4;
-  static constexpr int kBytes = kGemmXBytes + kGemmWBytes + kSzBytes;
-};
-
+// cp.async: 16-byte copies from global into shared memory (zero-filled where `valid` is false).
 __device__ __forceinline__ void copy_async16(void* dst, const void* src, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(valid ? 16 : 0) : "memory");
@@ -798,143 +780,8 @@ __device__ __forceinline__ void copy_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
-// Copies chunk c's x tile, W bytes and scales for a CTA into one stage (rows past M and blocks past N
-// are zero-filled; their results are never stored).
-template <typename T, int kGroupShift>
-__device__ __forceinline__ void gemm_copy_stage(uint8_t* stage, const T* x, const int4* w, const uint32_t* scale_zero,
-                                                int M, int K, int m0, int block0, int blocks, int c) {
-  using Stage = GemmStage<kGroupShift>;
-  const int chunks = K / kChunk;
-  for (int i = threadIdx.x; i < kGemmRows * 8; i += kGemmThreads) {
-    const int r = i >> 3, u = i & 7, m = m0 + r;
-    const T* src = x + static_cast<size_t>(min(m, M - 1)) * K + c * kChunk + u * 8;
-    copy_async16(stage + r * 128 + ((u ^ ((r & 1) << 2)) << 4), src, m < M);
-  }
-  for (int i = threadIdx.x; i < kGemmBlocks * 32; i += kGemmThreads) {
-    const int b = block0 + (i >> 5);
-    const int4* src = w + (static_cast<size_t>(min(b, blocks - 1)) * chunks + c) * 32 + (i & 31);
-    copy_async16(stage + kGemmXBytes + i * 16, src, b < blocks);
-  }
-  constexpr int kUnits = Stage::kGroups * 4;  // 16-byte units of a block's pairs
-  if (threadIdx.x < kGemmBlocks * kUnits) {
-    const int b = block0 + threadIdx.x / kUnits, u = threadIdx.x % kUnits;
-    const size_t group = (c * kChunk) >> kGroupShift;
-    const uint32_t* src = scale_zero + (static_cast<size_t>(min(b, blocks - 1)) * (K >> kGroupShift) + group) * kRows;
-    copy_async16(stage + kGemmXBytes + kGemmWBytes + threadIdx.x * 16, src + u * 4, b < blocks);
-  }
-}
-
-// Grid (row tiles of x, CTAs of W's rows, splits of K); each split takes chunks_per_split chunks. With
-// one split the CTA writes y; with more, partial [splits, M, N] in float.
-template <typename T, int kGroupShift>
-__global__ void __launch_bounds__(kGemmThreads, 2)
-    int4_mma_gemm_kernel(const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
-                         T* __restrict__ y, float* __restrict__ partial, int M, int N, int K, int chunks_per_split) {
-  using Stage = GemmStage<kGroupShift>;
-  extern __shared__ __align__(128) uint8_t gemm_smem[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int wn = warp % kGemmWarpsN, wm = warp / kGemmWarpsN;
-  const int m0 = blockIdx.x * kGemmRows, block0 = blockIdx.y * kGemmBlocks, blocks = N / kRows;
-  const int c0 = blockIdx.z * chunks_per_split;
-  const int steps = min(K / kChunk - c0, chunks_per_split);
-  const uint32_t mask = in_register(0x000F000Fu), magic = in_register(Mma<T>::kMagic);
-
-  wait_for_previous_grid();
-#pragma unroll
-  for (int s = 0; s < kGemmStages - 1; ++s) {
-    if (s < steps) {
-      gemm_copy_stage<T, kGroupShift>(gemm_smem + s * Stage::kBytes, x, w, scale_zero, M, K, m0, block0, blocks, c0 + s);
-    }
-    copy_async_commit();
-  }
-  float acc[2][8][4];
-#pragma unroll
-  for (int b = 0; b < 2; ++b) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[b][i][0] = acc[b][i][1] = acc[b][i][2] = acc[b][i][3] = 0.0f;
-  }
-  for (int s = 0; s < steps; ++s) {
-    copy_async_wait<kGemmStages - 2>();
-    __syncthreads();  // stage s is in; every warp is done with stage s - 1, whose slot the next copy takes
-    const int next = s + kGemmStages - 1;
-    if (next < steps) {
-      gemm_copy_stage<T, kGroupShift>(gemm_smem + (next % kGemmStages) * Stage::kBytes, x, w, scale_zero, M, K, m0,
-                                      block0, blocks, c0 + next);
-    }
-    copy_async_commit();
-    const uint8_t* stage = gemm_smem + (s % kGemmStages) * Stage::kBytes;
-    const uint4* xs = reinterpret_cast<const uint4*>(stage) + wm * 64 * 8;
-    const int4* ws = reinterpret_cast<const int4*>(stage + kGemmXBytes) + wn * 2 * 32 + lane;
-    const uint32_t* szs = reinterpret_cast<const uint32_t*>(stage + kGemmXBytes + kGemmWBytes) +
-                          wn * 2 * Stage::kGroups * kRows + g;
-    uint32_t words[2][4];
-#pragma unroll
-    for (int b = 0; b < 2; ++b) {
-      const int4 v = ws[b * 32];
-      words[b][0] = v.x, words[b][1] = v.y, words[b][2] = v.z, words[b][3] = v.w;
-    }
-    uint32_t scale2[2][2], offset2[2][2];  // [block][row g, row g + 8]
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {  // features half*32 .. +32 of the chunk: steps 2 half, 2 half + 1
-      if (half == 0 || Stage::kGroups == 2) {
-#pragma unroll
-        for (int b = 0; b < 2; ++b) {
-#pragma unroll
-          for (int hi = 0; hi < 2; ++hi) {
-            const uint32_t pair = szs[(b * Stage::kGroups + half * (Stage::kGroups - 1)) * kRows + 8 * hi];
-            scale2[b][hi] = __byte_perm(pair, pair, 0x1010);
-            offset2[b][hi] = Mma<T>::pair(Mma<T>::kMagicValue + Mma<T>::high(pair));
-          }
-        }
-      }
-      uint32_t a[2][2][4];  // [block][step 2 half + j][fragment]
-#pragma unroll
-      for (int b = 0; b < 2; ++b) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          uint32_t levels[4];
-          magic_levels(words[b][2 * half + j], mask, magic, levels);
-#pragma unroll
-          for (int r = 0; r < 4; ++r) a[b][j][r] = scaled_pair<T>(levels[r], offset2[b][r & 1], scale2[b][r & 1]);
-        }
-      }
-#pragma unroll
-      for (int tile = 0; tile < 8; ++tile) {
-        const int row = tile * 8 + g;  // of the warp's 64; its parity is g's
-        const uint4 xv = xs[row * 8 + ((half * 4 + t) ^ ((g & 1) << 2))];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-#pragma unroll
-          for (int b = 0; b < 2; ++b) Mma<T>::run(acc[b][tile], a[b][j], j ? xv.z : xv.x, j ? xv.w : xv.y);
-        }
-      }
-    }
-  }
-  copy_async_wait<0>();
-
-  // acc[b][tile][e]: row 16 * (block0 + 2 wn + b) + g + 8 (e >> 1) of W, row m0 + 64 wm + 8 tile + 2t + (e & 1) of x.
-#pragma unroll
-  for (int b = 0; b < 2; ++b) {
-#pragma unroll
-    for (int tile = 0; tile < 8; ++tile) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int n = (block0 + 2 * wn + b) * kRows + g + 8 * (e >> 1);
-        const int m = m0 + 64 * wm + 8 * tile + 2 * t + (e & 1);
-        if (m >= M || n >= N) continue;
-        if (partial == nullptr) {
-          y[static_cast<size_t>(m) * N + n] = from_float<T>(acc[b][tile][e]);
-        } else {
-          partial[(static_cast<size_t>(blockIdx.z) * M + m) * N + n] = acc[b][tile][e];
-        }
-      }
-    }
-  }
-}
-
-// ---- The same product on Hopper's warpgroup tensor cores (sm_90a): wgmma.m64n128k16 with W as the A
-// operand straight from registers (a warp's fragment of the 64 rows is the m16n8k16 fragment the layout
+// ---- 33 to 128 rows on Hopper (sm_90a): a mixed-input GEMM on the warpgroup tensor cores, wgmma.m64n128k16
+// with W as the A operand straight from registers (a warp's fragment of the 64 rows is the m16n8k16 fragment the layout
 // packs) and x as B from shared memory in the 128-byte swizzle. wgmma reads B's 16 features of a k-step
 // in the mma's own order, which the layout permutes within each half chunk, so x is first rewritten
 // into that order (x_in_mma_order, one pass over x). A CTA multiplies 64 * kWarpGroups rows of W (warp
@@ -1104,7 +951,9 @@ __device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, con
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 }
 
-// Grid and splits as int4_mma_gemm_kernel's; x in the mma's order (x_in_mma_order_kernel).
+// Grid (row tiles of x, CTAs of W's rows, splits of K); each split takes chunks_per_split chunks. With one
+// split the CTA writes y; with more, partial [splits, M, N] in float. x in the mma's order
+// (x_in_mma_order_kernel).
 template <typename T, int kGroupShift, int kWarpGroups, int kStages>
 __global__ void __launch_bounds__(128 * kWarpGroups, 1)
     int4_wgmma_gemm_kernel(const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
@@ -1192,18 +1041,6 @@ void launch_split(void (*kernel)(const T*, const int4*, const uint32_t*, T*, flo
   if (splits > 1) y.copy_(partial.sum(0));
 }
 
-template <typename T, int kGroupShift>
-void launch_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int splits) {
-  auto kernel = int4_mma_gemm_kernel<T, kGroupShift>;
-  constexpr int smem = kGemmStages * GemmStage<kGroupShift>::kBytes;
-  static std::once_flag configured;
-  std::call_once(configured, [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  });
-  if (splits <= 0) splits = gemm_splits(x.size(0), w.size(0), x.size(1), kGemmBlocks);
-  launch_split<T>(kernel, x, w, sz, y, splits, kGemmBlocks, kGemmThreads, smem);
-}
-
 template <typename T, int kGroupShift, int kWarpGroups, int kStages>
 void launch_wgmma_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int splits) {
   using L = WgmmaLayout<kGroupShift, kWarpGroups, kStages>;
@@ -1221,23 +1058,14 @@ void launch_wgmma_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   launch_split<T>(kernel, ordered, w, sz, y, splits, L::kBlocks, L::kThreads, L::kBytes);
 }
 
-// kind 0: the mma.sync GEMM; 1 and 2: the wgmma GEMM with one or two warpgroups a CTA.
-template <typename T, int kGroupShift>
-void run_gemm_kind(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int splits, int kind) {
-  if (kind == 1) return launch_wgmma_gemm<T, kGroupShift, 1, 6>(x, w, sz, y, splits);
-  if (kind == 2) return launch_wgmma_gemm<T, kGroupShift, 2, 6>(x, w, sz, y, splits);
-  if (kind == 3) return launch_wgmma_gemm<T, kGroupShift, 2, 4>(x, w, sz, y, splits);
-  if (kind == 4) return launch_wgmma_gemm<T, kGroupShift, 1, 4>(x, w, sz, y, splits);
-  launch_gemm<T, kGroupShift>(x, w, sz, y, splits);
-}
-
+// The wgmma GEMM for 33 to kWgmmaMaxRows rows on Hopper: two warpgroups a CTA (128 rows of W), a ring of
+// 4 stages (two CTAs an SM by shared memory). Measured against 1 warpgroup and 6 stages, both ways
+// (H200, llama-8b shapes, benchmarks/RESULTS.md), it won or tied on every shape at 128, 512 and 2048 rows.
 template <typename T>
-void run_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group, int splits = 0,
-              int kind = -1) {
-  if (kind < 0) kind = at::cuda::getCurrentDeviceProperties()->major == 9 ? 2 : 0;
-  if (group == 32) return run_gemm_kind<T, 5>(x, w, sz, y, splits, kind);
-  if (group == 64) return run_gemm_kind<T, 6>(x, w, sz, y, splits, kind);
-  return run_gemm_kind<T, 7>(x, w, sz, y, splits, kind);
+void run_wgmma_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group) {
+  if (group == 32) return launch_wgmma_gemm<T, 5, 2, 4>(x, w, sz, y, 0);
+  if (group == 64) return launch_wgmma_gemm<T, 6, 2, 4>(x, w, sz, y, 0);
+  return launch_wgmma_gemm<T, 7, 2, 4>(x, w, sz, y, 0);
 }
 
 // y [M, N] = x @ W^T by slices of W dequantized into a buffer that L2 holds, each through cuBLAS.
@@ -1299,11 +1127,14 @@ at::Tensor linear_int4_mma(const at::Tensor& x, const at::Tensor& packed, const 
   TORCH_CHECK(aligned16(wc) && aligned16(sc), "packed and scale_zero must start on 16-byte boundaries");
   at::Tensor y = at::empty({x2.size(0), N}, x.options());
   if (y.numel() == 0) return y.view(out_sizes);
-  const bool mma = x2.size(0) <= 8 * kMaxTiles;
-  if (x.scalar_type() == at::kBFloat16) {
-    mma ? run_mma<__nv_bfloat16>(x2, wc, sc, y, group) : run_gemm<__nv_bfloat16>(x2, wc, sc, y, group);
+  const int64_t rows = x2.size(0);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (rows <= 8 * kMaxTiles) {
+    bf16 ? run_mma<__nv_bfloat16>(x2, wc, sc, y, group) : run_mma<__half>(x2, wc, sc, y, group);
+  } else if (rows <= kWgmmaMaxRows && at::cuda::getCurrentDeviceProperties()->major == 9) {
+    bf16 ? run_wgmma_gemm<__nv_bfloat16>(x2, wc, sc, y, group) : run_wgmma_gemm<__half>(x2, wc, sc, y, group);
   } else {
-    mma ? run_mma<__half>(x2, wc, sc, y, group) : run_gemm<__half>(x2, wc, sc, y, group);
+    bf16 ? run_dequant_gemm<__nv_bfloat16>(x2, wc, sc, y, group) : run_dequant_gemm<__half>(x2, wc, sc, y, group);
   }
   return y.view(out_sizes);
 }
