@@ -61,6 +61,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 
@@ -1012,16 +1013,28 @@ __global__ void __launch_bounds__(128 * kWarpGroups, 1)
 #endif
 }
 
-// Splits of K for an [M, N] product in CTAs of 128 rows of x by `blocks` blocks of W: enough CTAs to
-// give every SM one, each split at least 8 chunks.
-int gemm_splits(int64_t M, int64_t N, int64_t K, int blocks) {
+// Splits of K for an [M, N] product in CTAs of 128 rows of x by `blocks` blocks of W, `slots` CTAs
+// resident on the card at once: as many as fill the slots once, each split at least 8 chunks.
+int gemm_splits(int64_t M, int64_t N, int64_t K, int blocks, int64_t slots) {
   const int64_t ctas = ((M + 127) / 128) * ((N / kRows + blocks - 1) / blocks);
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t most = std::max<int64_t>(1, K / kChunk / 8);
-  return static_cast<int>(std::min<int64_t>(most, (sms + ctas - 1) / ctas));
+  return static_cast<int>(std::clamp<int64_t>(slots / ctas, 1, most));
 }
 
-// One launch of a GEMM kernel over `splits` splits of K (float partial sums, then their sum into y).
+// y = the sum of partial [splits, M * N] over the splits, in float, rounded once; four outputs a thread.
+template <typename T>
+__global__ void sum_splits_kernel(const float4* __restrict__ partial, T* __restrict__ y, int splits, int64_t quads) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= quads) return;
+  float4 total = partial[i];
+  for (int z = 1; z < splits; ++z) {
+    const float4 v = partial[z * quads + i];
+    total.x += v.x, total.y += v.y, total.z += v.z, total.w += v.w;
+  }
+  y[4 * i] = from_float<T>(total.x), y[4 * i + 1] = from_float<T>(total.y);
+  y[4 * i + 2] = from_float<T>(total.z), y[4 * i + 3] = from_float<T>(total.w);
+}
+
 template <typename T>
 void launch_split(void (*kernel)(const T*, const int4*, const uint32_t*, T*, float*, int, int, int, int),
                   const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int splits, int blocks,
@@ -1038,7 +1051,12 @@ void launch_split(void (*kernel)(const T*, const int4*, const uint32_t*, T*, flo
                                      reinterpret_cast<const int4*>(w.data_ptr()),
                                      reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),
                                      splits > 1 ? partial.data_ptr<float>() : nullptr, M, N, K, per_split));
-  if (splits > 1) y.copy_(partial.sum(0));
+  if (splits > 1) {
+    const int64_t quads = static_cast<int64_t>(M) * N / 4;  // N is a multiple of 16
+    sum_splits_kernel<T><<<(quads + 255) / 256, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+        reinterpret_cast<const float4*>(partial.data_ptr<float>()), reinterpret_cast<T*>(y.data_ptr()), splits, quads);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename T, int kGroupShift, int kWarpGroups, int kStages>
@@ -1046,15 +1064,19 @@ void launch_wgmma_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   using L = WgmmaLayout<kGroupShift, kWarpGroups, kStages>;
   auto kernel = int4_wgmma_gemm_kernel<T, kGroupShift, kWarpGroups, kStages>;
   static std::once_flag configured;
+  static int per_sm = 1;  // CTAs an SM holds at once
   std::call_once(configured, [&] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, L::kThreads, L::kBytes));
+    per_sm = std::max(per_sm, 1);
   });
   const int64_t units = x.numel() / 8;
   at::Tensor ordered = at::empty_like(x);
   x_in_mma_order_kernel<<<(units + 255) / 256, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const uint32_t*>(x.data_ptr()), reinterpret_cast<uint4*>(ordered.data_ptr()), units, x.size(1));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits <= 0) splits = gemm_splits(x.size(0), w.size(0), x.size(1), L::kBlocks);
+  const int64_t slots = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (splits <= 0) splits = gemm_splits(x.size(0), w.size(0), x.size(1), L::kBlocks, slots);
   launch_split<T>(kernel, ordered, w, sz, y, splits, L::kBlocks, L::kThreads, L::kBytes);
 }
 
