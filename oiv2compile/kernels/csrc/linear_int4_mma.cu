@@ -79,7 +79,7 @@ constexpr int kMaxTiles = 4;  // rows of x through the tensor cores: 8 per tile
 constexpr int64_t kDequantBytes = int64_t{64} << 20;
 // Rows up to which Hopper takes the wgmma GEMM (below): at 128 rows it took 0.53x (gate/up) to 1.17x (o)
 // the time of dequantize-then-cuBLAS, at 512 rows 1.18-1.6x (H200, llama-8b shapes, benchmarks/RESULTS.md).
-constexpr int64_t kWgmmaMaxRows = 128;
+constexpr int64_t kWgmmaMaxRows = 256;
 
 template <typename T>
 struct Mma;
