@@ -8,7 +8,7 @@ measured in the same run. Candidates, all in the same run:
   Inductor's fused dequantize-then-linear (torch.compile of the int8 reference) ·
   aten._weight_int4pack_mm (tinygemm, group 128)
   oiv2::linear_int8_gemv (the CUDA C++ GEMV, M <= 4) · oiv2::linear_int4_mma (group 128, the CUDA C++
-  op the builds use for int4: tensor cores up to 32 rows, dequantize-then-cuBLAS above) ·
+  op the builds use for int4: tensor cores up to 32 rows, on Hopper the wgmma GEMM to 256, dequantize-then-cuBLAS above) ·
   dequantize into bf16, then F.linear (the prefill alternative to a mixed-input GEMM)
 The oiv2 ops are called as an artifact's code calls them (on CPU: their PyTorch reference). A
 candidate that cannot run here is a row `unavailable: <why>`. Weights rotate over enough copies that
