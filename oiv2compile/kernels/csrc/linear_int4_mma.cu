@@ -77,8 +77,9 @@ constexpr int kMaxTiles = 4;  // rows of x through the tensor cores: 8 per tile
 // The prefill path's buffer of dequantized rows: 64 MB took 0.6-0.8x the time of 16 MB (and 8 MB)
 // at 64 to 2048 rows on an H200 (llama-8b shapes, 2026-11-27, benchmarks/RESULTS.md).
 constexpr int64_t kDequantBytes = int64_t{64} << 20;
-// Rows up to which Hopper takes the wgmma GEMM (below): at 128 rows it took 0.53x (gate/up) to 1.17x (o)
-// the time of dequantize-then-cuBLAS, at 512 rows 1.18-1.6x (H200, llama-8b shapes, benchmarks/RESULTS.md).
+// Rows up to which Hopper takes the wgmma GEMM (below). Against dequantize-then-cuBLAS on an H200 (llama-8b
+// shapes, benchmarks/RESULTS.md): 0.52-0.75x its time at 64 and 128 rows, 0.85-1.22x at 256 (qkv loses), 1.18-1.6x
+// at 512.
 constexpr int64_t kWgmmaMaxRows = 256;
 
 template <typename T>
@@ -781,13 +782,16 @@ __device__ __forceinline__ void copy_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
-// ---- 33 to 128 rows on Hopper (sm_90a): a mixed-input GEMM on the warpgroup tensor cores, wgmma.m64n128k16
-// with W as the A operand straight from registers (a warp's fragment of the 64 rows is the m16n8k16 fragment the layout
-// packs) and x as B from shared memory in the 128-byte swizzle. wgmma reads B's 16 features of a k-step
-// in the mma's own order, which the layout permutes within each half chunk, so x is first rewritten
-// into that order (x_in_mma_order, one pass over x). A CTA multiplies 64 * kWarpGroups rows of W (warp
-// w: block w) by 128 rows of x; the copies run L::kAhead chunks ahead of the multiplies, and each chunk's
-// four wgmma run while the next chunk's weights are turned into bf16/fp16 (two register sets by turns).
+// ---- 33 to 256 rows on Hopper (sm_90a): a mixed-input GEMM on the warpgroup tensor cores,
+// wgmma.m64n128k16 with W as the A operand straight from registers (a warp's fragment of the 64 rows is
+// the m16n8k16 fragment the layout packs) and x as B from shared memory in the 128-byte swizzle. wgmma
+// reads B's 16 features of a k-step in the mma's own order, which the layout permutes within each half
+// chunk, so x is first rewritten into that order (x_in_mma_order, one pass over x). A CTA multiplies
+// 64 * kWarpGroups rows of W (warp w: block w) by 128 rows of x; the copies run L::kAhead chunks ahead
+// of the multiplies, and each chunk's four wgmma run while the next chunk's weights are turned into
+// bf16/fp16 (two register sets by turns). With the next chunk's fragments written while a batch was
+// open, ptxas serialized the wgmma (C7513) and the GEMM ran at ~300 TFLOPS, as an mma.sync form did;
+// written before the fence, 400-430 (H200).
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define OIV2_HAS_WGMMA 1
 #endif
@@ -809,6 +813,25 @@ struct WgmmaLayout {
   static constexpr int kBytes = kSz + kStages * kSzBytes + 1024;  // + room to align the base
 };
 
+// wgmma.m64n128k16 into the 64 float accumulators d, A from registers a, B by descriptor (scale-d `accumulate`).
+#define OIV2_WGMMA_M64N128K16(TYPE)                                                           \
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"                                   \
+               " wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"                   \
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                  \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "        \
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "        \
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"          \
+               "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"                                        \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+                 "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+                 "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+                 "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
+
 template <typename T>
 struct Wgmma;
 
@@ -816,11 +839,7 @@ template <>
 struct Wgmma<__nv_bfloat16> {
   __device__ static void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
 #ifdef OIV2_HAS_WGMMA
-    asm volatile(
-        "{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"
-        " wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+    OIV2_WGMMA_M64N128K16("bf16");
 #endif
   }
 };
@@ -829,11 +848,7 @@ template <>
 struct Wgmma<__half> {
   __device__ static void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
 #ifdef OIV2_HAS_WGMMA
-    asm volatile(
-        "{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"
-        " wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+    OIV2_WGMMA_M64N128K16("f16");
 #endif
   }
 };
