@@ -52,7 +52,7 @@
 // to back): 61-67% of the copy bandwidth on 14336x4096 and 4096x14336 and 96% on the output head on an
 // H100; 46-56% and 74% on an H200.
 //
-// 33 to 128 rows on Hopper (a prefill of a short prompt, a large decode batch): a mixed-input GEMM on the
+// 33 to 256 rows on Hopper (a prefill of a short prompt, a large decode batch): a mixed-input GEMM on the
 // warpgroup tensor cores (wgmma, below). More rows, or another card: slices of W are dequantized into a
 // bf16/fp16 buffer and multiplied by cuBLAS, which wins from 512 rows on (cuBLAS's bf16 GEMM runs near
 // the tensor cores' peak there; the wgmma GEMM at 400-430 TFLOPS).
