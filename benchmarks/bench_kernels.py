@@ -7,8 +7,10 @@ measured in the same run. Candidates, all in the same run:
   bf16 F.linear · oiv2::linear_int8 · oiv2::linear_int4 (group 128) · aten._weight_int8pack_mm ·
   Inductor's fused dequantize-then-linear (torch.compile of the int8 reference) ·
   aten._weight_int4pack_mm (tinygemm, group 128)
-  oiv2::linear_int8_gemv (the CUDA C++ GEMV, M <= 4) · oiv2::linear_int4_mma (group 128, the CUDA C++
-  op the builds use for int4: tensor cores up to 32 rows, on Hopper the wgmma GEMM to 256, dequantize-then-cuBLAS above) ·
+  oiv2::linear_int8_gemv (the CUDA C++ GEMV, M <= 4) · oiv2::linear_int8_gemm (the CUDA C++ op of int8
+  prefill: on Hopper the wgmma GEMM to 256 rows, dequantize-then-cuBLAS above) · oiv2::linear_int4_mma
+  (group 128, the CUDA C++ op the builds use for int4: tensor cores up to 32 rows, on Hopper the wgmma
+  GEMM to 256, dequantize-then-cuBLAS above) ·
   dequantize into bf16, then F.linear (the prefill alternative to a mixed-input GEMM)
 The oiv2 ops are called as an artifact's code calls them (on CPU: their PyTorch reference). A
 candidate that cannot run here is a row `unavailable: <why>`. Weights rotate over enough copies that
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from oiv2compile.bench import copy_bandwidth_gbs, environment
-from oiv2compile.kernels import linear_int4_mma, linear_int8_gemv
+from oiv2compile.kernels import linear_int4_mma, linear_int8_gemm, linear_int8_gemv
 from oiv2compile.kernels.linear_int4 import dequantize as dequantize_int4
 from oiv2compile.kernels.linear_int4 import quantize as quantize_int4
 from oiv2compile.kernels.linear_int4 import unpack as unpack_int4
@@ -87,6 +89,10 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
         q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
         return [q, s], q.nbytes + s.nbytes, lambda x, q, s: _gemv(torch.ops.oiv2.linear_int8_gemv, x, q, s)
 
+    def int8_gemm() -> tuple[list[Any], int, Callable]:
+        q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
+        return [q, s], q.nbytes + s.nbytes, torch.ops.oiv2.linear_int8_gemm
+
     def int4_mma() -> tuple[list[Any], int, Callable]:
         _check_groups(k)
         p, s, z = quantize_int4(torch.randn(n, k, device=device) * 0.02, GROUP, dtype)
@@ -128,6 +134,7 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
         "oiv2::linear_int8": int8_ours,
         "oiv2::linear_int4 g128": int4_ours,
         "oiv2::linear_int8_gemv (CUDA C++)": int8_gemv,
+        "oiv2::linear_int8_gemm (CUDA C++)": int8_gemm,
         "oiv2::linear_int4_mma g128 (CUDA C++)": int4_mma,
         "int8 dequantize, then F.linear": int8_dequant_linear,
         "int4 g128 dequantize, then F.linear": int4_dequant_linear,
@@ -206,6 +213,7 @@ def main() -> int:
     if device.type == "cuda":
         linear_int8_gemv.load_extension()  # the CUDA C++ kernels: nvcc once each, cached after
         linear_int4_mma.load_extension()
+        linear_int8_gemm.load_extension()
     bandwidth = copy_bandwidth_gbs(device)
     rows = []
     for n, k, where in linear_shapes(args.models.split(",")):

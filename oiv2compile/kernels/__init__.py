@@ -13,6 +13,7 @@ from oiv2compile.kernels.linear_int4 import linear_int4, linear_int4_ref
 from oiv2compile.kernels.linear_int4_mma import linear_int4_mma_ref
 from oiv2compile.kernels.linear_int4_mma_add import linear_int4_mma_add_ref
 from oiv2compile.kernels.linear_int8 import linear_int8, linear_int8_ref
+from oiv2compile.kernels.linear_int8_gemm import linear_int8_gemm_ref
 from oiv2compile.kernels.linear_int8_gemv import linear_int8_gemv_ref
 from oiv2compile.kernels.linear_int8_gemv_add import linear_int8_gemv_add_ref
 from oiv2compile.kernels.rms_norm_linear_int4_mma import rms_norm_linear_int4_mma_ref
@@ -40,6 +41,7 @@ __all__ = [
     "linear_int4_mma_ref",
     "linear_int4_ref",
     "linear_int8",
+    "linear_int8_gemm_ref",
     "linear_int8_gemv_add_ref",
     "linear_int8_gemv_ref",
     "linear_int8_ref",

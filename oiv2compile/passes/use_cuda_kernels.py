@@ -7,6 +7,8 @@ After:
     y = oiv2.linear_int4_mma(x, packed_mma, scale_zero)                   (+ aten.add(y, bias))
     y = aten.reshape(oiv2.linear_int8_gemv(aten.reshape(x, [1, K]), qweight, scales), [..., N])
                                                                           (+ aten.add(y, bias))
+    y = oiv2.linear_int8_gemm(x, qweight, scales)                         # x [..., K], prefill-sized
+                                                                          (+ aten.add(y, bias))
 int4: every product whose weight fits the tensor-core layout (N a multiple of 16, K of 64, bf16 or
 fp16 activations) reads it repacked at build time into int4-mma16x64-v1 (kernels/linear_int4_mma.py),
 attributes named after the packed one plus `_mma` and `_scale_zero`; the grouphalves tensors go
@@ -14,9 +16,13 @@ unless something else reads them (a tied embedding table's lookup does). Every p
 tensors under the same names, so the artifact stores them once. The op streams the weights once
 through the tensor cores up to 32 rows and dequantizes for cuBLAS above, so prefill takes it too.
 int8: products of one row (where that count is a fixed 1: the batch-1 decode program) go to the C++
-GEMV; others keep the Triton op, which beats the GEMV from 4 rows on.
+GEMV; products the Triton op would not take (a prefill's symbolic row count, or more than its 64 rows)
+to the C++ GEMM, a mixed-input wgmma GEMM on Hopper up to 256 rows, which reads the same tensors;
+decode-sized ones keep the Triton op, which beats the GEMV from 4 rows on.
 
-Why (llama-8b shapes, one row, benchmarks/RESULTS.md): the int8 GEMV streams at 84-87% of the copy
+Why (llama-8b shapes, benchmarks/RESULTS.md): where the Triton op does not take the rows, the op's body is
+its reference, which Inductor makes one pass dequantizing W into bf16 and a cuBLAS GEMM: a prefill of
+128 tokens took 1.84x bf16's time to the first token (H200). At one row the int8 GEMV streams at 84-87% of the copy
 bandwidth on an H100 against the Triton kernel's 78-80%. The int4 op runs gate/up and down in
 17-22 us (43-55% of the copy bandwidth, H100 and H200) against the Triton kernel's 26-34% and
 tinygemm's 39-58%, stays below bf16's time up to 16 rows (23-25 us against 30-45 us), and makes
@@ -39,7 +45,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from oiv2compile.config import Backend, BuildConfig, Device, Quantization
-from oiv2compile.kernels import linear_int4_mma, linear_int8_gemv
+from oiv2compile.kernels import linear_int4_mma, linear_int8_gemm, linear_int8_gemv
+from oiv2compile.kernels._quant_matmul import takes as triton_takes
 from oiv2compile.kernels.linear_int4 import group_size_of
 from oiv2compile.kernels.linear_int4 import unpack as unpack_grouphalves
 from oiv2compile.passes.fx_utils import (
@@ -74,6 +81,11 @@ def use_cuda_kernels(gm: GraphModule, cfg: BuildConfig) -> int:
             if library is None:
                 return count
             _rewrite_int8(gm, node, library)
+        elif node.target is INT8 and _half_precision(node) and not triton_takes(fake_value(call_args(node)["x"]), 8, 0):
+            library = _library(linear_int8_gemm)
+            if library is None:
+                return count
+            _rewrite_int8_gemm(gm, node, library)
         else:
             continue
         count += 1
@@ -144,6 +156,17 @@ def _rewrite_int8(gm: GraphModule, node: Node, library: Path) -> None:
         product = gm.graph.call_function(aten.reshape.default, (gemv, list(out_val.shape)))
         product.meta["val"] = out_val
     record(gemv, **{**node.meta.get("oiv2", {}), "library": library.name})
+    _replace(gm, node, product, args.get("bias"))
+
+
+def _rewrite_int8_gemm(gm: GraphModule, node: Node, library: Path) -> None:
+    args = call_args(node)
+    with gm.graph.inserting_before(node):
+        product = gm.graph.call_function(
+            torch.ops.oiv2.linear_int8_gemm.default, (args["x"], args["qweight"], args["scales"])
+        )
+        product.meta["val"] = fake_value(node)
+    record(product, **{**node.meta.get("oiv2", {}), "library": library.name})
     _replace(gm, node, product, args.get("bias"))
 
 

@@ -241,6 +241,68 @@ def test_int8_gemv_cuda_kernel(rows, dtype):
     torch.library.opcheck(torch.ops.oiv2.linear_int8_gemv.default, (x, q, scales))
 
 
+def test_int8_gemm_reference_and_fake():
+    from oiv2compile.kernels.linear_int8_gemm import linear_int8_gemm_ref
+
+    q, scales = quantize_int8(_weight(48, 64, 6), torch.float32)
+    x = torch.randn(2, 5, 64)
+    torch.library.opcheck(torch.ops.oiv2.linear_int8_gemm.default, (x, q, scales))
+    expected = F.linear(x.double(), dequantize_int8(q, scales).double())
+    out = linear_int8_gemm_ref(x, q, scales)
+    assert out.shape == (2, 5, 48) and (out.double() - expected).norm() / expected.norm() < 1e-6
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("rows", "n", "k"),
+    [
+        (1, 1008, 4224),
+        (33, 1008, 4224),
+        (100, 1008, 4224),
+        (128, 1008, 4224),
+        (200, 1008, 4224),
+        (256, 1008, 4224),
+        (257, 1008, 4224),
+        (64, 1001, 2064),
+        (300, 8192, 4160),
+    ],
+)
+def test_int8_gemm_cuda_kernel(rows, n, k, dtype):
+    """The CUDA C++ op against the weights the layout stands for. N = 1008 (63 blocks of 16: a CTA's 128
+    rows of W cut short) and K = 4224 (66 chunks of 64, split unevenly over CTAs) through the wgmma GEMM on
+    Hopper (1 to 256 rows: rows of x past M in a tile of 128) and the dequantize-then-cuBLAS path (257
+    rows); N = 1001 and K = 2064 fit no 16-row block or 64-feature chunk (dequantized at any row count);
+    8192 x 4160 at 300 rows dequantizes in two slices (68 MB of bf16 against 64)."""
+    from oiv2compile.kernels.linear_int8_gemm import load_extension
+
+    load_extension()
+    gen = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
+    q, scales = quantize_int8(_weight(n, k, rows).cuda(), dtype)
+    expected = F.linear(x.double(), dequantize_int8(q, scales).double())
+    out = torch.ops.oiv2.linear_int8_gemm(x, q, scales)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    per_row = (out.double() - expected).norm(dim=1) / expected.norm(dim=1)
+    assert float(per_row.max()) < 5e-3
+    per_feature = (out.double() - expected).abs().amax(dim=0) / expected.abs().amax()
+    assert float(per_feature.max()) < 2e-2  # no row of W left out or summed twice
+    if rows <= 33:
+        torch.library.opcheck(torch.ops.oiv2.linear_int8_gemm.default, (x, q, scales))
+
+
+@pytest.mark.cuda
+def test_int8_gemm_cuda_kernel_takes_a_3d_input_and_no_rows():
+    from oiv2compile.kernels.linear_int8_gemm import linear_int8_gemm_ref, load_extension
+
+    load_extension()
+    q, scales = quantize_int8(_weight(64, 128, 0).cuda(), torch.bfloat16)
+    x = torch.randn(2, 3, 128, device="cuda", dtype=torch.bfloat16)
+    out = torch.ops.oiv2.linear_int8_gemm(x, q, scales)
+    torch.testing.assert_close(out, linear_int8_gemm_ref(x, q, scales), rtol=2e-2, atol=2e-3)
+    assert torch.ops.oiv2.linear_int8_gemm(x[:0], q, scales).shape == (0, 3, 64)
+
+
 def _norm_gemv_case(rows: int, n: int, k: int, dtype: torch.dtype, device: str, seed: int):
     """x, the norm weight g, and the int8 layout of W * diag(g), for oiv2::rms_norm_linear_int8_gemv."""
     gen = torch.Generator().manual_seed(seed)

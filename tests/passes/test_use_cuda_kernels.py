@@ -1,6 +1,6 @@
 """use_cuda_kernels: int4 products whose weights fit the tensor-core layout become oiv2::linear_int4_mma
-(any row count), one-row int8 products the C++ GEMV, nothing else changes, and the program computes
-the same; here on the CPU, where the C++ ops run their reference and the libraries the pass would
+(any row count), one-row int8 products the C++ GEMV, prefill-sized int8 products the C++ GEMM, nothing
+else changes, and the program computes the same; here on the CPU, where the C++ ops run their reference and the libraries the pass would
 compile stand as paths."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from oiv2compile.capture import DECODE_B1, PREFILL, CacheSpec, capture
+from oiv2compile.capture import DECODE, DECODE_B1, PREFILL, CacheSpec, capture
 from oiv2compile.config import Backend, BuildConfig, Device
 from oiv2compile.kernels import _cuda_extension
 from oiv2compile.models import load_model
@@ -23,6 +23,7 @@ from tests.passes.helpers import aten, count, snapshot
 
 INT8, INT4 = torch.ops.oiv2.linear_int8.default, torch.ops.oiv2.linear_int4.default
 GEMV8, MMA4 = torch.ops.oiv2.linear_int8_gemv.default, torch.ops.oiv2.linear_int4_mma.default
+GEMM8 = torch.ops.oiv2.linear_int8_gemm.default
 LINEARS = 15  # llama-tiny unfused: 2 layers x 7 + the head
 # The head's 259 rows are not a multiple of 16: it keeps the grouphalves layout and the Triton op.
 MMA_LINEARS = LINEARS - 1
@@ -33,6 +34,7 @@ def libraries(monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """The compiled libraries stand as paths: no nvcc here."""
     paths = {"oiv2compile.kernels.linear_int8_gemv": Path("/x/oiv2_linear_int8_gemv_0.so")}
     paths["oiv2compile.kernels.linear_int4_mma"] = Path("/x/oiv2_linear_int4_mma_0.so")
+    paths["oiv2compile.kernels.linear_int8_gemm"] = Path("/x/oiv2_linear_int8_gemm_0.so")
     monkeypatch.setattr(gemv_pass, "_LIBRARIES", dict(paths))
     return paths
 
@@ -125,9 +127,28 @@ def _assert_same_results(before, gm, spec, prefill=False):  # type: ignore[no-un
         torch.testing.assert_close(a, b)
 
 
-def test_products_of_a_symbolic_row_count_stay(libraries):
-    """Prefill's rows are the prompt's (symbolic): the Triton op serves them."""
-    gm, _spec, cfg = _quantized(PREFILL, "int8")
+def test_int8_products_of_a_prefill_go_to_the_gemm(libraries):
+    """Prefill's rows are the prompt's (symbolic), which the Triton op does not take: the C++ GEMM, on the
+    same weight tensors; the head's too (one row a sequence, the batch symbolic)."""
+    gm, spec, cfg = _quantized(PREFILL, "int8")
+    before = snapshot(gm)
+    weights = {(n.args[1], n.args[2]) for n in gm.graph.find_nodes(op="call_function", target=INT8)}
+
+    assert gemv_pass.use_cuda_kernels(gm, cfg) == LINEARS
+    cleanup(gm)
+
+    assert count(gm, GEMM8) == LINEARS and count(gm, INT8) == 0 and count(gm, GEMV8) == 0
+    assert {(n.args[1], n.args[2]) for n in gm.graph.find_nodes(op="call_function", target=GEMM8)} == weights
+    for node in gm.graph.find_nodes(op="call_function", target=GEMM8):
+        assert node.meta["oiv2"]["library"] == libraries["oiv2compile.kernels.linear_int8_gemm"].name
+        assert "quantized" in node.meta["oiv2"]
+    assert gemv_pass.libraries(gm) == [libraries["oiv2compile.kernels.linear_int8_gemm"]]
+    _assert_same_results(before, gm, spec, prefill=True)
+
+
+def test_int8_products_of_a_decode_batch_keep_the_triton_op(libraries):
+    """One token a sequence, the batch dynamic: the Triton op takes up to 64 rows and beats both."""
+    gm, _spec, cfg = _quantized(DECODE, "int8")
     assert gemv_pass.use_cuda_kernels(gm, cfg) == 0
     assert count(gm, INT8) == LINEARS and gemv_pass.libraries(gm) == []
 

@@ -1,4 +1,5 @@
-"""CUDA: an int8 artifact whose batch-1 decode program calls the C++ GEMV and an int4 artifact whose
+"""CUDA: an int8 artifact whose batch-1 decode program calls the C++ GEMV and whose prefill calls the C++
+GEMM, and an int4 artifact whose
 programs all call the tensor-core op (passes/use_cuda_kernels.py), through AOTInductor and CUDA graphs,
 against the same build on the Triton kernels, and loaded in a fresh process from the library the
 artifact carries."""
@@ -61,8 +62,11 @@ def test_batch1_decode_calls_the_gemv_and_agrees_with_the_triton_build(scheme, a
         == 2
     )
     assert passes["prefill"]["fuse_rope_into_attention"]["count"] == 0
-    if scheme == "int8":  # one-row products only: a symbolic batch keeps the Triton op
+    if scheme == "int8":  # one-row products and prefill's (the GEMM): a decode batch keeps the Triton op
         assert passes["decode"]["use_cuda_kernels"]["count"] == 0
+        assert passes["prefill"]["use_cuda_kernels"]["count"] == passes["decode_b1"]["use_cuda_kernels"]["count"]
+        (gemm,) = manifest["programs"]["prefill"]["libraries"]
+        assert "linear_int8_gemm" in gemm and (path / gemm).is_file()
     else:  # every product whose weight fits the layout (llama-tiny's head of 259 rows does not)
         assert passes["decode"]["use_cuda_kernels"]["count"] == passes["prefill"]["use_cuda_kernels"]["count"] > 0
         assert manifest["quantization"]["layout"] == "int4-grouphalves-v2, int4-mma16x64-v1"

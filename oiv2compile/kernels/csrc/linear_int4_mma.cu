@@ -66,6 +66,7 @@
 #include <mutex>
 
 #include "gemv_common.cuh"
+#include "wgmma_gemm.cuh"
 
 namespace {
 
@@ -771,338 +772,83 @@ void run_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at:
   return launch_tiles<T, 4>(x, w, sz, y, group);
 }
 
-// cp.async: 16-byte copies from global into shared memory (zero-filled where `valid` is false).
-__device__ __forceinline__ void copy_async16(void* dst, const void* src, bool valid) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
+// ---- 33 to 256 rows on Hopper: the mixed-input wgmma GEMM of wgmma_gemm.cuh with W in int4-mma16x64-v1. A
+// warp's 16 bytes of a chunk are already its A fragments of the four k-steps (the layout packs a block's
+// chunk as the m16n8k16 fragments); a stage holds the chunk's words of the CTA's 8 blocks and the (scale,
+// zero) of the groups it touches, and the fragments are (q - zero) * scale, rounded as the reference
+// rounds it.
+template <typename T, int kGroupShift>
+struct Int4Weights {
+  struct Params {
+    const int4* w;
+    const uint32_t* scale_zero;
+    int K;
+  };
+  static constexpr int kGroups = kGroupShift == 5 ? 2 : 1;  // groups a chunk touches
+  static constexpr int kWBytes = oiv2_wgmma::kCtaBlocks * 32 * 16;
+  static constexpr int kStageBytes = kWBytes + oiv2_wgmma::kCtaBlocks * kGroups * kRows * 4;
 
-// ---- 33 to 256 rows on Hopper (sm_90a): a mixed-input GEMM on the warpgroup tensor cores,
-// wgmma.m64n128k16 with W as the A operand straight from registers (a warp's fragment of the 64 rows is
-// the m16n8k16 fragment the layout packs) and x as B from shared memory in the 128-byte swizzle. wgmma
-// reads B's 16 features of a k-step in the mma's own order, which the layout permutes within each half
-// chunk, so x is first rewritten into that order (x_in_mma_order, one pass over x). A CTA multiplies
-// 64 * kWarpGroups rows of W (warp w: block w) by 128 rows of x; the copies run L::kAhead chunks ahead
-// of the multiplies, and each chunk's four wgmma run while the next chunk's weights are turned into
-// bf16/fp16 (two register sets by turns). With the next chunk's fragments written while a batch was
-// open, ptxas serialized the wgmma (C7513) and the GEMM ran at ~300 TFLOPS, as an mma.sync form did;
-// written before the fence, 400-430 (H200).
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define OIV2_HAS_WGMMA 1
-#endif
+  __device__ static void copy(uint8_t* stage, const Params& p, int block0, int blocks, int c) {
+    using oiv2_wgmma::copy_async16;
+    const int chunks = p.K / kChunk;
+    for (int i = threadIdx.x; i < oiv2_wgmma::kCtaBlocks * 32; i += oiv2_wgmma::kThreads) {
+      const int b = block0 + (i >> 5);
+      copy_async16(stage + i * 16, p.w + (static_cast<size_t>(min(b, blocks - 1)) * chunks + c) * 32 + (i & 31),
+                   b < blocks);
+    }
+    constexpr int kUnits = kGroups * 4;
+    if (threadIdx.x < oiv2_wgmma::kCtaBlocks * kUnits) {
+      const int b = block0 + threadIdx.x / kUnits, u = threadIdx.x % kUnits;
+      const size_t group = (c * kChunk) >> kGroupShift;
+      const uint32_t* src =
+          p.scale_zero + (static_cast<size_t>(min(b, blocks - 1)) * (p.K >> kGroupShift) + group) * kRows;
+      copy_async16(stage + kWBytes + threadIdx.x * 16, src + u * 4, b < blocks);
+    }
+  }
 
-constexpr int kWgmmaXBytes = 128 * kChunk * 2;                   // a slot's x tile: 128 rows of 128 bytes
+  __device__ static void fragments(const uint8_t* stage, const Params&, uint32_t (&a)[4][4]) {
+    const uint32_t mask = in_register(0x000F000Fu), magic = in_register(Mma<T>::kMagic);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
+    const int4 v = reinterpret_cast<const int4*>(stage)[warp * 32 + lane];
+    const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                               static_cast<uint32_t>(v.w)};
+    const uint32_t* szs = reinterpret_cast<const uint32_t*>(stage + kWBytes) + warp * kGroups * kRows + g;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int gl = half * (kGroups - 1);
+      uint32_t scale2[2], offset2[2];
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi) {
+        const uint32_t pair = szs[gl * kRows + 8 * hi];
+        scale2[hi] = __byte_perm(pair, pair, 0x1010);
+        offset2[hi] = Mma<T>::pair(Mma<T>::kMagicValue + Mma<T>::high(pair));
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        uint32_t levels[4];
+        magic_levels(words[2 * half + j], mask, magic, levels);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[2 * half + j][r] = scaled_pair<T>(levels[r], offset2[r & 1], scale2[r & 1]);
+      }
+    }
+  }
 
-// kStages shared-memory slots in the ring; the copies run kStages - 1 chunks ahead of the multiplies.
-template <int kGroupShift, int kWarpGroups, int kStages>
-struct WgmmaLayout {
-  static constexpr int kAhead = kStages - 1;
-  static constexpr int kBlocks = 4 * kWarpGroups;
-  static constexpr int kThreads = 128 * kWarpGroups;
-  static constexpr int kGroups = kGroupShift == 5 ? 2 : 1;
-  static constexpr int kWBytes = kBlocks * 32 * 16;
-  static constexpr int kSzBytes = kBlocks * kGroups * kRows * 4;
-  // x slots first (each on a 1024-byte boundary, the swizzle's period), then W's, then the scales'.
-  static constexpr int kW = kStages * kWgmmaXBytes;
-  static constexpr int kSz = kW + kStages * kWBytes;
-  static constexpr int kBytes = kSz + kStages * kSzBytes + 1024;  // + room to align the base
+  __device__ static float row_scale(const Params&, int) { return 1.0f; }
 };
 
-// wgmma.m64n128k16 into the 64 float accumulators d, A from registers a, B by descriptor (scale-d `accumulate`).
-#define OIV2_WGMMA_M64N128K16(TYPE)                                                           \
-  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"                                   \
-               " wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"                   \
-               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                  \
-               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "        \
-               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "        \
-               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"          \
-               "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"                                        \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
-                 "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
-                 "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
-                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
-                 "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
-
-template <typename T>
-struct Wgmma;
-
-template <>
-struct Wgmma<__nv_bfloat16> {
-  __device__ static void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
-#ifdef OIV2_HAS_WGMMA
-    OIV2_WGMMA_M64N128K16("bf16");
-#endif
-  }
-};
-
-template <>
-struct Wgmma<__half> {
-  __device__ static void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
-#ifdef OIV2_HAS_WGMMA
-    OIV2_WGMMA_M64N128K16("f16");
-#endif
-  }
-};
-
-// The shared-memory descriptor of a K-major tile of 128-byte rows in the 128-byte swizzle (8-row atoms
-// 1024 bytes apart), starting at p.
-__device__ __forceinline__ uint64_t sw128_descriptor(const void* p) {
-  const uint64_t address = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  return ((address & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+template <typename T, int kGroupShift>
+void launch_wgmma_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y) {
+  const typename Int4Weights<T, kGroupShift>::Params p{reinterpret_cast<const int4*>(w.data_ptr()),
+                                                       reinterpret_cast<const uint32_t*>(sz.data_ptr()),
+                                                       static_cast<int>(x.size(1))};
+  oiv2_wgmma::run_wgmma_gemm<T, Int4Weights<T, kGroupShift>>(x, p, w.size(0), y);
 }
 
-// Keeps values in their registers up to this point (the asynchronous wgmma still reads or writes them).
-__device__ __forceinline__ void hold(float (&v)[64]) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(v[i])::"memory");
-}
-
-// x [M, K] rewritten so that each k-step's 16 features of a chunk sit in the order of the mma's k index:
-// position 16 s + kappa of chunk c holds feature 64 c + 32 (s >> 1) + 4 (s & 1) + 8 ((kappa >> 1) & 3) +
-// (kappa & 1) + 2 (kappa >> 3). One thread a 16-byte unit of the output: four 4-byte pairs of x.
-__global__ void x_in_mma_order_kernel(const uint32_t* __restrict__ x, uint4* __restrict__ out, int64_t units, int K) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= units) return;
-  const int per_row = K / 8;
-  const int64_t row = i / per_row;
-  const int unit = static_cast<int>(i % per_row), c = unit >> 3, u = unit & 7, s = u >> 1;
-  const uint32_t* src = x + row * (K / 2) + (c * kChunk + 32 * (s >> 1) + 4 * (s & 1) + 2 * (u & 1)) / 2;
-  out[i] = make_uint4(__ldg(src), __ldg(src + 4), __ldg(src + 8), __ldg(src + 12));
-}
-
-template <typename T, int kGroupShift, int kWarpGroups, int kStages>
-__device__ __forceinline__ void wgmma_copy_chunk(uint8_t* base, int slot, const T* x, const int4* w,
-                                                 const uint32_t* scale_zero, int M, int K, int m0, int block0,
-                                                 int blocks, int c) {
-  using L = WgmmaLayout<kGroupShift, kWarpGroups, kStages>;
-  const int chunks = K / kChunk;
-  uint8_t* xs = base + slot * kWgmmaXBytes;
-  for (int i = threadIdx.x; i < 128 * 8; i += L::kThreads) {
-    const int r = i >> 3, u = i & 7, m = m0 + r;
-    copy_async16(xs + r * 128 + ((u ^ (r & 7)) << 4), x + static_cast<size_t>(min(m, M - 1)) * K + c * kChunk + u * 8,
-                 m < M);
-  }
-  for (int i = threadIdx.x; i < L::kBlocks * 32; i += L::kThreads) {
-    const int b = block0 + (i >> 5);
-    copy_async16(base + L::kW + slot * L::kWBytes + i * 16,
-                 w + (static_cast<size_t>(min(b, blocks - 1)) * chunks + c) * 32 + (i & 31), b < blocks);
-  }
-  constexpr int kUnits = L::kGroups * 4;
-  if (threadIdx.x < L::kBlocks * kUnits) {
-    const int b = block0 + threadIdx.x / kUnits, u = threadIdx.x % kUnits;
-    const size_t group = (c * kChunk) >> kGroupShift;
-    const uint32_t* src = scale_zero + (static_cast<size_t>(min(b, blocks - 1)) * (K >> kGroupShift) + group) * kRows;
-    copy_async16(base + L::kSz + slot * L::kSzBytes + threadIdx.x * 16, src + u * 4, b < blocks);
-  }
-}
-
-// The A fragments of a chunk's four k-steps for this warp's block, from the chunk's slot: its words and
-// its groups' (scale, zero), turned into (q - zero) * scale.
-template <typename T, int kGroupShift, int kWarpGroups, int kStages>
-__device__ __forceinline__ void wgmma_fragments(const uint8_t* base, int slot, uint32_t mask, uint32_t magic,
-                                                uint32_t (&a)[4][4]) {
-  using L = WgmmaLayout<kGroupShift, kWarpGroups, kStages>;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
-  const int4 v = reinterpret_cast<const int4*>(base + L::kW + slot * L::kWBytes)[warp * 32 + lane];
-  const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                             static_cast<uint32_t>(v.w)};
-  const uint32_t* szs =
-      reinterpret_cast<const uint32_t*>(base + L::kSz + slot * L::kSzBytes) + warp * L::kGroups * kRows + g;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int gl = half * (L::kGroups - 1);
-    uint32_t scale2[2], offset2[2];
-#pragma unroll
-    for (int hi = 0; hi < 2; ++hi) {
-      const uint32_t pair = szs[gl * kRows + 8 * hi];
-      scale2[hi] = __byte_perm(pair, pair, 0x1010);
-      offset2[hi] = Mma<T>::pair(Mma<T>::kMagicValue + Mma<T>::high(pair));
-    }
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      uint32_t levels[4];
-      magic_levels(words[2 * half + j], mask, magic, levels);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) a[2 * half + j][r] = scaled_pair<T>(levels[r], offset2[r & 1], scale2[r & 1]);
-    }
-  }
-}
-
-// Chunk s of a CTA's run: start its four wgmma on the fragments `a`; while they run, wait for chunk
-// s + 1's copies, start the copies L::kAhead chunks ahead (into the slot of chunk s - 1, done) and turn
-// chunk s + 1's weights into `next`; then wait for the wgmma. All of a wgmma's register inputs are set
-// before the fence that opens its batch, so ptxas keeps the batch asynchronous.
-template <typename T, int kGroupShift, int kWarpGroups, int kStages>
-__device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, const T* x, const int4* w,
-                                            const uint32_t* scale_zero, int M, int K, int m0, int block0, int blocks,
-                                            int c0, uint32_t mask, uint32_t magic, float (&acc)[64],
-                                            uint32_t (&a)[4][4], uint32_t (&next)[4][4]) {
-  using L = WgmmaLayout<kGroupShift, kWarpGroups, kStages>;
-  uint64_t desc[4];  // + 32 bytes a k-step
-#pragma unroll
-  for (int q = 0; q < 4; ++q) desc[q] = sw128_descriptor(base + (s % kStages) * kWgmmaXBytes + 32 * q);
-  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-#pragma unroll
-  for (int q = 0; q < 4; ++q) Wgmma<T>::run(acc, a[q], desc[q], 1);
-  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-  if (s + 1 < steps) {
-    copy_async_wait<L::kAhead - 2>();
-    __syncthreads();  // chunk s + 1 is in; every warpgroup is done with chunk s - 1, whose slot the copy takes
-    if (s + L::kAhead < steps) {
-      wgmma_copy_chunk<T, kGroupShift, kWarpGroups, kStages>(base, (s + L::kAhead) % kStages, x, w, scale_zero, M, K, m0,
-                                                    block0, blocks, c0 + s + L::kAhead);
-    }
-    copy_async_commit();
-    wgmma_fragments<T, kGroupShift, kWarpGroups, kStages>(base, (s + 1) % kStages, mask, magic, next);
-  }
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-}
-
-// Grid (row tiles of x, CTAs of W's rows, splits of K); each split takes chunks_per_split chunks. With one
-// split the CTA writes y; with more, partial [splits, M, N] in float. x in the mma's order
-// (x_in_mma_order_kernel).
-template <typename T, int kGroupShift, int kWarpGroups, int kStages>
-__global__ void __launch_bounds__(128 * kWarpGroups, 1)
-    int4_wgmma_gemm_kernel(const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
-                           T* __restrict__ y, float* __restrict__ partial, int M, int N, int K, int chunks_per_split) {
-#ifdef OIV2_HAS_WGMMA
-  using L = WgmmaLayout<kGroupShift, kWarpGroups, kStages>;
-  extern __shared__ uint8_t wgmma_smem[];
-  uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(wgmma_smem) + 1023) & ~uintptr_t{1023});
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int m0 = blockIdx.x * 128, block0 = blockIdx.y * L::kBlocks, blocks = N / kRows;
-  const int c0 = blockIdx.z * chunks_per_split;
-  const int steps = min(K / kChunk - c0, chunks_per_split);
-  const uint32_t mask = in_register(0x000F000Fu), magic = in_register(Mma<T>::kMagic);
-
-  wait_for_previous_grid();
-#pragma unroll
-  for (int s = 0; s < L::kAhead; ++s) {
-    if (s < steps) wgmma_copy_chunk<T, kGroupShift, kWarpGroups, kStages>(base, s, x, w, scale_zero, M, K, m0, block0, blocks, c0 + s);
-    copy_async_commit();
-  }
-  float acc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-  uint32_t a0[4][4], a1[4][4];  // the A fragments of a chunk's four k-steps, two sets by turns
-  if (steps > 0) {
-    copy_async_wait<L::kAhead - 1>();
-    __syncthreads();
-    wgmma_fragments<T, kGroupShift, kWarpGroups, kStages>(base, 0, mask, magic, a0);
-  }
-  for (int s = 0; s < steps; s += 2) {
-    wgmma_chunk<T, kGroupShift, kWarpGroups, kStages>(base, s, steps, x, w, scale_zero, M, K, m0, block0, blocks, c0, mask, magic,
-                                             acc, a0, a1);
-    if (s + 1 < steps) {
-      wgmma_chunk<T, kGroupShift, kWarpGroups, kStages>(base, s + 1, steps, x, w, scale_zero, M, K, m0, block0, blocks, c0, mask,
-                                               magic, acc, a1, a0);
-    }
-  }
-  hold(acc);
-  copy_async_wait<0>();
-
-  // acc[i]: row 16 (block0 + warp) + g + 8 ((i >> 1) & 1) of W, row m0 + 8 (i >> 2) + 2 t + (i & 1) of x.
-#pragma unroll
-  for (int i = 0; i < 64; ++i) {
-    const int n = (block0 + warp) * kRows + g + 8 * ((i >> 1) & 1);
-    const int m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
-    if (m >= M || n >= N) continue;
-    if (partial == nullptr) {
-      y[static_cast<size_t>(m) * N + n] = from_float<T>(acc[i]);
-    } else {
-      partial[(static_cast<size_t>(blockIdx.z) * M + m) * N + n] = acc[i];
-    }
-  }
-#else
-  __trap();
-#endif
-}
-
-// Splits of K for an [M, N] product in CTAs of 128 rows of x by `blocks` blocks of W, `slots` CTAs
-// resident on the card at once: as many as fill the slots once, each split at least 8 chunks.
-int gemm_splits(int64_t M, int64_t N, int64_t K, int blocks, int64_t slots) {
-  const int64_t ctas = ((M + 127) / 128) * ((N / kRows + blocks - 1) / blocks);
-  const int64_t most = std::max<int64_t>(1, K / kChunk / 8);
-  return static_cast<int>(std::clamp<int64_t>(slots / ctas, 1, most));
-}
-
-// y = the sum of partial [splits, M * N] over the splits, in float, rounded once; four outputs a thread.
-template <typename T>
-__global__ void sum_splits_kernel(const float4* __restrict__ partial, T* __restrict__ y, int splits, int64_t quads) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= quads) return;
-  float4 total = partial[i];
-  for (int z = 1; z < splits; ++z) {
-    const float4 v = partial[z * quads + i];
-    total.x += v.x, total.y += v.y, total.z += v.z, total.w += v.w;
-  }
-  y[4 * i] = from_float<T>(total.x), y[4 * i + 1] = from_float<T>(total.y);
-  y[4 * i + 2] = from_float<T>(total.z), y[4 * i + 3] = from_float<T>(total.w);
-}
-
-template <typename T>
-void launch_split(void (*kernel)(const T*, const int4*, const uint32_t*, T*, float*, int, int, int, int),
-                  const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int splits, int blocks,
-                  int threads, int smem) {
-  const int M = x.size(0), K = x.size(1), N = w.size(0);
-  const int chunks = K / kChunk;
-  const int per_split = (chunks + splits - 1) / splits;
-  splits = (chunks + per_split - 1) / per_split;  // no split left empty
-  at::Tensor partial;
-  if (splits > 1) partial = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
-  const dim3 grid((M + 127) / 128, (N / kRows + blocks - 1) / blocks, splits);
-  C10_CUDA_CHECK(launch_programmatic(kernel, grid, dim3(threads), smem, at::cuda::getCurrentCUDAStream(),
-                                     reinterpret_cast<const T*>(x.data_ptr()),
-                                     reinterpret_cast<const int4*>(w.data_ptr()),
-                                     reinterpret_cast<const uint32_t*>(sz.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),
-                                     splits > 1 ? partial.data_ptr<float>() : nullptr, M, N, K, per_split));
-  if (splits > 1) {
-    const int64_t quads = static_cast<int64_t>(M) * N / 4;  // N is a multiple of 16
-    sum_splits_kernel<T><<<(quads + 255) / 256, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const float4*>(partial.data_ptr<float>()), reinterpret_cast<T*>(y.data_ptr()), splits, quads);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
-template <typename T, int kGroupShift, int kWarpGroups, int kStages>
-void launch_wgmma_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int splits) {
-  using L = WgmmaLayout<kGroupShift, kWarpGroups, kStages>;
-  auto kernel = int4_wgmma_gemm_kernel<T, kGroupShift, kWarpGroups, kStages>;
-  static std::once_flag configured;
-  static int per_sm = 1;  // CTAs an SM holds at once
-  std::call_once(configured, [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes));
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, L::kThreads, L::kBytes));
-    per_sm = std::max(per_sm, 1);
-  });
-  const int64_t units = x.numel() / 8;
-  at::Tensor ordered = at::empty_like(x);
-  x_in_mma_order_kernel<<<(units + 255) / 256, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const uint32_t*>(x.data_ptr()), reinterpret_cast<uint4*>(ordered.data_ptr()), units, x.size(1));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t slots = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  if (splits <= 0) splits = gemm_splits(x.size(0), w.size(0), x.size(1), L::kBlocks, slots);
-  launch_split<T>(kernel, ordered, w, sz, y, splits, L::kBlocks, L::kThreads, L::kBytes);
-}
-
-// The wgmma GEMM for 33 to kWgmmaMaxRows rows on Hopper: two warpgroups a CTA (128 rows of W), a ring of
-// 4 stages (two CTAs an SM by shared memory). Measured against 1 warpgroup and 6 stages, both ways
-// (H200, llama-8b shapes, benchmarks/RESULTS.md), it won or tied on every shape at 128, 512 and 2048 rows.
 template <typename T>
 void run_wgmma_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, at::Tensor& y, int group) {
-  if (group == 32) return launch_wgmma_gemm<T, 5, 2, 4>(x, w, sz, y, 0);
-  if (group == 64) return launch_wgmma_gemm<T, 6, 2, 4>(x, w, sz, y, 0);
-  return launch_wgmma_gemm<T, 7, 2, 4>(x, w, sz, y, 0);
+  if (group == 32) return launch_wgmma_gemm<T, 5>(x, w, sz, y);
+  if (group == 64) return launch_wgmma_gemm<T, 6>(x, w, sz, y);
+  return launch_wgmma_gemm<T, 7>(x, w, sz, y);
 }
 
 // y [M, N] = x @ W^T by slices of W dequantized into a buffer that L2 holds, each through cuBLAS.

@@ -1,0 +1,316 @@
+// A mixed-input GEMM on Hopper's warpgroup tensor cores (sm_90a), y [M, N] = x [M, K] @ W^T, for the
+// prefill of a short prompt (33 to 256 rows): W stays in its quantized layout in memory and is turned
+// into bf16/fp16 in registers, where it is wgmma's A operand; x is B, from shared memory. What the
+// quantized formats differ in (how a chunk of W is copied into shared memory and turned into A
+// fragments, and a scale per output row) is a Weights class that each op's file defines
+// (linear_int4_mma.cu, linear_int8_gemm.cu):
+//
+//   struct Weights {
+//     struct Params;                      // what the kernel reads besides x (pointers, K)
+//     static constexpr int kStageBytes;   // shared memory of one chunk of W's 128 rows (16-byte multiple)
+//     __device__ static void copy(uint8_t* stage, const Params&, int block0, int blocks, int c);
+//         // cp.async the chunk c (64 features) of blocks block0..block0 + 7 into `stage`, every thread
+//     __device__ static void fragments(const uint8_t* stage, const Params&, uint32_t (&a)[4][4]);
+//         // this warp's A fragments of the chunk's four k-steps (warp w: rows 16 w.. of the CTA's 128)
+//     __device__ static float row_scale(const Params&, int n);  // what row n's sum is multiplied by
+//   };
+//
+// wgmma.m64n128k16: a warp's fragment of the 64 rows is the m16n8k16 fragment, and wgmma reads B's 16
+// features of a k-step in the mma's own k order. The layouts read a lane's features contiguously, so
+// each half chunk of 32 features is permuted against that order: x is first rewritten into it
+// (x_in_mma_order_kernel, one pass over x), with the 128-byte swizzle. A CTA multiplies 128 rows of W
+// (two warpgroups, warp w: block w) by 128 rows of x; the copies run kStages - 1 chunks ahead of the
+// multiplies, and each chunk's four wgmma run while the next chunk's weights are turned into bf16/fp16
+// (two register sets by turns). With the next chunk's fragments written while a batch was open, ptxas
+// serialized the wgmma (C7513) and the int4 GEMM ran at ~300 TFLOPS, as an mma.sync form did; written
+// before the fence, 400-430 (H200). Two warpgroups and a ring of 4 stages (two CTAs an SM) won or tied
+// against 1 warpgroup and 6 stages on every llama-8b shape at 128, 512 and 2048 rows (int4, H200,
+// benchmarks/RESULTS.md). K is split over CTAs where they would not fill the resident slots once, and
+// one kernel sums the splits.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "gemv_common.cuh"
+
+namespace oiv2_wgmma {
+
+using oiv2_gemv::from_float;
+using oiv2_gemv::launch_programmatic;
+using oiv2_gemv::wait_for_previous_grid;
+
+constexpr int kBlockRows = 16;                    // W's rows a warp multiplies: a block
+constexpr int kChunk = 64;                        // features of a stage: four k-steps of 16
+constexpr int kXRows = 128;                       // x's rows a CTA multiplies: wgmma's N
+constexpr int kCtaBlocks = 8;                     // W's blocks a CTA multiplies: two warpgroups of 64 rows
+constexpr int kThreads = 128 * kCtaBlocks / 4;    // two warpgroups
+constexpr int kStages = 4;                        // shared-memory slots in the ring
+constexpr int kAhead = kStages - 1;               // chunks the copies run ahead of the multiplies
+constexpr int kXBytes = kXRows * kChunk * 2;      // a slot's x tile: 128 rows of 128 bytes
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define OIV2_HAS_WGMMA 1
+#endif
+
+// cp.async: 16-byte copies from global into shared memory (zero-filled where `valid` is false).
+__device__ __forceinline__ void copy_async16(void* dst, const void* src, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// Shared memory: the x slots first (each on a 1024-byte boundary, the swizzle's period), then W's.
+template <typename Weights>
+struct Layout {
+  static constexpr int kW = kStages * kXBytes;
+  static constexpr int kBytes = kW + kStages * Weights::kStageBytes + 1024;  // + room to align the base
+};
+
+// wgmma.m64n128k16 into the 64 float accumulators d, A from registers a, B by descriptor (scale-d `accumulate`).
+#define OIV2_WGMMA_M64N128K16(TYPE)                                                           \
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"                                   \
+               " wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"                   \
+               "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                  \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "        \
+               "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "        \
+               "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"          \
+               "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}"                                        \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+                 "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+                 "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+                 "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate))
+
+template <typename T>
+struct Wgmma;
+
+template <>
+struct Wgmma<__nv_bfloat16> {
+  __device__ static void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+#ifdef OIV2_HAS_WGMMA
+    OIV2_WGMMA_M64N128K16("bf16");
+#endif
+  }
+};
+
+template <>
+struct Wgmma<__half> {
+  __device__ static void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+#ifdef OIV2_HAS_WGMMA
+    OIV2_WGMMA_M64N128K16("f16");
+#endif
+  }
+};
+
+// The shared-memory descriptor of a K-major tile of 128-byte rows in the 128-byte swizzle (8-row atoms
+// 1024 bytes apart), starting at p.
+__device__ __forceinline__ uint64_t sw128_descriptor(const void* p) {
+  const uint64_t address = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  return ((address & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+// Keeps values in their registers up to this point (the asynchronous wgmma still reads or writes them).
+__device__ __forceinline__ void hold(float (&v)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(v[i])::"memory");
+}
+
+// x [M, K] rewritten so that each k-step's 16 features of a chunk sit in the order of the mma's k index:
+// position 16 s + kappa of chunk c holds feature 64 c + 32 (s >> 1) + 4 (s & 1) + 8 ((kappa >> 1) & 3) +
+// (kappa & 1) + 2 (kappa >> 3). So a lane's A fragment of k-steps 2h and 2h + 1 (h = 0, 1) is features
+// 64 c + 32 h + 8 t .. + 7 of its rows (t = lane % 4): four in step 2h, four in step 2h + 1. One thread a
+// 16-byte unit of the output: four 4-byte pairs of x.
+__global__ void x_in_mma_order_kernel(const uint32_t* __restrict__ x, uint4* __restrict__ out, int64_t units, int K) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= units) return;
+  const int per_row = K / 8;
+  const int64_t row = i / per_row;
+  const int unit = static_cast<int>(i % per_row), c = unit >> 3, u = unit & 7, s = u >> 1;
+  const uint32_t* src = x + row * (K / 2) + (c * kChunk + 32 * (s >> 1) + 4 * (s & 1) + 2 * (u & 1)) / 2;
+  out[i] = make_uint4(__ldg(src), __ldg(src + 4), __ldg(src + 8), __ldg(src + 12));
+}
+
+// Chunk c of x's rows m0.. into an x slot, in the 128-byte swizzle (rows past M read row M - 1 and are
+// never stored).
+template <typename T>
+__device__ __forceinline__ void copy_x_chunk(uint8_t* xs, const T* x, int M, int K, int m0, int c) {
+  for (int i = threadIdx.x; i < kXRows * 8; i += kThreads) {
+    const int r = i >> 3, u = i & 7, m = m0 + r;
+    copy_async16(xs + r * 128 + ((u ^ (r & 7)) << 4), x + static_cast<size_t>(min(m, M - 1)) * K + c * kChunk + u * 8,
+                 m < M);
+  }
+}
+
+template <typename T, typename Weights>
+__device__ __forceinline__ void copy_chunk(uint8_t* base, int slot, const T* x, const typename Weights::Params& p,
+                                           int M, int K, int m0, int block0, int blocks, int c) {
+  copy_x_chunk<T>(base + slot * kXBytes, x, M, K, m0, c);
+  Weights::copy(base + Layout<Weights>::kW + slot * Weights::kStageBytes, p, block0, blocks, c);
+}
+
+// Chunk s of a CTA's run: start its four wgmma on the fragments `a`; while they run, wait for chunk
+// s + 1's copies, start the copies kAhead chunks ahead (into the slot of chunk s - 1, done) and turn
+// chunk s + 1's weights into `next`; then wait for the wgmma. All of a wgmma's register inputs are set
+// before the fence that opens its batch, so ptxas keeps the batch asynchronous.
+template <typename T, typename Weights>
+__device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, const T* x,
+                                            const typename Weights::Params& p, int M, int K, int m0, int block0,
+                                            int blocks, int c0, float (&acc)[64], uint32_t (&a)[4][4],
+                                            uint32_t (&next)[4][4]) {
+  uint64_t desc[4];  // + 32 bytes a k-step
+#pragma unroll
+  for (int q = 0; q < 4; ++q) desc[q] = sw128_descriptor(base + (s % kStages) * kXBytes + 32 * q);
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+  for (int q = 0; q < 4; ++q) Wgmma<T>::run(acc, a[q], desc[q], 1);
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  if (s + 1 < steps) {
+    copy_async_wait<kAhead - 2>();
+    __syncthreads();  // chunk s + 1 is in; every warpgroup is done with chunk s - 1, whose slot the copy takes
+    if (s + kAhead < steps) {
+      copy_chunk<T, Weights>(base, (s + kAhead) % kStages, x, p, M, K, m0, block0, blocks, c0 + s + kAhead);
+    }
+    copy_async_commit();
+    Weights::fragments(base + Layout<Weights>::kW + ((s + 1) % kStages) * Weights::kStageBytes, p, next);
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+
+// Grid (row tiles of x, CTAs of W's rows, splits of K); each split takes chunks_per_split chunks. With one
+// split the CTA writes y; with more, partial [splits, M, N] in float. x in the mma's order
+// (x_in_mma_order_kernel).
+template <typename T, typename Weights>
+__global__ void __launch_bounds__(kThreads, 1)
+    wgmma_gemm_kernel(const T* __restrict__ x, const typename Weights::Params p, T* __restrict__ y,
+                      float* __restrict__ partial, int M, int N, int K, int chunks_per_split) {
+#ifdef OIV2_HAS_WGMMA
+  extern __shared__ uint8_t wgmma_smem[];
+  uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(wgmma_smem) + 1023) & ~uintptr_t{1023});
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * kXRows, block0 = blockIdx.y * kCtaBlocks, blocks = N / kBlockRows;
+  const int c0 = blockIdx.z * chunks_per_split;
+  const int steps = min(K / kChunk - c0, chunks_per_split);
+
+  wait_for_previous_grid();
+#pragma unroll
+  for (int s = 0; s < kAhead; ++s) {
+    if (s < steps) copy_chunk<T, Weights>(base, s, x, p, M, K, m0, block0, blocks, c0 + s);
+    copy_async_commit();
+  }
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  uint32_t a0[4][4], a1[4][4];  // the A fragments of a chunk's four k-steps, two sets by turns
+  if (steps > 0) {
+    copy_async_wait<kAhead - 1>();
+    __syncthreads();
+    Weights::fragments(base + Layout<Weights>::kW, p, a0);
+  }
+  for (int s = 0; s < steps; s += 2) {
+    wgmma_chunk<T, Weights>(base, s, steps, x, p, M, K, m0, block0, blocks, c0, acc, a0, a1);
+    if (s + 1 < steps) wgmma_chunk<T, Weights>(base, s + 1, steps, x, p, M, K, m0, block0, blocks, c0, acc, a1, a0);
+  }
+  hold(acc);
+  copy_async_wait<0>();
+
+  // acc[i]: row 16 (block0 + warp) + g + 8 ((i >> 1) & 1) of W, row m0 + 8 (i >> 2) + 2 t + (i & 1) of x.
+#pragma unroll
+  for (int hi = 0; hi < 2; ++hi) {
+    const int n = (block0 + warp) * kBlockRows + g + 8 * hi;
+    if (n >= N) continue;
+    const float scale = Weights::row_scale(p, n);
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int i = 4 * (j >> 1) + 2 * hi + (j & 1);
+      const int m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
+      if (m >= M) continue;
+      if (partial == nullptr) {
+        y[static_cast<size_t>(m) * N + n] = from_float<T>(acc[i] * scale);
+      } else {
+        partial[(static_cast<size_t>(blockIdx.z) * M + m) * N + n] = acc[i] * scale;
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+// Splits of K for an [M, N] product in CTAs of 128 rows of x by kCtaBlocks blocks of W, `slots` CTAs
+// resident on the card at once: as many as fill the slots once, each split at least 8 chunks.
+inline int gemm_splits(int64_t M, int64_t N, int64_t K, int64_t slots) {
+  const int64_t ctas = ((M + kXRows - 1) / kXRows) * ((N / kBlockRows + kCtaBlocks - 1) / kCtaBlocks);
+  const int64_t most = std::max<int64_t>(1, K / kChunk / 8);
+  return static_cast<int>(std::clamp<int64_t>(slots / ctas, 1, most));
+}
+
+// y = the sum of partial [splits, M * N] over the splits, in float, rounded once; four outputs a thread.
+template <typename T>
+__global__ void sum_splits_kernel(const float4* __restrict__ partial, T* __restrict__ y, int splits, int64_t quads) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= quads) return;
+  float4 total = partial[i];
+  for (int z = 1; z < splits; ++z) {
+    const float4 v = partial[z * quads + i];
+    total.x += v.x, total.y += v.y, total.z += v.z, total.w += v.w;
+  }
+  y[4 * i] = from_float<T>(total.x), y[4 * i + 1] = from_float<T>(total.y);
+  y[4 * i + 2] = from_float<T>(total.z), y[4 * i + 3] = from_float<T>(total.w);
+}
+
+// y [M, N] = x [M, K] @ W^T on a Hopper card, x contiguous and 16-byte aligned, N a multiple of 16, K of
+// 64. `splits` <= 0: as gemm_splits says.
+template <typename T, typename Weights>
+void run_wgmma_gemm(const at::Tensor& x, const typename Weights::Params& p, int64_t N, at::Tensor& y,
+                    int splits = 0) {
+  auto kernel = wgmma_gemm_kernel<T, Weights>;
+  constexpr int kBytes = Layout<Weights>::kBytes;
+  static std::once_flag configured;
+  static int per_sm = 1;  // CTAs an SM holds at once
+  std::call_once(configured, [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kBytes));
+    per_sm = std::max(per_sm, 1);
+  });
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int M = x.size(0), K = x.size(1);
+  const int64_t units = x.numel() / 8;
+  at::Tensor ordered = at::empty_like(x);
+  x_in_mma_order_kernel<<<(units + 255) / 256, 256, 0, stream>>>(
+      reinterpret_cast<const uint32_t*>(x.data_ptr()), reinterpret_cast<uint4*>(ordered.data_ptr()), units, K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t slots = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (splits <= 0) splits = gemm_splits(M, N, K, slots);
+  const int chunks = K / kChunk;
+  const int per_split = (chunks + splits - 1) / splits;
+  splits = (chunks + per_split - 1) / per_split;  // no split left empty
+  at::Tensor partial;
+  if (splits > 1) partial = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+  const dim3 grid((M + kXRows - 1) / kXRows, (N / kBlockRows + kCtaBlocks - 1) / kCtaBlocks, splits);
+  C10_CUDA_CHECK(launch_programmatic(kernel, grid, dim3(kThreads), kBytes, stream,
+                                     reinterpret_cast<const T*>(ordered.data_ptr()), p,
+                                     reinterpret_cast<T*>(y.data_ptr()),
+                                     splits > 1 ? partial.data_ptr<float>() : nullptr, M, static_cast<int>(N), K,
+                                     per_split));
+  if (splits > 1) {
+    const int64_t quads = static_cast<int64_t>(M) * N / 4;  // N is a multiple of 16
+    sum_splits_kernel<T><<<(quads + 255) / 256, 256, 0, stream>>>(
+        reinterpret_cast<const float4*>(partial.data_ptr<float>()), reinterpret_cast<T*>(y.data_ptr()), splits, quads);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace oiv2_wgmma
