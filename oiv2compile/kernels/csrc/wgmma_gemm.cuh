@@ -188,10 +188,39 @@ __device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, con
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 }
 
+// The same with one batch kept in flight: start chunk s's four wgmma, then wait only for chunk s - 1's
+// (whose fragments `next` held and whose slot the copy takes), so the tensor cores always have the next
+// batch queued while the warpgroup waits for copies and turns chunk s + 1's weights into `next`.
+template <typename T, typename Weights>
+__device__ __forceinline__ void wgmma_chunk_in_flight(uint8_t* base, int s, int steps, const T* x,
+                                                      const typename Weights::Params& p, int M, int K, int m0,
+                                                      int block0, int blocks, int c0, float (&acc)[64],
+                                                      uint32_t (&a)[4][4], uint32_t (&next)[4][4]) {
+  uint64_t desc[4];  // + 32 bytes a k-step
+#pragma unroll
+  for (int q = 0; q < 4; ++q) desc[q] = sw128_descriptor(base + (s % kStages) * kXBytes + 32 * q);
+  hold(acc);
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+  for (int q = 0; q < 4; ++q) Wgmma<T>::run(acc, a[q], desc[q], 1);
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+  hold(acc);
+  if (s + 1 < steps) {
+    copy_async_wait<kAhead - 2>();
+    __syncthreads();  // chunk s + 1 is in; every warpgroup is done with chunk s - 1, whose slot the copy takes
+    if (s + kAhead < steps) {
+      copy_chunk<T, Weights>(base, (s + kAhead) % kStages, x, p, M, K, m0, block0, blocks, c0 + s + kAhead);
+    }
+    copy_async_commit();
+    Weights::fragments(base + Layout<Weights>::kW + ((s + 1) % kStages) * Weights::kStageBytes, p, next);
+  }
+}
+
 // Grid (row tiles of x, CTAs of W's rows, splits of K); each split takes chunks_per_split chunks. With one
 // split the CTA writes y; with more, partial [splits, M, N] in float. x in the mma's order
 // (x_in_mma_order_kernel).
-template <typename T, typename Weights>
+template <typename T, typename Weights, bool kInFlight>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_gemm_kernel(const T* __restrict__ x, const typename Weights::Params p, T* __restrict__ y,
                       float* __restrict__ partial, int M, int N, int K, int chunks_per_split) {
@@ -220,9 +249,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     Weights::fragments(base + Layout<Weights>::kW, p, a0);
   }
   for (int s = 0; s < steps; s += 2) {
-    wgmma_chunk<T, Weights>(base, s, steps, x, p, M, K, m0, block0, blocks, c0, acc, a0, a1);
-    if (s + 1 < steps) wgmma_chunk<T, Weights>(base, s + 1, steps, x, p, M, K, m0, block0, blocks, c0, acc, a1, a0);
+    if constexpr (kInFlight) {
+      wgmma_chunk_in_flight<T, Weights>(base, s, steps, x, p, M, K, m0, block0, blocks, c0, acc, a0, a1);
+      if (s + 1 < steps) {
+        wgmma_chunk_in_flight<T, Weights>(base, s + 1, steps, x, p, M, K, m0, block0, blocks, c0, acc, a1, a0);
+      }
+    } else {
+      wgmma_chunk<T, Weights>(base, s, steps, x, p, M, K, m0, block0, blocks, c0, acc, a0, a1);
+      if (s + 1 < steps) wgmma_chunk<T, Weights>(base, s + 1, steps, x, p, M, K, m0, block0, blocks, c0, acc, a1, a0);
+    }
   }
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
   hold(acc);
   copy_async_wait<0>();
 
@@ -273,10 +310,10 @@ __global__ void sum_splits_kernel(const float4* __restrict__ partial, T* __restr
 
 // y [M, N] = x [M, K] @ W^T on a Hopper card, x contiguous and 16-byte aligned, N a multiple of 16, K of
 // 64. `splits` <= 0: as gemm_splits says.
-template <typename T, typename Weights>
+template <typename T, typename Weights, bool kInFlight = false>
 void run_wgmma_gemm(const at::Tensor& x, const typename Weights::Params& p, int64_t N, at::Tensor& y,
                     int splits = 0) {
-  auto kernel = wgmma_gemm_kernel<T, Weights>;
+  auto kernel = wgmma_gemm_kernel<T, Weights, kInFlight>;
   constexpr int kBytes = Layout<Weights>::kBytes;
   static std::once_flag configured;
   static int per_sm = 1;  // CTAs an SM holds at once
@@ -287,11 +324,14 @@ void run_wgmma_gemm(const at::Tensor& x, const typename Weights::Params& p, int6
   });
   auto stream = at::cuda::getCurrentCUDAStream();
   const int M = x.size(0), K = x.size(1);
-  const int64_t units = x.numel() / 8;
-  at::Tensor ordered = at::empty_like(x);
-  x_in_mma_order_kernel<<<(units + 255) / 256, 256, 0, stream>>>(
-      reinterpret_cast<const uint32_t*>(x.data_ptr()), reinterpret_cast<uint4*>(ordered.data_ptr()), units, K);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor ordered = x;
+  if constexpr (Weights::kXInMmaOrder) {
+    const int64_t units = x.numel() / 8;
+    ordered = at::empty_like(x);
+    x_in_mma_order_kernel<<<(units + 255) / 256, 256, 0, stream>>>(
+        reinterpret_cast<const uint32_t*>(x.data_ptr()), reinterpret_cast<uint4*>(ordered.data_ptr()), units, K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   const int64_t slots = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (splits <= 0) splits = gemm_splits(M, N, K, slots);
   const int chunks = K / kChunk;
