@@ -46,9 +46,15 @@ using oiv2_gemv::wait_for_previous_grid;
 constexpr int kBlockRows = 16;                    // W's rows a warp multiplies: a block
 constexpr int kChunk = 64;                        // features of a stage: four k-steps of 16
 constexpr int kXRows = 128;                       // x's rows a CTA multiplies: wgmma's N
-constexpr int kCtaBlocks = 8;                     // W's blocks a CTA multiplies: two warpgroups of 64 rows
+#ifndef OIV2_WGMMA_CTA_BLOCKS
+#define OIV2_WGMMA_CTA_BLOCKS 8
+#endif
+#ifndef OIV2_WGMMA_STAGES
+#define OIV2_WGMMA_STAGES 4
+#endif
+constexpr int kCtaBlocks = OIV2_WGMMA_CTA_BLOCKS;  // W's blocks a CTA multiplies: two warpgroups of 64 rows
 constexpr int kThreads = 128 * kCtaBlocks / 4;    // two warpgroups
-constexpr int kStages = 4;                        // shared-memory slots in the ring
+constexpr int kStages = OIV2_WGMMA_STAGES;        // shared-memory slots in the ring
 constexpr int kAhead = kStages - 1;               // chunks the copies run ahead of the multiplies
 constexpr int kXBytes = kXRows * kChunk * 2;      // a slot's x tile: 128 rows of 128 bytes
 
