@@ -789,23 +789,32 @@ struct Int4Weights {
   static constexpr int kWBytes = oiv2_wgmma::kCtaBlocks * 32 * 16;
   static constexpr int kStageBytes = kWBytes + oiv2_wgmma::kCtaBlocks * kGroups * kRows * 4;
 
-  __device__ static void copy(uint8_t* stage, const Params& p, int block0, int blocks, int c) {
-    using oiv2_wgmma::copy_async16;
-    const int chunks = p.K / kChunk;
-    for (int i = threadIdx.x; i < oiv2_wgmma::kCtaBlocks * 32; i += oiv2_wgmma::kThreads) {
-      const int b = block0 + (i >> 5);
-      copy_async16(stage + i * 16, p.w + (static_cast<size_t>(min(b, blocks - 1)) * chunks + c) * 32 + (i & 31),
-                   b < blocks);
+  // A thread's copies of a chunk: 16 bytes of one block's words, and (the first kCtaBlocks * 4 * kGroups
+  // threads) 16 bytes of a block's (scale, zero) pairs.
+  struct Copier {
+    const int4* w;
+    const uint32_t* scale_zero;
+    bool w_valid, sz_valid, copies_sz;
+
+    __device__ Copier(const Params& p, int block0, int blocks) {
+      static_assert(oiv2_wgmma::kCtaBlocks * 32 == oiv2_wgmma::kThreads, "one 16-byte copy of W a thread");
+      constexpr int kUnits = kGroups * 4;
+      const int b = block0 + (threadIdx.x >> 5), bs = block0 + threadIdx.x / kUnits;
+      w = p.w + static_cast<size_t>(min(b, blocks - 1)) * (p.K / kChunk) * 32 + (threadIdx.x & 31);
+      w_valid = b < blocks;
+      copies_sz = threadIdx.x < oiv2_wgmma::kCtaBlocks * kUnits;
+      scale_zero = p.scale_zero + static_cast<size_t>(min(bs, blocks - 1)) * (p.K >> kGroupShift) * kRows +
+                   (threadIdx.x % kUnits) * 4;
+      sz_valid = bs < blocks;
     }
-    constexpr int kUnits = kGroups * 4;
-    if (threadIdx.x < oiv2_wgmma::kCtaBlocks * kUnits) {
-      const int b = block0 + threadIdx.x / kUnits, u = threadIdx.x % kUnits;
-      const size_t group = (c * kChunk) >> kGroupShift;
-      const uint32_t* src =
-          p.scale_zero + (static_cast<size_t>(min(b, blocks - 1)) * (p.K >> kGroupShift) + group) * kRows;
-      copy_async16(stage + kWBytes + threadIdx.x * 16, src + u * 4, b < blocks);
+    __device__ void copy(uint8_t* stage, int c) const {
+      oiv2_wgmma::copy_async16(stage + threadIdx.x * 16, w + c * 32, w_valid);
+      if (copies_sz) {
+        oiv2_wgmma::copy_async16(stage + kWBytes + threadIdx.x * 16, scale_zero + ((c * kChunk) >> kGroupShift) * kRows,
+                                 sz_valid);
+      }
     }
-  }
+  };
 
   __device__ static void fragments(const uint8_t* stage, const Params&, uint32_t (&a)[4][4]) {
     const uint32_t mask = in_register(0x000F000Fu), magic = in_register(Mma<T>::kMagic);

@@ -77,15 +77,31 @@ struct Int8Weights {
     return kNatural ? (unit ^ ((r >> 1) & 3)) << 4 : (unit ^ (((r >> 1) & 1) << 1)) << 4;
   }
 
-  __device__ static void copy(uint8_t* stage, const Params& p, int block0, int blocks, int c) {
-    constexpr int kRows = oiv2_wgmma::kCtaBlocks * oiv2_wgmma::kBlockRows;
-    const int N = blocks * oiv2_wgmma::kBlockRows;
-    for (int i = threadIdx.x; i < kRows * 4; i += oiv2_wgmma::kThreads) {
-      const int r = i >> 2, unit = i & 3, n = block0 * oiv2_wgmma::kBlockRows + r;
-      oiv2_wgmma::copy_async16(stage + r * kRowBytes + unit_at(r, unit),
-                               p.w + static_cast<size_t>(min(n, N - 1)) * p.K + c * kRowBytes + 16 * unit, n < N);
+  // A thread's copies of a chunk: 16-byte units of kCopies rows, kThreads / 4 rows apart.
+  struct Copier {
+    static constexpr int kCopies = oiv2_wgmma::kCtaBlocks * oiv2_wgmma::kBlockRows * 4 / oiv2_wgmma::kThreads;
+    static constexpr int kRowStep = oiv2_wgmma::kThreads / 4;  // a multiple of 8: the same swizzle each copy
+    const int8_t* src[kCopies];
+    uint32_t valid = 0;
+    int dst;
+
+    __device__ Copier(const Params& p, int block0, int blocks) {
+      const int r = threadIdx.x >> 2, unit = threadIdx.x & 3, N = blocks * oiv2_wgmma::kBlockRows;
+      dst = r * kRowBytes + unit_at(r, unit);
+#pragma unroll
+      for (int j = 0; j < kCopies; ++j) {
+        const int n = block0 * oiv2_wgmma::kBlockRows + r + j * kRowStep;
+        src[j] = p.w + static_cast<size_t>(min(n, N - 1)) * p.K + 16 * unit;
+        valid |= static_cast<uint32_t>(n < N) << j;
+      }
     }
-  }
+    __device__ void copy(uint8_t* stage, int c) const {
+#pragma unroll
+      for (int j = 0; j < kCopies; ++j) {
+        oiv2_wgmma::copy_async16(stage + dst + j * kRowStep * kRowBytes, src[j] + c * kRowBytes, (valid >> j) & 1);
+      }
+    }
+  };
 
   __device__ static void fragments(const uint8_t* stage, const Params&, uint32_t (&a)[4][4]) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;

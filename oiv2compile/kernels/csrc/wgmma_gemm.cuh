@@ -8,8 +8,11 @@
 //   struct Weights {
 //     struct Params;                      // what the kernel reads besides x (pointers, K)
 //     static constexpr int kStageBytes;   // shared memory of one chunk of W's 128 rows (16-byte multiple)
-//     __device__ static void copy(uint8_t* stage, const Params&, int block0, int blocks, int c);
-//         // cp.async the chunk c (64 features) of blocks block0..block0 + 7 into `stage`, every thread
+//     static constexpr bool kXInMmaOrder; // whether x is read in the mma's k order (below) or as it is
+//     struct Copier {                     // a thread's share of the copies, worked out once
+//       __device__ Copier(const Params&, int block0, int blocks);
+//       __device__ void copy(uint8_t* stage, int c) const;  // cp.async chunk c (64 features) of the
+//     };                                  // CTA's blocks block0.. into `stage`
 //     __device__ static void fragments(const uint8_t* stage, const Params&, uint32_t (&a)[4][4]);
 //         // this warp's A fragments of the chunk's four k-steps (warp w: rows 16 w.. of the CTA's 128)
 //     __device__ static float row_scale(const Params&, int n);  // what row n's sum is multiplied by
@@ -148,22 +151,38 @@ __global__ void x_in_mma_order_kernel(const uint32_t* __restrict__ x, uint4* __r
   out[i] = make_uint4(__ldg(src), __ldg(src + 4), __ldg(src + 8), __ldg(src + 12));
 }
 
-// Chunk c of x's rows m0.. into an x slot, in the 128-byte swizzle (rows past M read row M - 1 and are
-// never stored).
+// The copies of x's chunks one thread makes: its share of a chunk's 128 rows x 8 16-byte units, into an x
+// slot in the 128-byte swizzle (rows past M read row M - 1 and are never stored). The row pointers and the
+// shared-memory offset are worked out once, so a chunk's copies cost an add and a cp.async each.
 template <typename T>
-__device__ __forceinline__ void copy_x_chunk(uint8_t* xs, const T* x, int M, int K, int m0, int c) {
-  for (int i = threadIdx.x; i < kXRows * 8; i += kThreads) {
-    const int r = i >> 3, u = i & 7, m = m0 + r;
-    copy_async16(xs + r * 128 + ((u ^ (r & 7)) << 4), x + static_cast<size_t>(min(m, M - 1)) * K + c * kChunk + u * 8,
-                 m < M);
+struct XCopier {
+  static constexpr int kCopies = kXRows * 8 / kThreads;
+  static constexpr int kRowStep = kThreads / 8;  // rows between a thread's copies (a multiple of 8)
+  const T* src[kCopies];
+  uint32_t valid = 0;  // bit j: copy j's row is in x
+  int dst;
+
+  __device__ XCopier(const T* x, int M, int K, int m0) {
+    const int r = threadIdx.x >> 3, u = threadIdx.x & 7;
+    dst = r * 128 + ((u ^ (r & 7)) << 4);
+#pragma unroll
+    for (int j = 0; j < kCopies; ++j) {
+      const int m = m0 + r + j * kRowStep;
+      src[j] = x + static_cast<size_t>(min(m, M - 1)) * K + u * 8;
+      valid |= static_cast<uint32_t>(m < M) << j;
+    }
   }
-}
+  __device__ void copy(uint8_t* slot, int c) const {
+#pragma unroll
+    for (int j = 0; j < kCopies; ++j) copy_async16(slot + dst + j * kRowStep * 128, src[j] + c * kChunk, (valid >> j) & 1);
+  }
+};
 
 template <typename T, typename Weights>
-__device__ __forceinline__ void copy_chunk(uint8_t* base, int slot, const T* x, const typename Weights::Params& p,
-                                           int M, int K, int m0, int block0, int blocks, int c) {
-  copy_x_chunk<T>(base + slot * kXBytes, x, M, K, m0, c);
-  Weights::copy(base + Layout<Weights>::kW + slot * Weights::kStageBytes, p, block0, blocks, c);
+__device__ __forceinline__ void copy_chunk(uint8_t* base, int slot, const XCopier<T>& xc,
+                                           const typename Weights::Copier& wc, int c) {
+  xc.copy(base + slot * kXBytes, c);
+  wc.copy(base + Layout<Weights>::kW + slot * Weights::kStageBytes, c);
 }
 
 // Chunk s of a CTA's run: start its four wgmma on the fragments `a`; while they run, wait for chunk
@@ -171,10 +190,9 @@ __device__ __forceinline__ void copy_chunk(uint8_t* base, int slot, const T* x, 
 // chunk s + 1's weights into `next`; then wait for the wgmma. All of a wgmma's register inputs are set
 // before the fence that opens its batch, so ptxas keeps the batch asynchronous.
 template <typename T, typename Weights>
-__device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, const T* x,
-                                            const typename Weights::Params& p, int M, int K, int m0, int block0,
-                                            int blocks, int c0, float (&acc)[64], uint32_t (&a)[4][4],
-                                            uint32_t (&next)[4][4]) {
+__device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, const XCopier<T>& xc,
+                                            const typename Weights::Copier& wc, const typename Weights::Params& p,
+                                            int c0, float (&acc)[64], uint32_t (&a)[4][4], uint32_t (&next)[4][4]) {
   uint64_t desc[4];  // + 32 bytes a k-step
 #pragma unroll
   for (int q = 0; q < 4; ++q) desc[q] = sw128_descriptor(base + (s % kStages) * kXBytes + 32 * q);
@@ -186,7 +204,7 @@ __device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, con
     copy_async_wait<kAhead - 2>();
     __syncthreads();  // chunk s + 1 is in; every warpgroup is done with chunk s - 1, whose slot the copy takes
     if (s + kAhead < steps) {
-      copy_chunk<T, Weights>(base, (s + kAhead) % kStages, x, p, M, K, m0, block0, blocks, c0 + s + kAhead);
+      copy_chunk<T, Weights>(base, (s + kAhead) % kStages, xc, wc, c0 + s + kAhead);
     }
     copy_async_commit();
     Weights::fragments(base + Layout<Weights>::kW + ((s + 1) % kStages) * Weights::kStageBytes, p, next);
@@ -194,39 +212,10 @@ __device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, con
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 }
 
-// The same with one batch kept in flight: start chunk s's four wgmma, then wait only for chunk s - 1's
-// (whose fragments `next` held and whose slot the copy takes), so the tensor cores always have the next
-// batch queued while the warpgroup waits for copies and turns chunk s + 1's weights into `next`.
-template <typename T, typename Weights>
-__device__ __forceinline__ void wgmma_chunk_in_flight(uint8_t* base, int s, int steps, const T* x,
-                                                      const typename Weights::Params& p, int M, int K, int m0,
-                                                      int block0, int blocks, int c0, float (&acc)[64],
-                                                      uint32_t (&a)[4][4], uint32_t (&next)[4][4]) {
-  uint64_t desc[4];  // + 32 bytes a k-step
-#pragma unroll
-  for (int q = 0; q < 4; ++q) desc[q] = sw128_descriptor(base + (s % kStages) * kXBytes + 32 * q);
-  hold(acc);
-  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-#pragma unroll
-  for (int q = 0; q < 4; ++q) Wgmma<T>::run(acc, a[q], desc[q], 1);
-  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-  asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-  hold(acc);
-  if (s + 1 < steps) {
-    copy_async_wait<kAhead - 2>();
-    __syncthreads();  // chunk s + 1 is in; every warpgroup is done with chunk s - 1, whose slot the copy takes
-    if (s + kAhead < steps) {
-      copy_chunk<T, Weights>(base, (s + kAhead) % kStages, x, p, M, K, m0, block0, blocks, c0 + s + kAhead);
-    }
-    copy_async_commit();
-    Weights::fragments(base + Layout<Weights>::kW + ((s + 1) % kStages) * Weights::kStageBytes, p, next);
-  }
-}
-
 // Grid (row tiles of x, CTAs of W's rows, splits of K); each split takes chunks_per_split chunks. With one
 // split the CTA writes y; with more, partial [splits, M, N] in float. x in the mma's order
 // (x_in_mma_order_kernel).
-template <typename T, typename Weights, bool kInFlight>
+template <typename T, typename Weights>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_gemm_kernel(const T* __restrict__ x, const typename Weights::Params p, T* __restrict__ y,
                       float* __restrict__ partial, int M, int N, int K, int chunks_per_split) {
@@ -239,10 +228,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int c0 = blockIdx.z * chunks_per_split;
   const int steps = min(K / kChunk - c0, chunks_per_split);
 
+  const XCopier<T> xc(x, M, K, m0);
+  const typename Weights::Copier wc(p, block0, blocks);
   wait_for_previous_grid();
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
-    if (s < steps) copy_chunk<T, Weights>(base, s, x, p, M, K, m0, block0, blocks, c0 + s);
+    if (s < steps) copy_chunk<T, Weights>(base, s, xc, wc, c0 + s);
     copy_async_commit();
   }
   float acc[64];
@@ -255,17 +246,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     Weights::fragments(base + Layout<Weights>::kW, p, a0);
   }
   for (int s = 0; s < steps; s += 2) {
-    if constexpr (kInFlight) {
-      wgmma_chunk_in_flight<T, Weights>(base, s, steps, x, p, M, K, m0, block0, blocks, c0, acc, a0, a1);
-      if (s + 1 < steps) {
-        wgmma_chunk_in_flight<T, Weights>(base, s + 1, steps, x, p, M, K, m0, block0, blocks, c0, acc, a1, a0);
-      }
-    } else {
-      wgmma_chunk<T, Weights>(base, s, steps, x, p, M, K, m0, block0, blocks, c0, acc, a0, a1);
-      if (s + 1 < steps) wgmma_chunk<T, Weights>(base, s + 1, steps, x, p, M, K, m0, block0, blocks, c0, acc, a1, a0);
-    }
+    wgmma_chunk<T, Weights>(base, s, steps, xc, wc, p, c0, acc, a0, a1);
+    if (s + 1 < steps) wgmma_chunk<T, Weights>(base, s + 1, steps, xc, wc, p, c0, acc, a1, a0);
   }
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
   hold(acc);
   copy_async_wait<0>();
 
@@ -316,10 +299,10 @@ __global__ void sum_splits_kernel(const float4* __restrict__ partial, T* __restr
 
 // y [M, N] = x [M, K] @ W^T on a Hopper card, x contiguous and 16-byte aligned, N a multiple of 16, K of
 // 64. `splits` <= 0: as gemm_splits says.
-template <typename T, typename Weights, bool kInFlight = false>
+template <typename T, typename Weights>
 void run_wgmma_gemm(const at::Tensor& x, const typename Weights::Params& p, int64_t N, at::Tensor& y,
                     int splits = 0) {
-  auto kernel = wgmma_gemm_kernel<T, Weights, kInFlight>;
+  auto kernel = wgmma_gemm_kernel<T, Weights>;
   constexpr int kBytes = Layout<Weights>::kBytes;
   static std::once_flag configured;
   static int per_sm = 1;  // CTAs an SM holds at once
