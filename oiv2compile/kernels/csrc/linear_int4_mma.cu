@@ -784,7 +784,6 @@ struct Int4Weights {
     const uint32_t* scale_zero;
     int K;
   };
-  static constexpr bool kXInMmaOrder = true;  // the layout packs a lane's 8 contiguous features a half chunk
   static constexpr int kGroups = kGroupShift == 5 ? 2 : 1;  // groups a chunk touches
   static constexpr int kWBytes = oiv2_wgmma::kCtaBlocks * 32 * 16;
   static constexpr int kStageBytes = kWBytes + oiv2_wgmma::kCtaBlocks * kGroups * kRows * 4;

@@ -59,12 +59,8 @@ __device__ __forceinline__ void int8_pairs<__half>(uint32_t word, uint32_t& low,
   high = *reinterpret_cast<const uint32_t*>(&hf);
 }
 
-template <typename T, bool kNatural>
+template <typename T>
 struct Int8Weights {
-  // kNatural: x as it is, each k-step 16 contiguous features; a lane's bytes 2t, 2t + 1, 2t + 8, 2t + 9 of
-  // a row's step come from two 4-byte loads and one PRMT, and the units of row r sit at unit ^ ((r >> 1) & 3).
-  // Otherwise x in the mma's order and one 8-byte load a row and half chunk (above).
-  static constexpr bool kXInMmaOrder = !kNatural;
   struct Params {
     const int8_t* w;
     const T* scales;
@@ -73,9 +69,7 @@ struct Int8Weights {
   static constexpr int kRowBytes = oiv2_wgmma::kChunk;  // a row's bytes of a chunk
   static constexpr int kStageBytes = oiv2_wgmma::kCtaBlocks * oiv2_wgmma::kBlockRows * kRowBytes;
 
-  __device__ static int unit_at(int r, int unit) {
-    return kNatural ? (unit ^ ((r >> 1) & 3)) << 4 : (unit ^ (((r >> 1) & 1) << 1)) << 4;
-  }
+  __device__ static int unit_at(int r, int unit) { return (unit ^ (((r >> 1) & 1) << 1)) << 4; }
 
   // A thread's copies of a chunk: 16-byte units of kCopies rows, kThreads / 4 rows apart.
   struct Copier {
@@ -108,23 +102,12 @@ struct Int8Weights {
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const int r = warp * oiv2_wgmma::kBlockRows + g + 8 * hi;
-      if constexpr (kNatural) {
-        const uint32_t select = (t & 1) ? 0x7632 : 0x5410;
 #pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          const uint8_t* unit = stage + r * kRowBytes + unit_at(r, s) + 4 * (t >> 1);
-          const uint32_t word = __byte_perm(*reinterpret_cast<const uint32_t*>(unit),
-                                            *reinterpret_cast<const uint32_t*>(unit + 8), select);
-          int8_pairs<T>(word, a[s][hi], a[s][2 + hi]);
-        }
-      } else {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint2 v =
-              *reinterpret_cast<const uint2*>(stage + r * kRowBytes + unit_at(r, 2 * h + (t >> 1)) + 8 * (t & 1));
-          int8_pairs<T>(v.x, a[2 * h][hi], a[2 * h][2 + hi]);
-          int8_pairs<T>(v.y, a[2 * h + 1][hi], a[2 * h + 1][2 + hi]);
-        }
+      for (int h = 0; h < 2; ++h) {
+        const uint2 v =
+            *reinterpret_cast<const uint2*>(stage + r * kRowBytes + unit_at(r, 2 * h + (t >> 1)) + 8 * (t & 1));
+        int8_pairs<T>(v.x, a[2 * h][hi], a[2 * h][2 + hi]);
+        int8_pairs<T>(v.y, a[2 * h + 1][hi], a[2 * h + 1][2 + hi]);
       }
     }
   }
@@ -176,7 +159,7 @@ void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, at:
   const int64_t N = w.size(0);
   if (x.size(0) <= kWgmmaMaxRows && N % oiv2_wgmma::kBlockRows == 0 && x.size(1) % oiv2_wgmma::kChunk == 0 &&
       at::cuda::getCurrentDeviceProperties()->major == 9) {
-    using Weights = Int8Weights<T, false>;
+    using Weights = Int8Weights<T>;
     const typename Weights::Params p{w.data_ptr<int8_t>(), reinterpret_cast<const T*>(scales.data_ptr()),
                                      static_cast<int>(x.size(1))};
     return oiv2_wgmma::run_wgmma_gemm<T, Weights>(x, p, N, y);

@@ -8,7 +8,6 @@
 //   struct Weights {
 //     struct Params;                      // what the kernel reads besides x (pointers, K)
 //     static constexpr int kStageBytes;   // shared memory of one chunk of W's 128 rows (16-byte multiple)
-//     static constexpr bool kXInMmaOrder; // whether x is read in the mma's k order (below) or as it is
 //     struct Copier {                     // a thread's share of the copies, worked out once
 //       __device__ Copier(const Params&, int block0, int blocks);
 //       __device__ void copy(uint8_t* stage, int c) const;  // cp.async chunk c (64 features) of the
@@ -30,6 +29,15 @@
 // against 1 warpgroup and 6 stages on every llama-8b shape at 128, 512 and 2048 rows (int4, H200,
 // benchmarks/RESULTS.md). K is split over CTAs where they would not fill the resident slots once, and
 // one kernel sums the splits.
+// The GEMM is bound by the instructions its warps issue, not by memory (Nsight Compute, int8 gate/up at
+// 128 rows: L2 at 32% of its peak, DRAM 20%, 225 instructions a warp a chunk). Each thread's copy
+// addresses are therefore worked out once (XCopier, Weights::Copier) rather than a chunk at a time: the
+// four llama-8b products of a layer at 128 rows went from 203 to 181 us (int8) and 182 to 153 us (int4),
+// bf16 cuBLAS 137 (H200, benchmarks/RESULTS.md). Tried and not kept, all on an H200 at 128 and 256 rows:
+// one wgmma batch kept in flight across chunks (wait_group 1; same times), CTAs of four warpgroups
+// (256 rows of W, one CTA an SM; faster on gate/up, slower on qkv and o), a ring of 6 stages (same), and
+// int8 weights read in x's own order (no reordering pass, two 4-byte loads and a PRMT a row and step:
+// 6-20% slower).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -49,15 +57,9 @@ using oiv2_gemv::wait_for_previous_grid;
 constexpr int kBlockRows = 16;                    // W's rows a warp multiplies: a block
 constexpr int kChunk = 64;                        // features of a stage: four k-steps of 16
 constexpr int kXRows = 128;                       // x's rows a CTA multiplies: wgmma's N
-#ifndef OIV2_WGMMA_CTA_BLOCKS
-#define OIV2_WGMMA_CTA_BLOCKS 8
-#endif
-#ifndef OIV2_WGMMA_STAGES
-#define OIV2_WGMMA_STAGES 4
-#endif
-constexpr int kCtaBlocks = OIV2_WGMMA_CTA_BLOCKS;  // W's blocks a CTA multiplies: two warpgroups of 64 rows
+constexpr int kCtaBlocks = 8;                     // W's blocks a CTA multiplies: two warpgroups of 64 rows
 constexpr int kThreads = 128 * kCtaBlocks / 4;    // two warpgroups
-constexpr int kStages = OIV2_WGMMA_STAGES;        // shared-memory slots in the ring
+constexpr int kStages = 4;                        // shared-memory slots in the ring
 constexpr int kAhead = kStages - 1;               // chunks the copies run ahead of the multiplies
 constexpr int kXBytes = kXRows * kChunk * 2;      // a slot's x tile: 128 rows of 128 bytes
 
@@ -313,14 +315,11 @@ void run_wgmma_gemm(const at::Tensor& x, const typename Weights::Params& p, int6
   });
   auto stream = at::cuda::getCurrentCUDAStream();
   const int M = x.size(0), K = x.size(1);
-  at::Tensor ordered = x;
-  if constexpr (Weights::kXInMmaOrder) {
-    const int64_t units = x.numel() / 8;
-    ordered = at::empty_like(x);
-    x_in_mma_order_kernel<<<(units + 255) / 256, 256, 0, stream>>>(
-        reinterpret_cast<const uint32_t*>(x.data_ptr()), reinterpret_cast<uint4*>(ordered.data_ptr()), units, K);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const int64_t units = x.numel() / 8;
+  at::Tensor ordered = at::empty_like(x);
+  x_in_mma_order_kernel<<<(units + 255) / 256, 256, 0, stream>>>(
+      reinterpret_cast<const uint32_t*>(x.data_ptr()), reinterpret_cast<uint4*>(ordered.data_ptr()), units, K);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t slots = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (splits <= 0) splits = gemm_splits(M, N, K, slots);
   const int chunks = K / kChunk;
