@@ -7,7 +7,9 @@ zero point). `quantize` makes the layout from a float weight by rounding to near
 On the CPU, and for prefill-sized inputs on CUDA, the op's body is its reference (the spec), which
 Inductor inlines: one fused pass that dequantizes the weight, then one matrix product.
 For decode-sized inputs on CUDA it is the Triton kernel of `_quant_matmul`, which streams the int8
-weights once and converts them in registers.
+weights once and converts them in registers. CUDA builds through Inductor replace the op with the C++
+ops on the same tensors where they apply (passes/use_cuda_kernels.py): oiv2::linear_int8_gemv for one
+row, oiv2::linear_int8_gemm for prefill.
 """
 
 from __future__ import annotations

@@ -20,10 +20,11 @@ GEMV; products the Triton op would not take (a prefill's symbolic row count, or 
 to the C++ GEMM, a mixed-input wgmma GEMM on Hopper up to 256 rows, which reads the same tensors;
 decode-sized ones keep the Triton op, which beats the GEMV from 4 rows on.
 
-Why (llama-8b shapes, benchmarks/RESULTS.md): where the Triton op does not take the rows, the op's body is
-its reference, which Inductor makes one pass dequantizing W into bf16 and a cuBLAS GEMM: a prefill of
-128 tokens took 1.84x bf16's time to the first token (H200). At one row the int8 GEMV streams at 84-87% of the copy
-bandwidth on an H100 against the Triton kernel's 78-80%. The int4 op runs gate/up and down in
+Why (llama-8b, benchmarks/RESULTS.md): where the Triton op does not take the rows, the op's body is its
+reference, which Inductor makes one pass dequantizing W into bf16 and a cuBLAS GEMM: the first token of a
+128-token prompt took 12.15 ms against bf16's 6.61, and 7.67 against 6.44 with the C++ GEMM (H200). At
+one row the int8 GEMV streams at 84-87% of the copy bandwidth on an H100 against the Triton kernel's
+78-80%. The int4 op runs gate/up and down in
 17-22 us (43-55% of the copy bandwidth, H100 and H200) against the Triton kernel's 26-34% and
 tinygemm's 39-58%, stays below bf16's time up to 16 rows (23-25 us against 30-45 us), and makes
 batch-1 decode of an 8B model 1.45-1.86x the bf16 artifact's tokens/s where the Triton int4 kernel

@@ -176,7 +176,9 @@ struct XCopier {
   }
   __device__ void copy(uint8_t* slot, int c) const {
 #pragma unroll
-    for (int j = 0; j < kCopies; ++j) copy_async16(slot + dst + j * kRowStep * 128, src[j] + c * kChunk, (valid >> j) & 1);
+    for (int j = 0; j < kCopies; ++j) {
+      copy_async16(slot + dst + j * kRowStep * 128, src[j] + c * kChunk, (valid >> j) & 1);
+    }
   }
 };
 
