@@ -196,13 +196,13 @@ __device__ __forceinline__ void copy_chunk(uint8_t* base, int slot, const XCopie
 template <typename T, typename Weights>
 __device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, const XCopier<T>& xc,
                                             const typename Weights::Copier& wc, const typename Weights::Params& p,
-                                            int c0, float (&acc)[64], uint32_t (&a)[4][4], uint32_t (&next)[4][4]) {
-  uint64_t desc[4];  // + 32 bytes a k-step
-#pragma unroll
-  for (int q = 0; q < 4; ++q) desc[q] = sw128_descriptor(base + (s % kStages) * kXBytes + 32 * q);
+                                            int c0, uint64_t desc0, float (&acc)[64], uint32_t (&a)[4][4],
+                                            uint32_t (&next)[4][4]) {
+  // The descriptor's address field counts 16 bytes: slot s % kStages is kXBytes / 16 on, a k-step 2 on.
+  const uint64_t desc = desc0 + (s % kStages) * (kXBytes >> 4);
   asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
-  for (int q = 0; q < 4; ++q) Wgmma<T>::run(acc, a[q], desc[q], 1);
+  for (int q = 0; q < 4; ++q) Wgmma<T>::run(acc, a[q], desc + 2 * q, 1);
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   if (s + 1 < steps) {
     copy_async_wait<kAhead - 2>();
@@ -225,13 +225,17 @@ __global__ void __launch_bounds__(kThreads, 1)
                       float* __restrict__ partial, int M, int N, int K, int chunks_per_split) {
 #ifdef OIV2_HAS_WGMMA
   extern __shared__ uint8_t wgmma_smem[];
-  uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(wgmma_smem) + 1023) & ~uintptr_t{1023});
+  // Aligned by an offset into the array (not by casting an address): the compiler then knows every pointer
+  // below is in shared memory and loads with LDS, not with generic loads.
+  uint8_t* base = static_cast<uint8_t*>(__builtin_assume_aligned(
+      wgmma_smem + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(wgmma_smem)) & 1023)) & 1023), 1024));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * kXRows, block0 = blockIdx.y * kCtaBlocks, blocks = N / kBlockRows;
   const int c0 = blockIdx.z * chunks_per_split;
   const int steps = min(K / kChunk - c0, chunks_per_split);
 
+  const uint64_t desc0 = sw128_descriptor(base);  // slot 0's x tile
   const XCopier<T> xc(x, M, K, m0);
   const typename Weights::Copier wc(p, block0, blocks);
   wait_for_previous_grid();
@@ -250,8 +254,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     Weights::fragments(base + Layout<Weights>::kW, p, a0);
   }
   for (int s = 0; s < steps; s += 2) {
-    wgmma_chunk<T, Weights>(base, s, steps, xc, wc, p, c0, acc, a0, a1);
-    if (s + 1 < steps) wgmma_chunk<T, Weights>(base, s + 1, steps, xc, wc, p, c0, acc, a1, a0);
+    wgmma_chunk<T, Weights>(base, s, steps, xc, wc, p, c0, desc0, acc, a0, a1);
+    if (s + 1 < steps) wgmma_chunk<T, Weights>(base, s + 1, steps, xc, wc, p, c0, desc0, acc, a1, a0);
   }
   hold(acc);
   copy_async_wait<0>();
