@@ -33,7 +33,9 @@
 // 128 rows: L2 at 32% of its peak, DRAM 20%, 225 instructions a warp a chunk). Each thread's copy
 // addresses are therefore worked out once (XCopier, Weights::Copier) rather than a chunk at a time: the
 // four llama-8b products of a layer at 128 rows went from 203 to 181 us (int8) and 182 to 153 us (int4),
-// bf16 cuBLAS 137 (H200, benchmarks/RESULTS.md). Tried and not kept, all on an H200 at 128 and 256 rows:
+// bf16 cuBLAS 137 (H200, benchmarks/RESULTS.md). Shared memory is read with LDS, not generic loads (the
+// 1024-byte-aligned base is an offset into the array, not a cast address), and the descriptors come from
+// one base: int4 154 -> 141 us a layer (bf16 134), int8 unchanged. Tried and not kept, all on an H200 at 128 and 256 rows:
 // one wgmma batch kept in flight across chunks (wait_group 1; same times), CTAs of four warpgroups
 // (256 rows of W, one CTA an SM; faster on gate/up, slower on qkv and o), a ring of 6 stages (same), and
 // int8 weights read in x's own order (no reordering pass, two 4-byte loads and a PRMT a row and step:
