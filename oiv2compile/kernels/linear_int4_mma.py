@@ -16,10 +16,10 @@ of a lane is its A fragments of four mma.m16n8k16 steps:
 
 On CUDA the op is the C++ library (registered for the CUDA key when `load_extension()` or an artifact
 loads it): up to 32 rows of x go through the tensor-core kernel, which streams the weights once; 33 to
-128 rows, on Hopper, through a mixed-input GEMM on the warpgroup tensor cores (wgmma), which reads the
-packed weights once per 128 rows of x; more rows (or another card) dequantize slices of W that L2
-holds and multiply them with cuBLAS. On the CPU the op
-is its reference: unpack, dequantize, one matrix product.
+256 rows, on Hopper, through a mixed-input GEMM on the warpgroup tensor cores (wgmma, csrc/wgmma_gemm.cuh),
+which reads the packed weights once per 128 rows of x; more rows (or another card) dequantize slices of
+W that L2 holds and multiply them with cuBLAS. On the CPU the op is its reference: unpack, dequantize,
+one matrix product.
 """
 
 from __future__ import annotations

@@ -24,11 +24,10 @@ Why (llama-8b, benchmarks/RESULTS.md): where the Triton op does not take the row
 reference, which Inductor makes one pass dequantizing W into bf16 and a cuBLAS GEMM: the first token of a
 128-token prompt took 12.15 ms against bf16's 6.61, and 7.67 against 6.44 with the C++ GEMM (H200). At
 one row the int8 GEMV streams at 84-87% of the copy bandwidth on an H100 against the Triton kernel's
-78-80%. The int4 op runs gate/up and down in
-17-22 us (43-55% of the copy bandwidth, H100 and H200) against the Triton kernel's 26-34% and
-tinygemm's 39-58%, stays below bf16's time up to 16 rows (23-25 us against 30-45 us), and makes
-batch-1 decode of an 8B model 1.45-1.86x the bf16 artifact's tokens/s where the Triton int4 kernel
-gave 0.49x.
+78-80%. The int4 op runs gate/up and down in 17-22 us (43-55% of the copy bandwidth, H100 and H200)
+against the Triton kernel's 26-34% and tinygemm's 39-58%, stays below bf16's time up to 16 rows (23-25
+us against 30-45 us), and makes batch-1 decode of an 8B model 1.45-1.86x the bf16 artifact's tokens/s
+where the Triton int4 kernel gave 0.49x.
 
 Preconditions: a CUDA build through Inductor with a quantization scheme. The kernels are compiled
 (nvcc, about a minute the first time, cached after) and loaded when the pass first needs them; the
@@ -82,7 +81,7 @@ def use_cuda_kernels(gm: GraphModule, cfg: BuildConfig) -> int:
             if library is None:
                 return count
             _rewrite_int8(gm, node, library)
-        elif node.target is INT8 and _half_precision(node) and not triton_takes(fake_value(call_args(node)["x"]), 8, 0):
+        elif node.target is INT8 and _half_precision(node) and _prefill_sized(node):
             library = _library(linear_int8_gemm)
             if library is None:
                 return count
@@ -97,6 +96,11 @@ def _half_precision(node: Node) -> bool:
     """The C++ kernels' activations: bf16 or fp16, with a fixed feature count."""
     x = fake_value(call_args(node)["x"])
     return x is not None and x.dtype in (torch.bfloat16, torch.float16) and isinstance(x.shape[-1], int)
+
+
+def _prefill_sized(node: Node) -> bool:
+    """Rows the Triton op does not take: a prefill's symbolic count, or more than its fixed bound."""
+    return not triton_takes(fake_value(call_args(node)["x"]), 8, 0)
 
 
 def _int4_fits(gm: GraphModule, node: Node) -> bool:

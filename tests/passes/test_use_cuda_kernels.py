@@ -1,7 +1,7 @@
 """use_cuda_kernels: int4 products whose weights fit the tensor-core layout become oiv2::linear_int4_mma
 (any row count), one-row int8 products the C++ GEMV, prefill-sized int8 products the C++ GEMM, nothing
-else changes, and the program computes the same; here on the CPU, where the C++ ops run their reference and the libraries the pass would
-compile stand as paths."""
+else changes, and the program computes the same; here on the CPU, where the C++ ops run their reference
+and the libraries the pass would compile stand as paths."""
 
 from __future__ import annotations
 

@@ -78,10 +78,6 @@ constexpr int kMaxTiles = 4;  // rows of x through the tensor cores: 8 per tile
 // The prefill path's buffer of dequantized rows: 64 MB took 0.6-0.8x the time of 16 MB (and 8 MB)
 // at 64 to 2048 rows on an H200 (llama-8b shapes, 2026-11-27, benchmarks/RESULTS.md).
 constexpr int64_t kDequantBytes = int64_t{64} << 20;
-// Rows up to which Hopper takes the wgmma GEMM (below). Against dequantize-then-cuBLAS on an H200 (llama-8b
-// shapes, benchmarks/RESULTS.md): 0.52-0.75x its time at 64 and 128 rows, 0.85-1.22x at 256 (qkv loses), 1.18-1.6x
-// at 512.
-constexpr int64_t kWgmmaMaxRows = 256;
 
 template <typename T>
 struct Mma;
@@ -923,7 +919,7 @@ at::Tensor linear_int4_mma(const at::Tensor& x, const at::Tensor& packed, const 
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (rows <= 8 * kMaxTiles) {
     bf16 ? run_mma<__nv_bfloat16>(x2, wc, sc, y, group) : run_mma<__half>(x2, wc, sc, y, group);
-  } else if (rows <= kWgmmaMaxRows && at::cuda::getCurrentDeviceProperties()->major == 9) {
+  } else if (oiv2_wgmma::takes(rows)) {
     bf16 ? run_wgmma_gemm<__nv_bfloat16>(x2, wc, sc, y, group) : run_wgmma_gemm<__half>(x2, wc, sc, y, group);
   } else {
     bf16 ? run_dequant_gemm<__nv_bfloat16>(x2, wc, sc, y, group) : run_dequant_gemm<__half>(x2, wc, sc, y, group);

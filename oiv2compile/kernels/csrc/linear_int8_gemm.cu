@@ -28,8 +28,6 @@ namespace {
 
 using namespace oiv2_gemv;
 
-// Rows up to which Hopper takes the wgmma GEMM.
-constexpr int64_t kWgmmaMaxRows = 256;
 // The slice of W dequantized at a time above that: 64 MB, as for int4 (linear_int4_mma.cu).
 constexpr int64_t kDequantBytes = int64_t{64} << 20;
 
@@ -157,8 +155,7 @@ void run_dequant_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 template <typename T>
 void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, at::Tensor& y) {
   const int64_t N = w.size(0);
-  if (x.size(0) <= kWgmmaMaxRows && N % oiv2_wgmma::kBlockRows == 0 && x.size(1) % oiv2_wgmma::kChunk == 0 &&
-      at::cuda::getCurrentDeviceProperties()->major == 9) {
+  if (N % oiv2_wgmma::kBlockRows == 0 && x.size(1) % oiv2_wgmma::kChunk == 0 && oiv2_wgmma::takes(x.size(0))) {
     using Weights = Int8Weights<T>;
     const typename Weights::Params p{w.data_ptr<int8_t>(), reinterpret_cast<const T*>(scales.data_ptr()),
                                      static_cast<int>(x.size(1))};

@@ -64,6 +64,16 @@ constexpr int kThreads = 128 * kCtaBlocks / 4;    // two warpgroups
 constexpr int kStages = 4;                        // shared-memory slots in the ring
 constexpr int kAhead = kStages - 1;               // chunks the copies run ahead of the multiplies
 constexpr int kXBytes = kXRows * kChunk * 2;      // a slot's x tile: 128 rows of 128 bytes
+// Rows up to which the ops take this GEMM. Against dequantize-then-cuBLAS on an H200 (llama-8b shapes, int4,
+// benchmarks/RESULTS.md): 0.52-0.75x its time at 64 and 128 rows, 0.85-1.22x at 256 (qkv loses), 1.18-1.6x
+// at 512. int8, the GEMM's first form in the same call as the op's dequantize-then-cuBLAS path: 0.39-0.80x at
+// 128 rows, 0.48-1.28x at 256 (qkv and o lost; the GEMM has since become 10-20% faster).
+constexpr int64_t kMaxRows = 256;
+
+// Whether this GEMM takes a product of `rows` rows on the current card (Hopper: wgmma).
+inline bool takes(int64_t rows) {
+  return rows <= kMaxRows && at::cuda::getCurrentDeviceProperties()->major == 9;
+}
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define OIV2_HAS_WGMMA 1
