@@ -11,14 +11,13 @@
 // kernel (below) sums x over each group once, before its products; the tiled kernel gets sum x from a
 // second mma with an all-ones A.
 //
-// One row of x (batch-1 decode), where it fits beside the ring: the streamed kernel's consumers copy x
-// into shared memory in fp16 as they sum it (bf16 x scaled by a power of two a warp where its range
-// needs it), and the mma runs in fp16, whose 10 mantissa bits take a nibble at bits 4-7 too: one shift
-// and four lop3 for eight weights instead of three and four (half_levels), and x read from shared
-// memory instead of L1. Measured as what-ifs first (H200, 32 llama-8b layers, int4 gate/up with the
-// activation, us a step): base 1481.5, the fp16 conversion's instructions 1372.9, no conversion at all
-// 1289.9, x always at one address (L1 hits) 1404.0, no scales at a group's end 1372.0; x loaded a stage
-// ahead into registers 1552.8 (slower).
+// In fp16 the streamed kernel turns a word into A fragments with one shift and four lop3 (half_levels:
+// fp16's 10 mantissa bits take a nibble at bits 4-7 as well), bf16 needs three shifts and four lop3.
+// The kernel is bound by its consumer warps; in 32 llama-8b layers of int4 products (H200, us a step,
+// benchmarks/RESULTS.md) the fp16 form's instructions on bf16 bits took 1373-1393 against 1476-1482.
+// bf16 x converted to fp16 by the consumers (into shared memory, as they sum x) lost that and more:
+// 1491-1497, but 1326 with the conversion's stores left out, so the products gain from x in shared
+// memory and lose in the pass that writes it (branch wip/int4-x-shared).
 // Up to 8 rows, the streamed kernel: each CTA takes a contiguous run of 16-row blocks (one CTA per SM
 // slot, so every SM streams an equal share). A producer warp copies W and the scales each stage needs
 // into a ring of 8 shared-memory stages (80 KB: two CTAs an SM) with the Hopper bulk-copy engine
@@ -160,7 +159,7 @@ __device__ __forceinline__ void magic_levels(uint32_t word, uint32_t mask, uint3
 // nibbles 0 and 4 of the word become 1024 + q under the magic 1024.0 (the mantissa's unit steps), and
 // nibbles 1 and 5 become 64 + q under 64.0 (their bits 4-7 on its 1/16 steps); word >> 8 gives nibbles
 // 2, 6 and 3, 7 the same way. The pairs are the magic_levels pairs: a[0], a[2] (row g) hold 1024 + q,
-// a[1], a[3] (row g + 8) 64 + q. One shift and four lop3 against three and four.
+// a[1], a[3] (row g + 8) 64 + q. One shift and four lop3 against magic_levels' three and four.
 constexpr float kHalfMagicLow = 1024.0f, kHalfMagicHigh = 64.0f;
 
 struct HalfConstants {
@@ -400,19 +399,16 @@ __device__ __forceinline__ void cta_blocks(int blocks, int cta, int ctas, int& f
   end = static_cast<int>(static_cast<int64_t>(blocks) * (cta + 1) / ctas);
 }
 
-// Byte offsets of the streamed kernel's shared memory: the ring of stages, x in fp16 (one row, with
-// x_shared: K * 2 bytes), the sums of each block ([block][x row][16]), the barriers (full and empty, a
-// stage each), the sum of squares of each row of x (the norm's), and the sum of x over each group
-// ([group][8], or [group][2] with x_shared: the zero points' term).
+// Byte offsets of the streamed kernel's shared memory: the ring of stages, then the sums of each block
+// ([block][x row][16]), the barriers (full and empty, a stage each), the sum of squares of each row of x
+// (the norm's), and the sum of x over each group ([group][8]: the zero points' term).
 struct StreamedLayout {
-  int x, sums, barriers, row_sumsq, group_sums, total;
+  int sums, barriers, row_sumsq, group_sums, total;
 };
 
-__host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int groups, bool x_shared) {
+__host__ __device__ inline StreamedLayout streamed_layout(int M, int groups) {
   StreamedLayout l{};
   int at = kStages * kStageBytes;
-  l.x = at;
-  at += x_shared ? K * 2 : 0;
   l.sums = at;
   at += kMaxBlocksPerCta * M * kRows * 4;
   l.barriers = at;
@@ -420,23 +416,9 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int grou
   l.row_sumsq = at;
   at += 8 * 4;
   l.group_sums = at;
-  at += groups * (x_shared ? 2 : 8) * 4;
+  at += groups * 8 * 4;
   l.total = at;
   return l;
-}
-
-// Whether the streamed kernel takes x from shared memory in fp16 (see the kernel): one row, and only
-// where that still lets two CTAs share an SM (the ring's depth and the grid were chosen for two).
-inline bool x_in_shared_memory(int M, int K, int groups) {
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const int per_cta = streamed_layout(M, K, groups, true).total + static_cast<int>(props->reservedSharedMemPerBlock);
-  return M == 1 && 2 * per_cta <= static_cast<int>(props->sharedMemPerMultiprocessor);
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
 }
 
 // What the streamed kernel does after the product (see the top of the file): nothing; the residual
@@ -449,19 +431,12 @@ enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
 // slices only, into group_sums[group * 8 + m], and needs no other warp's sums (no barrier between the
 // consumers). Each lane takes 4 features of a slice; kBatch slices are loaded before any is summed.
 // With the norm, the warp's share of each row's sum of squares goes into row_sumsq (read after the
-// CTA's last barrier). With kXShared (one row), the warp also writes its features of x in fp16 into
-// x_shared, and returns the factor its products are to be multiplied by: 1, unless bf16 x lies outside
-// [2^-6, 2^15) in magnitude (fp16 would overflow, or lose the precision of its largest values to
-// subnormals); then a second pass writes x * 2^e, its largest magnitude in [2^14, 2^15), and the factor
-// is 2^-e. One power of two a warp: the warp's every product is scaled alike and exactly.
-template <typename T, int kGroupShift, bool kNorm, bool kXShared>
-__device__ __forceinline__ float sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq,
-                                       __half* x_shared) {
+// CTA's last barrier).
+template <typename T, int kGroupShift, bool kNorm>
+__device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq) {
   constexpr int kLanesPerGroup = (1 << kGroupShift) / 4;
   constexpr int kBatch = 8;
-  constexpr int kGroupStride = kXShared ? 2 : 8;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float amax = 0.0f;
   for (int m = 0; m < M; ++m) {
     const T* xm = x + static_cast<size_t>(m) * K;
     float sq = 0.0f;
@@ -479,21 +454,9 @@ __device__ __forceinline__ float sum_x(const T* x, int M, int K, float* group_su
         const float x2 = Mma<T>::low(v[b].y), x3 = Mma<T>::high(v[b].y);
         float part = (x0 + x1) + (x2 + x3);
         if constexpr (kNorm) sq = fmaf(x0, x0, fmaf(x1, x1, fmaf(x2, x2, fmaf(x3, x3, sq))));
-        if constexpr (kXShared) {
-          if constexpr (std::is_same_v<T, __half>) {
-            if (f < K) *reinterpret_cast<uint2*>(x_shared + f) = v[b];
-          } else {
-            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(x0), fabsf(x1)), fmaxf(fabsf(x2), fabsf(x3))));
-            const __half2 h01 = __floats2half2_rn(x0, x1), h23 = __floats2half2_rn(x2, x3);
-            if (f < K) {
-              *reinterpret_cast<uint2*>(x_shared + f) =
-                  make_uint2(*reinterpret_cast<const uint32_t*>(&h01), *reinterpret_cast<const uint32_t*>(&h23));
-            }
-          }
-        }
 #pragma unroll
         for (int off = 1; off < kLanesPerGroup; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
-        if (f < K && (lane & (kLanesPerGroup - 1)) == 0) group_sums[(f >> kGroupShift) * kGroupStride + m] = part;
+        if (f < K && (lane & (kLanesPerGroup - 1)) == 0) group_sums[(f >> kGroupShift) * 8 + m] = part;
       }
     }
     if constexpr (kNorm) {
@@ -501,39 +464,19 @@ __device__ __forceinline__ float sum_x(const T* x, int M, int K, float* group_su
       if (lane == 0) atomicAdd(&row_sumsq[m], sq);
     }
   }
-  float unscale = 1.0f;
-  if constexpr (kXShared && !std::is_same_v<T, __half>) {
-    amax = warp_max(amax);
-    if (!(amax >= 0x1p-6f && amax < 0x1p15f) && amax > 0.0f && amax <= 3.4028235e38f) {  // rare: rescale
-      const int e = min(126, 14 - (static_cast<int>(__float_as_uint(amax) >> 23) - 127));
-      const float up = __uint_as_float(static_cast<uint32_t>(127 + e) << 23);
-      unscale = __uint_as_float(static_cast<uint32_t>(127 - e) << 23);
-      for (int f = warp * 128 + lane * 4; f < K; f += 128 * kConsumers) {
-        const uint2 v = __ldg(reinterpret_cast<const uint2*>(x + f));
-        const __half2 h01 = __floats2half2_rn(Mma<T>::low(v.x) * up, Mma<T>::high(v.x) * up);
-        const __half2 h23 = __floats2half2_rn(Mma<T>::low(v.y) * up, Mma<T>::high(v.y) * up);
-        *reinterpret_cast<uint2*>(x_shared + f) =
-            make_uint2(*reinterpret_cast<const uint32_t*>(&h01), *reinterpret_cast<const uint32_t*>(&h23));
-      }
-    }
-  }
   __syncwarp();
-  return unscale;
 }
 
 // A group ends (streamed kernel): acc += scale * dot - scale * (magic + zero) * sum x, for rows g and
 // g + 8 (pair_g, pair_g8) and x rows 2t, 2t + 1 (gs: their sums over the group); dot in two chains. In
-// fp16 math the rows' magic numbers differ (half_levels), and dot is of x * 2^e (unscale = 2^-e).
-template <typename T, bool kHalfMath, bool kScaledX>
+// fp16 the two rows' magic numbers differ (half_levels).
+template <typename T>
 __device__ __forceinline__ void end_group_sums(uint32_t pair_g, uint32_t pair_g8, const float (&dot)[2][4], float2 gs,
-                                               float unscale, float (&acc)[4]) {
+                                               float (&acc)[4]) {
+  constexpr bool kHalf = std::is_same_v<T, __half>;
   float scale_g, scale_g8, corr_g, corr_g8;
-  scale_and_correction<T>(pair_g, kHalfMath ? kHalfMagicLow : Mma<T>::kMagicValue, scale_g, corr_g);
-  scale_and_correction<T>(pair_g8, kHalfMath ? kHalfMagicHigh : Mma<T>::kMagicValue, scale_g8, corr_g8);
-  if constexpr (kScaledX) {
-    scale_g *= unscale;
-    scale_g8 *= unscale;
-  }
+  scale_and_correction<T>(pair_g, kHalf ? kHalfMagicLow : Mma<T>::kMagicValue, scale_g, corr_g);
+  scale_and_correction<T>(pair_g8, kHalf ? kHalfMagicHigh : Mma<T>::kMagicValue, scale_g8, corr_g8);
   acc[0] = fmaf(scale_g, dot[0][0] + dot[1][0], fmaf(-corr_g, gs.x, acc[0]));
   acc[1] = fmaf(scale_g, dot[0][1] + dot[1][1], fmaf(-corr_g, gs.y, acc[1]));
   acc[2] = fmaf(scale_g8, dot[0][2] + dot[1][2], fmaf(-corr_g8, gs.x, acc[2]));
@@ -542,17 +485,13 @@ __device__ __forceinline__ void end_group_sums(uint32_t pair_g, uint32_t pair_g8
 
 // kN consecutive chunks of 64 features, from chunk c of the block, against up to 8 rows of x, into acc.
 // ws: the lane's 16 bytes of the first chunk (the next 512 bytes on); xl: features t*8.. of the row the
-// lane feeds to the mma, in 16-byte units (in global memory, or x's fp16 copy in shared memory with
-// kXShared); szg: row g's (scale, zero) pair of group g0. The k-steps alternate between two
-// accumulators, so that consecutive mma do not wait for each other. The group size is a template
-// argument, so a group that spans both chunks gets its scales once. The mma runs in fp16 (half_levels)
-// where x is fp16 (an fp16 model, or kXShared), else in bf16 (magic_levels).
-template <typename T, int kGroupShift, int kN, bool kXShared, typename Consts>
+// lane feeds to the mma, in 16-byte units; szg: row g's (scale, zero) pair of group g0. The k-steps
+// alternate between two accumulators, so that consecutive mma do not wait for each other. The group size
+// is a template argument, so a group that spans both chunks gets its scales once. Consts: Constants for
+// bf16 (magic_levels), HalfConstants for fp16 (half_levels).
+template <typename T, int kGroupShift, int kN, typename Consts>
 __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const uint4* xl, const uint32_t* szg,
-                                            const float* group_sums, int t, const Consts& k, float unscale,
-                                            float (&acc)[4]) {
-  constexpr bool kHalfMath = kXShared || std::is_same_v<T, __half>;
-  constexpr bool kScaledX = kXShared && !std::is_same_v<T, __half>;
+                                            const float* group_sums, int t, const Consts& k, float (&acc)[4]) {
   constexpr int kStepsPerGroup = (1 << kGroupShift) / 16;  // k-steps (two words a 32-feature half)
   int4 wv[kN];
 #pragma unroll
@@ -566,30 +505,20 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
 #pragma unroll
       for (int e = 0; e < 4; ++e) dot[0][e] = dot[1][e] = 0.0f;
     }
-    if ((j & 1) == 0) {  // features (c+n)*64 + (j/2)*32 ..
-      const int at = (c + n) * 8 + (j >> 1) * 4;
-      if constexpr (kXShared) {
-        xv = xl[at];
-      } else {
-        xv = __ldg(xl + at);
-      }
-    }
+    if ((j & 1) == 0) xv = __ldg(xl + (c + n) * 8 + (j >> 1) * 4);  // features (c+n)*64 + (j/2)*32 ..
     const uint32_t word = j == 0 ? wv[n].x : j == 1 ? wv[n].y : j == 2 ? wv[n].z : wv[n].w;
     uint32_t a[4];
-    if constexpr (kHalfMath) {
+    if constexpr (std::is_same_v<T, __half>) {
       half_levels(word, k, a);
-      Mma<__half>::run(dot[step & 1], a, (j & 1) ? xv.z : xv.x, (j & 1) ? xv.w : xv.y);
     } else {
       magic_levels(word, k.mask, k.magic, a);
-      Mma<T>::run(dot[step & 1], a, (j & 1) ? xv.z : xv.x, (j & 1) ? xv.w : xv.y);
     }
+    Mma<T>::run(dot[step & 1], a, (j & 1) ? xv.z : xv.x, (j & 1) ? xv.w : xv.y);
     if ((step + 1) % kStepsPerGroup == 0) {  // a group ends: its scales and zero points on the float sums
       const int group = ((c + n) * kChunk + (j >> 1) * 32) >> kGroupShift;
       const uint32_t* pairs = szg + ((group - g0) << 4);
-      // one row of x (kXShared): [group][2], every lane reads x rows 0 and 1 (its other columns are never
-      // stored)
-      const float2 gs = *reinterpret_cast<const float2*>(group_sums + (kXShared ? group * 2 : group * 8 + 2 * t));
-      end_group_sums<T, kHalfMath, kScaledX>(pairs[0], pairs[8], dot, gs, unscale, acc);
+      const float2 gs = *reinterpret_cast<const float2*>(group_sums + group * 8 + 2 * t);
+      end_group_sums<T>(pairs[0], pairs[8], dot, gs, acc);
     }
   }
 }
@@ -599,10 +528,8 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
 // kConsumers consecutive chunks from w * that, and adds its sums into shared memory when its block ends.
 // The producer lets the next kernel launch once it has issued its last copy (that kernel's CTAs take an
 // SM as this one's leave it, and start their own copies). The consumers first sum x over each group (and
-// its squares, for the norm). With kXShared (one row of x), that pass also writes each warp's features
-// of x into shared memory in fp16, and the products run in fp16 (half_levels: one shift and four lop3 for
-// eight weights, against three and four in bf16) on x read from there.
-template <typename T, int kGroupShift, Epilogue kMode, bool kXShared>
+// its squares, for the norm).
+template <typename T, int kGroupShift, Epilogue kMode>
 __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kernel(
     const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
     const T* __restrict__ residual, T* __restrict__ y, int M, int N, int K, float eps, int activation) {
@@ -612,7 +539,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = K / kChunk, groups = K >> group_shift;
-  const StreamedLayout layout = streamed_layout(M, K, groups, kXShared);
+  const StreamedLayout layout = streamed_layout(M, groups);
   float* sums = reinterpret_cast<float*>(smem + layout.sums);  // [block][x row][16]
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barriers);
   uint64_t* empty = full + kStages;
@@ -621,7 +548,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   int first, end;
   cta_blocks(N / kRows, blockIdx.x, gridDim.x, first, end);
   for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) sums[i] = 0.0f;
-  for (int i = threadIdx.x; i < groups * (kXShared ? 2 : 8); i += blockDim.x) group_sums[i] = 0.0f;  // rows past M: 0
+  for (int i = threadIdx.x; i < groups * 8; i += blockDim.x) group_sums[i] = 0.0f;  // x rows past M stay 0
   if (kNorm && threadIdx.x < 8) row_sumsq[threadIdx.x] = 0.0f;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
@@ -653,20 +580,13 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
     }
   } else {  // a consumer
     wait_for_previous_grid();  // x is the previous kernel's output
-    __half* x_shared = reinterpret_cast<__half*>(smem + layout.x);
-    const float unscale = sum_x<T, kGroupShift, kNorm, kXShared>(x, M, K, group_sums, row_sumsq, x_shared);
+    sum_x<T, kGroupShift, kNorm>(x, M, K, group_sums, row_sumsq);
     const int g = lane >> 2, t = lane & 3;
     // Features t*8.. of the row of x this lane feeds to the mma (rows past M read row M - 1: their columns
     // of the product are never stored), in 16-byte units.
-    const uint4* xl;
-    if constexpr (kXShared) {
-      xl = reinterpret_cast<const uint4*>(x_shared + t * 8);
-    } else {
-      xl = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(g, M - 1)) * K + t * 8));
-    }
-    using Consts = std::conditional_t<kXShared || std::is_same_v<T, __half>, HalfConstants, Constants>;
-    Consts k;
-    if constexpr (std::is_same_v<Consts, HalfConstants>) {
+    const uint4* xl = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(g, M - 1)) * K + t * 8));
+    std::conditional_t<std::is_same_v<T, __half>, HalfConstants, Constants> k;
+    if constexpr (std::is_same_v<T, __half>) {
       k = half_constants();
     } else {
       k = constants<T>();
@@ -685,11 +605,10 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
         constexpr int kPerWarp = kStageChunks / kConsumers;
         const int i = warp * kPerWarp;
         if (i + kPerWarp <= n) {
-          run_product<T, kGroupShift, kPerWarp, kXShared>(ws + i * 32, c0 + i, g0, xl, szg, group_sums, t, k, unscale,
-                                                          acc);
+          run_product<T, kGroupShift, kPerWarp>(ws + i * 32, c0 + i, g0, xl, szg, group_sums, t, k, acc);
         } else {  // the block's last stage, cut short: one chunk at a time (a group of 128 never ends here)
           for (int c = i; c < n; ++c) {
-            run_product<T, kGroupShift, 1, kXShared>(ws + c * 32, c0 + c, g0, xl, szg, group_sums, t, k, unscale, acc);
+            run_product<T, kGroupShift, 1>(ws + c * 32, c0 + c, g0, xl, szg, group_sums, t, k, acc);
           }
         }
         __syncwarp();
@@ -812,15 +731,15 @@ struct Operands {
 
 // The streamed kernel's grid: CTAs of up to kMaxBlocksPerCta blocks each, as many as fill the SMs once
 // (so each SM streams an equal share), more where the blocks are too many for that.
-template <typename T, int kGroupShift, Epilogue kMode, bool kXShared>
-void launch_streamed_as(const Operands& o) {
+template <typename T, int kGroupShift, Epilogue kMode>
+void launch_streamed(const Operands& o) {
   const int M = o.x.size(0), K = o.x.size(1), N = o.w.size(0);
   const int blocks = N / kRows;
-  const int smem = streamed_layout(M, K, K >> kGroupShift, kXShared).total;
+  const int smem = streamed_layout(M, K >> kGroupShift).total;
   TORCH_CHECK(smem <= static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin),
               "linear_int4_mma: K = ", K, " in groups of ", 1 << kGroupShift,
               " needs more shared memory for its group sums than a CTA of this card has");
-  auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode, kXShared>;
+  auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode>;
   // CTAs an SM holds at once, asked once per shared-memory size (the same on every card this process
   // uses); the kernel's size limit is the largest size asked for so far.
   static std::mutex mutex;
@@ -852,13 +771,6 @@ void launch_streamed_as(const Operands& o) {
                                      reinterpret_cast<const int4*>(o.w.data_ptr()),
                                      reinterpret_cast<const uint32_t*>(o.sz.data_ptr()), ptr(o.residual), ptr(o.y),
                                      M, N, K, static_cast<float>(o.eps), o.activation));
-}
-
-template <typename T, int kGroupShift, Epilogue kMode>
-void launch_streamed(const Operands& o) {
-  const int M = o.x.size(0), K = o.x.size(1);
-  if (x_in_shared_memory(M, K, K >> kGroupShift)) return launch_streamed_as<T, kGroupShift, kMode, true>(o);
-  launch_streamed_as<T, kGroupShift, kMode, false>(o);
 }
 
 template <typename T, Epilogue kMode = Epilogue::kPlain>
