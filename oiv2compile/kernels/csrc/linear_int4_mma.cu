@@ -17,7 +17,7 @@
 // benchmarks/RESULTS.md) the fp16 form's instructions on bf16 bits took 1373-1393 against 1476-1482.
 // bf16 x converted to fp16 by the consumers (into shared memory, as they sum x) lost that and more:
 // 1491-1497, but 1326 with the conversion's stores left out, so the products gain from x in shared
-// memory and lose in the pass that writes it (branch wip/int4-x-shared).
+// memory and lose in the pass that writes it (commit 231124b).
 // Up to 8 rows, the streamed kernel: each CTA takes a contiguous run of 16-row blocks (one CTA per SM
 // slot, so every SM streams an equal share). A producer warp copies W and the scales each stage needs
 // into a ring of 8 shared-memory stages (80 KB: two CTAs an SM) with the Hopper bulk-copy engine
