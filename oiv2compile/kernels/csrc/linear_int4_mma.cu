@@ -429,31 +429,37 @@ enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
 // The consumer warp's pass over its own features of x: warp w multiplies the chunks of 128-feature slices
 // w, w + 8, w + 16, ... (chunks 2w and 2w + 1 of every stage), so it sums x over the groups of those
 // slices only, into group_sums[group * 8 + m], and needs no other warp's sums (no barrier between the
-// consumers). Each lane takes 4 features of a slice; kBatch slices are loaded before any is summed.
-// With the norm, the warp's share of each row's sum of squares goes into row_sumsq (read after the
-// CTA's last barrier).
+// consumers). Lanes 0-15 take 8 features each of one of the warp's slices, lanes 16-31 of the next one
+// (16-byte loads); kPairs pairs of slices are loaded before any is summed. With the norm, the warp's
+// share of each row's sum of squares goes into row_sumsq (read after the CTA's last barrier).
 template <typename T, int kGroupShift, bool kNorm>
 __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq) {
-  constexpr int kLanesPerGroup = (1 << kGroupShift) / 4;
-  constexpr int kBatch = 8;
+  constexpr int kLanesPerGroup = (1 << kGroupShift) / 8;
+  constexpr int kPairs = 4;
+  constexpr int kSliceStride = 128 * kConsumers;  // from one of the warp's slices to its next
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int lane_feature = (lane >> 4) * kSliceStride + (lane & 15) * 8;
   for (int m = 0; m < M; ++m) {
     const T* xm = x + static_cast<size_t>(m) * K;
     float sq = 0.0f;
-    for (int s0 = warp * 128; s0 < K; s0 += 128 * kConsumers * kBatch) {
-      uint2 v[kBatch];
+    for (int s0 = warp * 128; s0 < K; s0 += 2 * kSliceStride * kPairs) {
+      uint4 v[kPairs];
 #pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        const int f = s0 + b * 128 * kConsumers + lane * 4;
-        v[b] = f < K ? __ldg(reinterpret_cast<const uint2*>(xm + f)) : make_uint2(0u, 0u);
+      for (int b = 0; b < kPairs; ++b) {
+        const int f = s0 + 2 * b * kSliceStride + lane_feature;
+        v[b] = f < K ? __ldg(reinterpret_cast<const uint4*>(xm + f)) : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        const int f = s0 + b * 128 * kConsumers + lane * 4;
-        const float x0 = Mma<T>::low(v[b].x), x1 = Mma<T>::high(v[b].x);
-        const float x2 = Mma<T>::low(v[b].y), x3 = Mma<T>::high(v[b].y);
-        float part = (x0 + x1) + (x2 + x3);
-        if constexpr (kNorm) sq = fmaf(x0, x0, fmaf(x1, x1, fmaf(x2, x2, fmaf(x3, x3, sq))));
+      for (int b = 0; b < kPairs; ++b) {
+        const int f = s0 + 2 * b * kSliceStride + lane_feature;
+        const uint32_t words[4] = {v[b].x, v[b].y, v[b].z, v[b].w};
+        float part = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float lo = Mma<T>::low(words[i]), hi = Mma<T>::high(words[i]);
+          part += lo + hi;
+          if constexpr (kNorm) sq = fmaf(lo, lo, fmaf(hi, hi, sq));
+        }
 #pragma unroll
         for (int off = 1; off < kLanesPerGroup; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
         if (f < K && (lane & (kLanesPerGroup - 1)) == 0) group_sums[(f >> kGroupShift) * 8 + m] = part;
