@@ -16,8 +16,9 @@
 // The kernel is bound by its consumer warps; in 32 llama-8b layers of int4 products (H200, us a step,
 // benchmarks/RESULTS.md) the fp16 form's instructions on bf16 bits took 1373-1393 against 1476-1482.
 // bf16 x converted to fp16 by the consumers (into shared memory, as they sum x) lost that and more:
-// 1491-1497, but 1326 with the conversion's stores left out, so the products gain from x in shared
-// memory and lose in the pass that writes it (commit 231124b).
+// 1491-1497 (commit 231124b). One row of x kept in shared memory as it is (the consumers store what
+// their pass over x loads, and the products read it with LDS instead of L1 loads): 1402-1405 against
+// 1452-1453; the pass's 16-byte loads before that: 1445-1455 against 1470-1480.
 // Up to 8 rows, the streamed kernel: each CTA takes a contiguous run of 16-row blocks (one CTA per SM
 // slot, so every SM streams an equal share). A producer warp copies W and the scales each stage needs
 // into a ring of 8 shared-memory stages (80 KB: two CTAs an SM) with the Hopper bulk-copy engine
@@ -399,16 +400,19 @@ __device__ __forceinline__ void cta_blocks(int blocks, int cta, int ctas, int& f
   end = static_cast<int>(static_cast<int64_t>(blocks) * (cta + 1) / ctas);
 }
 
-// Byte offsets of the streamed kernel's shared memory: the ring of stages, then the sums of each block
-// ([block][x row][16]), the barriers (full and empty, a stage each), the sum of squares of each row of x
-// (the norm's), and the sum of x over each group ([group][8]: the zero points' term).
+// Byte offsets of the streamed kernel's shared memory: the ring of stages, x (one row, with x_shared:
+// K * 2 bytes), the sums of each block ([block][x row][16]), the barriers (full and empty, a stage each),
+// the sum of squares of each row of x (the norm's), and the sum of x over each group ([group][8]: the
+// zero points' term).
 struct StreamedLayout {
-  int sums, barriers, row_sumsq, group_sums, total;
+  int x, sums, barriers, row_sumsq, group_sums, total;
 };
 
-__host__ __device__ inline StreamedLayout streamed_layout(int M, int groups) {
+__host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int groups, bool x_shared) {
   StreamedLayout l{};
   int at = kStages * kStageBytes;
+  l.x = at;
+  at += x_shared ? K * 2 : 0;
   l.sums = at;
   at += kMaxBlocksPerCta * M * kRows * 4;
   l.barriers = at;
@@ -421,6 +425,14 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int groups) {
   return l;
 }
 
+// Whether the streamed kernel keeps its row of x in shared memory (see the kernel): one row, and only
+// where that still lets two CTAs share an SM (the ring's depth and the grid were chosen for two).
+inline bool x_in_shared_memory(int M, int K, int groups) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const int per_cta = streamed_layout(M, K, groups, true).total + static_cast<int>(props->reservedSharedMemPerBlock);
+  return M == 1 && 2 * per_cta <= static_cast<int>(props->sharedMemPerMultiprocessor);
+}
+
 // What the streamed kernel does after the product (see the top of the file): nothing; the residual
 // add; the RMSNorm's scalar of each row; that scalar and the gated activation (W's rows interleaved by 8:
 // the output has N / 2 columns).
@@ -431,9 +443,11 @@ enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
 // slices only, into group_sums[group * 8 + m], and needs no other warp's sums (no barrier between the
 // consumers). Lanes 0-15 take 8 features each of one of the warp's slices, lanes 16-31 of the next one
 // (16-byte loads); kPairs pairs of slices are loaded before any is summed. With the norm, the warp's
-// share of each row's sum of squares goes into row_sumsq (read after the CTA's last barrier).
-template <typename T, int kGroupShift, bool kNorm>
-__device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq) {
+// share of each row's sum of squares goes into row_sumsq (read after the CTA's last barrier). With
+// kXShared (one row) the warp also stores its features of x into x_shared, where its products read them.
+template <typename T, int kGroupShift, bool kNorm, bool kXShared>
+__device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq,
+                                      T* x_shared) {
   constexpr int kLanesPerGroup = (1 << kGroupShift) / 8;
   constexpr int kPairs = 4;
   constexpr int kSliceStride = 128 * kConsumers;  // from one of the warp's slices to its next
@@ -452,6 +466,7 @@ __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sum
 #pragma unroll
       for (int b = 0; b < kPairs; ++b) {
         const int f = s0 + 2 * b * kSliceStride + lane_feature;
+        if (kXShared && f < K) *reinterpret_cast<uint4*>(x_shared + f) = v[b];
         const uint32_t words[4] = {v[b].x, v[b].y, v[b].z, v[b].w};
         float part = 0.0f;
 #pragma unroll
@@ -491,11 +506,12 @@ __device__ __forceinline__ void end_group_sums(uint32_t pair_g, uint32_t pair_g8
 
 // kN consecutive chunks of 64 features, from chunk c of the block, against up to 8 rows of x, into acc.
 // ws: the lane's 16 bytes of the first chunk (the next 512 bytes on); xl: features t*8.. of the row the
-// lane feeds to the mma, in 16-byte units; szg: row g's (scale, zero) pair of group g0. The k-steps
+// lane feeds to the mma, in 16-byte units (in global memory, or in shared memory with kXShared); szg:
+// row g's (scale, zero) pair of group g0. The k-steps
 // alternate between two accumulators, so that consecutive mma do not wait for each other. The group size
 // is a template argument, so a group that spans both chunks gets its scales once. Consts: Constants for
 // bf16 (magic_levels), HalfConstants for fp16 (half_levels).
-template <typename T, int kGroupShift, int kN, typename Consts>
+template <typename T, int kGroupShift, int kN, bool kXShared, typename Consts>
 __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const uint4* xl, const uint32_t* szg,
                                             const float* group_sums, int t, const Consts& k, float (&acc)[4]) {
   constexpr int kStepsPerGroup = (1 << kGroupShift) / 16;  // k-steps (two words a 32-feature half)
@@ -511,7 +527,14 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
 #pragma unroll
       for (int e = 0; e < 4; ++e) dot[0][e] = dot[1][e] = 0.0f;
     }
-    if ((j & 1) == 0) xv = __ldg(xl + (c + n) * 8 + (j >> 1) * 4);  // features (c+n)*64 + (j/2)*32 ..
+    if ((j & 1) == 0) {  // features (c+n)*64 + (j/2)*32 ..
+      const int at = (c + n) * 8 + (j >> 1) * 4;
+      if constexpr (kXShared) {
+        xv = xl[at];
+      } else {
+        xv = __ldg(xl + at);
+      }
+    }
     const uint32_t word = j == 0 ? wv[n].x : j == 1 ? wv[n].y : j == 2 ? wv[n].z : wv[n].w;
     uint32_t a[4];
     if constexpr (std::is_same_v<T, __half>) {
@@ -534,8 +557,9 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
 // kConsumers consecutive chunks from w * that, and adds its sums into shared memory when its block ends.
 // The producer lets the next kernel launch once it has issued its last copy (that kernel's CTAs take an
 // SM as this one's leave it, and start their own copies). The consumers first sum x over each group (and
-// its squares, for the norm).
-template <typename T, int kGroupShift, Epilogue kMode>
+// its squares, for the norm); with one row of x (kXShared) that pass also copies x into shared memory,
+// where the products read it.
+template <typename T, int kGroupShift, Epilogue kMode, bool kXShared>
 __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kernel(
     const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
     const T* __restrict__ residual, T* __restrict__ y, int M, int N, int K, float eps, int activation) {
@@ -545,7 +569,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = K / kChunk, groups = K >> group_shift;
-  const StreamedLayout layout = streamed_layout(M, groups);
+  const StreamedLayout layout = streamed_layout(M, K, groups, kXShared);
   float* sums = reinterpret_cast<float*>(smem + layout.sums);  // [block][x row][16]
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barriers);
   uint64_t* empty = full + kStages;
@@ -586,11 +610,17 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
     }
   } else {  // a consumer
     wait_for_previous_grid();  // x is the previous kernel's output
-    sum_x<T, kGroupShift, kNorm>(x, M, K, group_sums, row_sumsq);
+    T* x_shared = reinterpret_cast<T*>(smem + layout.x);
+    sum_x<T, kGroupShift, kNorm, kXShared>(x, M, K, group_sums, row_sumsq, x_shared);
     const int g = lane >> 2, t = lane & 3;
     // Features t*8.. of the row of x this lane feeds to the mma (rows past M read row M - 1: their columns
     // of the product are never stored), in 16-byte units.
-    const uint4* xl = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(g, M - 1)) * K + t * 8));
+    const uint4* xl;
+    if constexpr (kXShared) {
+      xl = reinterpret_cast<const uint4*>(x_shared + t * 8);
+    } else {
+      xl = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(g, M - 1)) * K + t * 8));
+    }
     std::conditional_t<std::is_same_v<T, __half>, HalfConstants, Constants> k;
     if constexpr (std::is_same_v<T, __half>) {
       k = half_constants();
@@ -611,10 +641,10 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
         constexpr int kPerWarp = kStageChunks / kConsumers;
         const int i = warp * kPerWarp;
         if (i + kPerWarp <= n) {
-          run_product<T, kGroupShift, kPerWarp>(ws + i * 32, c0 + i, g0, xl, szg, group_sums, t, k, acc);
+          run_product<T, kGroupShift, kPerWarp, kXShared>(ws + i * 32, c0 + i, g0, xl, szg, group_sums, t, k, acc);
         } else {  // the block's last stage, cut short: one chunk at a time (a group of 128 never ends here)
           for (int c = i; c < n; ++c) {
-            run_product<T, kGroupShift, 1>(ws + c * 32, c0 + c, g0, xl, szg, group_sums, t, k, acc);
+            run_product<T, kGroupShift, 1, kXShared>(ws + c * 32, c0 + c, g0, xl, szg, group_sums, t, k, acc);
           }
         }
         __syncwarp();
@@ -737,15 +767,15 @@ struct Operands {
 
 // The streamed kernel's grid: CTAs of up to kMaxBlocksPerCta blocks each, as many as fill the SMs once
 // (so each SM streams an equal share), more where the blocks are too many for that.
-template <typename T, int kGroupShift, Epilogue kMode>
-void launch_streamed(const Operands& o) {
+template <typename T, int kGroupShift, Epilogue kMode, bool kXShared>
+void launch_streamed_as(const Operands& o) {
   const int M = o.x.size(0), K = o.x.size(1), N = o.w.size(0);
   const int blocks = N / kRows;
-  const int smem = streamed_layout(M, K >> kGroupShift).total;
+  const int smem = streamed_layout(M, K, K >> kGroupShift, kXShared).total;
   TORCH_CHECK(smem <= static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin),
               "linear_int4_mma: K = ", K, " in groups of ", 1 << kGroupShift,
               " needs more shared memory for its group sums than a CTA of this card has");
-  auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode>;
+  auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode, kXShared>;
   // CTAs an SM holds at once, asked once per shared-memory size (the same on every card this process
   // uses); the kernel's size limit is the largest size asked for so far.
   static std::mutex mutex;
@@ -777,6 +807,13 @@ void launch_streamed(const Operands& o) {
                                      reinterpret_cast<const int4*>(o.w.data_ptr()),
                                      reinterpret_cast<const uint32_t*>(o.sz.data_ptr()), ptr(o.residual), ptr(o.y),
                                      M, N, K, static_cast<float>(o.eps), o.activation));
+}
+
+template <typename T, int kGroupShift, Epilogue kMode>
+void launch_streamed(const Operands& o) {
+  const int M = o.x.size(0), K = o.x.size(1);
+  if (x_in_shared_memory(M, K, K >> kGroupShift)) return launch_streamed_as<T, kGroupShift, kMode, true>(o);
+  launch_streamed_as<T, kGroupShift, kMode, false>(o);
 }
 
 template <typename T, Epilogue kMode = Epilogue::kPlain>
