@@ -36,8 +36,9 @@
 // stages sized for group 128 (8.7 KB) 1798 at 8 stages (three an SM) and 1576 at 12 (two an SM).
 // The form before the group sums (a second mma a step for sum x, one accumulator) was bound by the
 // consumers, not by the memory: it took 1864 us a step, 1070 with the math left out and 1651 with the
-// copies left out. Copying x into shared memory as well (the producer, after griddepcontrol.wait) was
-// slower (1733 against 1705) and is not here. The
+// copies left out. The producer copying x into shared memory (after griddepcontrol.wait, the consumers
+// waiting for it) was slower (1733 against 1705); the consumers' own copy of their features, in their
+// pass over x, is what the kernel does now at one row (above). The
 // producer lets the next kernel launch once it has issued its last copy, so a product right after this
 // one (the norm inside both, below) starts its own copies as this one's CTAs leave their SMs: 32
 // llama-8b layers of int4 products with the norms inside took 1868 us a step with that, 2041 without
