@@ -23,8 +23,11 @@ demo: venv
 	$(VENV)/bin/oiv2compile build tinycode -o $(DEMO_DIR) --force
 	$(VENV)/bin/oiv2compile run $(DEMO_DIR) --echo --prompt "$$(printf 'def fibonacci(n):\n    if n')" --max-new-tokens 48
 
+# Test files spread over TEST_WORKERS processes (a file's tests stay in one, with its fixtures).
+TEST_WORKERS ?= 2
+
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-cuda: venv
 	$(PY) -m pytest -q -m cuda
