@@ -214,8 +214,9 @@ def test_int4_streamed_kernel_sums_x_over_more_slices_than_one_batch(group):
 
 @pytest.mark.cuda
 def test_int4_streamed_kernel_one_row_where_x_does_not_fit_shared_memory():
-    """K = 16384 in groups of 128: x in shared memory (32 KB) would leave room for one CTA an SM, so one
-    row of x is read from global memory instead; the same outputs as the oracle's."""
+    """K = 16384 in groups of 128: x in shared memory (32 KB) would leave room for one CTA an SM on an
+    H100 or H200 (228 KB an SM), so one row of x is read from global memory there instead; the same
+    outputs as the oracle's either way."""
     mma.load_extension()
     _check_streamed_ops(1, 512, 16384, 128, 16384)
 
