@@ -80,10 +80,19 @@ def make_tree(
     return tree
 
 
-def compile_kernels(tree: Path) -> subprocess.CompletedProcess:
-    code = (
-        "from oiv2compile.kernels import linear_int4_mma, linear_int8_gemv; "
-        "print(linear_int8_gemv.load_extension()); print(linear_int4_mma.load_extension())"
+# The kernel library each kind of chain runs: a variant tree compiles only those its --quant needs.
+LIBRARIES = {"int8": "linear_int8_gemv", "int4": "linear_int4_mma"}
+
+
+def libraries(quant: str) -> list[str]:
+    """The kernel modules the chain's quantizations (e.g. "int8-norm-act,int4") run."""
+    kinds = {q.strip().split("-")[0] for q in quant.split(",")}
+    return [module for kind, module in LIBRARIES.items() if kind in kinds]
+
+
+def compile_kernels(tree: Path, modules: list[str]) -> subprocess.CompletedProcess:
+    code = "; ".join(
+        [f"from oiv2compile.kernels import {', '.join(modules)}"] + [f"print({m}.load_extension())" for m in modules]
     )
     env = {**os.environ, "PYTHONPATH": str(tree)}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tree)
@@ -139,9 +148,12 @@ def main() -> int:
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
-    cuda = torch.cuda.is_available()  # elsewhere the ops run their references: nothing to compile
+    modules = libraries(args.quant)
+    # Elsewhere than on CUDA the ops run their references: nothing to compile.
+    cuda = torch.cuda.is_available() and bool(modules)
     with ThreadPoolExecutor(max_workers=len(trees)) as pool:
-        built = dict(zip(trees, pool.map(compile_kernels, trees.values()), strict=True)) if cuda else {}
+        compile_tree = lambda tree: compile_kernels(tree, modules)  # noqa: E731
+        built = dict(zip(trees, pool.map(compile_tree, trees.values()), strict=True)) if cuda else {}
     try:
         trees = compiled(trees, built)
     except RuntimeError as exc:

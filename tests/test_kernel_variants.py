@@ -50,3 +50,10 @@ def test_a_variant_that_did_not_compile_is_left_out_but_base_must_compile(tmp_pa
     assert kernel_variants.compiled(trees, {}) == trees  # no GPU: nothing was compiled
     with pytest.raises(RuntimeError, match="unchanged tree"):
         kernel_variants.compiled(trees, {**built, "base": result(1)})
+
+
+def test_a_tree_compiles_only_the_libraries_its_chain_runs():
+    assert kernel_variants.libraries("int8-norm-act") == ["linear_int8_gemv"]
+    assert kernel_variants.libraries("bf16,int4-norm") == ["linear_int4_mma"]
+    assert kernel_variants.libraries("int8, int4") == ["linear_int8_gemv", "linear_int4_mma"]
+    assert kernel_variants.libraries("bf16") == []

@@ -241,6 +241,27 @@ def test_int8_gemv_cuda_kernel(rows, dtype):
     torch.library.opcheck(torch.ops.oiv2.linear_int8_gemv.default, (x, q, scales))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_gemv_cuda_kernel_on_every_byte_and_x_with_a_mean(dtype):
+    """The kernel's levels are the byte plus a bias (512 in bf16, 1152 in fp16) whose product with sum(x)
+    comes off at the end: with x far from zero mean over a long K, and every byte -128..127 in W, the
+    result still matches the float64 oracle."""
+    from oiv2compile.kernels.linear_int8_gemv import load_extension
+
+    load_extension()
+    n, k = 72, 14336
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    q[0, :256] = torch.arange(-128, 128, dtype=torch.int8)
+    scales = (torch.rand(n, generator=gen) * 1e-3 + 1e-4).to(dtype)
+    for rows in (1, 3):
+        x = (torch.randn(rows, k, generator=gen) + 4.0).to(dtype)
+        expected = F.linear(x.double(), q.double() * scales.double()[:, None])
+        out = torch.ops.oiv2.linear_int8_gemv(x.cuda(), q.cuda(), scales.cuda()).cpu()
+        assert (out.double() - expected).norm() / expected.norm() < 5e-3
+
+
 def test_int8_gemm_reference_and_fake():
     from oiv2compile.kernels.linear_int8_gemm import linear_int8_gemm_ref
 
