@@ -5,19 +5,25 @@
 // oiv2::linear_int8_gemv_add: y = (x W^T) + residual, each rounded to x's dtype as the model rounds
 // them: the product that ends a block (o, down) writes the new residual stream.
 // oiv2::rms_norm_linear_int8_gemv: y[m] = rsqrt(mean(x[m]^2) + eps) * (x[m] W^T): every warp reads all
-// of x anyway, so the sum of squares costs one FMA a feature and no pass over x.
+// of x anyway, so the sum of squares costs one FMA a feature (for both of its rows) and no pass over x.
 // oiv2::rms_norm_linear_int8_gemv_gated_act: the same for the fused gate/up product of a gated MLP,
 // with the activation after it: y[m, j] = act(gate[m, j]) * up[m, j], gate and up being the product's
-// outputs j and I + j. Half of a CTA's warps take gate rows, half the up rows of the same outputs, and
-// they meet in shared memory: the [M, 2I] product is never written, and the activation kernel goes.
+// outputs j and I + j. Half of a CTA's warps take gate rows, half the up rows of the same outputs (two
+// each), and they meet in shared memory: the [M, 2I] product is never written, and the activation kernel goes.
 // The other modes compile as before this one came (no barrier, no early loads): the chain of a65309a,
 // whose kernel had both in every mode, was 64 us a step slower (benchmarks/RESULTS.md).
 // Doing the add here instead, in the kernel after it (x + residual read by every warp), cost more than
 // the norm kernel it saved (H100, 32 llama-8b layers: 2972 us a step against 2783; benchmarks/RESULTS.md).
 //
-// Bytes: N * K weight bytes stream once; x (M * K * 2 bytes) stays in L1. One warp per output row;
-// each lane loads 16 weight bytes per step with a non-allocating 128-bit load, UNROLL steps in flight
-// before any math. int8 -> float without I2F: byte b, biased to b ^ 0x80 in 0..255, sits in the
+// Bytes: N * K weight bytes stream once; x (M * K * 2 bytes) stays in L1. Each warp takes kPerWarp (2)
+// output rows; each lane loads 16 weight bytes of each row per step with a non-allocating 128-bit load,
+// UNROLL steps of both rows in flight before any math, and converts its 16 features of x to float once
+// for both rows: 4.7 instructions a weight byte in the loop of the norm and gated form, against 5.9 with
+// one row a warp (H200, 32 llama-8b layers: 2104 us a step against 2163; benchmarks/RESULTS.md). The
+// loop is bound by the issue slots on an H200, yet forms with fewer still (the products on the tensor
+// cores, 16 rows a CTA, 3.0 instructions a byte) streamed less: each warp's loads then cover 64 bytes
+// of 16 rows instead of 512 of one (2314 us a step), and staging 512-byte runs through shared memory
+// serialized copy and math within a warp (3090 us). int8 -> float without I2F: byte b, biased to b ^ 0x80 in 0..255, sits in the
 // mantissa of 2^23 (0x4B0000bb), and subtracting 2^23 + 128 gives b exactly (one PRMT, one FADD).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -32,6 +38,7 @@ using namespace oiv2_gemv;
 
 constexpr int kWarps = 4;
 constexpr int kUnroll = 4;
+constexpr int kPerWarp = 2;  // output rows a warp takes: x converted once for both
 
 // int8 -> float: byte b, biased to b ^ 0x80 in 0..255, in the mantissa of 2^23, minus 2^23 + 128.
 __device__ __forceinline__ float byte_to_float(uint32_t biased, uint32_t selector) {
@@ -55,38 +62,52 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
   constexpr int kHalf = kWarps / 2;
   // Gated: warps kHalf.. take the up rows of warps 0..'s outputs, and every warp reaches the barrier
   // (a warp past the last output computes a row again and stores nothing).
-  const int out = kGated ? blockIdx.x * kHalf + threadIdx.y % kHalf : blockIdx.x * kWarps + threadIdx.y;
-  if (!kGated && out >= N) return;
-  const int n = kGated ? min(out, N - 1) + (threadIdx.y >= kHalf ? N : 0) : out;
+  const int out0 = kPerWarp * (kGated ? blockIdx.x * kHalf + threadIdx.y % kHalf : blockIdx.x * kWarps + threadIdx.y);
+  if (!kGated && out0 >= N) return;
+  int outs[kPerWarp], ns[kPerWarp];
+  const int8_t* rows[kPerWarp];
+#pragma unroll
+  for (int p = 0; p < kPerWarp; ++p) {
+    outs[p] = out0 + p;
+    ns[p] = min(outs[p], N - 1) + (kGated && threadIdx.y >= kHalf ? N : 0);
+    rows[p] = w + static_cast<size_t>(ns[p]) * K;
+  }
   const int lane = threadIdx.x;
-  const int8_t* row = w + static_cast<size_t>(n) * K;
   // Launched as a programmatic dependent: the CTAs are resident when the previous kernel ends, and read
   // x only after it has. Prefetching the row into L2 before the wait cost more than it hid (H100, 32
   // llama-8b layers of int8 linears in a CUDA graph: 3062 us per step with it, 2783 without, 2836 with
   // neither the prefetch nor the early launch; benchmarks/RESULTS.md): the resident CTAs' rows of the
   // fused gate/up matrix alone outgrow L2.
   wait_for_previous_grid();
-  float acc[M], sumsq[M];
+  float accs[kPerWarp][M], sumsq[M];
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = sumsq[m] = 0.0f;
+  for (int m = 0; m < M; ++m) {
+    sumsq[m] = 0.0f;
+#pragma unroll
+    for (int p = 0; p < kPerWarp; ++p) accs[p][m] = 0.0f;
+  }
   for (int base = lane * 16; base < K; base += kWarpStep * kUnroll) {
-    int4 wv[kUnroll];
-    load_row<kUnroll>(reinterpret_cast<const uint8_t*>(row), base, K, wv);
+    int4 wv[kPerWarp][kUnroll];
+#pragma unroll
+    for (int p = 0; p < kPerWarp; ++p) load_row<kUnroll>(reinterpret_cast<const uint8_t*>(rows[p]), base, K, wv[p]);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int k = base + u * kWarpStep;
       if (k >= K) break;
-      const uint32_t words[4] = {static_cast<uint32_t>(wv[u].x) ^ 0x80808080u,
-                                 static_cast<uint32_t>(wv[u].y) ^ 0x80808080u,
-                                 static_cast<uint32_t>(wv[u].z) ^ 0x80808080u,
-                                 static_cast<uint32_t>(wv[u].w) ^ 0x80808080u};
-      float wf[16];
+      float wf[kPerWarp][16];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        wf[4 * i + 0] = byte_to_float(words[i], 0x7440);
-        wf[4 * i + 1] = byte_to_float(words[i], 0x7441);
-        wf[4 * i + 2] = byte_to_float(words[i], 0x7442);
-        wf[4 * i + 3] = byte_to_float(words[i], 0x7443);
+      for (int p = 0; p < kPerWarp; ++p) {
+        const uint32_t words[4] = {static_cast<uint32_t>(wv[p][u].x) ^ 0x80808080u,
+                                   static_cast<uint32_t>(wv[p][u].y) ^ 0x80808080u,
+                                   static_cast<uint32_t>(wv[p][u].z) ^ 0x80808080u,
+                                   static_cast<uint32_t>(wv[p][u].w) ^ 0x80808080u};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          wf[p][4 * i + 0] = byte_to_float(words[i], 0x7440);
+          wf[p][4 * i + 1] = byte_to_float(words[i], 0x7441);
+          wf[p][4 * i + 2] = byte_to_float(words[i], 0x7442);
+          wf[p][4 * i + 3] = byte_to_float(words[i], 0x7443);
+        }
       }
 #pragma unroll
       for (int m = 0; m < M; ++m) {
@@ -95,7 +116,10 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
         to_float8<T>(__ldg(xp), xf);
         to_float8<T>(__ldg(xp + 1), xf + 8);
 #pragma unroll
-        for (int j = 0; j < 16; ++j) acc[m] = fmaf(xf[j], wf[j], acc[m]);
+        for (int p = 0; p < kPerWarp; ++p) {
+#pragma unroll
+          for (int j = 0; j < 16; ++j) accs[p][m] = fmaf(xf[j], wf[p][j], accs[p][m]);
+        }
         if constexpr (kNorm) {
 #pragma unroll
           for (int j = 0; j < 16; ++j) sumsq[m] = fmaf(xf[j], xf[j], sumsq[m]);
@@ -103,39 +127,39 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
       }
     }
   }
+  float inv[M];
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    acc[m] = warp_sum(acc[m]);
-    if constexpr (kNorm) acc[m] *= rsqrtf(warp_sum(sumsq[m]) / K + eps);
-  }
-  if constexpr (kGated) {
-    // gate and up rounded to x's dtype, the activation too, then their product: as the model rounds.
-    __shared__ float up_part[kHalf][M];
-    const float s = to_float(scales[n]);
-    const int warp = threadIdx.y;
-    if (lane == 0 && warp >= kHalf) {
+  for (int m = 0; m < M; ++m) inv[m] = kNorm ? rsqrtf(warp_sum(sumsq[m]) / K + eps) : 1.0f;
+  __shared__ float up_part[kGated ? kHalf : 1][kPerWarp][M];
+  const int warp = threadIdx.y;
 #pragma unroll
-      for (int m = 0; m < M; ++m) up_part[warp - kHalf][m] = to_float(from_float<T>(acc[m] * s));
-    }
-    __syncthreads();
-    if (lane == 0 && warp < kHalf && out < N) {
+  for (int p = 0; p < kPerWarp; ++p) {
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = warp_sum(accs[p][m]) * inv[m];
+    const float s = to_float(scales[ns[p]]);
+    if constexpr (kGated) {
+      if (lane == 0 && warp >= kHalf) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) up_part[warp - kHalf][p][m] = to_float(from_float<T>(acc[m] * s));
+      }
+      __syncthreads();
+      if (lane == 0 && warp < kHalf && outs[p] < N) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const float gate = to_float(from_float<T>(acc[m] * s));
+          const float act = to_float(from_float<T>(activate(gate, activation)));
+          y[static_cast<size_t>(m) * N + outs[p]] = from_float<T>(act * up_part[warp][p][m]);
+        }
+      }
+    } else if (lane == 0 && outs[p] < N) {
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float gate = to_float(from_float<T>(acc[m] * s));
-        const float act = to_float(from_float<T>(activate(gate, activation)));
-        y[static_cast<size_t>(m) * N + out] = from_float<T>(act * up_part[warp][m]);
+        const size_t at = static_cast<size_t>(m) * N + outs[p];
+        T value = from_float<T>(acc[m] * s);
+        if constexpr (kMode == Epilogue::kAddResidual) value = from_float<T>(to_float(value) + to_float(residual[at]));
+        y[at] = value;
       }
-    }
-    return;
-  }
-  if (lane == 0) {
-    const float s = to_float(scales[n]);
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const size_t at = static_cast<size_t>(m) * N + n;
-      T value = from_float<T>(acc[m] * s);
-      if constexpr (kMode == Epilogue::kAddResidual) value = from_float<T>(to_float(value) + to_float(residual[at]));
-      y[at] = value;
     }
   }
 }
@@ -150,7 +174,7 @@ struct Operands {
 template <typename T, int M, Epilogue kMode>
 void launch(const Operands& o) {
   const int N = o.y.size(1), K = o.w.size(1);  // outputs: the weight's rows, or half of them gated
-  const int outs_per_cta = kMode == Epilogue::kRmsNormGatedAct ? kWarps / 2 : kWarps;
+  const int outs_per_cta = kPerWarp * (kMode == Epilogue::kRmsNormGatedAct ? kWarps / 2 : kWarps);
   dim3 block(32, kWarps);
   dim3 grid((N + outs_per_cta - 1) / outs_per_cta);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
