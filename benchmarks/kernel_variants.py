@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -152,7 +153,7 @@ def main() -> int:
     # Elsewhere than on CUDA the ops run their references: nothing to compile.
     cuda = torch.cuda.is_available() and bool(modules)
     with ThreadPoolExecutor(max_workers=len(trees)) as pool:
-        compile_tree = lambda tree: compile_kernels(tree, modules)  # noqa: E731
+        compile_tree = partial(compile_kernels, modules=modules)
         built = dict(zip(trees, pool.map(compile_tree, trees.values()), strict=True)) if cuda else {}
     try:
         trees = compiled(trees, built)

@@ -9,7 +9,8 @@
 // oiv2::rms_norm_linear_int8_gemv_gated_act: the same for the fused gate/up product of a gated MLP,
 // with the activation after it: y[m, j] = act(gate[m, j]) * up[m, j], gate and up being the product's
 // outputs j and I + j. Half of a CTA's warps take gate rows, half the up rows of the same outputs (two
-// each), and they meet in shared memory: the [M, 2I] product is never written, and the activation kernel goes.
+// each), and they meet in shared memory: the [M, 2I] product is never written, and the activation
+// kernel goes.
 // The other modes compile as before this one came (no barrier, no early loads): the chain of a65309a,
 // whose kernel had both in every mode, was 64 us a step slower (benchmarks/RESULTS.md).
 // Doing the add here instead, in the kernel after it (x + residual read by every warp), cost more than
@@ -23,8 +24,9 @@
 // loop is bound by the issue slots on an H200, yet forms with fewer still (the products on the tensor
 // cores, 16 rows a CTA, 3.0 instructions a byte) streamed less: each warp's loads then cover 64 bytes
 // of 16 rows instead of 512 of one (2314 us a step), and staging 512-byte runs through shared memory
-// serialized copy and math within a warp (3090 us). int8 -> float without I2F: byte b, biased to b ^ 0x80 in 0..255, sits in the
-// mantissa of 2^23 (0x4B0000bb), and subtracting 2^23 + 128 gives b exactly (one PRMT, one FADD).
+// serialized copy and math within a warp (3090 us). int8 -> float without I2F: byte b, biased to
+// b ^ 0x80 in 0..255, sits in the mantissa of 2^23 (0x4B0000bb), and subtracting 2^23 + 128 gives b
+// exactly (one PRMT, one FADD).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -64,12 +66,11 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
   // (a warp past the last output computes a row again and stores nothing).
   const int out0 = kPerWarp * (kGated ? blockIdx.x * kHalf + threadIdx.y % kHalf : blockIdx.x * kWarps + threadIdx.y);
   if (!kGated && out0 >= N) return;
-  int outs[kPerWarp], ns[kPerWarp];
+  int ns[kPerWarp];  // the weight rows of outputs out0 + p (past N: the last one again, never stored)
   const int8_t* rows[kPerWarp];
 #pragma unroll
   for (int p = 0; p < kPerWarp; ++p) {
-    outs[p] = out0 + p;
-    ns[p] = min(outs[p], N - 1) + (kGated && threadIdx.y >= kHalf ? N : 0);
+    ns[p] = min(out0 + p, N - 1) + (kGated && threadIdx.y >= kHalf ? N : 0);
     rows[p] = w + static_cast<size_t>(ns[p]) * K;
   }
   const int lane = threadIdx.x;
@@ -130,7 +131,6 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
   float inv[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) inv[m] = kNorm ? rsqrtf(warp_sum(sumsq[m]) / K + eps) : 1.0f;
-  __shared__ float up_part[kGated ? kHalf : 1][kPerWarp][M];
   const int warp = threadIdx.y;
 #pragma unroll
   for (int p = 0; p < kPerWarp; ++p) {
@@ -138,24 +138,27 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = warp_sum(accs[p][m]) * inv[m];
     const float s = to_float(scales[ns[p]]);
+    const int out = out0 + p;
     if constexpr (kGated) {
+      // gate and up rounded to x's dtype, the activation too, then their product: as the model rounds.
+      __shared__ float up_part[kHalf][kPerWarp][M];
       if (lane == 0 && warp >= kHalf) {
 #pragma unroll
         for (int m = 0; m < M; ++m) up_part[warp - kHalf][p][m] = to_float(from_float<T>(acc[m] * s));
       }
       __syncthreads();
-      if (lane == 0 && warp < kHalf && outs[p] < N) {
+      if (lane == 0 && warp < kHalf && out < N) {
 #pragma unroll
         for (int m = 0; m < M; ++m) {
           const float gate = to_float(from_float<T>(acc[m] * s));
           const float act = to_float(from_float<T>(activate(gate, activation)));
-          y[static_cast<size_t>(m) * N + outs[p]] = from_float<T>(act * up_part[warp][p][m]);
+          y[static_cast<size_t>(m) * N + out] = from_float<T>(act * up_part[warp][p][m]);
         }
       }
-    } else if (lane == 0 && outs[p] < N) {
+    } else if (lane == 0 && out < N) {
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const size_t at = static_cast<size_t>(m) * N + outs[p];
+        const size_t at = static_cast<size_t>(m) * N + out;
         T value = from_float<T>(acc[m] * s);
         if constexpr (kMode == Epilogue::kAddResidual) value = from_float<T>(to_float(value) + to_float(residual[at]));
         y[at] = value;
