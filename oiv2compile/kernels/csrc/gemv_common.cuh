@@ -16,15 +16,6 @@ namespace oiv2_gemv {
 // writes (x), or writes anything, it waits for that grid to end; the weights it may stream before.
 __device__ __forceinline__ void wait_for_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
-// The same wait, placed after the loads that produced `word` have returned: ptxas otherwise schedules the
-// wait above loads issued before it (nothing ties them), and they then wait for the previous grid too.
-// Both branches wait; the predicate only ties the wait to the data.
-__device__ __forceinline__ void wait_for_previous_grid_after(uint32_t word) {
-  asm volatile(
-      "{\n\t.reg .pred p;\n\tsetp.eq.b32 p, %0, 0;\n\t@p griddepcontrol.wait;\n\t@!p griddepcontrol.wait;\n\t}" ::"r"(word)
-      : "memory");
-}
-
 // The kernel after this one (launched as a programmatic dependent) may start once every CTA of this grid
 // has called this or ended; it still waits for this grid to end before it reads what this grid writes.
 __device__ __forceinline__ void allow_dependents_to_launch() { asm volatile("griddepcontrol.launch_dependents;"); }

@@ -74,26 +74,12 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
     rows[p] = w + static_cast<size_t>(ns[p]) * K;
   }
   const int lane = threadIdx.x;
-  int4 wv[kPerWarp][kUnroll];
-  auto load_step = [&](int base) {
-#pragma unroll
-    for (int p = 0; p < kPerWarp; ++p) load_row<kUnroll>(reinterpret_cast<const uint8_t*>(rows[p]), base, K, wv[p]);
-  };
   // Launched as a programmatic dependent: the CTAs are resident when the previous kernel ends, and read
   // x only after it has. Prefetching the row into L2 before the wait cost more than it hid (H100, 32
   // llama-8b layers of int8 linears in a CUDA graph: 3062 us per step with it, 2783 without, 2836 with
   // neither the prefetch nor the early launch; benchmarks/RESULTS.md): the resident CTAs' rows of the
   // fused gate/up matrix alone outgrow L2.
-  // The forms without the norm (o after attention, whose kernel lets this one start at its own start)
-  // issue their first step's weight loads into registers before the wait, so that attention's time
-  // streams o's weights. The norm forms follow another product, which lets them start only at its end.
-  constexpr bool kLoadsBeforeWait = !kNorm;
-  if constexpr (kLoadsBeforeWait) {
-    load_step(lane * 16);
-    wait_for_previous_grid_after(static_cast<uint32_t>(wv[0][0].x));
-  } else {
-    wait_for_previous_grid();
-  }
+  wait_for_previous_grid();
   float accs[kPerWarp][M], sumsq[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -102,7 +88,9 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
     for (int p = 0; p < kPerWarp; ++p) accs[p][m] = 0.0f;
   }
   for (int base = lane * 16; base < K; base += kWarpStep * kUnroll) {
-    if (!kLoadsBeforeWait || base != lane * 16) load_step(base);
+    int4 wv[kPerWarp][kUnroll];
+#pragma unroll
+    for (int p = 0; p < kPerWarp; ++p) load_row<kUnroll>(reinterpret_cast<const uint8_t*>(rows[p]), base, K, wv[p]);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int k = base + u * kWarpStep;
