@@ -21,10 +21,11 @@
 // UNROLL steps of both rows in flight before any math, and converts its 16 features of x to float once
 // for both rows: 4.7 instructions a weight byte in the loop of the norm and gated form, against 5.9 with
 // one row a warp (H200, 32 llama-8b layers: 2104 us a step against 2163; benchmarks/RESULTS.md). The
-// loop is bound by the issue slots on an H200, yet forms with fewer still (the products on the tensor
-// cores, 16 rows a CTA, 3.0 instructions a byte) streamed less: each warp's loads then cover 64 bytes
-// of 16 rows instead of 512 of one (2314 us a step), and staging 512-byte runs through shared memory
-// serialized copy and math within a warp (3090 us). int8 -> float without I2F: byte b, biased to
+// loop streams 78-79% of the copy bandwidth on an H200, and forms with fewer instructions streamed less:
+// the products on the tensor cores (16 rows a CTA, 3.0 instructions a byte) with each warp's loads
+// covering 64 bytes of 16 rows (2314 us a step against 2131), staging 512-byte runs through shared
+// memory (3090 us), and even reading 512-byte tiles laid out for the fragments (a timing what-if of a
+// packed layout: 2156-2160 us against 2091-2093). int8 -> float without I2F: byte b, biased to
 // b ^ 0x80 in 0..255, sits in the mantissa of 2^23 (0x4B0000bb), and subtracting 2^23 + 128 gives b
 // exactly (one PRMT, one FADD).
 #include <ATen/ATen.h>
@@ -78,7 +79,9 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
   // x only after it has. Prefetching the row into L2 before the wait cost more than it hid (H100, 32
   // llama-8b layers of int8 linears in a CUDA graph: 3062 us per step with it, 2783 without, 2836 with
   // neither the prefetch nor the early launch; benchmarks/RESULTS.md): the resident CTAs' rows of the
-  // fused gate/up matrix alone outgrow L2.
+  // fused gate/up matrix alone outgrow L2. Loading the first step's weights into registers before the
+  // wait, in the forms without the norm (so that o's weights stream while attention runs), made llama-8b
+  // int8 decode 5% slower end to end (H200: 374 against 394-396 tok/s).
   wait_for_previous_grid();
   float accs[kPerWarp][M], sumsq[M];
 #pragma unroll
