@@ -2,12 +2,12 @@
 oiv2::linear_int8 ("int8-rowmajor-v1"), by a hand-written CUDA C++ kernel (csrc/linear_int8_gemv.cu).
 
 The matrix-vector product of a decode step: each warp streams two weight rows with 128-bit
-non-allocating loads, converts bytes to float without the I2F unit and x to float once for both rows. The schema, the reference (the
-CPU path) and the fake live here; the CUDA kernel registers itself for the CUDA key when
-`load_extension()` has compiled and loaded it (`_cuda_extension`), together with the kernels of
-oiv2::linear_int8_gemv_add, oiv2::rms_norm_linear_int8_gemv and
-oiv2::rms_norm_linear_int8_gemv_gated_act, which share its source. use_cuda_kernels
-puts it in the batch-1 decode program of CUDA artifacts.
+non-allocating loads, converts bytes to float without the I2F unit and x to float once for both rows.
+The schema, the reference (the CPU path) and the fake live here; the CUDA kernel registers itself for
+the CUDA key when `load_extension()` has compiled and loaded it (`_cuda_extension`), together with the
+kernels of oiv2::linear_int8_gemv_add, oiv2::rms_norm_linear_int8_gemv and
+oiv2::rms_norm_linear_int8_gemv_gated_act, which share its source. use_cuda_kernels puts it in the
+batch-1 decode program of CUDA artifacts.
 """
 
 from __future__ import annotations
