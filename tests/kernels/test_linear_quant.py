@@ -313,6 +313,51 @@ def test_int8_gemm_cuda_kernel(rows, n, k, dtype):
 
 
 @pytest.mark.cuda
+def test_int8_gemm_cuda_kernel_takes_bf16_rows_beyond_fp16s_range():
+    """bf16 x multiplies in fp16, each row taken there by a power of two: rows whose values pass fp16's
+    largest (65504) or fall below its smallest normal (6e-5), a row of zeros, and rows of one huge value
+    among small ones, against the reference in double, every byte -128..127 in W."""
+    from oiv2compile.kernels.linear_int8_gemm import load_extension
+
+    load_extension()
+    gen = torch.Generator().manual_seed(7)
+    n, k = 1008, 4224
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    q[0, :256] = torch.arange(-128, 128, dtype=torch.int8)
+    scales = (torch.rand(n, generator=gen) * 1e-2 + 1e-3).to(torch.bfloat16)
+    x = torch.randn(40, k, generator=gen)
+    x[0] *= 1e6
+    x[1] *= 1e-7
+    x[2] = 0.0
+    x[3, 5] = 3e5  # one value past fp16's range in an ordinary row
+    x[4] *= 1e34  # toward the top of bf16's range (its sums stay finite)
+    x = x.to(torch.bfloat16)
+    expected = F.linear(x.double(), q.double() * scales.double()[:, None])
+    out = torch.ops.oiv2.linear_int8_gemm(x.cuda(), q.cuda(), scales.cuda()).cpu()
+    assert torch.isfinite(out).all() and (out[2] == 0).all()
+    nonzero = [r for r in range(40) if r != 2]
+    error = (out.double() - expected)[nonzero].norm(dim=1) / expected[nonzero].norm(dim=1)
+    assert float(error.max()) < 5e-3
+
+
+@pytest.mark.cuda
+def test_int8_gemm_cuda_kernel_takes_bf16_rows_longer_than_its_fp16_pass():
+    """A bf16 row longer than the fp16 pass holds in shared memory (49152 features) takes the dequantize
+    path instead, and still matches the reference."""
+    from oiv2compile.kernels.linear_int8_gemm import linear_int8_gemm_ref, load_extension
+
+    load_extension()
+    gen = torch.Generator().manual_seed(8)
+    n, k = 32, 49152 + 64
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(n, generator=gen) * 1e-2 + 1e-3).to(torch.bfloat16)
+    x = torch.randn(64, k, generator=gen).to(torch.bfloat16)
+    expected = linear_int8_gemm_ref(x.float(), q, scales.float())
+    out = torch.ops.oiv2.linear_int8_gemm(x.cuda(), q.cuda(), scales.cuda()).cpu().float()
+    assert float((out - expected).norm() / expected.norm()) < 5e-3
+
+
+@pytest.mark.cuda
 def test_int8_gemm_cuda_kernel_takes_a_3d_input_and_no_rows():
     from oiv2compile.kernels.linear_int8_gemm import linear_int8_gemm_ref, load_extension
 

@@ -8,11 +8,16 @@
 // (the mma's k order that x_in_mma_order gives x): one 8-byte shared load a row and half chunk, its low
 // word for step 2 h, its high word for step 2 h + 1, bytes 0-1 and 2-3 of a word the fragment's two
 // pairs. The 16-byte units of row r sit at unit ^ 2 ((r >> 1) & 1), so that the 16 lanes of a half warp
-// (rows g = 0..3 or 4..7) read 128 distinct bytes of the banks. A byte becomes bf16 exactly through
-// float (2^23 + biased byte, one PRMT and one FADD, the high halves of two floats one PRMT); fp16 takes
-// 1024 + biased byte as a half (one PRMT a pair) minus 1152 (one HSUB2). The row's scale multiplies the
-// float sum at the end, so the weights are never rounded (the reference rounds q * scale to x's dtype
-// before its product: a difference of one rounding of each weight).
+// (rows g = 0..3 or 4..7) read 128 distinct bytes of the banks. The products run in fp16, where a byte
+// becomes a level exactly as 1024 + biased byte (one PRMT a pair) minus 1152 (one HSUB2); a bf16 x is
+// first taken into fp16 a row at a time by a power of two (x_in_mma_order_fp16_kernel, undone on the
+// row's sums; longer rows than that pass holds take the dequantize path below). bf16 levels through
+// float (2^23 + biased byte, a PRMT and an FADD a byte, the high halves of two floats a PRMT) took
+// llama-8b's four products of a layer at 128 rows 1.26-1.32x bf16 F.linear's time, the fp16 products
+// with bf16 x 1.19x, and llama-8b int8's time to first token went from 8.4-8.7 ms to 7.4 (bf16 7.2;
+// H200, benchmarks/RESULTS.md). The row's scale multiplies the float sum at the end, so the weights are never
+// rounded (the reference rounds q * scale to x's dtype before its product: a difference of one rounding
+// of each weight).
 //
 // More rows, or another card: slices of W are dequantized, q * scale rounded to x's dtype as the
 // reference does, into a buffer that L2 holds and multiplied by cuBLAS.
@@ -31,23 +36,8 @@ using namespace oiv2_gemv;
 // The slice of W dequantized at a time above that: 64 MB, as for int4 (linear_int4_mma.cu).
 constexpr int64_t kDequantBytes = int64_t{64} << 20;
 
-// The bf16/fp16 pairs (bytes 0 and 1, bytes 2 and 3) of a word of four int8 weights, exactly.
-template <typename T>
-__device__ __forceinline__ void int8_pairs(uint32_t word, uint32_t& low, uint32_t& high);
-
-template <>
-__device__ __forceinline__ void int8_pairs<__nv_bfloat16>(uint32_t word, uint32_t& low, uint32_t& high) {
-  const uint32_t biased = word ^ 0x80808080u;
-  constexpr float kBias = k2p23 + 128.0f;
-  const float f0 = byte_plus_2p23(biased, 0x7440) - kBias, f1 = byte_plus_2p23(biased, 0x7441) - kBias;
-  const float f2 = byte_plus_2p23(biased, 0x7442) - kBias, f3 = byte_plus_2p23(biased, 0x7443) - kBias;
-  // A whole number of at most 7 bits: its bf16 is the float's high half.
-  low = __byte_perm(__float_as_uint(f0), __float_as_uint(f1), 0x7632);
-  high = __byte_perm(__float_as_uint(f2), __float_as_uint(f3), 0x7632);
-}
-
-template <>
-__device__ __forceinline__ void int8_pairs<__half>(uint32_t word, uint32_t& low, uint32_t& high) {
+// The fp16 pairs (bytes 0 and 1, bytes 2 and 3) of a word of four int8 weights, exactly.
+__device__ __forceinline__ void int8_half_pairs(uint32_t word, uint32_t& low, uint32_t& high) {
   const uint32_t biased = word ^ 0x80808080u;
   const __half2 bias = __halves2half2(__ushort_as_half(0x6480), __ushort_as_half(0x6480));  // 1152
   uint32_t l = __byte_perm(biased, 0x64646464u, 0x4140), h = __byte_perm(biased, 0x64646464u, 0x4342);
@@ -57,11 +47,12 @@ __device__ __forceinline__ void int8_pairs<__half>(uint32_t word, uint32_t& low,
   high = *reinterpret_cast<const uint32_t*>(&hf);
 }
 
-template <typename T>
+// The products run in fp16 (a bf16 x is taken into fp16 first); TScale is the scales' dtype, x's.
+template <typename TScale>
 struct Int8Weights {
   struct Params {
     const int8_t* w;
-    const T* scales;
+    const TScale* scales;
     int K;
   };
   static constexpr int kRowBytes = oiv2_wgmma::kChunk;  // a row's bytes of a chunk
@@ -104,8 +95,8 @@ struct Int8Weights {
       for (int h = 0; h < 2; ++h) {
         const uint2 v =
             *reinterpret_cast<const uint2*>(stage + r * kRowBytes + unit_at(r, 2 * h + (t >> 1)) + 8 * (t & 1));
-        int8_pairs<T>(v.x, a[2 * h][hi], a[2 * h][2 + hi]);
-        int8_pairs<T>(v.y, a[2 * h + 1][hi], a[2 * h + 1][2 + hi]);
+        int8_half_pairs(v.x, a[2 * h][hi], a[2 * h][2 + hi]);
+        int8_half_pairs(v.y, a[2 * h + 1][hi], a[2 * h + 1][2 + hi]);
       }
     }
   }
@@ -155,11 +146,12 @@ void run_dequant_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 template <typename T>
 void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, at::Tensor& y) {
   const int64_t N = w.size(0);
-  if (N % oiv2_wgmma::kBlockRows == 0 && x.size(1) % oiv2_wgmma::kChunk == 0 && oiv2_wgmma::takes(x.size(0))) {
-    using Weights = Int8Weights<T>;
+  if (N % oiv2_wgmma::kBlockRows == 0 && x.size(1) % oiv2_wgmma::kChunk == 0 &&
+      (std::is_same_v<T, __half> || x.size(1) <= oiv2_wgmma::kMaxFp16RowK) && oiv2_wgmma::takes(x.size(0))) {
+    using Weights = Int8Weights<T>;  // products in fp16 (see the top of the file)
     const typename Weights::Params p{w.data_ptr<int8_t>(), reinterpret_cast<const T*>(scales.data_ptr()),
                                      static_cast<int>(x.size(1))};
-    return oiv2_wgmma::run_wgmma_gemm<T, Weights>(x, p, N, y);
+    return oiv2_wgmma::run_wgmma_gemm<__half, Weights, T>(x, p, N, y);
   }
   run_dequant_gemm<T>(x, w, scales, y);
 }

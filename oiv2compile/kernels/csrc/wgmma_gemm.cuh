@@ -47,6 +47,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <type_traits>
 
 #include "gemv_common.cuh"
 
@@ -165,6 +166,62 @@ __global__ void x_in_mma_order_kernel(const uint32_t* __restrict__ x, uint4* __r
   out[i] = make_uint4(__ldg(src), __ldg(src + 4), __ldg(src + 8), __ldg(src + 12));
 }
 
+// The same order for bf16 x taken into fp16 (the int8 GEMM's bf16 products run in fp16, where a pair of
+// bytes becomes levels by one PRMT instead of going through float): one CTA a row of x finds the row's
+// largest magnitude and multiplies the row by the power of two 2^-e that puts it in [2^14, 2^15) (fp16
+// holds up to 65504) before rounding it to fp16; factor[row] = 2^e multiplies the row's sums at the end.
+// fp16 has three more mantissa bits than bf16, so every value down to about 2^-28 of the row's largest
+// is exact. The row is read once, coalesced, into shared memory, and reordered from there: at 128 rows
+// this pass took 2.9-6.7 us (llama-8b shapes, H200) with a thread a chunk of 64 features in registers
+// (8 loads of a 128-byte stride across a warp) against 1.8-3.1 for x_in_mma_order_kernel, and 9-17 us
+// more a product as first written (a thread a 16-byte unit, 4-byte loads, x read twice).
+constexpr int kMaxFp16RowK = 49152;  // the longest row of x this pass takes: 96 KB of shared memory
+
+__device__ __forceinline__ float bf16_pair_largest(uint32_t v) {
+  return fmaxf(fabsf(__uint_as_float(v << 16)), fabsf(__uint_as_float(v & 0xFFFF0000u)));
+}
+
+__device__ __forceinline__ uint32_t bf16_pair_to_fp16(uint32_t v, float down) {
+  const __half2 pair = __floats2half2_rn(__uint_as_float(v << 16) * down, __uint_as_float(v & 0xFFFF0000u) * down);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
+__global__ void x_in_mma_order_fp16_kernel(const uint4* __restrict__ x, uint4* __restrict__ out,
+                                           float* __restrict__ factor, int K) {
+  extern __shared__ uint4 x_row[];  // [K / 8]
+  const int units = K / 8;
+  const int64_t row = blockIdx.x;
+  const uint4* in = x + row * units;
+  float largest = 0.0f;
+  for (int i = threadIdx.x; i < units; i += blockDim.x) {
+    const uint4 v = __ldg(in + i);
+    x_row[i] = v;
+    largest = fmaxf(fmaxf(largest, fmaxf(bf16_pair_largest(v.x), bf16_pair_largest(v.y))),
+                    fmaxf(bf16_pair_largest(v.z), bf16_pair_largest(v.w)));
+  }
+  __shared__ float warp_largest[32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, off));
+  if ((threadIdx.x & 31) == 0) warp_largest[threadIdx.x >> 5] = largest;
+  __syncthreads();
+  largest = 0.0f;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) largest = fmaxf(largest, warp_largest[w]);
+  // An all-zero row, or one holding inf or NaN (which the products carry on), keeps e = 0. e <= 113 for a
+  // finite largest, and at least -100: 2^-e and 2^e stay normal floats (the kernels flush subnormals).
+  const int exponent = static_cast<int>((__float_as_uint(largest) >> 23) & 0xFF) - 127;
+  const int e = largest > 0.0f && isfinite(largest) ? max(exponent - 14, -100) : 0;
+  if (threadIdx.x == 0) factor[row] = exp2f(static_cast<float>(e));
+  const float down = exp2f(static_cast<float>(-e));
+  // Unit u of chunk c holds the chunk's words w + 4 j (j < 4), w = 16 (u >> 2) + (u & 3): the order
+  // x_in_mma_order_kernel gathers.
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(x_row);
+  for (int unit = threadIdx.x; unit < units; unit += blockDim.x) {
+    const uint32_t* src = words + 32 * (unit >> 3) + 16 * ((unit >> 2) & 1) + (unit & 3);
+    out[row * units + unit] = make_uint4(bf16_pair_to_fp16(src[0], down), bf16_pair_to_fp16(src[4], down),
+                                         bf16_pair_to_fp16(src[8], down), bf16_pair_to_fp16(src[12], down));
+  }
+}
+
 // The copies of x's chunks one thread makes: its share of a chunk's 128 rows x 8 16-byte units, into an x
 // slot in the 128-byte swizzle (rows past M read row M - 1 and are never stored). The row pointers and the
 // shared-memory offset are worked out once, so a chunk's copies cost an add and a cp.async each.
@@ -231,10 +288,11 @@ __device__ __forceinline__ void wgmma_chunk(uint8_t* base, int s, int steps, con
 // Grid (row tiles of x, CTAs of W's rows, splits of K); each split takes chunks_per_split chunks. With one
 // split the CTA writes y; with more, partial [splits, M, N] in float. x in the mma's order
 // (x_in_mma_order_kernel).
-template <typename T, typename Weights>
+template <typename T, typename Weights, typename TOut>
 __global__ void __launch_bounds__(kThreads, 1)
-    wgmma_gemm_kernel(const T* __restrict__ x, const typename Weights::Params p, T* __restrict__ y,
-                      float* __restrict__ partial, int M, int N, int K, int chunks_per_split) {
+    wgmma_gemm_kernel(const T* __restrict__ x, const typename Weights::Params p, TOut* __restrict__ y,
+                      float* __restrict__ partial, const float* __restrict__ x_factor, int M, int N, int K,
+                      int chunks_per_split) {
 #ifdef OIV2_HAS_WGMMA
   extern __shared__ uint8_t wgmma_smem[];
   // Aligned by an offset into the array (not by casting an address): the compiler then knows every pointer
@@ -273,6 +331,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   copy_async_wait<0>();
 
   // acc[i]: row 16 (block0 + warp) + g + 8 ((i >> 1) & 1) of W, row m0 + 8 (i >> 2) + 2 t + (i & 1) of x.
+  if (x_factor != nullptr) {  // all the loads before any store
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] *= __ldg(x_factor + min(m0 + 8 * (i >> 2) + 2 * t + (i & 1), M - 1));
+  }
 #pragma unroll
   for (int hi = 0; hi < 2; ++hi) {
     const int n = (block0 + warp) * kBlockRows + g + 8 * hi;
@@ -283,10 +345,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int i = 4 * (j >> 1) + 2 * hi + (j & 1);
       const int m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
       if (m >= M) continue;
+      const float v = acc[i] * scale;
       if (partial == nullptr) {
-        y[static_cast<size_t>(m) * N + n] = from_float<T>(acc[i] * scale);
+        y[static_cast<size_t>(m) * N + n] = from_float<TOut>(v);
       } else {
-        partial[(static_cast<size_t>(blockIdx.z) * M + m) * N + n] = acc[i] * scale;
+        partial[(static_cast<size_t>(blockIdx.z) * M + m) * N + n] = v;
       }
     }
   }
@@ -318,11 +381,14 @@ __global__ void sum_splits_kernel(const float4* __restrict__ partial, T* __restr
 }
 
 // y [M, N] = x [M, K] @ W^T on a Hopper card, x contiguous and 16-byte aligned, N a multiple of 16, K of
-// 64. `splits` <= 0: as gemm_splits says.
-template <typename T, typename Weights>
+// 64. `splits` <= 0: as gemm_splits says. T is the products' dtype, TOut x's and y's: T = fp16 with TOut
+// = bf16 takes x into fp16 a row at a time (x_in_mma_order_fp16_kernel).
+template <typename T, typename Weights, typename TOut = T>
 void run_wgmma_gemm(const at::Tensor& x, const typename Weights::Params& p, int64_t N, at::Tensor& y,
                     int splits = 0) {
-  auto kernel = wgmma_gemm_kernel<T, Weights>;
+  static_assert(std::is_same_v<T, TOut> || (std::is_same_v<T, __half> && std::is_same_v<TOut, __nv_bfloat16>),
+                "products in x's dtype, or bf16 x in fp16");
+  auto kernel = wgmma_gemm_kernel<T, Weights, TOut>;
   constexpr int kBytes = Layout<Weights>::kBytes;
   static std::once_flag configured;
   static int per_sm = 1;  // CTAs an SM holds at once
@@ -334,9 +400,24 @@ void run_wgmma_gemm(const at::Tensor& x, const typename Weights::Params& p, int6
   auto stream = at::cuda::getCurrentCUDAStream();
   const int M = x.size(0), K = x.size(1);
   const int64_t units = x.numel() / 8;
-  at::Tensor ordered = at::empty_like(x);
-  x_in_mma_order_kernel<<<(units + 255) / 256, 256, 0, stream>>>(
-      reinterpret_cast<const uint32_t*>(x.data_ptr()), reinterpret_cast<uint4*>(ordered.data_ptr()), units, K);
+  at::Tensor ordered = at::empty_like(x);  // fp16 or bf16: the same bytes
+  at::Tensor x_factor;
+  if constexpr (std::is_same_v<T, TOut>) {
+    x_in_mma_order_kernel<<<(units + 255) / 256, 256, 0, stream>>>(
+        reinterpret_cast<const uint32_t*>(x.data_ptr()), reinterpret_cast<uint4*>(ordered.data_ptr()), units, K);
+  } else {
+    x_factor = at::empty({M}, x.options().dtype(at::kFloat));
+    TORCH_CHECK(K <= kMaxFp16RowK, "rows of x longer than ", kMaxFp16RowK, " features take another product");
+    static std::once_flag row_configured;
+    std::call_once(row_configured, [] {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(x_in_mma_order_fp16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          kMaxFp16RowK * 2));
+    });
+    const int threads = std::min(1024, (K / 8 + 31) / 32 * 32);
+    x_in_mma_order_fp16_kernel<<<M, threads, K * 2, stream>>>(reinterpret_cast<const uint4*>(x.data_ptr()),
+                                                       reinterpret_cast<uint4*>(ordered.data_ptr()),
+                                                       x_factor.data_ptr<float>(), K);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t slots = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (splits <= 0) splits = gemm_splits(M, N, K, slots);
@@ -348,13 +429,15 @@ void run_wgmma_gemm(const at::Tensor& x, const typename Weights::Params& p, int6
   const dim3 grid((M + kXRows - 1) / kXRows, (N / kBlockRows + kCtaBlocks - 1) / kCtaBlocks, splits);
   C10_CUDA_CHECK(launch_programmatic(kernel, grid, dim3(kThreads), kBytes, stream,
                                      reinterpret_cast<const T*>(ordered.data_ptr()), p,
-                                     reinterpret_cast<T*>(y.data_ptr()),
-                                     splits > 1 ? partial.data_ptr<float>() : nullptr, M, static_cast<int>(N), K,
-                                     per_split));
+                                     reinterpret_cast<TOut*>(y.data_ptr()),
+                                     splits > 1 ? partial.data_ptr<float>() : nullptr,
+                                     x_factor.defined() ? x_factor.data_ptr<float>() : nullptr, M,
+                                     static_cast<int>(N), K, per_split));
   if (splits > 1) {
     const int64_t quads = static_cast<int64_t>(M) * N / 4;  // N is a multiple of 16
-    sum_splits_kernel<T><<<(quads + 255) / 256, 256, 0, stream>>>(
-        reinterpret_cast<const float4*>(partial.data_ptr<float>()), reinterpret_cast<T*>(y.data_ptr()), splits, quads);
+    sum_splits_kernel<TOut><<<(quads + 255) / 256, 256, 0, stream>>>(
+        reinterpret_cast<const float4*>(partial.data_ptr<float>()), reinterpret_cast<TOut*>(y.data_ptr()), splits,
+        quads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
