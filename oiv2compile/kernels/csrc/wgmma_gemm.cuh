@@ -171,10 +171,10 @@ __global__ void x_in_mma_order_kernel(const uint32_t* __restrict__ x, uint4* __r
 // largest magnitude and multiplies the row by the power of two 2^-e that puts it in [2^14, 2^15) (fp16
 // holds up to 65504) before rounding it to fp16; factor[row] = 2^e multiplies the row's sums at the end.
 // fp16 has three more mantissa bits than bf16, so every value down to about 2^-28 of the row's largest
-// is exact. The row is read once, coalesced, into shared memory, and reordered from there: at 128 rows
-// this pass took 2.9-6.7 us (llama-8b shapes, H200) with a thread a chunk of 64 features in registers
-// (8 loads of a 128-byte stride across a warp) against 1.8-3.1 for x_in_mma_order_kernel, and 9-17 us
-// more a product as first written (a thread a 16-byte unit, 4-byte loads, x read twice).
+// is exact. The row is read once, coalesced, into shared memory, and reordered from there: 2.1-3.9 us
+// at 128 rows (llama-8b's K of 4096 and 14336, H200) against 1.8-3.1 for x_in_mma_order_kernel; 2.9-6.7
+// with a thread a chunk of 64 features in registers (8 loads of a 128-byte stride across a warp), and
+// 5-17 us more a product as first written (a thread a 16-byte unit, 4-byte loads, x read twice).
 constexpr int kMaxFp16RowK = 49152;  // the longest row of x this pass takes: 96 KB of shared memory
 
 __device__ __forceinline__ float bf16_pair_largest(uint32_t v) {
