@@ -81,7 +81,8 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
   // neither the prefetch nor the early launch; benchmarks/RESULTS.md): the resident CTAs' rows of the
   // fused gate/up matrix alone outgrow L2. Loading the first step's weights into registers before the
   // wait, in the forms without the norm (so that o's weights stream while attention runs), made llama-8b
-  // int8 decode 5% slower end to end (H200: 374 against 394-396 tok/s).
+  // int8 decode 5% slower end to end (H200: 374 against 394-396 tok/s; measured after bf16 in the same
+  // bench process, which by itself cost about 2% in a later session, so the loss is 3-5%).
   wait_for_previous_grid();
   float accs[kPerWarp][M], sumsq[M];
 #pragma unroll

@@ -156,13 +156,19 @@ __device__ __forceinline__ void hold(float (&v)[64]) {
 // (kappa & 1) + 2 (kappa >> 3). So a lane's A fragment of k-steps 2h and 2h + 1 (h = 0, 1) is features
 // 64 c + 32 h + 8 t .. + 7 of its rows (t = lane % 4): four in step 2h, four in step 2h + 1. One thread a
 // 16-byte unit of the output: four 4-byte pairs of x.
+//
+// The 16-byte unit `unit` of a row in that order holds the row's 4-byte words w, w + 4, w + 8 and w + 12,
+// w = mma_order_word(unit).
+__device__ __forceinline__ int mma_order_word(int unit) {
+  return 32 * (unit >> 3) + 16 * ((unit >> 2) & 1) + (unit & 3);
+}
+
 __global__ void x_in_mma_order_kernel(const uint32_t* __restrict__ x, uint4* __restrict__ out, int64_t units, int K) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= units) return;
   const int per_row = K / 8;
   const int64_t row = i / per_row;
-  const int unit = static_cast<int>(i % per_row), c = unit >> 3, u = unit & 7, s = u >> 1;
-  const uint32_t* src = x + row * (K / 2) + (c * kChunk + 32 * (s >> 1) + 4 * (s & 1) + 2 * (u & 1)) / 2;
+  const uint32_t* src = x + row * (K / 2) + mma_order_word(static_cast<int>(i % per_row));
   out[i] = make_uint4(__ldg(src), __ldg(src + 4), __ldg(src + 8), __ldg(src + 12));
 }
 
@@ -212,11 +218,9 @@ __global__ void x_in_mma_order_fp16_kernel(const uint4* __restrict__ x, uint4* _
   const int e = largest > 0.0f && isfinite(largest) ? max(exponent - 14, -100) : 0;
   if (threadIdx.x == 0) factor[row] = exp2f(static_cast<float>(e));
   const float down = exp2f(static_cast<float>(-e));
-  // Unit u of chunk c holds the chunk's words w + 4 j (j < 4), w = 16 (u >> 2) + (u & 3): the order
-  // x_in_mma_order_kernel gathers.
   const uint32_t* words = reinterpret_cast<const uint32_t*>(x_row);
   for (int unit = threadIdx.x; unit < units; unit += blockDim.x) {
-    const uint32_t* src = words + 32 * (unit >> 3) + 16 * ((unit >> 2) & 1) + (unit & 3);
+    const uint32_t* src = words + mma_order_word(unit);
     out[row * units + unit] = make_uint4(bf16_pair_to_fp16(src[0], down), bf16_pair_to_fp16(src[4], down),
                                          bf16_pair_to_fp16(src[8], down), bf16_pair_to_fp16(src[12], down));
   }
@@ -414,9 +418,9 @@ void run_wgmma_gemm(const at::Tensor& x, const typename Weights::Params& p, int6
                                           kMaxFp16RowK * 2));
     });
     const int threads = std::min(1024, (K / 8 + 31) / 32 * 32);
-    x_in_mma_order_fp16_kernel<<<M, threads, K * 2, stream>>>(reinterpret_cast<const uint4*>(x.data_ptr()),
-                                                       reinterpret_cast<uint4*>(ordered.data_ptr()),
-                                                       x_factor.data_ptr<float>(), K);
+    x_in_mma_order_fp16_kernel<<<M, threads, K * 2, stream>>>(
+        reinterpret_cast<const uint4*>(x.data_ptr()), reinterpret_cast<uint4*>(ordered.data_ptr()),
+        x_factor.data_ptr<float>(), K);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t slots = static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
