@@ -39,7 +39,10 @@ namespace {
 
 using namespace oiv2_gemv;
 
-constexpr int kWarps = 4;
+// 8 warps a CTA: 2079 us a step of the chain against 2091 with 4 and 2096 with 2; 16 took 2195 (H200, 32
+// llama-8b layers; benchmarks/RESULTS.md). Two rows and 4 steps a warp are the best of the shapes tried
+// there: 3 or 4 rows, 2, 6, 8 or 12 steps, and one row with 8 or 12, all slower (2158-2654 against 2092).
+constexpr int kWarps = 8;
 constexpr int kUnroll = 4;
 constexpr int kPerWarp = 2;  // output rows a warp takes: x converted once for both
 
