@@ -58,8 +58,9 @@ __device__ __forceinline__ int4 load_stream(const int4* p) {
 // The bytes of one row that a warp reads per load: 16 per lane.
 constexpr int kWarpStep = 32 * 16;
 
-// kUnroll loads of a lane's 16 bytes, kWarpStep apart from byte `base` of `row`, all issued before
-// any is used; past the row's end, zeros.
+// kUnroll loads of a lane's 16 bytes, kWarpStep apart from byte `base` of `row`, all written before any
+// is used (ptxas may still issue the later ones after the first use: linear_int8_gemv.cu); past the
+// row's end, zeros.
 template <int kUnroll>
 __device__ __forceinline__ void load_row(const uint8_t* row, int base, int row_bytes, int4 (&out)[kUnroll]) {
 #pragma unroll

@@ -18,7 +18,8 @@
 //
 // Bytes: N * K weight bytes stream once; x (M * K * 2 bytes) stays in L1. Each warp takes kPerWarp (2)
 // output rows; each lane loads 16 weight bytes of each row per step with a non-allocating 128-bit load,
-// UNROLL steps of both rows in flight before any math, and converts its 16 features of x to float once
+// UNROLL steps of both rows loaded before any math in the source (ptxas moves six of the eight
+// loads after the first step's math, below), and converts its 16 features of x to float once
 // for both rows: 4.7 instructions a weight byte in the loop of the norm and gated form, against 5.9 with
 // one row a warp (H200, 32 llama-8b layers: 2104 us a step against 2163; benchmarks/RESULTS.md). The
 // loop streams 78-79% of the copy bandwidth on an H200, and forms with fewer instructions streamed less:
@@ -42,6 +43,9 @@ using namespace oiv2_gemv;
 // 8 warps a CTA: 2079 us a step of the chain against 2091 with 4 and 2096 with 2; 16 took 2195 (H200, 32
 // llama-8b layers; benchmarks/RESULTS.md). Two rows and 4 steps a warp are the best of the shapes tried
 // there: 3 or 4 rows, 2, 6, 8 or 12 steps, and one row with 8 or 12, all slower (2158-2654 against 2092).
+// ptxas issues a step's first two loads (one a row) before the math, the other six after the first
+// step's math. Asking for all eight first (__launch_bounds__(32 * kWarps, 1): 60-64 registers against
+// 48-56) made the chain slower: 2142-2160 us against 2078.
 constexpr int kWarps = 8;
 constexpr int kUnroll = 4;
 constexpr int kPerWarp = 2;  // output rows a warp takes: x converted once for both
