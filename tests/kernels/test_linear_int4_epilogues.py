@@ -213,12 +213,57 @@ def test_int4_streamed_kernel_sums_x_over_more_slices_than_one_batch(group):
 
 
 @pytest.mark.cuda
-def test_int4_streamed_kernel_one_row_where_x_does_not_fit_shared_memory():
-    """K = 16384 in groups of 128: x in shared memory (32 KB) would leave room for one CTA an SM on an
-    H100 or H200 (228 KB an SM), so one row of x is read from global memory there instead; the same
-    outputs as the oracle's either way."""
+@pytest.mark.parametrize("k", [12288, 16384])
+def test_int4_streamed_kernel_one_row_where_its_planes_do_not_fit_shared_memory(k):
+    """One row in groups of 128 on an H100 or H200 (228 KB an SM, two CTAs): at K = 12288 x as planes
+    (36 KB) does not fit beside the ring, x as it is (24 KB) does, and the products are bf16 ones; at
+    K = 16384 neither fits, and x is read from global memory. The same outputs as the oracle's."""
     mma.load_extension()
-    _check_streamed_ops(1, 512, 16384, 128, 16384)
+    _check_streamed_ops(1, 512, k, 128, k)
+
+
+def _slices(x: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """x with every 128-feature slice but those in keep set to zero."""
+    mask = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+    for s in keep:
+        mask[s * 128 : (s + 1) * 128] = True
+    return torch.where(mask, x, torch.zeros_like(x))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_one_row_planes_keep_each_slices_range(dtype, group):
+    """One row of x as three int8 planes with a scale a 128-feature slice (K = 2112: 16.5 slices; 2176 in
+    groups of 128): slices of magnitudes 10^-3 and 10^3 (10^-15 and 10^15 in bf16) and near fp16's
+    largest, one whose largest feature is 4096 times the rest's largest, and the last slice (half of one
+    at K = 2112), each alone (the rest of x zero, so that its error is not lost under a larger slice's);
+    then the ordinary slices and a slice of zeros together. The plain, add and norm ops against the
+    float64 oracle."""
+    mma.load_extension()
+    n, k, eps = 1008, 2112 if group < 128 else 2176, 1e-5
+    x, packed, pairs, weight = _case(1, n, k, group, dtype, "cuda", 90 + group)
+    wide = 1e15 if dtype == torch.bfloat16 else 1e3  # its squares' sum (the norm's) still a float
+    small = 1e-15 if dtype == torch.bfloat16 else 1e-3
+    x = x.float()
+    x[:, 128:256] *= small
+    x[:, 384:512] *= wide
+    x[:, 640:768] = torch.empty(128, device="cuda").uniform_(-60000.0, 60000.0)
+    x[:, 768:896] = 0.0
+    x[:, 1024 + 37] = 4096 * x[:, 1024:1152].abs().amax()
+    x = x.to(dtype)
+    for keep in ([1], [3], [5], [8], [16], [0, 2, 4, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16]):
+        xs = _slices(x, keep)
+        expected = F.linear(xs.double(), weight)
+        plain = ops.linear_int4_mma(xs, packed, pairs)
+        assert _rel(plain, expected) < 5e-3, keep
+        per_feature = (plain.double() - expected).abs().amax(dim=0) / expected.abs().amax()
+        assert float(per_feature.max()) < 2e-2, keep
+        normed = ops.rms_norm_linear_int4_mma(xs, packed, pairs, eps)
+        assert _rel(normed, F.linear(_normed(xs, eps), weight)) < 5e-3, keep
+        residual = (expected * 0.5).to(dtype)
+        summed = ops.linear_int4_mma_add(xs, packed, pairs, residual)
+        assert _rel(summed, expected + residual.double()) < 5e-3, keep
 
 
 @pytest.mark.cuda

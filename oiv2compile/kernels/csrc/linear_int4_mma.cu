@@ -401,19 +401,27 @@ __device__ __forceinline__ void cta_blocks(int blocks, int cta, int ctas, int& f
   end = static_cast<int>(static_cast<int64_t>(blocks) * (cta + 1) / ctas);
 }
 
-// Byte offsets of the streamed kernel's shared memory: the ring of stages, x (one row, with x_shared:
-// K * 2 bytes), the sums of each block ([block][x row][16]), the barriers (full and empty, a stage each),
-// the sum of squares of each row of x (the norm's), and the sum of x over each group ([group][8]: the
-// zero points' term).
+// Where the streamed kernel's consumers read x (see the kernel): in global memory; one row kept in
+// shared memory as it is (bf16/fp16 products); one row kept in shared memory as three int8 planes (the
+// integer products).
+enum class XIn { kGlobal, kShared, kPlanes };
+
+// Byte offsets of the streamed kernel's shared memory: the ring of stages, x (one row: K * 2 bytes with
+// kShared, K * 3 with kPlanes), the planes' scale of each 128-feature slice (kPlanes), the sums of each
+// block ([block][x row][16]), the barriers (full and empty, a stage each), the sum of squares of each row
+// of x (the norm's), and the sum of x over each group ([group][8]: the zero points' term).
 struct StreamedLayout {
-  int x, sums, barriers, row_sumsq, group_sums, total;
+  int x, x_scale, sums, barriers, row_sumsq, group_sums, total;
 };
 
-__host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int groups, bool x_shared) {
+__host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int groups, XIn x_in) {
   StreamedLayout l{};
   int at = kStages * kStageBytes;
   l.x = at;
-  at += x_shared ? K * 2 : 0;
+  at += x_in == XIn::kShared ? K * 2 : x_in == XIn::kPlanes ? K * 3 : 0;
+  l.x_scale = at;
+  at += x_in == XIn::kPlanes ? (K + 127) / 128 * 4 : 0;
+  at = (at + 15) / 16 * 16;
   l.sums = at;
   at += kMaxBlocksPerCta * M * kRows * 4;
   l.barriers = at;
@@ -426,12 +434,18 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int grou
   return l;
 }
 
-// Whether the streamed kernel keeps its row of x in shared memory (see the kernel): one row, and only
-// where that still lets two CTAs share an SM (the ring's depth and the grid were chosen for two).
-inline bool x_in_shared_memory(int M, int K, int groups) {
+// Where the streamed kernel reads its x (see the kernel): one row is kept in shared memory, as planes
+// where they fit, as it is where only that fits, and only where it still lets two CTAs share an SM (the
+// ring's depth and the grid were chosen for two); more rows are read from global memory.
+inline XIn x_in_for(int M, int K, int groups) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const int per_cta = streamed_layout(M, K, groups, true).total + static_cast<int>(props->reservedSharedMemPerBlock);
-  return M == 1 && 2 * per_cta <= static_cast<int>(props->sharedMemPerMultiprocessor);
+  const auto fits = [&](XIn x_in) {
+    const int per_cta = streamed_layout(M, K, groups, x_in).total + static_cast<int>(props->reservedSharedMemPerBlock);
+    return 2 * per_cta <= static_cast<int>(props->sharedMemPerMultiprocessor);
+  };
+  if (M != 1) return XIn::kGlobal;
+  if (fits(XIn::kPlanes)) return XIn::kPlanes;
+  return fits(XIn::kShared) ? XIn::kShared : XIn::kGlobal;
 }
 
 // What the streamed kernel does after the product (see the top of the file): nothing; the residual
@@ -439,16 +453,61 @@ inline bool x_in_shared_memory(int M, int K, int groups) {
 // the output has N / 2 columns).
 enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
 
+// x as three int8 planes (XIn::kPlanes): each 128-feature slice of the row gets a scale 2^s that puts its
+// largest magnitude in [2^19, 2^20), and each feature the integer v = round(x * 2^s) = 65536 p2 + 256 p1 + p0
+// (p0, p1 in [-128, 127], p2 in [-16, 16]): exact where x is within 2^12 of the slice's largest, and
+// within 2^-20 of it elsewhere. One FFMA makes v: x * 2^s + 1.5 * 2^23 + 0x8080 has 2^22 + 0x8080 + v in
+// its mantissa, whose bytes 0 and 1 are p0 + 128 and p1 + 128 and whose byte 2 is 64 + p2. A chunk of 64
+// features takes 192 bytes: plane p at 64 p, then lane t's 16 bytes at 16 t: its 8 features of each
+// 32-feature half (t * 8..) in the order the nibbles of a word come out of w & 0x0F0F0F0F (features 0, 2,
+// 1, 3, then 4, 6, 5, 7), so one 16-byte load gives a lane its B fragments of a chunk's two integer k-steps.
+constexpr float kPlanesMagic = 12615808.0f;  // 1.5 * 2^23 + 0x8080
+constexpr int kPlanesChunkBytes = 3 * kChunk;
+
+// One lane's features f..f+7 (xf) into the planes; every lane of the warp calls it (lanes 0-15 hold one
+// slice, 16-31 another: their largest magnitude is a shuffle), and only lanes with f < K store.
+__device__ __forceinline__ void store_planes(const float (&xf)[8], int f, int K, int lane, unsigned char* planes,
+                                             float* x_scale) {
+  float m = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(xf[i]));
+#pragma unroll
+  for (int off = 1; off < 16; off <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  // m in [2^(e - 127), 2^(e - 126)): 2^(146 - e) and its inverse (e at least 21: both normal floats).
+  const int e = max(static_cast<int>(__float_as_uint(m) >> 23), 21);
+  const float scale = __uint_as_float(static_cast<uint32_t>(273 - e) << 23);
+  uint32_t r[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) r[i] = __float_as_uint(fmaf(xf[i], scale, kPlanesMagic));
+  uint32_t p[3][2];
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const uint32_t* v = r + 4 * q;
+    const uint32_t low02 = __byte_perm(v[0], v[2], 0x5140), low13 = __byte_perm(v[1], v[3], 0x5140);
+    p[0][q] = __byte_perm(low02, low13, 0x5410) ^ 0x80808080u;
+    p[1][q] = __byte_perm(low02, low13, 0x7632) ^ 0x80808080u;
+    const uint32_t b2 = __byte_perm(__byte_perm(v[0], v[2], 0x0062), __byte_perm(v[1], v[3], 0x0062), 0x5410);
+    p[2][q] = (b2 & 0x3F3F3F3Fu) | ((~b2 & 0x40404040u) * 3u);  // 64 + p2 -> p2 in two's complement
+  }
+  if (f < K) {
+    unsigned char* at = planes + (f >> 6) * kPlanesChunkBytes + ((f >> 3) & 3) * 16 + ((f >> 5) & 1) * 8;
+#pragma unroll
+    for (int q = 0; q < 3; ++q) *reinterpret_cast<uint2*>(at + 64 * q) = make_uint2(p[q][0], p[q][1]);
+    if ((lane & 15) == 0) x_scale[f >> 7] = __uint_as_float(static_cast<uint32_t>(e - 19) << 23);
+  }
+}
+
 // The consumer warp's pass over its own features of x: warp w multiplies the chunks of 128-feature slices
 // w, w + 8, w + 16, ... (chunks 2w and 2w + 1 of every stage), so it sums x over the groups of those
 // slices only, into group_sums[group * 8 + m], and needs no other warp's sums (no barrier between the
 // consumers). Lanes 0-15 take 8 features each of one of the warp's slices, lanes 16-31 of the next one
 // (16-byte loads); kPairs pairs of slices are loaded before any is summed. With the norm, the warp's
-// share of each row's sum of squares goes into row_sumsq (read after the CTA's last barrier). With
-// kXShared (one row) the warp also stores its features of x into x_shared, where its products read them.
-template <typename T, int kGroupShift, bool kNorm, bool kXShared>
+// share of each row's sum of squares goes into row_sumsq (read after the CTA's last barrier). With one
+// row kept in shared memory (kXIn) the warp also stores its features of x there, as they are or as
+// planes, where its products read them.
+template <typename T, int kGroupShift, bool kNorm, XIn kXIn>
 __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq,
-                                      T* x_shared) {
+                                      unsigned char* x_shared, float* x_scale) {
   constexpr int kLanesPerGroup = (1 << kGroupShift) / 8;
   constexpr int kPairs = 4;
   constexpr int kSliceStride = 128 * kConsumers;  // from one of the warp's slices to its next
@@ -467,15 +526,19 @@ __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sum
 #pragma unroll
       for (int b = 0; b < kPairs; ++b) {
         const int f = s0 + 2 * b * kSliceStride + lane_feature;
-        if (kXShared && f < K) *reinterpret_cast<uint4*>(x_shared + f) = v[b];
+        if (kXIn == XIn::kShared && f < K) *reinterpret_cast<uint4*>(reinterpret_cast<T*>(x_shared) + f) = v[b];
         const uint32_t words[4] = {v[b].x, v[b].y, v[b].z, v[b].w};
+        float xf[8];
         float part = 0.0f;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const float lo = Mma<T>::low(words[i]), hi = Mma<T>::high(words[i]);
+          xf[2 * i] = lo;
+          xf[2 * i + 1] = hi;
           part += lo + hi;
           if constexpr (kNorm) sq = fmaf(lo, lo, fmaf(hi, hi, sq));
         }
+        if constexpr (kXIn == XIn::kPlanes) store_planes(xf, f, K, lane, x_shared, x_scale);
 #pragma unroll
         for (int off = 1; off < kLanesPerGroup; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
         if (f < K && (lane & (kLanesPerGroup - 1)) == 0) group_sums[(f >> kGroupShift) * 8 + m] = part;
@@ -553,6 +616,68 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
   }
 }
 
+// One integer k-step, m16n8k32: A the 16 rows' levels q (u8), B the planes of x (s8), into int sums.
+__device__ __forceinline__ void imma(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+constexpr uint32_t kIntMagic = 0x4B400000u;  // the bits of 1.5 * 2^23: + n, as a float, is 1.5 * 2^23 + n
+
+// run_product on the integer tensor cores (one row of x as planes, XIn::kPlanes): kN consecutive chunks
+// of one 128-feature slice. A word's nibbles 0, 2, 4, 6 (w & 0x0F0F0F0F) are row g's levels q of features
+// 0, 2, 1, 3 of the lane's 8 (t * 8..) of a 32-feature half, nibbles 1, 3, 5, 7 (w >> 4) row g + 8's; the
+// half's two words are the A fragment of one m16n8k32 step (k 4t.. from the first, 16 + 4t.. from the
+// second), whose B the planes' bytes in the same order are: column n of the product is plane n (the
+// lanes of g < 3 read plane g; the other columns are never used). Per group the int sums (two chains, one
+// started at kIntMagic, so that their sum is a float by its bits: |sum| < 2^22) are scaled by the group's
+// scale times the slice's 2^-s into acc[e], column 2t + (e & 1), row g + 8 (e >> 1); the zero points'
+// term only on t = 0 (corr_on). The columns are weighed (1, 256, 65536) and added when a block ends.
+template <typename T, int kGroupShift, int kN>
+__device__ __forceinline__ void run_product_planes(const int4* ws, int c, int g0, const uint4* xl,
+                                                   const uint32_t* szg, const float* group_sums,
+                                                   const float* x_scale, float corr_on, float (&acc)[4]) {
+  constexpr int kStepsPerGroup = (1 << kGroupShift) / 32;
+  int4 wv[kN];
+#pragma unroll
+  for (int n = 0; n < kN; ++n) wv[n] = ws[n * 32];
+  const float xs = x_scale[(c * kChunk) >> 7];
+  int d[2][4];
+  uint4 xv;
+#pragma unroll
+  for (int step = 0; step < 2 * kN; ++step) {
+    const int n = step >> 1, h = step & 1;
+    if (step % kStepsPerGroup == 0) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        d[0][e] = static_cast<int>(kIntMagic);
+        d[1][e] = 0;
+      }
+    }
+    if (h == 0) xv = xl[(c + n) * (kPlanesChunkBytes / 16)];
+    const uint32_t w0 = h ? wv[n].z : wv[n].x, w1 = h ? wv[n].w : wv[n].y;
+    const uint32_t a[4] = {w0 & 0x0F0F0F0Fu, (w0 >> 4) & 0x0F0F0F0Fu, w1 & 0x0F0F0F0Fu, (w1 >> 4) & 0x0F0F0F0Fu};
+    imma(d[step & 1], a, h ? xv.z : xv.x, h ? xv.w : xv.y);
+    if ((step + 1) % kStepsPerGroup == 0) {  // a group ends
+      const int group = ((c + n) * kChunk + h * 32) >> kGroupShift;
+      const uint32_t* pairs = szg + ((group - g0) << 4);
+      const float scale_g = Mma<T>::low(pairs[0]), scale_g8 = Mma<T>::low(pairs[8]);
+      const float corr_g = scale_g * Mma<T>::high(pairs[0]), corr_g8 = scale_g8 * Mma<T>::high(pairs[8]);
+      const float gs = group_sums[group * 8] * corr_on;
+      float sums[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sums[e] = __int_as_float(d[0][e] + d[1][e]) - 12582912.0f;
+      const float sg = scale_g * xs, sg8 = scale_g8 * xs;
+      acc[0] = fmaf(sg, sums[0], fmaf(-corr_g, gs, acc[0]));
+      acc[1] = fmaf(sg, sums[1], acc[1]);
+      acc[2] = fmaf(sg8, sums[2], fmaf(-corr_g8, gs, acc[2]));
+      acc[3] = fmaf(sg8, sums[3], acc[3]);
+    }
+  }
+}
+
 // One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8) of x. Stage s is chunks
 // [c0, c0 + 16) of one block and the groups they touch; consumer warp w takes the kStageChunks /
 // kConsumers consecutive chunks from w * that, and adds its sums into shared memory when its block ends.
@@ -560,7 +685,7 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
 // SM as this one's leave it, and start their own copies). The consumers first sum x over each group (and
 // its squares, for the norm); with one row of x (kXShared) that pass also copies x into shared memory,
 // where the products read it.
-template <typename T, int kGroupShift, Epilogue kMode, bool kXShared>
+template <typename T, int kGroupShift, Epilogue kMode, XIn kXIn>
 __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kernel(
     const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
     const T* __restrict__ residual, T* __restrict__ y, int M, int N, int K, float eps, int activation) {
@@ -570,7 +695,8 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = K / kChunk, groups = K >> group_shift;
-  const StreamedLayout layout = streamed_layout(M, K, groups, kXShared);
+  constexpr bool kXShared = kXIn == XIn::kShared, kPlanes = kXIn == XIn::kPlanes;
+  const StreamedLayout layout = streamed_layout(M, K, groups, kXIn);
   float* sums = reinterpret_cast<float*>(smem + layout.sums);  // [block][x row][16]
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barriers);
   uint64_t* empty = full + kStages;
@@ -611,14 +737,17 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
     }
   } else {  // a consumer
     wait_for_previous_grid();  // x is the previous kernel's output
-    T* x_shared = reinterpret_cast<T*>(smem + layout.x);
-    sum_x<T, kGroupShift, kNorm, kXShared>(x, M, K, group_sums, row_sumsq, x_shared);
+    unsigned char* x_shared = smem + layout.x;
+    float* x_scale = reinterpret_cast<float*>(smem + layout.x_scale);
+    sum_x<T, kGroupShift, kNorm, kXIn>(x, M, K, group_sums, row_sumsq, x_shared, x_scale);
     const int g = lane >> 2, t = lane & 3;
     // Features t*8.. of the row of x this lane feeds to the mma (rows past M read row M - 1: their columns
-    // of the product are never stored), in 16-byte units.
+    // of the product are never stored), in 16-byte units; with planes, its 16 bytes of plane g of a chunk.
     const uint4* xl;
-    if constexpr (kXShared) {
-      xl = reinterpret_cast<const uint4*>(x_shared + t * 8);
+    if constexpr (kPlanes) {
+      xl = reinterpret_cast<const uint4*>(x_shared + (g < 3 ? g : 0) * 64 + t * 16);
+    } else if constexpr (kXShared) {
+      xl = reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(x_shared) + t * 8);
     } else {
       xl = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(g, M - 1)) * K + t * 8));
     }
@@ -628,6 +757,10 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
     } else {
       k = constants<T>();
     }
+    // With planes: the weights of this lane's columns 2t and 2t + 1 (planes 0, 1, 2; the rest unused),
+    // and whether it adds the zero points' term (column 0 only).
+    const float column_weight0 = t == 0 ? 1.0f : t == 1 ? 65536.0f : 0.0f, column_weight1 = t == 0 ? 256.0f : 0.0f;
+    const float corr_on = t == 0 ? 1.0f : 0.0f;
     int s = 0;
     for (int b = first; b < end; ++b) {
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -641,7 +774,17 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
         const int g0 = (c0 * kChunk) >> group_shift;
         constexpr int kPerWarp = kStageChunks / kConsumers;
         const int i = warp * kPerWarp;
-        if (i + kPerWarp <= n) {
+        if constexpr (kPlanes) {
+          if (i + kPerWarp <= n) {
+            run_product_planes<T, kGroupShift, kPerWarp>(ws + i * 32, c0 + i, g0, xl, szg, group_sums, x_scale,
+                                                         corr_on, acc);
+          } else {  // the block's last stage, cut short: one chunk at a time
+            for (int c = i; c < n; ++c) {
+              run_product_planes<T, kGroupShift, 1>(ws + c * 32, c0 + c, g0, xl, szg, group_sums, x_scale, corr_on,
+                                                    acc);
+            }
+          }
+        } else if (i + kPerWarp <= n) {
           run_product<T, kGroupShift, kPerWarp, kXShared>(ws + i * 32, c0 + i, g0, xl, szg, group_sums, t, k, acc);
         } else {  // the block's last stage, cut short: one chunk at a time (a group of 128 never ends here)
           for (int c = i; c < n; ++c) {
@@ -650,6 +793,12 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
         }
         __syncwarp();
         if (lane == 0) barrier_arrive(&empty[slot]);
+      }
+      if constexpr (kPlanes) {  // the planes' columns weighed and added: lanes t = 0 get their rows' sums
+        const float row_g = acc[0] * column_weight0 + acc[1] * column_weight1;
+        const float row_g8 = acc[2] * column_weight0 + acc[3] * column_weight1;
+        acc[0] = row_g + __shfl_down_sync(0xffffffffu, row_g, 1);
+        acc[2] = row_g8 + __shfl_down_sync(0xffffffffu, row_g8, 1);
       }
       // acc[e]: row g + 8 * (e >> 1) of the block, row 2 * t + (e & 1) of x.
       float* block_sums = sums + (b - first) * M * kRows;
@@ -768,15 +917,15 @@ struct Operands {
 
 // The streamed kernel's grid: CTAs of up to kMaxBlocksPerCta blocks each, as many as fill the SMs once
 // (so each SM streams an equal share), more where the blocks are too many for that.
-template <typename T, int kGroupShift, Epilogue kMode, bool kXShared>
+template <typename T, int kGroupShift, Epilogue kMode, XIn kXIn>
 void launch_streamed_as(const Operands& o) {
   const int M = o.x.size(0), K = o.x.size(1), N = o.w.size(0);
   const int blocks = N / kRows;
-  const int smem = streamed_layout(M, K, K >> kGroupShift, kXShared).total;
+  const int smem = streamed_layout(M, K, K >> kGroupShift, kXIn).total;
   TORCH_CHECK(smem <= static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin),
               "linear_int4_mma: K = ", K, " in groups of ", 1 << kGroupShift,
               " needs more shared memory for its group sums than a CTA of this card has");
-  auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode, kXShared>;
+  auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode, kXIn>;
   // CTAs an SM holds at once, asked once per shared-memory size (the same on every card this process
   // uses); the kernel's size limit is the largest size asked for so far.
   static std::mutex mutex;
@@ -813,8 +962,10 @@ void launch_streamed_as(const Operands& o) {
 template <typename T, int kGroupShift, Epilogue kMode>
 void launch_streamed(const Operands& o) {
   const int M = o.x.size(0), K = o.x.size(1);
-  if (x_in_shared_memory(M, K, K >> kGroupShift)) return launch_streamed_as<T, kGroupShift, kMode, true>(o);
-  launch_streamed_as<T, kGroupShift, kMode, false>(o);
+  const XIn x_in = x_in_for(M, K, K >> kGroupShift);
+  if (x_in == XIn::kPlanes) return launch_streamed_as<T, kGroupShift, kMode, XIn::kPlanes>(o);
+  if (x_in == XIn::kShared) return launch_streamed_as<T, kGroupShift, kMode, XIn::kShared>(o);
+  launch_streamed_as<T, kGroupShift, kMode, XIn::kGlobal>(o);
 }
 
 template <typename T, Epilogue kMode = Epilogue::kPlain>
