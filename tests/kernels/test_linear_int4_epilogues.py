@@ -213,13 +213,13 @@ def test_int4_streamed_kernel_sums_x_over_more_slices_than_one_batch(group):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("k", [12288, 16384])
-def test_int4_streamed_kernel_one_row_where_its_planes_do_not_fit_shared_memory(k):
-    """One row in groups of 128 on an H100 or H200 (228 KB an SM, two CTAs): at K = 12288 x as planes
-    (36 KB) does not fit beside the ring, x as it is (24 KB) does, and the products are bf16 ones; at
-    K = 16384 neither fits, and x is read from global memory. The same outputs as the oracle's."""
+@pytest.mark.parametrize(("k", "group"), [(12288, 32), (16384, 128)])
+def test_int4_streamed_kernel_one_row_where_its_planes_do_not_fit_shared_memory(k, group):
+    """One row whose planes (3 bytes a feature, and the group sums) would leave room for one CTA an SM on
+    an H100 or H200 (228 KB an SM): x is read from global memory and multiplied in bf16 there instead;
+    the same outputs as the oracle's either way."""
     mma.load_extension()
-    _check_streamed_ops(1, 512, k, 128, k)
+    _check_streamed_ops(1, 512, k, group, k)
 
 
 def _slices(x: torch.Tensor, keep: list[int]) -> torch.Tensor:

@@ -19,6 +19,13 @@
 // 1491-1497 (commit 231124b). One row of x kept in shared memory as it is (the consumers store what
 // their pass over x loads, and the products read it with LDS instead of L1 loads): 1402-1405 against
 // 1452-1453; the pass's 16-byte loads before that: 1445-1455 against 1470-1480.
+// One row of x (a batch-1 decode step) now goes through the integer tensor cores instead, where it fits
+// shared memory as planes (every llama-8b shape in groups of 128): the consumers' pass over x writes it
+// there as three int8 planes with a power-of-two scale a 128-feature slice (store_planes), and a word's
+// nibbles are u8 A fragments of m16n8k32 (one lop3, or a shift and a lop3, for four weights; two words
+// a step) against the planes as B, one plane a column (run_product_planes). In the chain above: 1306-1331
+// against 1398-1406 with x in shared memory as it is (the same call; qkv, o and gate/up as planes, down
+// not yet), and llama-8b int4 decode 569 against 557 tok/s.
 // Up to 8 rows, the streamed kernel: each CTA takes a contiguous run of 16-row blocks (one CTA per SM
 // slot, so every SM streams an equal share). A producer warp copies W and the scales each stage needs
 // into a ring of 8 shared-memory stages (80 KB: two CTAs an SM) with the Hopper bulk-copy engine
@@ -401,26 +408,28 @@ __device__ __forceinline__ void cta_blocks(int blocks, int cta, int ctas, int& f
   end = static_cast<int>(static_cast<int64_t>(blocks) * (cta + 1) / ctas);
 }
 
-// Where the streamed kernel's consumers read x (see the kernel): in global memory; one row kept in
-// shared memory as it is (bf16/fp16 products); one row kept in shared memory as three int8 planes (the
-// integer products).
-enum class XIn { kGlobal, kShared, kPlanes };
-
-// Byte offsets of the streamed kernel's shared memory: the ring of stages, x (one row: K * 2 bytes with
-// kShared, K * 3 with kPlanes), the planes' scale of each 128-feature slice (kPlanes), the sums of each
-// block ([block][x row][16]), the barriers (full and empty, a stage each), the sum of squares of each row
-// of x (the norm's), and the sum of x over each group ([group][8]: the zero points' term).
+// Byte offsets of the streamed kernel's shared memory: the ring of stages, with planes (one row of x
+// kept in shared memory as three int8 planes, see the kernel) x (K * 3 bytes) and its scale a 128-feature
+// slice, the sums of each block ([block][x row][16]), the barriers (full and empty, a stage each), the
+// sum of squares of each row of x (the norm's), and the sum of x over each group ([group][8]: the zero
+// points' term; [group] with planes, whose one row is row 0). With planes a stage holds the scales of
+// groups of its own size rather than of group 32 (1.5 KB less a stage in groups of 128), so that planes
+// fit for K = 14336 in groups of 128.
 struct StreamedLayout {
-  int x, x_scale, sums, barriers, row_sumsq, group_sums, total;
+  int stage_bytes, x, x_scale, sums, barriers, row_sumsq, group_sums, total;
 };
 
-__host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int groups, XIn x_in) {
+__host__ __device__ constexpr int group_stride(bool planes) { return planes ? 1 : 8; }
+
+__host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int group_shift, bool planes) {
   StreamedLayout l{};
-  int at = kStages * kStageBytes;
+  const int groups = K >> group_shift;
+  l.stage_bytes = planes ? kStageWeightBytes + (kStageChunks * kChunk >> group_shift) * kRows * 4 : kStageBytes;
+  int at = kStages * l.stage_bytes;
   l.x = at;
-  at += x_in == XIn::kShared ? K * 2 : x_in == XIn::kPlanes ? K * 3 : 0;
+  at += planes ? K * 3 : 0;
   l.x_scale = at;
-  at += x_in == XIn::kPlanes ? (K + 127) / 128 * 4 : 0;
+  at += planes ? (K + 127) / 128 * 4 : 0;
   at = (at + 15) / 16 * 16;
   l.sums = at;
   at += kMaxBlocksPerCta * M * kRows * 4;
@@ -429,23 +438,18 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int grou
   l.row_sumsq = at;
   at += 8 * 4;
   l.group_sums = at;
-  at += groups * 8 * 4;
+  at += groups * group_stride(planes) * 4;
   l.total = at;
   return l;
 }
 
-// Where the streamed kernel reads its x (see the kernel): one row is kept in shared memory, as planes
-// where they fit, as it is where only that fits, and only where it still lets two CTAs share an SM (the
-// ring's depth and the grid were chosen for two); more rows are read from global memory.
-inline XIn x_in_for(int M, int K, int groups) {
+// Whether the streamed kernel keeps its row of x in shared memory as planes (see the kernel): one row,
+// and only where that still lets two CTAs share an SM (the ring's depth and the grid were chosen for
+// two); more rows, or a longer one, are read from global memory.
+inline bool x_as_planes(int M, int K, int group_shift) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const auto fits = [&](XIn x_in) {
-    const int per_cta = streamed_layout(M, K, groups, x_in).total + static_cast<int>(props->reservedSharedMemPerBlock);
-    return 2 * per_cta <= static_cast<int>(props->sharedMemPerMultiprocessor);
-  };
-  if (M != 1) return XIn::kGlobal;
-  if (fits(XIn::kPlanes)) return XIn::kPlanes;
-  return fits(XIn::kShared) ? XIn::kShared : XIn::kGlobal;
+  const int per_cta = streamed_layout(M, K, group_shift, true).total + static_cast<int>(props->reservedSharedMemPerBlock);
+  return M == 1 && 2 * per_cta <= static_cast<int>(props->sharedMemPerMultiprocessor);
 }
 
 // What the streamed kernel does after the product (see the top of the file): nothing; the residual
@@ -453,7 +457,7 @@ inline XIn x_in_for(int M, int K, int groups) {
 // the output has N / 2 columns).
 enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
 
-// x as three int8 planes (XIn::kPlanes): each 128-feature slice of the row gets a scale 2^s that puts its
+// x as three int8 planes (kPlanes): each 128-feature slice of the row gets a scale 2^s that puts its
 // largest magnitude in [2^19, 2^20), and each feature the integer v = round(x * 2^s) = 65536 p2 + 256 p1 + p0
 // (p0, p1 in [-128, 127], p2 in [-16, 16]): exact where x is within 2^12 of the slice's largest, and
 // within 2^-20 of it elsewhere. One FFMA makes v: x * 2^s + 1.5 * 2^23 + 0x8080 has 2^22 + 0x8080 + v in
@@ -503,11 +507,11 @@ __device__ __forceinline__ void store_planes(const float (&xf)[8], int f, int K,
 // consumers). Lanes 0-15 take 8 features each of one of the warp's slices, lanes 16-31 of the next one
 // (16-byte loads); kPairs pairs of slices are loaded before any is summed. With the norm, the warp's
 // share of each row's sum of squares goes into row_sumsq (read after the CTA's last barrier). With one
-// row kept in shared memory (kXIn) the warp also stores its features of x there, as they are or as
-// planes, where its products read them.
-template <typename T, int kGroupShift, bool kNorm, XIn kXIn>
+// row kept in shared memory as planes (kPlanes) the warp also stores its features of x there as planes,
+// where its products read them.
+template <typename T, int kGroupShift, bool kNorm, bool kPlanes>
 __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq,
-                                      unsigned char* x_shared, float* x_scale) {
+                                      unsigned char* planes, float* x_scale) {
   constexpr int kLanesPerGroup = (1 << kGroupShift) / 8;
   constexpr int kPairs = 4;
   constexpr int kSliceStride = 128 * kConsumers;  // from one of the warp's slices to its next
@@ -526,7 +530,6 @@ __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sum
 #pragma unroll
       for (int b = 0; b < kPairs; ++b) {
         const int f = s0 + 2 * b * kSliceStride + lane_feature;
-        if (kXIn == XIn::kShared && f < K) *reinterpret_cast<uint4*>(reinterpret_cast<T*>(x_shared) + f) = v[b];
         const uint32_t words[4] = {v[b].x, v[b].y, v[b].z, v[b].w};
         float xf[8];
         float part = 0.0f;
@@ -538,10 +541,10 @@ __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sum
           part += lo + hi;
           if constexpr (kNorm) sq = fmaf(lo, lo, fmaf(hi, hi, sq));
         }
-        if constexpr (kXIn == XIn::kPlanes) store_planes(xf, f, K, lane, x_shared, x_scale);
+        if constexpr (kPlanes) store_planes(xf, f, K, lane, planes, x_scale);
 #pragma unroll
         for (int off = 1; off < kLanesPerGroup; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
-        if (f < K && (lane & (kLanesPerGroup - 1)) == 0) group_sums[(f >> kGroupShift) * 8 + m] = part;
+        if (f < K && (lane & (kLanesPerGroup - 1)) == 0) group_sums[(f >> kGroupShift) * group_stride(kPlanes) + m] = part;
       }
     }
     if constexpr (kNorm) {
@@ -570,12 +573,12 @@ __device__ __forceinline__ void end_group_sums(uint32_t pair_g, uint32_t pair_g8
 
 // kN consecutive chunks of 64 features, from chunk c of the block, against up to 8 rows of x, into acc.
 // ws: the lane's 16 bytes of the first chunk (the next 512 bytes on); xl: features t*8.. of the row the
-// lane feeds to the mma, in 16-byte units (in global memory, or in shared memory with kXShared); szg:
-// row g's (scale, zero) pair of group g0. The k-steps
+// lane feeds to the mma, in 16-byte units (in global memory); szg: row g's (scale, zero) pair of group
+// g0. The k-steps
 // alternate between two accumulators, so that consecutive mma do not wait for each other. The group size
 // is a template argument, so a group that spans both chunks gets its scales once. Consts: Constants for
 // bf16 (magic_levels), HalfConstants for fp16 (half_levels).
-template <typename T, int kGroupShift, int kN, bool kXShared, typename Consts>
+template <typename T, int kGroupShift, int kN, typename Consts>
 __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const uint4* xl, const uint32_t* szg,
                                             const float* group_sums, int t, const Consts& k, float (&acc)[4]) {
   constexpr int kStepsPerGroup = (1 << kGroupShift) / 16;  // k-steps (two words a 32-feature half)
@@ -592,12 +595,7 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
       for (int e = 0; e < 4; ++e) dot[0][e] = dot[1][e] = 0.0f;
     }
     if ((j & 1) == 0) {  // features (c+n)*64 + (j/2)*32 ..
-      const int at = (c + n) * 8 + (j >> 1) * 4;
-      if constexpr (kXShared) {
-        xv = xl[at];
-      } else {
-        xv = __ldg(xl + at);
-      }
+      xv = __ldg(xl + (c + n) * 8 + (j >> 1) * 4);
     }
     const uint32_t word = j == 0 ? wv[n].x : j == 1 ? wv[n].y : j == 2 ? wv[n].z : wv[n].w;
     uint32_t a[4];
@@ -626,7 +624,7 @@ __device__ __forceinline__ void imma(int (&d)[4], const uint32_t (&a)[4], uint32
 
 constexpr uint32_t kIntMagic = 0x4B400000u;  // the bits of 1.5 * 2^23: + n, as a float, is 1.5 * 2^23 + n
 
-// run_product on the integer tensor cores (one row of x as planes, XIn::kPlanes): kN consecutive chunks
+// run_product on the integer tensor cores (one row of x as planes, kPlanes): kN consecutive chunks
 // of one 128-feature slice. A word's nibbles 0, 2, 4, 6 (w & 0x0F0F0F0F) are row g's levels q of features
 // 0, 2, 1, 3 of the lane's 8 (t * 8..) of a 32-feature half, nibbles 1, 3, 5, 7 (w >> 4) row g + 8's; the
 // half's two words are the A fragment of one m16n8k32 step (k 4t.. from the first, 16 + 4t.. from the
@@ -665,7 +663,7 @@ __device__ __forceinline__ void run_product_planes(const int4* ws, int c, int g0
       const uint32_t* pairs = szg + ((group - g0) << 4);
       const float scale_g = Mma<T>::low(pairs[0]), scale_g8 = Mma<T>::low(pairs[8]);
       const float corr_g = scale_g * Mma<T>::high(pairs[0]), corr_g8 = scale_g8 * Mma<T>::high(pairs[8]);
-      const float gs = group_sums[group * 8] * corr_on;
+      const float gs = group_sums[group] * corr_on;
       float sums[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) sums[e] = __int_as_float(d[0][e] + d[1][e]) - 12582912.0f;
@@ -683,9 +681,9 @@ __device__ __forceinline__ void run_product_planes(const int4* ws, int c, int g0
 // kConsumers consecutive chunks from w * that, and adds its sums into shared memory when its block ends.
 // The producer lets the next kernel launch once it has issued its last copy (that kernel's CTAs take an
 // SM as this one's leave it, and start their own copies). The consumers first sum x over each group (and
-// its squares, for the norm); with one row of x (kXShared) that pass also copies x into shared memory,
-// where the products read it.
-template <typename T, int kGroupShift, Epilogue kMode, XIn kXIn>
+// its squares, for the norm); with one row of x (kPlanes) that pass also writes x into shared memory as
+// planes, which the products read.
+template <typename T, int kGroupShift, Epilogue kMode, bool kPlanes>
 __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kernel(
     const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
     const T* __restrict__ residual, T* __restrict__ y, int M, int N, int K, float eps, int activation) {
@@ -695,8 +693,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = K / kChunk, groups = K >> group_shift;
-  constexpr bool kXShared = kXIn == XIn::kShared, kPlanes = kXIn == XIn::kPlanes;
-  const StreamedLayout layout = streamed_layout(M, K, groups, kXIn);
+  const StreamedLayout layout = streamed_layout(M, K, group_shift, kPlanes);
   float* sums = reinterpret_cast<float*>(smem + layout.sums);  // [block][x row][16]
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barriers);
   uint64_t* empty = full + kStages;
@@ -705,7 +702,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   int first, end;
   cta_blocks(N / kRows, blockIdx.x, gridDim.x, first, end);
   for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) sums[i] = 0.0f;
-  for (int i = threadIdx.x; i < groups * 8; i += blockDim.x) group_sums[i] = 0.0f;  // x rows past M stay 0
+  for (int i = threadIdx.x; i < groups * group_stride(kPlanes); i += blockDim.x) group_sums[i] = 0.0f;  // rows past M: 0
   if (kNorm && threadIdx.x < 8) row_sumsq[threadIdx.x] = 0.0f;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
@@ -726,7 +723,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
           const int n = min(kStageChunks, chunks - c0);
           const int g0 = (c0 * kChunk) >> group_shift, g1 = (((c0 + n) * kChunk - 1) >> group_shift) + 1;
           const uint32_t wbytes = n * 512, sbytes = (g1 - g0) * kRows * 4;
-          unsigned char* dst = smem + slot * kStageBytes;
+          unsigned char* dst = smem + slot * layout.stage_bytes;
           barrier_expect_bytes(&full[slot], wbytes + sbytes);
           bulk_copy(dst, w + (static_cast<size_t>(b) * chunks + c0) * 32, wbytes, &full[slot]);
           bulk_copy(dst + kStageWeightBytes, scale_zero + (static_cast<size_t>(b) * groups + g0) * kRows, sbytes,
@@ -737,17 +734,15 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
     }
   } else {  // a consumer
     wait_for_previous_grid();  // x is the previous kernel's output
-    unsigned char* x_shared = smem + layout.x;
+    unsigned char* planes = smem + layout.x;
     float* x_scale = reinterpret_cast<float*>(smem + layout.x_scale);
-    sum_x<T, kGroupShift, kNorm, kXIn>(x, M, K, group_sums, row_sumsq, x_shared, x_scale);
+    sum_x<T, kGroupShift, kNorm, kPlanes>(x, M, K, group_sums, row_sumsq, planes, x_scale);
     const int g = lane >> 2, t = lane & 3;
     // Features t*8.. of the row of x this lane feeds to the mma (rows past M read row M - 1: their columns
     // of the product are never stored), in 16-byte units; with planes, its 16 bytes of plane g of a chunk.
     const uint4* xl;
     if constexpr (kPlanes) {
-      xl = reinterpret_cast<const uint4*>(x_shared + (g < 3 ? g : 0) * 64 + t * 16);
-    } else if constexpr (kXShared) {
-      xl = reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(x_shared) + t * 8);
+      xl = reinterpret_cast<const uint4*>(planes + (g < 3 ? g : 0) * 64 + t * 16);
     } else {
       xl = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(g, M - 1)) * K + t * 8));
     }
@@ -768,7 +763,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
         const int slot = s % kStages;
         barrier_wait(&full[slot], (s / kStages) & 1);
         const int n = min(kStageChunks, chunks - c0);
-        const unsigned char* stage = smem + slot * kStageBytes;
+        const unsigned char* stage = smem + slot * layout.stage_bytes;
         const int4* ws = reinterpret_cast<const int4*>(stage) + lane;
         const uint32_t* szg = reinterpret_cast<const uint32_t*>(stage + kStageWeightBytes) + g;
         const int g0 = (c0 * kChunk) >> group_shift;
@@ -785,10 +780,10 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
             }
           }
         } else if (i + kPerWarp <= n) {
-          run_product<T, kGroupShift, kPerWarp, kXShared>(ws + i * 32, c0 + i, g0, xl, szg, group_sums, t, k, acc);
+          run_product<T, kGroupShift, kPerWarp>(ws + i * 32, c0 + i, g0, xl, szg, group_sums, t, k, acc);
         } else {  // the block's last stage, cut short: one chunk at a time (a group of 128 never ends here)
           for (int c = i; c < n; ++c) {
-            run_product<T, kGroupShift, 1, kXShared>(ws + c * 32, c0 + c, g0, xl, szg, group_sums, t, k, acc);
+            run_product<T, kGroupShift, 1>(ws + c * 32, c0 + c, g0, xl, szg, group_sums, t, k, acc);
           }
         }
         __syncwarp();
@@ -917,15 +912,15 @@ struct Operands {
 
 // The streamed kernel's grid: CTAs of up to kMaxBlocksPerCta blocks each, as many as fill the SMs once
 // (so each SM streams an equal share), more where the blocks are too many for that.
-template <typename T, int kGroupShift, Epilogue kMode, XIn kXIn>
+template <typename T, int kGroupShift, Epilogue kMode, bool kPlanes>
 void launch_streamed_as(const Operands& o) {
   const int M = o.x.size(0), K = o.x.size(1), N = o.w.size(0);
   const int blocks = N / kRows;
-  const int smem = streamed_layout(M, K, K >> kGroupShift, kXIn).total;
+  const int smem = streamed_layout(M, K, kGroupShift, kPlanes).total;
   TORCH_CHECK(smem <= static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin),
               "linear_int4_mma: K = ", K, " in groups of ", 1 << kGroupShift,
               " needs more shared memory for its group sums than a CTA of this card has");
-  auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode, kXIn>;
+  auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode, kPlanes>;
   // CTAs an SM holds at once, asked once per shared-memory size (the same on every card this process
   // uses); the kernel's size limit is the largest size asked for so far.
   static std::mutex mutex;
@@ -949,7 +944,9 @@ void launch_streamed_as(const Operands& o) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   // One CTA a slot (every SM then streams an equal share, within a block), fewer where the blocks are
   // fewer than the slots, more where a CTA would sum more than kMaxBlocksPerCta blocks.
-  const int slots = std::max(1, per_sm) * sms;
+  // (Two at most: the ring's depth was chosen for two CTAs an SM; three, with stages sized for the group
+  // and 8 stages, were slower: 1798 against 1576-1497 us in the int4 chain, benchmarks/RESULTS.md.)
+  const int slots = std::clamp(per_sm, 1, 2) * sms;
   const int ctas = std::max(std::min(blocks, slots), (blocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
   C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(32 * (kConsumers + 1)), smem,
@@ -962,10 +959,8 @@ void launch_streamed_as(const Operands& o) {
 template <typename T, int kGroupShift, Epilogue kMode>
 void launch_streamed(const Operands& o) {
   const int M = o.x.size(0), K = o.x.size(1);
-  const XIn x_in = x_in_for(M, K, K >> kGroupShift);
-  if (x_in == XIn::kPlanes) return launch_streamed_as<T, kGroupShift, kMode, XIn::kPlanes>(o);
-  if (x_in == XIn::kShared) return launch_streamed_as<T, kGroupShift, kMode, XIn::kShared>(o);
-  launch_streamed_as<T, kGroupShift, kMode, XIn::kGlobal>(o);
+  if (x_as_planes(M, K, kGroupShift)) return launch_streamed_as<T, kGroupShift, kMode, true>(o);
+  launch_streamed_as<T, kGroupShift, kMode, false>(o);
 }
 
 template <typename T, Epilogue kMode = Epilogue::kPlain>
