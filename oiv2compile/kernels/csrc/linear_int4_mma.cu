@@ -23,9 +23,9 @@
 // shared memory as planes (every llama-8b shape in groups of 128): the consumers' pass over x writes it
 // there as three int8 planes with a power-of-two scale a 128-feature slice (store_planes), and a word's
 // nibbles are u8 A fragments of m16n8k32 (one lop3, or a shift and a lop3, for four weights; two words
-// a step) against the planes as B, one plane a column (run_product_planes). In the chain above: 1306-1331
-// against 1398-1406 with x in shared memory as it is (the same call; qkv, o and gate/up as planes, down
-// not yet), and llama-8b int4 decode 569 against 557 tok/s.
+// a step) against the planes as B, one plane a column (run_product_planes). In the chain above: 1304
+// against 1403 us with x in shared memory as it is (the same call; 1314 with down still so), and
+// llama-8b int4 decode 586 tok/s, 2.55x bf16 (557 and 2.40x before, in another run).
 // Up to 8 rows, the streamed kernel: each CTA takes a contiguous run of 16-row blocks (one CTA per SM
 // slot, so every SM streams an equal share). A producer warp copies W and the scales each stage needs
 // into a ring of 8 shared-memory stages (80 KB: two CTAs an SM) with the Hopper bulk-copy engine
@@ -459,8 +459,8 @@ enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
 
 // x as three int8 planes (kPlanes): each 128-feature slice of the row gets a scale 2^s that puts its
 // largest magnitude in [2^19, 2^20), and each feature the integer v = round(x * 2^s) = 65536 p2 + 256 p1 + p0
-// (p0, p1 in [-128, 127], p2 in [-16, 16]): exact where x is within 2^12 of the slice's largest, and
-// within 2^-20 of it elsewhere. One FFMA makes v: x * 2^s + 1.5 * 2^23 + 0x8080 has 2^22 + 0x8080 + v in
+// (p0, p1 in [-128, 127], p2 in [-16, 16]): a feature's error is at most 2^-20 of the slice's largest
+// magnitude, and none where the feature is at least 2^-12 of it in bf16 (2^-9 in fp16). One FFMA makes v: x * 2^s + 1.5 * 2^23 + 0x8080 has 2^22 + 0x8080 + v in
 // its mantissa, whose bytes 0 and 1 are p0 + 128 and p1 + 128 and whose byte 2 is 64 + p2. A chunk of 64
 // features takes 192 bytes: plane p at 64 p, then lane t's 16 bytes at 16 t: its 8 features of each
 // 32-feature half (t * 8..) in the order the nibbles of a word come out of w & 0x0F0F0F0F (features 0, 2,

@@ -45,7 +45,8 @@ using namespace oiv2_gemv;
 // there: 3 or 4 rows, 2, 6, 8 or 12 steps, and one row with 8 or 12, all slower (2158-2654 against 2092).
 // ptxas issues a step's first two loads (one a row) before the math, the other six after the first
 // step's math. Asking for all eight first (__launch_bounds__(32 * kWarps, 1): 60-64 registers against
-// 48-56) made the chain slower: 2142-2160 us against 2078.
+// 48-56) made the chain slower: 2142-2160 us against 2078. So did 3 steps an iteration (2176 against
+// 2080), the weight loads marked evict-first in L2 (2160) and with 256-byte L2 fetches (2131).
 constexpr int kWarps = 8;
 constexpr int kUnroll = 4;
 constexpr int kPerWarp = 2;  // output rows a warp takes: x converted once for both
