@@ -448,7 +448,8 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int grou
 // two); more rows, or a longer one, are read from global memory.
 inline bool x_as_planes(int M, int K, int group_shift) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const int per_cta = streamed_layout(M, K, group_shift, true).total + static_cast<int>(props->reservedSharedMemPerBlock);
+  const int per_cta =
+      streamed_layout(M, K, group_shift, true).total + static_cast<int>(props->reservedSharedMemPerBlock);
   return M == 1 && 2 * per_cta <= static_cast<int>(props->sharedMemPerMultiprocessor);
 }
 
@@ -457,15 +458,17 @@ inline bool x_as_planes(int M, int K, int group_shift) {
 // the output has N / 2 columns).
 enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
 
-// x as three int8 planes (kPlanes): each 128-feature slice of the row gets a scale 2^s that puts its
-// largest magnitude in [2^19, 2^20), and each feature the integer v = round(x * 2^s) = 65536 p2 + 256 p1 + p0
-// (p0, p1 in [-128, 127], p2 in [-16, 16]): a feature's error is at most 2^-20 of the slice's largest
-// magnitude, and none where the feature is at least 2^-12 of it in bf16 (2^-9 in fp16). One FFMA makes v: x * 2^s + 1.5 * 2^23 + 0x8080 has 2^22 + 0x8080 + v in
-// its mantissa, whose bytes 0 and 1 are p0 + 128 and p1 + 128 and whose byte 2 is 64 + p2. A chunk of 64
-// features takes 192 bytes: plane p at 64 p, then lane t's 16 bytes at 16 t: its 8 features of each
-// 32-feature half (t * 8..) in the order the nibbles of a word come out of w & 0x0F0F0F0F (features 0, 2,
-// 1, 3, then 4, 6, 5, 7), so one 16-byte load gives a lane its B fragments of a chunk's two integer k-steps.
-constexpr float kPlanesMagic = 12615808.0f;  // 1.5 * 2^23 + 0x8080
+// x as three int8 planes (kPlanes): each 128-feature slice of the row gets a scale 2^s that puts its largest
+// magnitude in [2^19, 2^20), and each feature the integer v = round(x * 2^s) = 65536 p2 + 256 p1 + p0 (p0, p1 in
+// [-128, 127], p2 in [-16, 16]): a feature's error is at most 2^-20 of the slice's largest magnitude, and none
+// where the feature is at least 2^-12 of it in bf16 (2^-9 in fp16). One FFMA makes v: x * 2^s + 1.5 * 2^23 +
+// 0x8080 has 2^22 + 0x8080 + v in its mantissa, whose bytes 0 and 1 are p0 + 128 and p1 + 128 and whose byte 2 is
+// 64 + p2. A chunk of 64 features takes 192 bytes: plane p at 64 p, then lane t's 16 bytes at 16 t: its 8
+// features of each 32-feature half (t * 8..) in the order the nibbles of a word come out of w & 0x0F0F0F0F
+// (features 0, 2, 1, 3, then 4, 6, 5, 7), so one 16-byte load gives a lane its B fragments of a chunk's two
+// integer k-steps.
+constexpr float kIntMagicValue = 12582912.0f;           // 1.5 * 2^23
+constexpr float kPlanesMagic = kIntMagicValue + 0x8080;  // 12615808
 constexpr int kPlanesChunkBytes = 3 * kChunk;
 
 // One lane's features f..f+7 (xf) into the planes; every lane of the warp calls it (lanes 0-15 hold one
@@ -501,14 +504,14 @@ __device__ __forceinline__ void store_planes(const float (&xf)[8], int f, int K,
   }
 }
 
-// The consumer warp's pass over its own features of x: warp w multiplies the chunks of 128-feature slices
-// w, w + 8, w + 16, ... (chunks 2w and 2w + 1 of every stage), so it sums x over the groups of those
-// slices only, into group_sums[group * 8 + m], and needs no other warp's sums (no barrier between the
-// consumers). Lanes 0-15 take 8 features each of one of the warp's slices, lanes 16-31 of the next one
-// (16-byte loads); kPairs pairs of slices are loaded before any is summed. With the norm, the warp's
-// share of each row's sum of squares goes into row_sumsq (read after the CTA's last barrier). With one
-// row kept in shared memory as planes (kPlanes) the warp also stores its features of x there as planes,
-// where its products read them.
+// The consumer warp's pass over its own features of x: warp w multiplies the chunks of 128-feature slices w, w +
+// 8, w + 16, ... (chunks 2w and 2w + 1 of every stage), so it sums x over the groups of those slices only, into
+// group_sums[group * 8 + m] (group_sums[group] with planes), and needs no other warp's sums (no barrier between
+// the consumers). Lanes 0-15 take 8 features each of one of the warp's slices, lanes 16-31 of the next one
+// (16-byte loads); kPairs pairs of slices are loaded before any is summed. With the norm, the warp's share of
+// each row's sum of squares goes into row_sumsq (read after the CTA's last barrier). With one row kept in shared
+// memory as planes (kPlanes) the warp also stores its features of x there as planes, where its products read
+// them.
 template <typename T, int kGroupShift, bool kNorm, bool kPlanes>
 __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq,
                                       unsigned char* planes, float* x_scale) {
@@ -544,7 +547,9 @@ __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sum
         if constexpr (kPlanes) store_planes(xf, f, K, lane, planes, x_scale);
 #pragma unroll
         for (int off = 1; off < kLanesPerGroup; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
-        if (f < K && (lane & (kLanesPerGroup - 1)) == 0) group_sums[(f >> kGroupShift) * group_stride(kPlanes) + m] = part;
+        if (f < K && (lane & (kLanesPerGroup - 1)) == 0) {
+          group_sums[(f >> kGroupShift) * group_stride(kPlanes) + m] = part;
+        }
       }
     }
     if constexpr (kNorm) {
@@ -622,7 +627,7 @@ __device__ __forceinline__ void imma(int (&d)[4], const uint32_t (&a)[4], uint32
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-constexpr uint32_t kIntMagic = 0x4B400000u;  // the bits of 1.5 * 2^23: + n, as a float, is 1.5 * 2^23 + n
+constexpr uint32_t kIntMagic = 0x4B400000u;  // the bits of kIntMagicValue: + n, as a float, is it + n
 
 // run_product on the integer tensor cores (one row of x as planes, kPlanes): kN consecutive chunks
 // of one 128-feature slice. A word's nibbles 0, 2, 4, 6 (w & 0x0F0F0F0F) are row g's levels q of features
@@ -666,7 +671,7 @@ __device__ __forceinline__ void run_product_planes(const int4* ws, int c, int g0
       const float gs = group_sums[group] * corr_on;
       float sums[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) sums[e] = __int_as_float(d[0][e] + d[1][e]) - 12582912.0f;
+      for (int e = 0; e < 4; ++e) sums[e] = __int_as_float(d[0][e] + d[1][e]) - kIntMagicValue;
       const float sg = scale_g * xs, sg8 = scale_g8 * xs;
       acc[0] = fmaf(sg, sums[0], fmaf(-corr_g, gs, acc[0]));
       acc[1] = fmaf(sg, sums[1], acc[1]);
@@ -702,7 +707,8 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   int first, end;
   cta_blocks(N / kRows, blockIdx.x, gridDim.x, first, end);
   for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) sums[i] = 0.0f;
-  for (int i = threadIdx.x; i < groups * group_stride(kPlanes); i += blockDim.x) group_sums[i] = 0.0f;  // rows past M: 0
+  // x rows past M stay 0
+  for (int i = threadIdx.x; i < groups * group_stride(kPlanes); i += blockDim.x) group_sums[i] = 0.0f;
   if (kNorm && threadIdx.x < 8) row_sumsq[threadIdx.x] = 0.0f;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
@@ -769,22 +775,20 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
         const int g0 = (c0 * kChunk) >> group_shift;
         constexpr int kPerWarp = kStageChunks / kConsumers;
         const int i = warp * kPerWarp;
-        if constexpr (kPlanes) {
-          if (i + kPerWarp <= n) {
-            run_product_planes<T, kGroupShift, kPerWarp>(ws + i * 32, c0 + i, g0, xl, szg, group_sums, x_scale,
-                                                         corr_on, acc);
-          } else {  // the block's last stage, cut short: one chunk at a time
-            for (int c = i; c < n; ++c) {
-              run_product_planes<T, kGroupShift, 1>(ws + c * 32, c0 + c, g0, xl, szg, group_sums, x_scale, corr_on,
-                                                    acc);
-            }
+        // kN chunks of this stage from its chunk c, on the integer or the bf16/fp16 tensor cores.
+        const auto product = [&](auto chunks_n, int c) {
+          constexpr int kN = decltype(chunks_n)::value;
+          if constexpr (kPlanes) {
+            run_product_planes<T, kGroupShift, kN>(ws + c * 32, c0 + c, g0, xl, szg, group_sums, x_scale, corr_on,
+                                                   acc);
+          } else {
+            run_product<T, kGroupShift, kN>(ws + c * 32, c0 + c, g0, xl, szg, group_sums, t, k, acc);
           }
-        } else if (i + kPerWarp <= n) {
-          run_product<T, kGroupShift, kPerWarp>(ws + i * 32, c0 + i, g0, xl, szg, group_sums, t, k, acc);
+        };
+        if (i + kPerWarp <= n) {
+          product(std::integral_constant<int, kPerWarp>{}, i);
         } else {  // the block's last stage, cut short: one chunk at a time (a group of 128 never ends here)
-          for (int c = i; c < n; ++c) {
-            run_product<T, kGroupShift, 1>(ws + c * 32, c0 + c, g0, xl, szg, group_sums, t, k, acc);
-          }
+          for (int c = i; c < n; ++c) product(std::integral_constant<int, 1>{}, c);
         }
         __syncwarp();
         if (lane == 0) barrier_arrive(&empty[slot]);
