@@ -634,10 +634,12 @@ constexpr uint32_t kIntMagic = 0x4B400000u;  // the bits of kIntMagicValue: + n,
 // 0, 2, 1, 3 of the lane's 8 (t * 8..) of a 32-feature half, nibbles 1, 3, 5, 7 (w >> 4) row g + 8's; the
 // half's two words are the A fragment of one m16n8k32 step (k 4t.. from the first, 16 + 4t.. from the
 // second), whose B the planes' bytes in the same order are: column n of the product is plane n (the
-// lanes of g < 3 read plane g; the other columns are never used). Per group the int sums (two chains, one
-// started at kIntMagic, so that their sum is a float by its bits: |sum| < 2^22) are scaled by the group's
-// scale times the slice's 2^-s into acc[e], column 2t + (e & 1), row g + 8 (e >> 1); the zero points'
-// term only on t = 0 (corr_on). The columns are weighed (1, 256, 65536) and added when a block ends.
+// lanes of g < 3 read plane g; the other columns are never used). Per group the int sums (one chain
+// started at kIntMagic, so that it is a float by its bits: |sum| <= 15 * 128 * 128 < 2^22) are scaled by
+// the group's scale times the slice's 2^-s into acc[e], column 2t + (e & 1), row g + 8 (e >> 1); the zero
+// points' term only on t = 0 (corr_on). The columns are weighed (1, 256, 65536) and added when a block
+// ends. One chain of mma a group rather than two by turns gives the same sums (they are exact) in fewer
+// adds: 1286 against 1305 us a step in the int4 chain (H200, benchmarks/RESULTS.md).
 template <typename T, int kGroupShift, int kN>
 __device__ __forceinline__ void run_product_planes(const int4* ws, int c, int g0, const uint4* xl,
                                                    const uint32_t* szg, const float* group_sums,
@@ -647,22 +649,19 @@ __device__ __forceinline__ void run_product_planes(const int4* ws, int c, int g0
 #pragma unroll
   for (int n = 0; n < kN; ++n) wv[n] = ws[n * 32];
   const float xs = x_scale[(c * kChunk) >> 7];
-  int d[2][4];
+  int d[4];
   uint4 xv;
 #pragma unroll
   for (int step = 0; step < 2 * kN; ++step) {
     const int n = step >> 1, h = step & 1;
     if (step % kStepsPerGroup == 0) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        d[0][e] = static_cast<int>(kIntMagic);
-        d[1][e] = 0;
-      }
+      for (int e = 0; e < 4; ++e) d[e] = static_cast<int>(kIntMagic);
     }
     if (h == 0) xv = xl[(c + n) * (kPlanesChunkBytes / 16)];
     const uint32_t w0 = h ? wv[n].z : wv[n].x, w1 = h ? wv[n].w : wv[n].y;
     const uint32_t a[4] = {w0 & 0x0F0F0F0Fu, (w0 >> 4) & 0x0F0F0F0Fu, w1 & 0x0F0F0F0Fu, (w1 >> 4) & 0x0F0F0F0Fu};
-    imma(d[step & 1], a, h ? xv.z : xv.x, h ? xv.w : xv.y);
+    imma(d, a, h ? xv.z : xv.x, h ? xv.w : xv.y);
     if ((step + 1) % kStepsPerGroup == 0) {  // a group ends
       const int group = ((c + n) * kChunk + h * 32) >> kGroupShift;
       const uint32_t* pairs = szg + ((group - g0) << 4);
@@ -671,7 +670,7 @@ __device__ __forceinline__ void run_product_planes(const int4* ws, int c, int g0
       const float gs = group_sums[group] * corr_on;
       float sums[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) sums[e] = __int_as_float(d[0][e] + d[1][e]) - kIntMagicValue;
+      for (int e = 0; e < 4; ++e) sums[e] = __int_as_float(d[e]) - kIntMagicValue;
       const float sg = scale_g * xs, sg8 = scale_g8 * xs;
       acc[0] = fmaf(sg, sums[0], fmaf(-corr_g, gs, acc[0]));
       acc[1] = fmaf(sg, sums[1], acc[1]);
