@@ -7,8 +7,6 @@ over that time, and the copy bandwidth measured in the same run. Candidates, all
   split (planned)   torch.ops.oiv2.attention, as an artifact calls it (decode_splits plans the grid)
   single pass       the kernel with one program per (sequence, kv head): splits=1
   split, chunk C    the split path with C positions per program, for each C of --chunks
-  cluster (C++)     oiv2::decode_attention (caches of at most its MAX_CACHE positions), the kernel
-                    use_cuda_attention puts in CUDA artifacts' decode programs
 Timing as benchmarks/bench_kernels.py: calls replayed from one CUDA graph (no host launch cost),
 CUDA events, median over replays; each call of the graph reads other cache rows, so that the rows
 read between two reads of the same row exceed the L2 cache. The issue's check, printed at the end:
@@ -35,7 +33,6 @@ from oiv2compile.bench import copy_bandwidth_gbs, environment
 
 # The module, not the op of the same name that oiv2compile.kernels exports.
 attention_mod = importlib.import_module("oiv2compile.kernels.attention")
-decode_attention_mod = importlib.import_module("oiv2compile.kernels.decode_attention")
 
 ROTATE_BYTES = 256 << 20  # K/V bytes read by the calls of one graph before a row comes again
 CHECK = (4000, 4096, 8192, 1.15)  # filled, smaller cache, larger cache, largest allowed time ratio
@@ -52,9 +49,6 @@ def candidates(cache_len: int, chunks: list[int]) -> dict[str, Callable[..., tor
         found[f"split, chunk {chunk}"] = lambda *args, splits=splits: attention_mod._attention_triton(
             *args, splits=splits
         )
-    if cache_len <= decode_attention_mod.MAX_CACHE:
-        decode_attention_mod.load_extension()
-        found["cluster (C++)"] = torch.ops.oiv2.decode_attention
     return found
 
 
@@ -186,8 +180,8 @@ def _table(rows: list[dict[str, Any]], bandwidth: float, device: str) -> str:
     for batch, cache_len, filled, splits in cases:
         cells = []
         for name in names:
-            r = by.get((batch, cache_len, filled, name))
-            cells.append("—" if r is None else f"{r['us']:.1f} us, {r['gbs']:.0f} GB/s ({r['share_of_copy']:.0%})")
+            r = by[(batch, cache_len, filled, name)]
+            cells.append(f"{r['us']:.1f} us, {r['gbs']:.0f} GB/s ({r['share_of_copy']:.0%})")
         lines.append(f"| {batch} | {cache_len} | {filled} | {splits} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

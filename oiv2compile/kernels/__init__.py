@@ -5,7 +5,6 @@ Importing this package registers every op; artifacts that call them need it impo
 
 from oiv2compile.kernels.add_rms_norm import add_rms_norm, add_rms_norm_ref
 from oiv2compile.kernels.attention import attention, attention_ref
-from oiv2compile.kernels.decode_attention import decode_attention_ref
 from oiv2compile.kernels.embedding_int4 import embedding_int4, embedding_int4_ref
 from oiv2compile.kernels.embedding_int8 import embedding_int8, embedding_int8_ref
 from oiv2compile.kernels.gated_act import gated_act, gated_act_ref
@@ -29,7 +28,6 @@ __all__ = [
     "add_rms_norm_ref",
     "attention",
     "attention_ref",
-    "decode_attention_ref",
     "embedding_int4",
     "embedding_int4_ref",
     "embedding_int8",
