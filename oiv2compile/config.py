@@ -91,7 +91,8 @@ class FusionConfig:
     # CUDA, with the above: in the decode programs, that kernel's work inside the attention's
     # (passes/fuse_rope_into_attention.py). Off: alone it saves 0.6-1.6 us a layer (5.1 against 6.7 us
     # at 129 positions), but llama-8b int8 decode ran at 386.6 tok/s with it against 391.4 without (H200,
-    # 537801e, benchmarks/RESULTS.md).
+    # 537801e); int4 at 601.5 against 585.7 (H200, f044de0, one pair of runs); bf16 not measured
+    # (benchmarks/RESULTS.md).
     enable_rope_into_attention: bool = False
     # Int8 and int4 on CUDA: an RMSNorm's weight folded into the linears after it, and the residual add
     # and the norm run inside the batch-1 decode products around them (passes/fold_norm_weights.py,
