@@ -11,8 +11,8 @@
 #   NORM_APART=1     also build and measure $NORM_APART_QUANT (int8 or int4; default int4) with
 #                    --no-fuse-norm-into-linear (its own bench run, with its own bf16 row from the same
 #                    cache entry), and the unfused rows in the chain;
-#   ROPE_FUSED=1     instead, build and measure $ROPE_FUSED_QUANT (default int8) with
-#                    --fuse-rope-into-attention (its own bench run: bf16 would need a build of its own);
+#   ROPE_APART=1     instead, build and measure $ROPE_APART_QUANT (default int8) with
+#                    --no-fuse-rope-into-attention (its own bench run: bf16 would need a build of its own);
 #   BASELINES=...    the bench's --baselines for the measuring run (default: none);
 #   ARCHIVE=path     tar.gz of $RESULTS, rewritten after each phase (for a machine that may go away);
 #   DONE=path        touched when the measuring runs have finished (before the profile);
@@ -20,7 +20,7 @@
 #                    card i mod $GPUS): three 8B builds hold about 111 GB, which one H200 has.
 # An 8B build takes 3-6 minutes and holds about 37 GB of GPU memory while it runs. With three GPUs or
 # more the three artifacts build in parallel, one per GPU, into a shared bench cache; with fewer, one
-# bench command builds them in turn; with four, the build of NORM_APART or ROPE_FUSED takes the fourth (each in
+# bench command builds them in turn; with four, the build of NORM_APART or ROPE_APART takes the fourth (each in
 # a process of its own). The measuring run then reuses them
 # (the cache is keyed by the build config, not the GPU index), alone on the card.
 # On a lent machine whose calls are shorter than this script, start it in a session of its own
@@ -30,12 +30,12 @@ MODEL=${MODEL:-llama-8b}
 RESULTS=${RESULTS:-out/quant-e2e}
 CACHE=${CACHE:-$RESULTS/cache}
 GPUS=${GPUS:-$(nvidia-smi --list-gpus | wc -l)}
-# The fourth build (NORM_APART or ROPE_FUSED): its quantization, its flag, and what its bench run measures.
+# The fourth build (NORM_APART or ROPE_APART): its quantization, its flag, and what its bench run measures.
 FOURTH=0
-if [ "${ROPE_FUSED:-0}" = 1 ]; then
+if [ "${ROPE_APART:-0}" = 1 ]; then
   FOURTH=1
-  APART=${ROPE_FUSED_QUANT:-int8}
-  APART_FLAG=--fuse-rope-into-attention
+  APART=${ROPE_APART_QUANT:-int8}
+  APART_FLAG=--no-fuse-rope-into-attention
   APART_MEASURED=$APART
 elif [ "${NORM_APART:-0}" = 1 ]; then
   FOURTH=1

@@ -109,8 +109,8 @@ class BenchRequest:
     rebuild: bool = False  # build again even when the cache holds a matching artifact
     # False: int8 and int4 builds with --no-fuse-norm-into-linear (the others as they are)
     fuse_norm_into_linear: bool = True
-    # True: every build with --fuse-rope-into-attention
-    fuse_rope_into_attention: bool = False
+    # False: every build with --no-fuse-rope-into-attention
+    fuse_rope_into_attention: bool = True
 
     def __post_init__(self) -> None:
         _check_names("--backends", self.backends or (), BACKENDS)
@@ -524,8 +524,8 @@ def _prepare_artifact(target: _Target, request: BenchRequest, source: _Source, c
         config = cfg.replace(backend=target.backend, **_quant_overrides(target.quant))
         if not request.fuse_norm_into_linear and target.quant in QUANTIZED_WITH_NORM_FUSION:  # others: their cache
             config = config.replace(fusion={"enable_norm_into_linear": False})
-        if request.fuse_rope_into_attention:
-            config = config.replace(fusion={"enable_rope_into_attention": True})
+        if not request.fuse_rope_into_attention:
+            config = config.replace(fusion={"enable_rope_into_attention": False})
         path = (request.cache_dir or default_cache_dir()) / f"{config.fingerprint()}-{source.cache_key}"
         if not request.rebuild and _reusable(path, config, source.model_id):
             target.build_s, target.reused = sum(read_manifest(path)["phases_s"].values()), True
@@ -956,7 +956,7 @@ def markdown_table(report: dict[str, Any]) -> str:
                 if row["quant"] in QUANTIZED_WITH_NORM_FUSION and args.get("fuse_norm_into_linear") is False
                 else ""
             )
-            + (" (rope in attention)" if args.get("fuse_rope_into_attention") else "")
+            + (" (rope apart)" if args.get("fuse_rope_into_attention") is False else "")
         )
         head = f"| {row['backend']} | {quant} | {row['batch']} |"
         if row["status"] != "ok":

@@ -76,9 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the rotary embedding of q and k apart from the cache writes",
     )
     build.add_argument(
-        "--fuse-rope-into-attention",
+        "--no-fuse-rope-into-attention",
         action="store_true",
-        help="CUDA: run the decode programs' rotary embedding and cache writes inside the attention kernel",
+        help="CUDA: keep the decode programs' rotary embedding and cache writes apart from the attention kernel",
     )
     build.add_argument(
         "--no-fuse-norm-into-linear",
@@ -161,9 +161,9 @@ def _parser() -> argparse.ArgumentParser:
         help="build the int8 and int4 artifacts with --no-fuse-norm-into-linear (the others as they are)",
     )
     bench.add_argument(
-        "--fuse-rope-into-attention",
+        "--no-fuse-rope-into-attention",
         action="store_true",
-        help="build every artifact with --fuse-rope-into-attention",
+        help="build every artifact with --no-fuse-rope-into-attention",
     )
     bench.set_defaults(func=_bench)
 
@@ -217,8 +217,8 @@ def _build(args: argparse.Namespace) -> int:
     fusion = {
         f"enable_{name}": False for name in ("qkv", "ffn", "norms", "rope_kv_write") if getattr(args, f"no_fuse_{name}")
     }
-    if args.fuse_rope_into_attention:
-        fusion["enable_rope_into_attention"] = True
+    if args.no_fuse_rope_into_attention:
+        fusion["enable_rope_into_attention"] = False
     if args.no_fuse_norm_into_linear:
         fusion["enable_norm_into_linear"] = False
     if args.no_fuse_gated_act_into_linear:
@@ -392,7 +392,7 @@ def _bench(args: argparse.Namespace) -> int:
         model=args.model,
         rebuild=args.rebuild,
         fuse_norm_into_linear=not args.no_fuse_norm_into_linear,
-        fuse_rope_into_attention=args.fuse_rope_into_attention,
+        fuse_rope_into_attention=not args.no_fuse_rope_into_attention,
         **fields,
     )
 

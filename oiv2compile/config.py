@@ -89,11 +89,12 @@ class FusionConfig:
     # are fused (passes/fuse_rope_kv_write.py).
     enable_rope_kv_write: bool = True
     # CUDA, with the above: in the decode programs, that kernel's work inside the attention's
-    # (passes/fuse_rope_into_attention.py). Off: alone it saves 0.6-1.6 us a layer (5.1 against 6.7 us
-    # at 129 positions), but llama-8b int8 decode ran at 386.6 tok/s with it against 391.4 without (H200,
-    # 537801e); int4 at 601.5 against 585.7 (H200, f044de0, one pair of runs); bf16 not measured
-    # (benchmarks/RESULTS.md).
-    enable_rope_into_attention: bool = False
+    # (passes/fuse_rope_into_attention.py). Alone it saves 0.6-1.6 us a layer (5.1 against 6.7 us at 129
+    # positions). llama-8b decode on an H200, each form built and measured in the same call
+    # (benchmarks/RESULTS.md): bf16 237.1 tok/s with it against 232.8 and 234.2 without (fb0c6d5), int8
+    # 398.4 against 397.2 and 397.9 (fb0c6d5), int4 601.5 against 585.7 (f044de0). An older int8 pair
+    # had it 1.2% slower (386.6 against 391.4, 537801e).
+    enable_rope_into_attention: bool = True
     # Int8 and int4 on CUDA: an RMSNorm's weight folded into the linears after it, and the residual add
     # and the norm run inside the batch-1 decode products around them (passes/fold_norm_weights.py,
     # passes/fuse_norm_into_gemv.py). H100, 32 llama-8b layers of linears a step (benchmarks/RESULTS.md):

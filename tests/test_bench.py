@@ -380,21 +380,24 @@ def _refused_builds(monkeypatch):  # type: ignore[no-untyped-def]
     return configs
 
 
-def test_bench_builds_every_artifact_with_the_rope_in_the_attention(monkeypatch, tmp_path):
-    """--fuse-rope-into-attention changes every build's config, and the table names each row's form."""
+def test_bench_builds_every_artifact_with_the_rope_kernel_apart_when_asked(monkeypatch, tmp_path):
+    """--no-fuse-rope-into-attention changes every build's config, and the table names each row's form;
+    without it every build has the rotary kernel inside the attention (the default)."""
     configs = _refused_builds(monkeypatch)
     argv = _tiny_args(
         tmp_path / "cache", "llama-tiny", "--backends", "eager", "--quant", "none,int8", "--baselines", ""
     )
-    code, stdout, err = _bench(tmp_path / "out", *argv, "--fuse-rope-into-attention")
+    code, stdout, err = _bench(tmp_path / "out", *argv, "--no-fuse-rope-into-attention")
     assert code == 0, err
-    assert configs["none"].fusion.enable_rope_into_attention and configs["int8"].fusion.enable_rope_into_attention
-    assert "| eager | none (rope in attention) | 1 | unavailable" in stdout
-    assert "| eager | int8 (rope in attention) | 1 | unavailable" in stdout
-    assert _report(tmp_path / "out")["args"]["fuse_rope_into_attention"] is True
+    assert not configs["none"].fusion.enable_rope_into_attention
+    assert not configs["int8"].fusion.enable_rope_into_attention
+    assert "| eager | none (rope apart) | 1 | unavailable" in stdout
+    assert "| eager | int8 (rope apart) | 1 | unavailable" in stdout
+    assert _report(tmp_path / "out")["args"]["fuse_rope_into_attention"] is False
     code, stdout, err = _bench(tmp_path / "out2", *argv)
     assert code == 0, err
-    assert not configs["int8"].fusion.enable_rope_into_attention and "| eager | int8 | 1 | unavailable" in stdout
+    assert configs["int8"].fusion.enable_rope_into_attention and "| eager | int8 | 1 | unavailable" in stdout
+    assert _report(tmp_path / "out2")["args"]["fuse_rope_into_attention"] is True
 
 
 def test_bench_builds_only_its_int8_artifacts_with_the_norms_apart(monkeypatch, tmp_path):

@@ -51,7 +51,7 @@ def test_build_run_inspect(capsys, tmp_path):
         "2",
         "--no-fuse-norms",
         "--no-fuse-gated-act-into-linear",
-        "--fuse-rope-into-attention",
+        "--no-fuse-rope-into-attention",
     )
     assert code == 0, err
     assert "capture prefill:" in err and "lower decode (eager):" in err and f"built {out}" in err
@@ -72,7 +72,7 @@ def test_build_run_inspect(capsys, tmp_path):
         "enable_ffn": True,
         "enable_norms": False,
         "enable_rope_kv_write": True,
-        "enable_rope_into_attention": True,
+        "enable_rope_into_attention": False,
         "enable_norm_into_linear": True,
         "enable_gated_act_into_linear": False,
     }

@@ -18,9 +18,10 @@ oiv2::rope_kv_write rounds them, then oiv2::attention's arithmetic.
 
 Measured (H200, llama-8b heads, batch 1, one call replayed from a CUDA graph): 5.13 us against 6.72
 for the two ops at 129 filled positions of 256, 6.97 against 7.53 at 251, 10.07 against 10.84 at 3001
-of 4096 (split). End to end it did not pay: llama-8b int8 decode 386.6 tok/s with it, 391.4 without
-(537801e, benchmarks/RESULTS.md), so passes/fuse_rope_into_attention.py runs only where asked. For int4
-it paid: 601.5 tok/s against 585.7 (f044de0, one pair of runs); bf16 has not been measured with it.
+of 4096 (split). End to end, llama-8b decode on an H200, each pair built and measured in one call
+(benchmarks/RESULTS.md): bf16 237.1 tok/s with it against 232.8 and 234.2 without (fb0c6d5), int8
+398.4 against 397.2 and 397.9 (fb0c6d5), int4 601.5 against 585.7 (f044de0); an older int8 pair had it
+1.2% slower (386.6 against 391.4, 537801e). So passes/fuse_rope_into_attention.py runs by default.
 """
 
 from __future__ import annotations

@@ -76,9 +76,8 @@ def test_skips_a_layer_whose_attention_reads_other_caches(tiny_program):
     assert a in gm.graph.nodes
 
 
-def test_the_pipeline_runs_it_where_asked_on_cuda_inductor_builds_only():
-    assert fuse_rope_into_attention not in pipeline(BuildConfig().replace(device="cuda"))  # off by default
-    cuda = BuildConfig().replace(device="cuda", fusion={"enable_rope_into_attention": True})
+def test_the_pipeline_runs_it_by_default_on_cuda_inductor_builds_only():
+    cuda = BuildConfig().replace(device="cuda")
     passes = pipeline(cuda)
     assert passes[passes.index(fuse_rope_kv_write) + 1] is fuse_rope_into_attention  # reads its op
     assert fuse_rope_into_attention not in pipeline(cuda.replace(device=Device.CPU))
