@@ -886,20 +886,23 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def commit() -> str:
-    """The commit measured: $OIV2_COMMIT where the tree is a copy without git (the GPU machine)."""
+def commit(package: Path | None = None) -> str:
+    """The commit measured: $OIV2_COMMIT where set (a copy of the tree whose git does not describe it),
+    else HEAD of the package's repository, with "+changes" where the package's tracked files differ
+    from HEAD (a copy of a later tree over an older checkout says so rather than naming the older one)."""
     if os.environ.get("OIV2_COMMIT"):
         return os.environ["OIV2_COMMIT"]
+    package = package or Path(__file__).parent
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=package, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}+changes" if changed else head
 
 
 def _nvidia_driver() -> str | None:

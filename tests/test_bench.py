@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from oiv2compile.bench import (
     TABLE,
     BenchRequest,
     _engine_timings,
+    commit,
     markdown_table,
     percentile,
     roofline_tok_s,
@@ -419,3 +421,34 @@ def test_bench_builds_only_its_int8_artifacts_with_the_norms_apart(monkeypatch, 
     assert code == 0, err
     assert configs["none"].fingerprint() == with_flag["none"] and configs["int8"].fingerprint() != with_flag["int8"]
     assert "| eager | int8 | 1 | unavailable" in stdout
+
+
+def test_the_commit_names_a_tree_that_differs_from_head(tmp_path, monkeypatch):
+    """The report's commit is HEAD's, marked "+changes" where the package's tracked files differ from it
+    (a copy of a later tree over an older checkout), and $OIV2_COMMIT where set."""
+    monkeypatch.delenv("OIV2_COMMIT", raising=False)
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "kernel.py").write_text("a = 1\n")
+
+    def git(*argv: str) -> str:
+        env = {
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t",
+        }
+        done = subprocess.run(["git", *argv], cwd=tmp_path, capture_output=True, text=True, check=True, env=env)
+        return done.stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "notes.txt").write_text("untracked, outside the package\n")
+    assert commit(package) == head
+    (package / "kernel.py").write_text("a = 2\n")
+    assert commit(package) == f"{head}+changes"
+    monkeypatch.setenv("OIV2_COMMIT", "abc1234")
+    assert commit(package) == "abc1234"
+    assert commit(tmp_path / "missing") != head
