@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -191,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _build(args: argparse.Namespace) -> int:
     import oiv2compile
+    from oiv2compile.config import FusionConfig
 
     overrides: dict[str, Any] = {}
     for name in ("backend", "device", "dtype", "max_batch_size", "max_seq_len", "seed"):
@@ -214,15 +216,9 @@ def _build(args: argparse.Namespace) -> int:
         overrides["enable_verification"] = False
     if args.no_cuda_graphs:
         overrides["cuda_graphs"] = {"enable_capture": False}
-    fusion = {
-        f"enable_{name}": False for name in ("qkv", "ffn", "norms", "rope_kv_write") if getattr(args, f"no_fuse_{name}")
-    }
-    if args.no_fuse_rope_into_attention:
-        fusion["enable_rope_into_attention"] = False
-    if args.no_fuse_norm_into_linear:
-        fusion["enable_norm_into_linear"] = False
-    if args.no_fuse_gated_act_into_linear:
-        fusion["enable_gated_act_into_linear"] = False
+    # Every fusion is on by default, and --no-fuse-NAME turns enable_NAME off.
+    names = [field.name.removeprefix("enable_") for field in dataclasses.fields(FusionConfig)]
+    fusion = {f"enable_{name}": False for name in names if getattr(args, f"no_fuse_{name}")}
     if fusion:
         overrides["fusion"] = fusion
     print(f"building {args.model} -> {args.out}", file=sys.stderr)

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -433,6 +434,7 @@ def test_the_commit_names_a_tree_that_differs_from_head(tmp_path, monkeypatch):
 
     def git(*argv: str) -> str:
         env = {
+            **os.environ,
             "GIT_AUTHOR_NAME": "t",
             "GIT_AUTHOR_EMAIL": "t@t",
             "GIT_COMMITTER_NAME": "t",
@@ -451,4 +453,6 @@ def test_the_commit_names_a_tree_that_differs_from_head(tmp_path, monkeypatch):
     assert commit(package) == f"{head}+changes"
     monkeypatch.setenv("OIV2_COMMIT", "abc1234")
     assert commit(package) == "abc1234"
-    assert commit(tmp_path / "missing") != head
+    assert commit(tmp_path / "missing") == "abc1234"  # $OIV2_COMMIT is read first
+    monkeypatch.delenv("OIV2_COMMIT")
+    assert commit(tmp_path / "missing") == "unknown"
