@@ -8,6 +8,7 @@ from oiv2compile.kernels.attention import attention, attention_ref
 from oiv2compile.kernels.embedding_int4 import embedding_int4, embedding_int4_ref
 from oiv2compile.kernels.embedding_int8 import embedding_int8, embedding_int8_ref
 from oiv2compile.kernels.gated_act import gated_act, gated_act_ref
+from oiv2compile.kernels.greedy_step import greedy_step, greedy_step_ref
 from oiv2compile.kernels.kv_write import kv_write, kv_write_ref
 from oiv2compile.kernels.linear_int4 import linear_int4, linear_int4_ref
 from oiv2compile.kernels.linear_int4_mma import linear_int4_mma_ref
@@ -34,6 +35,8 @@ __all__ = [
     "embedding_int8_ref",
     "gated_act",
     "gated_act_ref",
+    "greedy_step",
+    "greedy_step_ref",
     "kv_write",
     "kv_write_ref",
     "linear_int4",

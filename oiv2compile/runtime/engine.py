@@ -8,7 +8,9 @@ scratch cache row).
 
 `generate` and `stream` run waves of up to max_batch_size prompts on top of these: one prefill,
 then one decode step per new token for the whole wave, sampling on the device, and the host waits
-for the GPU only every few steps to see whether every sequence has stopped.
+for the GPU only every few steps to see whether every sequence has stopped. A greedy wave keeps its
+tokens on the device: oiv2::greedy_step picks each step's tokens into the next step's inputs (inside
+the CUDA graph on CUDA, so a step is one replay) and into a history the host reads at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from oiv2compile.capture import DECODE, DECODE_B1, PREFILL, CacheSpec
 from oiv2compile.errors import InvalidRequestError
+from oiv2compile.kernels.greedy_step import greedy_step
 from oiv2compile.runtime.cuda_graphs import DecodeGraphs
 from oiv2compile.runtime.sampling import SamplingParams, argmax, sample
 
@@ -82,7 +85,9 @@ class Engine:
         self._free_slots = list(range(spec.max_batch_size))  # cache rows no sequence holds
         self._graphs: DecodeGraphs | None = None
         if capture_graphs and device.type == "cuda":
-            self._graphs = DecodeGraphs(self._decode_for, self.caches, decode_buckets, spec.scratch_slot, device)
+            self._graphs = DecodeGraphs(
+                self._decode_for, self.caches, decode_buckets, spec.scratch_slot, spec.max_seq_len, device
+            )
 
     @property
     def max_batch_size(self) -> int:
@@ -342,16 +347,50 @@ class Engine:
             finished = torch.isin(tokens, stop_ids)
             yield tokens
             positions = self._on_device([len(p) for p in prompts])  # where each fed token goes
+            if params.greedy:
+                advance, history = self._start_greedy(tokens, positions, slot_ids, max_new_tokens - 1)
+                checked = 0  # history columns already looked at for stop tokens
+                for step in range(1, max_new_tokens):
+                    advance()
+                    yield history[:, step - 1]
+                    if stops and step % check_every == 0:
+                        finished = finished | torch.isin(history[:, checked:step], stop_ids).any(dim=1)
+                        checked = step
+                        if bool(finished.all()):
+                            return
+                return
             for step in range(1, max_new_tokens):
                 logits = self.decode(tokens, positions, slot_ids)
                 tokens = sample(logits, params, generator)
                 finished = finished | torch.isin(tokens, stop_ids)
                 positions = positions + 1
                 yield tokens
-                if step % check_every == 0 and bool(finished.all()):
+                if stops and step % check_every == 0 and bool(finished.all()):
                     return
         finally:
             self.release(slots)
+
+    def _start_greedy(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, steps: int
+    ) -> tuple[Callable[[], None], torch.Tensor]:
+        """Greedy decoding of `steps` steps from tokens [B] at positions [B] of cache rows slots [B]:
+        `advance` runs one step; column i of history [B, >= steps] holds what the (i + 1)-th picked.
+        On CUDA the graphs do both; elsewhere the program and oiv2::greedy_step run here."""
+        if self._graphs is not None:
+            return self._graphs.start_greedy(tokens, positions, slots)
+        batch = tokens.shape[0]
+        program, caches = self._decode_for(batch), self.caches
+        input_ids, positions = tokens[:, None].clone(), positions.clone()  # [B, 1], [B]; advanced in place
+        last = torch.zeros_like(tokens)
+        history = torch.zeros((batch, max(steps, 1)), dtype=torch.long, device=self.device)
+        step = torch.zeros((1,), dtype=torch.long, device=self.device)
+
+        def advance() -> None:
+            with torch.no_grad():
+                logits = program(input_ids, positions, slots, last, caches)
+                greedy_step(logits, input_ids, positions, history, step)
+
+        return advance, history
 
     def _forced_steps(self, tokens: torch.Tensor, prompt_len: int) -> Iterator[torch.Tensor]:
         """Logits [B, vocab] after the first prompt_len tokens of every row (one prefill), then after

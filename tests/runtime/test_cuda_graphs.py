@@ -46,3 +46,24 @@ def test_graphs_and_plain_calls_agree(cuda_artifacts):
     a = with_graphs.generate(PROMPTS, max_new_tokens=16, temperature=0.8, seed=5, stop_token_ids=[])
     b = without.generate(PROMPTS, max_new_tokens=16, temperature=0.8, seed=5, stop_token_ids=[])
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_greedy_waves_in_the_graphs_stop_and_stream_as_plain_calls(cuda_artifacts):
+    """A greedy wave replays the graph alone (the tokens picked inside it); stop tokens, streaming and
+    the logits path that runs after it give what the artifact without graphs gives."""
+    with_graphs = oiv2compile.load(cuda_artifacts[0])
+    without = oiv2compile.load(cuda_artifacts[1])
+    free = with_graphs.generate(PROMPTS, max_new_tokens=20, stop_token_ids=[])
+    stop = free[1].token_ids[5]
+    a = with_graphs.generate(PROMPTS, max_new_tokens=20, stop_token_ids=[stop])
+    b = without.generate(PROMPTS, max_new_tokens=20, stop_token_ids=[stop])
+    assert [(r.token_ids, r.finish_reason) for r in a] == [(r.token_ids, r.finish_reason) for r in b]
+    assert a[1].finish_reason == "stop" and len(a[1].token_ids) <= 6
+    streamed: list[list[int]] = [[] for _ in PROMPTS]
+    for token in with_graphs.stream(PROMPTS, max_new_tokens=20, stop_token_ids=[stop]):
+        streamed[token.index].append(token.token_id)
+    assert streamed == [r.token_ids for r in a]
+    prompt = with_graphs.prompt_ids(PROMPTS[0], 1)
+    torch.testing.assert_close(
+        with_graphs.logits_for(prompt, free[0].token_ids[:8]), without.logits_for(prompt, free[0].token_ids[:8])
+    )
