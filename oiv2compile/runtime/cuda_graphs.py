@@ -20,22 +20,43 @@ import torch
 from oiv2compile.kernels.greedy_step import greedy_step
 
 
-class _Bucket:
+class DecodeBuffers:
+    """The decode program's inputs for `size` rows, written in place, and the greedy step's state: what a
+    CUDA graph bucket captures, and what a greedy wave without graphs (Engine) runs on."""
+
     def __init__(self, size: int, scratch_slot: int, history_len: int, device: torch.device) -> None:
         self.size = size
+        self.scratch_slot = scratch_slot
         self.input_ids = torch.zeros((size, 1), dtype=torch.long, device=device)
         self.positions = torch.zeros((size,), dtype=torch.long, device=device)
         self.slots = torch.full((size,), scratch_slot, dtype=torch.long, device=device)
         self.last_index = torch.zeros((size,), dtype=torch.long, device=device)
         self.history = torch.zeros((size, history_len), dtype=torch.long, device=device)  # greedy tokens
         self.step = torch.zeros((1,), dtype=torch.long, device=device)  # the history column written next
-        self.graph = torch.cuda.CUDAGraph()
-        self.logits = torch.empty(0, device=device)  # set by capture
 
+    def fill(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """tokens, positions, slots [B] into the first B rows; the others at the scratch cache row."""
+        batch = tokens.shape[0]
+        self.input_ids[:batch, 0].copy_(tokens)
+        self.positions[:batch].copy_(positions)
+        self.slots[:batch].copy_(slots)
+        if batch < self.size:
+            self.positions[batch:].zero_()
+            self.slots[batch:].fill_(self.scratch_slot)
+
+    @torch.no_grad()
     def decode_and_pick(self, decode: Callable[..., torch.Tensor], caches: list[torch.Tensor]) -> torch.Tensor:
+        """One decode step, then oiv2::greedy_step: the picked tokens become the next step's inputs."""
         logits = decode(self.input_ids, self.positions, self.slots, self.last_index, caches)  # [size, vocab]
         greedy_step(logits, self.input_ids, self.positions, self.history, self.step)
         return logits
+
+
+class _Bucket(DecodeBuffers):
+    def __init__(self, size: int, scratch_slot: int, history_len: int, device: torch.device) -> None:
+        super().__init__(size, scratch_slot, history_len, device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.logits = torch.empty(0, device=device)  # set by capture
 
 
 class DecodeGraphs:
@@ -49,7 +70,6 @@ class DecodeGraphs:
         device: torch.device,
     ) -> None:
         """history_len: the most decode steps a greedy wave takes (max_seq_len will do)."""
-        self.scratch_slot = scratch_slot
         self.buckets = tuple(sorted(buckets))
         self._by_size = {b: _Bucket(b, scratch_slot, history_len, device) for b in self.buckets}
         # Warm up outside capture (module loading, lazy init) on a side stream, as capture requires.
@@ -93,12 +113,6 @@ class DecodeGraphs:
         return bucket.graph.replay, bucket.history[: tokens.shape[0]]
 
     def _fill(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> _Bucket:
-        batch = tokens.shape[0]
-        bucket = self._by_size[self.bucket_for(batch)]
-        bucket.input_ids[:batch, 0].copy_(tokens)
-        bucket.positions[:batch].copy_(positions)
-        bucket.slots[:batch].copy_(slots)
-        if batch < bucket.size:
-            bucket.positions[batch:].zero_()
-            bucket.slots[batch:].fill_(self.scratch_slot)
+        bucket = self._by_size[self.bucket_for(tokens.shape[0])]
+        bucket.fill(tokens, positions, slots)
         return bucket

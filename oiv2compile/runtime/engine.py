@@ -26,8 +26,7 @@ import torch
 
 from oiv2compile.capture import DECODE, DECODE_B1, PREFILL, CacheSpec
 from oiv2compile.errors import InvalidRequestError
-from oiv2compile.kernels.greedy_step import greedy_step
-from oiv2compile.runtime.cuda_graphs import DecodeGraphs
+from oiv2compile.runtime.cuda_graphs import DecodeBuffers, DecodeGraphs
 from oiv2compile.runtime.sampling import SamplingParams, argmax, sample
 
 Program = Callable[..., torch.Tensor]
@@ -378,19 +377,10 @@ class Engine:
         On CUDA the graphs do both; elsewhere the program and oiv2::greedy_step run here."""
         if self._graphs is not None:
             return self._graphs.start_greedy(tokens, positions, slots)
-        batch = tokens.shape[0]
-        program, caches = self._decode_for(batch), self.caches
-        input_ids, positions = tokens[:, None].clone(), positions.clone()  # [B, 1], [B]; advanced in place
-        last = torch.zeros_like(tokens)
-        history = torch.zeros((batch, max(steps, 1)), dtype=torch.long, device=self.device)
-        step = torch.zeros((1,), dtype=torch.long, device=self.device)
-
-        def advance() -> None:
-            with torch.no_grad():
-                logits = program(input_ids, positions, slots, last, caches)
-                greedy_step(logits, input_ids, positions, history, step)
-
-        return advance, history
+        buffers = DecodeBuffers(tokens.shape[0], self.spec.scratch_slot, max(steps, 1), self.device)
+        buffers.fill(tokens, positions, slots)
+        program = self._decode_for(tokens.shape[0])
+        return lambda: buffers.decode_and_pick(program, self.caches), buffers.history
 
     def _forced_steps(self, tokens: torch.Tensor, prompt_len: int) -> Iterator[torch.Tensor]:
         """Logits [B, vocab] after the first prompt_len tokens of every row (one prefill), then after
