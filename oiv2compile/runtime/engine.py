@@ -380,7 +380,11 @@ class Engine:
         buffers = DecodeBuffers(tokens.shape[0], self.spec.scratch_slot, max(steps, 1), self.device)
         buffers.fill(tokens, positions, slots)
         program = self._decode_for(tokens.shape[0])
-        return lambda: buffers.decode_and_pick(program, self.caches), buffers.history
+
+        def advance() -> None:
+            buffers.decode_and_pick(program, self.caches)
+
+        return advance, buffers.history
 
     def _forced_steps(self, tokens: torch.Tensor, prompt_len: int) -> Iterator[torch.Tensor]:
         """Logits [B, vocab] after the first prompt_len tokens of every row (one prefill), then after
