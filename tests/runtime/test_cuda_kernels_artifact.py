@@ -75,6 +75,7 @@ def test_batch1_decode_calls_the_gemv_and_agrees_with_the_triton_build(scheme, a
     a, b = with_gemv.logits_for(prompt, rest), triton.logits_for(prompt, rest)  # teacher-forced, batch 1
     err = (a.double() - b.double()).norm(dim=-1) / b.double().norm(dim=-1)
     assert float(err.max()) < 2e-2  # bf16: two kernels' summation orders
+    assert torch.equal(with_gemv.logits_for(prompt, rest), a)  # the same bits every run
     batch = [PROMPTS[0], PROMPTS[1]]  # the dynamic-batch decode program
     assert [len(g.token_ids) for g in with_gemv.generate(batch, max_new_tokens=6)] == [6, 6]
     assert with_gemv.generate([prompt], max_new_tokens=8)[0].token_ids  # the CUDA-graph path runs

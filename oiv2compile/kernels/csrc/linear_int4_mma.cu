@@ -31,8 +31,11 @@
 // into a ring of 8 shared-memory stages (80 KB: two CTAs an SM) with the Hopper bulk-copy engine
 // (cp.async.bulk, L2 evict-first, completion counted on an mbarrier), so the bytes in flight do not cost
 // registers; 8 consumer warps each take two consecutive chunks of a stage (the group size is a template
-// argument, so a group of 128 gets its scales once) and add their sums into shared memory when a block
-// ends. It is launched as a programmatic dependent: the copies start while the previous kernel drains,
+// argument, so a group of 128 gets its scales once) and store their sums of a block in shared memory,
+// each warp in its own place, when the block ends; the epilogue adds the warps' sums in warp order, so the
+// outputs have the same bits every run (adding them with shared-memory atomics, in whatever order the
+// warps got there, changed the last bits from run to run, and an int4 artifact's greedy tokens with them
+// where two logits nearly tie). It is launched as a programmatic dependent: the copies start while the previous kernel drains,
 // and the consumers read x only after griddepcontrol.wait. Consumer warp w multiplies the same 128
 // features of every stage, so it first sums x over the groups of those features alone (and, for the
 // norm below, their squares), with its loads batched and no barrier with the other warps, then takes
@@ -78,7 +81,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <map>
 #include <mutex>
 #include <type_traits>
 
@@ -360,7 +362,7 @@ constexpr int kStages = 8;                            // stages in the ring
 constexpr int kMaxStageGroups = kStageChunks * kChunk / 32;  // groups a stage can touch (group 32)
 constexpr int kStageWeightBytes = kStageChunks * 32 * 16;
 constexpr int kStageBytes = kStageWeightBytes + kMaxStageGroups * kRows * 4;
-constexpr int kMaxBlocksPerCta = 16;  // blocks of 16 rows one CTA sums in shared memory
+constexpr int kMaxBlocksPerCta = 16;  // blocks of 16 rows one CTA sums, at most
 
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -410,9 +412,10 @@ __device__ __forceinline__ void cta_blocks(int blocks, int cta, int ctas, int& f
 
 // Byte offsets of the streamed kernel's shared memory: the ring of stages, with planes (one row of x
 // kept in shared memory as three int8 planes, see the kernel) x (K * 3 bytes) and its scale a 128-feature
-// slice, the sums of each block ([block][x row][16]), the barriers (full and empty, a stage each), the
-// sum of squares of each row of x (the norm's), and the sum of x over each group ([group][8]: the zero
-// points' term; [group] with planes, whose one row is row 0). With planes a stage holds the scales of
+// slice, each consumer warp's sums of each of the CTA's blocks ([warp][block][x row][16], blocks: the
+// most a CTA of the grid takes), the barriers (full and empty, a stage each), each warp's share of the
+// sum of squares of each row of x (the norm's, [warp][x row]), and the sum of x over each group
+// ([group][8]: the zero points' term; [group] with planes, whose one row is row 0). With planes a stage holds the scales of
 // groups of its own size rather than of group 32 (1.5 KB less a stage in groups of 128), so that planes
 // fit for K = 14336 in groups of 128.
 struct StreamedLayout {
@@ -421,7 +424,7 @@ struct StreamedLayout {
 
 __host__ __device__ constexpr int group_stride(bool planes) { return planes ? 1 : 8; }
 
-__host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int group_shift, bool planes) {
+__host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int group_shift, bool planes, int blocks) {
   StreamedLayout l{};
   const int groups = K >> group_shift;
   l.stage_bytes = planes ? kStageWeightBytes + (kStageChunks * kChunk >> group_shift) * kRows * 4 : kStageBytes;
@@ -432,25 +435,53 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int grou
   at += planes ? (K + 127) / 128 * 4 : 0;
   at = (at + 15) / 16 * 16;
   l.sums = at;
-  at += kMaxBlocksPerCta * M * kRows * 4;
+  at += kConsumers * blocks * M * kRows * 4;
   l.barriers = at;
   at += 2 * kStages * 8;
   l.row_sumsq = at;
-  at += 8 * 4;
+  at += kConsumers * 8 * 4;
   l.group_sums = at;
   at += groups * group_stride(planes) * 4;
   l.total = at;
   return l;
 }
 
-// Whether the streamed kernel keeps its row of x in shared memory as planes (see the kernel): one row,
-// and only where that still lets two CTAs share an SM (the ring's depth and the grid were chosen for
-// two); more rows, or a longer one, are read from global memory.
-inline bool x_as_planes(int M, int K, int group_shift) {
+// The blocks of 16 rows a CTA takes at most (cta_blocks) when `blocks` go over `ctas` CTAs.
+__host__ __device__ constexpr int blocks_per_cta(int blocks, int ctas) { return (blocks + ctas - 1) / ctas; }
+
+// Whether two CTAs of this shared-memory layout share an SM (the ring's depth was chosen for two).
+inline bool two_per_sm(const StreamedLayout& layout) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const int per_cta =
-      streamed_layout(M, K, group_shift, true).total + static_cast<int>(props->reservedSharedMemPerBlock);
-  return M == 1 && 2 * per_cta <= static_cast<int>(props->sharedMemPerMultiprocessor);
+  return 2 * (layout.total + static_cast<int>(props->reservedSharedMemPerBlock)) <=
+         static_cast<int>(props->sharedMemPerMultiprocessor);
+}
+
+// The streamed kernel's grid for N / 16 blocks: one CTA an SM slot (two an SM; every SM then streams an
+// equal share, within a block), fewer where the blocks are fewer than the slots, more where a CTA would sum
+// more than kMaxBlocksPerCta blocks, or more blocks than let two CTAs share an SM (the warps' sums of each
+// block take shared memory: up to 8 rows of x, that is 4 KB a block). (Two at most: three, with stages
+// sized for the group and 8 stages, were slower: 1798 against 1576-1497 us in the int4 chain,
+// benchmarks/RESULTS.md.)
+inline int streamed_ctas(int M, int N, int K, int group_shift, bool planes) {
+  const int blocks = N / kRows, sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int ctas = std::max(std::min(blocks, 2 * sms), (blocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta);
+  for (int per_cta = blocks_per_cta(blocks, ctas); per_cta > 1; --per_cta) {
+    if (two_per_sm(streamed_layout(M, K, group_shift, planes, per_cta))) break;
+    ctas = (blocks + per_cta - 2) / (per_cta - 1);
+  }
+  if (!two_per_sm(streamed_layout(M, K, group_shift, planes, blocks_per_cta(blocks, ctas)))) {  // one an SM
+    ctas = std::max(std::min(blocks, sms), (blocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta);
+  }
+  return ctas;
+}
+
+// Whether the streamed kernel keeps its row of x in shared memory as planes (see the kernel): one row,
+// and only where that still lets two CTAs share an SM; more rows, or a longer one, are read from global
+// memory.
+inline bool x_as_planes(int M, int N, int K, int group_shift) {
+  if (M != 1) return false;
+  const int per_cta = blocks_per_cta(N / kRows, streamed_ctas(M, N, K, group_shift, true));
+  return two_per_sm(streamed_layout(M, K, group_shift, true, per_cta));
 }
 
 // What the streamed kernel does after the product (see the top of the file): nothing; the residual
@@ -509,7 +540,7 @@ __device__ __forceinline__ void store_planes(const float (&xf)[8], int f, int K,
 // group_sums[group * 8 + m] (group_sums[group] with planes), and needs no other warp's sums (no barrier between
 // the consumers). Lanes 0-15 take 8 features each of one of the warp's slices, lanes 16-31 of the next one
 // (16-byte loads); kPairs pairs of slices are loaded before any is summed. With the norm, the warp's share of
-// each row's sum of squares goes into row_sumsq (read after the CTA's last barrier). With one row kept in shared
+// each row's sum of squares goes into row_sumsq[warp * 8 + m] (added in warp order after the CTA's last barrier). With one row kept in shared
 // memory as planes (kPlanes) the warp also stores its features of x there as planes, where its products read
 // them.
 template <typename T, int kGroupShift, bool kNorm, bool kPlanes>
@@ -554,7 +585,7 @@ __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sum
     }
     if constexpr (kNorm) {
       sq = warp_sum(sq);
-      if (lane == 0) atomicAdd(&row_sumsq[m], sq);
+      if (lane == 0) row_sumsq[warp * 8 + m] = sq;
     }
   }
   __syncwarp();
@@ -680,9 +711,19 @@ __device__ __forceinline__ void run_product_planes(const int4* ws, int c, int g0
   }
 }
 
+// The consumer warps' values at first[w * stride], w = 0..kConsumers-1, added in warp order: the same bits
+// every run.
+__device__ __forceinline__ float warps_sum(const float* first, int stride) {
+  float sum = first[0];
+#pragma unroll
+  for (int w = 1; w < kConsumers; ++w) sum += first[w * stride];
+  return sum;
+}
+
 // One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8) of x. Stage s is chunks
 // [c0, c0 + 16) of one block and the groups they touch; consumer warp w takes the kStageChunks /
-// kConsumers consecutive chunks from w * that, and adds its sums into shared memory when its block ends.
+// kConsumers consecutive chunks from w * that, and stores its sums in its own place in shared memory when
+// its block ends; the epilogue adds the warps' sums in warp order (block_sum).
 // The producer lets the next kernel launch once it has issued its last copy (that kernel's CTAs take an
 // SM as this one's leave it, and start their own copies). The consumers first sum x over each group (and
 // its squares, for the norm); with one row of x (kPlanes) that pass also writes x into shared memory as
@@ -697,18 +738,18 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = K / kChunk, groups = K >> group_shift;
-  const StreamedLayout layout = streamed_layout(M, K, group_shift, kPlanes);
-  float* sums = reinterpret_cast<float*>(smem + layout.sums);  // [block][x row][16]
+  const int per_cta = blocks_per_cta(N / kRows, gridDim.x);
+  const StreamedLayout layout = streamed_layout(M, K, group_shift, kPlanes, per_cta);
+  float* sums = reinterpret_cast<float*>(smem + layout.sums);  // [warp][block][x row][16]
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barriers);
   uint64_t* empty = full + kStages;
-  float* row_sumsq = reinterpret_cast<float*>(smem + layout.row_sumsq);    // [x row]
+  float* row_sumsq = reinterpret_cast<float*>(smem + layout.row_sumsq);    // [warp][x row]
   float* group_sums = reinterpret_cast<float*>(smem + layout.group_sums);  // [group][8]
   int first, end;
   cta_blocks(N / kRows, blockIdx.x, gridDim.x, first, end);
-  for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) sums[i] = 0.0f;
-  // x rows past M stay 0
+  // x rows past M stay 0 (every consumer warp stores its sums and its share of the squares of every row and
+  // block: those need no zeros)
   for (int i = threadIdx.x; i < groups * group_stride(kPlanes); i += blockDim.x) group_sums[i] = 0.0f;
-  if (kNorm && threadIdx.x < 8) row_sumsq[threadIdx.x] = 0.0f;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kStages; ++i) {
       barrier_init(&full[i], 1);
@@ -799,26 +840,26 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
         acc[2] = row_g8 + __shfl_down_sync(0xffffffffu, row_g8, 1);
       }
       // acc[e]: row g + 8 * (e >> 1) of the block, row 2 * t + (e & 1) of x.
-      float* block_sums = sums + (b - first) * M * kRows;
+      float* block_sums = sums + ((warp * per_cta + b - first) * M) * kRows;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int m = 2 * t + (e & 1);
-        if (m < M) atomicAdd(&block_sums[m * kRows + g + 8 * (e >> 1)], acc[e]);
+        if (m < M) block_sums[m * kRows + g + 8 * (e >> 1)] = acc[e];
       }
     }
   }
   wait_for_previous_grid();  // every thread that writes y (the consumers have waited already)
   __syncthreads();
+  const int sums_stride = per_cta * M * kRows;  // from one warp's sums to the next warp's
   if constexpr (kGated) {
     // Output (first + bl) * 8 + r of x row m: gate (row r of the block) and up (row r + 8) rounded to x's
     // dtype, the activation too, then their product, as the model rounds them.
     const int width = N / 2;
     for (int i = threadIdx.x; i < (end - first) * M * 8; i += blockDim.x) {
       const int bl = i / (M * 8), m = (i / 8) % M, r = i % 8;
-      const float* row_sums = sums + (bl * M + m) * kRows;
-      const float norm = rsqrtf(row_sumsq[m] / K + eps);
-      const float gate = to_float(from_float<T>(row_sums[r] * norm));
-      const float up = to_float(from_float<T>(row_sums[r + 8] * norm));
+      const float norm = rsqrtf(warps_sum(row_sumsq + m, 8) / K + eps);
+      const float gate = to_float(from_float<T>(warps_sum(sums + (bl * M + m) * kRows + r, sums_stride) * norm));
+      const float up = to_float(from_float<T>(warps_sum(sums + (bl * M + m) * kRows + r + 8, sums_stride) * norm));
       const float act = to_float(from_float<T>(activate(gate, activation)));
       y[static_cast<size_t>(m) * width + (first + bl) * 8 + r] = from_float<T>(act * up);
     }
@@ -828,14 +869,14 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   // sum with the residual).
   for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) {
     const int bl = i / (M * kRows), m = (i / kRows) % M, row = i % kRows;
-    const float sum = sums[(bl * M + m) * kRows + row];
+    const float sum = warps_sum(sums + (bl * M + m) * kRows + row, sums_stride);
     const size_t at = static_cast<size_t>(m) * N + (first + bl) * kRows + row;
     if constexpr (kMode == Epilogue::kPlain) {
       y[at] = from_float<T>(sum);
     } else if constexpr (kMode == Epilogue::kAddResidual) {
       y[at] = from_float<T>(to_float(from_float<T>(sum)) + to_float(residual[at]));
     } else {
-      y[at] = from_float<T>(sum * rsqrtf(row_sumsq[m] / K + eps));
+      y[at] = from_float<T>(sum * rsqrtf(warps_sum(row_sumsq + m, 8) / K + eps));
     }
   }
 }
@@ -913,44 +954,24 @@ struct Operands {
   int activation = kSilu;
 };
 
-// The streamed kernel's grid: CTAs of up to kMaxBlocksPerCta blocks each, as many as fill the SMs once
-// (so each SM streams an equal share), more where the blocks are too many for that.
 template <typename T, int kGroupShift, Epilogue kMode, bool kPlanes>
 void launch_streamed_as(const Operands& o) {
   const int M = o.x.size(0), K = o.x.size(1), N = o.w.size(0);
-  const int blocks = N / kRows;
-  const int smem = streamed_layout(M, K, kGroupShift, kPlanes).total;
+  const int ctas = streamed_ctas(M, N, K, kGroupShift, kPlanes);
+  const int smem = streamed_layout(M, K, kGroupShift, kPlanes, blocks_per_cta(N / kRows, ctas)).total;
   TORCH_CHECK(smem <= static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin),
               "linear_int4_mma: K = ", K, " in groups of ", 1 << kGroupShift,
               " needs more shared memory for its group sums than a CTA of this card has");
   auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode, kPlanes>;
-  // CTAs an SM holds at once, asked once per shared-memory size (the same on every card this process
-  // uses); the kernel's size limit is the largest size asked for so far.
-  static std::mutex mutex;
-  static std::map<int, int> per_sm_of;
-  static int limit = 0;
-  int per_sm;
-  {
+  {  // the kernel's size limit: the largest size asked for so far
+    static std::mutex mutex;
+    static int limit = 0;
     const std::lock_guard<std::mutex> lock(mutex);
-    auto it = per_sm_of.find(smem);
-    if (it == per_sm_of.end()) {
-      if (smem > limit) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        limit = smem;
-      }
-      int n = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 32 * (kConsumers + 1), smem));
-      it = per_sm_of.emplace(smem, n).first;
+    if (smem > limit) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      limit = smem;
     }
-    per_sm = it->second;
   }
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // One CTA a slot (every SM then streams an equal share, within a block), fewer where the blocks are
-  // fewer than the slots, more where a CTA would sum more than kMaxBlocksPerCta blocks.
-  // (Two at most: the ring's depth was chosen for two CTAs an SM; three, with stages sized for the group
-  // and 8 stages, were slower: 1798 against 1576-1497 us in the int4 chain, benchmarks/RESULTS.md.)
-  const int slots = std::clamp(per_sm, 1, 2) * sms;
-  const int ctas = std::max(std::min(blocks, slots), (blocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
   C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(32 * (kConsumers + 1)), smem,
                                      at::cuda::getCurrentCUDAStream(), ptr(o.x),
@@ -961,8 +982,8 @@ void launch_streamed_as(const Operands& o) {
 
 template <typename T, int kGroupShift, Epilogue kMode>
 void launch_streamed(const Operands& o) {
-  const int M = o.x.size(0), K = o.x.size(1);
-  if (x_as_planes(M, K, kGroupShift)) return launch_streamed_as<T, kGroupShift, kMode, true>(o);
+  const int M = o.x.size(0), K = o.x.size(1), N = o.w.size(0);
+  if (x_as_planes(M, N, K, kGroupShift)) return launch_streamed_as<T, kGroupShift, kMode, true>(o);
   launch_streamed_as<T, kGroupShift, kMode, false>(o);
 }
 
