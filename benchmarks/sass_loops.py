@@ -12,9 +12,9 @@ so a change's effect on the hot loop shows before any device time is spent on it
     python benchmarks/sass_loops.py oiv2compile/kernels/csrc/linear_int4_mma.cu --kernel streamed \\
         --against /tmp/variant/linear_int4_mma.cu
 
-With the CPU build of torch and a toolkit without the cuBLAS/cuSPARSE/cuSOLVER headers, the handle types
-that ATen's CUDAContext.h names are declared in a scratch folder: the object is only disassembled,
-never linked or run.
+The handle types that ATen's CUDAContext.h takes from the cuBLAS/cuSPARSE/cuSOLVER headers are always
+declared in a scratch folder (searched before the toolkit's own, so a minimal nvcc install and the CPU
+build of torch will do): the object is only disassembled, never linked or run.
 """
 
 from __future__ import annotations
