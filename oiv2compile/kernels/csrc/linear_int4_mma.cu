@@ -412,10 +412,11 @@ __device__ __forceinline__ void cta_blocks(int blocks, int cta, int ctas, int& f
 
 // Byte offsets of the streamed kernel's shared memory: the ring of stages, with planes (one row of x
 // kept in shared memory as three int8 planes, see the kernel) x (K * 3 bytes) and its scale a 128-feature
-// slice, each consumer warp's sums of each of the CTA's blocks ([warp][block][x row][16], blocks: the
-// most a CTA of the grid takes), the barriers (full and empty, a stage each), each warp's share of the
-// sum of squares of each row of x (the norm's, [warp][x row]), and the sum of x over each group
-// ([group][8]: the zero points' term; [group] with planes, whose one row is row 0). With planes a stage holds the scales of
+// slice, the barriers (full and empty, a stage each), each warp's share of the sum of squares of each
+// row of x (the norm's, [warp][x row]), the sum of x over each group ([group][8]: the zero points' term;
+// [group] with planes, whose one row is row 0), and last each consumer warp's sums of each of the CTA's
+// blocks ([block][warp][x row][16], blocks: the most a CTA of the grid takes; last, so that the kernel
+// finds every other offset without knowing the blocks a CTA takes). With planes a stage holds the scales of
 // groups of its own size rather than of group 32 (1.5 KB less a stage in groups of 128), so that planes
 // fit for K = 14336 in groups of 128.
 struct StreamedLayout {
@@ -434,14 +435,15 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int grou
   l.x_scale = at;
   at += planes ? (K + 127) / 128 * 4 : 0;
   at = (at + 15) / 16 * 16;
-  l.sums = at;
-  at += kConsumers * blocks * M * kRows * 4;
   l.barriers = at;
   at += 2 * kStages * 8;
   l.row_sumsq = at;
   at += kConsumers * 8 * 4;
   l.group_sums = at;
   at += groups * group_stride(planes) * 4;
+  at = (at + 15) / 16 * 16;
+  l.sums = at;  // last: the offsets before it do not depend on the blocks
+  at += blocks * kConsumers * M * kRows * 4;
   l.total = at;
   return l;
 }
@@ -738,9 +740,8 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = K / kChunk, groups = K >> group_shift;
-  const int per_cta = blocks_per_cta(N / kRows, gridDim.x);
-  const StreamedLayout layout = streamed_layout(M, K, group_shift, kPlanes, per_cta);
-  float* sums = reinterpret_cast<float*>(smem + layout.sums);  // [warp][block][x row][16]
+  const StreamedLayout layout = streamed_layout(M, K, group_shift, kPlanes, 1);  // the offsets (sums is last)
+  float* sums = reinterpret_cast<float*>(smem + layout.sums);  // [block][warp][x row][16]
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barriers);
   uint64_t* empty = full + kStages;
   float* row_sumsq = reinterpret_cast<float*>(smem + layout.row_sumsq);    // [warp][x row]
@@ -840,7 +841,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
         acc[2] = row_g8 + __shfl_down_sync(0xffffffffu, row_g8, 1);
       }
       // acc[e]: row g + 8 * (e >> 1) of the block, row 2 * t + (e & 1) of x.
-      float* block_sums = sums + ((warp * per_cta + b - first) * M) * kRows;
+      float* block_sums = sums + ((b - first) * kConsumers + warp) * M * kRows;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int m = 2 * t + (e & 1);
@@ -850,7 +851,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   }
   wait_for_previous_grid();  // every thread that writes y (the consumers have waited already)
   __syncthreads();
-  const int sums_stride = per_cta * M * kRows;  // from one warp's sums to the next warp's
+  const int sums_stride = M * kRows;  // from one warp's sums of a block to the next warp's
   if constexpr (kGated) {
     // Output (first + bl) * 8 + r of x row m: gate (row r of the block) and up (row r + 8) rounded to x's
     // dtype, the activation too, then their product, as the model rounds them.
@@ -858,8 +859,9 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
     for (int i = threadIdx.x; i < (end - first) * M * 8; i += blockDim.x) {
       const int bl = i / (M * 8), m = (i / 8) % M, r = i % 8;
       const float norm = rsqrtf(warps_sum(row_sumsq + m, 8) / K + eps);
-      const float gate = to_float(from_float<T>(warps_sum(sums + (bl * M + m) * kRows + r, sums_stride) * norm));
-      const float up = to_float(from_float<T>(warps_sum(sums + (bl * M + m) * kRows + r + 8, sums_stride) * norm));
+      const float* row_sums = sums + (bl * kConsumers * M + m) * kRows;  // warp 0's
+      const float gate = to_float(from_float<T>(warps_sum(row_sums + r, sums_stride) * norm));
+      const float up = to_float(from_float<T>(warps_sum(row_sums + r + 8, sums_stride) * norm));
       const float act = to_float(from_float<T>(activate(gate, activation)));
       y[static_cast<size_t>(m) * width + (first + bl) * 8 + r] = from_float<T>(act * up);
     }
@@ -869,7 +871,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   // sum with the residual).
   for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) {
     const int bl = i / (M * kRows), m = (i / kRows) % M, row = i % kRows;
-    const float sum = warps_sum(sums + (bl * M + m) * kRows + row, sums_stride);
+    const float sum = warps_sum(sums + (bl * kConsumers * M + m) * kRows + row, sums_stride);
     const size_t at = static_cast<size_t>(m) * N + (first + bl) * kRows + row;
     if constexpr (kMode == Epilogue::kPlain) {
       y[at] = from_float<T>(sum);
