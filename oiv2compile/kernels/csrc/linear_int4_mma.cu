@@ -541,7 +541,9 @@ __device__ __forceinline__ void store_planes(const float (&xf)[8], int f, int K,
 // 8, w + 16, ... (chunks 2w and 2w + 1 of every stage), so it sums x over the groups of those slices only, into
 // group_sums[group * 8 + m] (group_sums[group] with planes), and needs no other warp's sums (no barrier between
 // the consumers). Lanes 0-15 take 8 features each of one of the warp's slices, lanes 16-31 of the next one
-// (16-byte loads); kPairs pairs of slices are loaded before any is summed. With the norm, the warp's share of
+// (16-byte loads); kPairs pairs of slices are loaded before any is summed, and a warp's pairs that start
+// past K are skipped, not converted as zeros (half the pass at K = 4096: 1256.5 against 1265.2 us a step
+// in the int4 chain, H200, benchmarks/RESULTS.md). With the norm, the warp's share of
 // each row's sum of squares goes into row_sumsq[warp * 8 + m] (added in warp order after the CTA's last barrier). With one row kept in shared
 // memory as planes (kPlanes) the warp also stores its features of x there as planes, where its products read
 // them.
@@ -565,6 +567,7 @@ __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sum
       }
 #pragma unroll
       for (int b = 0; b < kPairs; ++b) {
+        if (s0 + 2 * b * kSliceStride >= K) break;  // the warp's pairs past K (the same for all its lanes)
         const int f = s0 + 2 * b * kSliceStride + lane_feature;
         const uint32_t words[4] = {v[b].x, v[b].y, v[b].z, v[b].w};
         float xf[8];
