@@ -477,13 +477,13 @@ inline int streamed_ctas(int M, int N, int K, int group_shift, bool planes) {
   return ctas;
 }
 
-// Whether the streamed kernel keeps its row of x in shared memory as planes (see the kernel): one row,
-// and only where that still lets two CTAs share an SM; more rows, or a longer one, are read from global
-// memory.
-inline bool x_as_planes(int M, int N, int K, int group_shift) {
-  if (M != 1) return false;
-  const int per_cta = blocks_per_cta(N / kRows, streamed_ctas(M, N, K, group_shift, true));
-  return two_per_sm(streamed_layout(M, K, group_shift, true, per_cta));
+// The streamed kernel's grid with its row of x kept in shared memory as planes (see the kernel), or 0
+// where x is not kept so: planes take one row, and only where they still let two CTAs share an SM; more
+// rows, or a longer one, are read from global memory.
+inline int planes_ctas(int M, int N, int K, int group_shift) {
+  if (M != 1) return 0;
+  const int ctas = streamed_ctas(M, N, K, group_shift, true);
+  return two_per_sm(streamed_layout(M, K, group_shift, true, blocks_per_cta(N / kRows, ctas))) ? ctas : 0;
 }
 
 // What the streamed kernel does after the product (see the top of the file): nothing; the residual
@@ -728,7 +728,7 @@ __device__ __forceinline__ float warps_sum(const float* first, int stride) {
 // One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8) of x. Stage s is chunks
 // [c0, c0 + 16) of one block and the groups they touch; consumer warp w takes the kStageChunks /
 // kConsumers consecutive chunks from w * that, and stores its sums in its own place in shared memory when
-// its block ends; the epilogue adds the warps' sums in warp order (block_sum).
+// its block ends; the epilogue adds the warps' sums in warp order (warps_sum).
 // The producer lets the next kernel launch once it has issued its last copy (that kernel's CTAs take an
 // SM as this one's leave it, and start their own copies). The consumers first sum x over each group (and
 // its squares, for the norm); with one row of x (kPlanes) that pass also writes x into shared memory as
@@ -960,9 +960,8 @@ struct Operands {
 };
 
 template <typename T, int kGroupShift, Epilogue kMode, bool kPlanes>
-void launch_streamed_as(const Operands& o) {
+void launch_streamed_as(const Operands& o, int ctas) {
   const int M = o.x.size(0), K = o.x.size(1), N = o.w.size(0);
-  const int ctas = streamed_ctas(M, N, K, kGroupShift, kPlanes);
   const int smem = streamed_layout(M, K, kGroupShift, kPlanes, blocks_per_cta(N / kRows, ctas)).total;
   TORCH_CHECK(smem <= static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin),
               "linear_int4_mma: K = ", K, " in groups of ", 1 << kGroupShift,
@@ -988,8 +987,10 @@ void launch_streamed_as(const Operands& o) {
 template <typename T, int kGroupShift, Epilogue kMode>
 void launch_streamed(const Operands& o) {
   const int M = o.x.size(0), K = o.x.size(1), N = o.w.size(0);
-  if (x_as_planes(M, N, K, kGroupShift)) return launch_streamed_as<T, kGroupShift, kMode, true>(o);
-  launch_streamed_as<T, kGroupShift, kMode, false>(o);
+  if (const int ctas = planes_ctas(M, N, K, kGroupShift)) {
+    return launch_streamed_as<T, kGroupShift, kMode, true>(o, ctas);
+  }
+  launch_streamed_as<T, kGroupShift, kMode, false>(o, streamed_ctas(M, N, K, kGroupShift, false));
 }
 
 template <typename T, Epilogue kMode = Epilogue::kPlain>
