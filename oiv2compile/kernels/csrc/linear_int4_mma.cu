@@ -356,8 +356,13 @@ __global__ void __launch_bounds__(32 * kWarps) int4_mma_kernel(const T* __restri
 // stages with the Hopper bulk-copy engine (cp.async.bulk, completion on an mbarrier), so the bytes in
 // flight do not depend on registers; kConsumers warps take the chunks of each stage from shared memory.
 
-constexpr int kConsumers = 8;                         // consumer warps of a CTA (plus one producer warp)
+constexpr int kConsumers = 8;                         // consumer warps that share a stage (one team)
 constexpr int kStageChunks = 2 * kConsumers;          // chunks of one stage: two a consumer (512 B each)
+// Teams of kConsumers warps: with one row of x as planes two teams take a block's stages by turns (team
+// j % 2 takes stage j of each block), so that a warp has half the stages of a block, and half the slices
+// of x to turn into planes, after x is ready; more rows keep one team (their forms need more registers).
+__host__ __device__ constexpr int teams(bool planes) { return planes ? 2 : 1; }
+__host__ __device__ constexpr int consumer_warps(bool planes) { return kConsumers * teams(planes); }
 constexpr int kStages = 8;                            // stages in the ring
 constexpr int kMaxStageGroups = kStageChunks * kChunk / 32;  // groups a stage can touch (group 32)
 constexpr int kStageWeightBytes = kStageChunks * 32 * 16;
@@ -438,12 +443,12 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int grou
   l.barriers = at;
   at += 2 * kStages * 8;
   l.row_sumsq = at;
-  at += kConsumers * 8 * 4;
+  at += consumer_warps(planes) * 8 * 4;
   l.group_sums = at;
   at += groups * group_stride(planes) * 4;
   at = (at + 15) / 16 * 16;
   l.sums = at;  // last: the offsets before it do not depend on the blocks
-  at += blocks * kConsumers * M * kRows * 4;
+  at += blocks * consumer_warps(planes) * M * kRows * 4;
   l.total = at;
   return l;
 }
@@ -552,7 +557,7 @@ __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sum
                                       unsigned char* planes, float* x_scale) {
   constexpr int kLanesPerGroup = (1 << kGroupShift) / 8;
   constexpr int kPairs = 4;
-  constexpr int kSliceStride = 128 * kConsumers;  // from one of the warp's slices to its next
+  constexpr int kSliceStride = 128 * consumer_warps(kPlanes);  // from one of the warp's slices to its next
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int lane_feature = (lane >> 4) * kSliceStride + (lane & 15) * 8;
   for (int m = 0; m < M; ++m) {
@@ -716,12 +721,13 @@ __device__ __forceinline__ void run_product_planes(const int4* ws, int c, int g0
   }
 }
 
-// The consumer warps' values at first[w * stride], w = 0..kConsumers-1, added in warp order: the same bits
+// The consumer warps' values at first[w * stride], w = 0..kWarps-1, added in warp order: the same bits
 // every run.
+template <int kWarps>
 __device__ __forceinline__ float warps_sum(const float* first, int stride) {
   float sum = first[0];
 #pragma unroll
-  for (int w = 1; w < kConsumers; ++w) sum += first[w * stride];
+  for (int w = 1; w < kWarps; ++w) sum += first[w * stride];
   return sum;
 }
 
@@ -734,20 +740,21 @@ __device__ __forceinline__ float warps_sum(const float* first, int stride) {
 // its squares, for the norm); with one row of x (kPlanes) that pass also writes x into shared memory as
 // planes, which the products read.
 template <typename T, int kGroupShift, Epilogue kMode, bool kPlanes>
-__global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kernel(
+__global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1)) int4_mma_streamed_kernel(
     const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
     const T* __restrict__ residual, T* __restrict__ y, int M, int N, int K, float eps, int activation) {
   constexpr bool kGated = kMode == Epilogue::kRmsNormGatedAct;
   constexpr bool kNorm = kMode == Epilogue::kRmsNorm || kGated;
   constexpr int group_shift = kGroupShift;
+  constexpr int kWarps = consumer_warps(kPlanes), kTeams = teams(kPlanes);
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunks = K / kChunk, groups = K >> group_shift;
   const StreamedLayout layout = streamed_layout(M, K, group_shift, kPlanes, 1);  // the offsets (sums is last)
-  float* sums = reinterpret_cast<float*>(smem + layout.sums);  // [block][warp][x row][16]
+  float* sums = reinterpret_cast<float*>(smem + layout.sums);  // [block][warp][x row][16], kWarps warps
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barriers);
   uint64_t* empty = full + kStages;
-  float* row_sumsq = reinterpret_cast<float*>(smem + layout.row_sumsq);    // [warp][x row]
+  float* row_sumsq = reinterpret_cast<float*>(smem + layout.row_sumsq);    // [warp][x row], kWarps warps
   float* group_sums = reinterpret_cast<float*>(smem + layout.group_sums);  // [group][8]
   int first, end;
   cta_blocks(N / kRows, blockIdx.x, gridDim.x, first, end);
@@ -763,7 +770,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   }
   __syncthreads();
 
-  if (warp == kConsumers) {  // the producer
+  if (warp == kWarps) {  // the producer
     if (lane == 0) {
       int s = 0;
       for (int b = first; b < end; ++b) {
@@ -792,7 +799,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
     // of the product are never stored), in 16-byte units; with planes, its 16 bytes of plane g of a chunk.
     const uint4* xl;
     if constexpr (kPlanes) {
-      xl = reinterpret_cast<const uint4*>(planes + (g < 3 ? g : 0) * 64 + t * 16);
+      xl = reinterpret_cast<const uint4*>(planes + in_register((g < 3 ? g : 0) * 64 + t * 16));  // not remade a stage
     } else {
       xl = kept(reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(g, M - 1)) * K + t * 8));
     }
@@ -806,19 +813,23 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
     // and whether it adds the zero points' term (column 0 only).
     const float column_weight0 = t == 0 ? 1.0f : t == 1 ? 65536.0f : 0.0f, column_weight1 = t == 0 ? 256.0f : 0.0f;
     const float corr_on = t == 0 ? 1.0f : 0.0f;
-    int s = 0;
-    for (int b = first; b < end; ++b) {
+    // Stage s of the ring is stage s - block_stage of the CTA's current block; this warp's team takes
+    // that block's stages team, team + kTeams, ...
+    const int team = warp / kConsumers, stages_per_block = (chunks + kStageChunks - 1) / kStageChunks;
+    int block_stage = 0;
+    for (int b = first; b < end; ++b, block_stage += stages_per_block) {
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int c0 = 0; c0 < chunks; c0 += kStageChunks, ++s) {
-        const int slot = s % kStages;
-        barrier_wait(&full[slot], (s / kStages) & 1);
+      for (int s = block_stage + team, c0 = team * kStageChunks; c0 < chunks;
+           s += kTeams, c0 += kTeams * kStageChunks) {
+        const int slot = static_cast<unsigned>(s) % kStages;
+        barrier_wait(&full[slot], (static_cast<unsigned>(s) / kStages) & 1);
         const int n = min(kStageChunks, chunks - c0);
         const unsigned char* stage = smem + slot * layout.stage_bytes;
         const int4* ws = reinterpret_cast<const int4*>(stage) + lane;
         const uint32_t* szg = reinterpret_cast<const uint32_t*>(stage + kStageWeightBytes) + g;
         const int g0 = (c0 * kChunk) >> group_shift;
         constexpr int kPerWarp = kStageChunks / kConsumers;
-        const int i = warp * kPerWarp;
+        const int i = (warp % kConsumers) * kPerWarp;
         // kN chunks of this stage from its chunk c, on the integer or the bf16/fp16 tensor cores.
         const auto product = [&](auto chunks_n, int c) {
           constexpr int kN = decltype(chunks_n)::value;
@@ -844,7 +855,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
         acc[2] = row_g8 + __shfl_down_sync(0xffffffffu, row_g8, 1);
       }
       // acc[e]: row g + 8 * (e >> 1) of the block, row 2 * t + (e & 1) of x.
-      float* block_sums = sums + ((b - first) * kConsumers + warp) * M * kRows;
+      float* block_sums = sums + ((b - first) * kWarps + warp) * M * kRows;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int m = 2 * t + (e & 1);
@@ -861,10 +872,10 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
     const int width = N / 2;
     for (int i = threadIdx.x; i < (end - first) * M * 8; i += blockDim.x) {
       const int bl = i / (M * 8), m = (i / 8) % M, r = i % 8;
-      const float norm = rsqrtf(warps_sum(row_sumsq + m, 8) / K + eps);
-      const float* row_sums = sums + (bl * kConsumers * M + m) * kRows;  // warp 0's
-      const float gate = to_float(from_float<T>(warps_sum(row_sums + r, sums_stride) * norm));
-      const float up = to_float(from_float<T>(warps_sum(row_sums + r + 8, sums_stride) * norm));
+      const float norm = rsqrtf(warps_sum<kWarps>(row_sumsq + m, 8) / K + eps);
+      const float* row_sums = sums + (bl * kWarps * M + m) * kRows;  // warp 0's
+      const float gate = to_float(from_float<T>(warps_sum<kWarps>(row_sums + r, sums_stride) * norm));
+      const float up = to_float(from_float<T>(warps_sum<kWarps>(row_sums + r + 8, sums_stride) * norm));
       const float act = to_float(from_float<T>(activate(gate, activation)));
       y[static_cast<size_t>(m) * width + (first + bl) * 8 + r] = from_float<T>(act * up);
     }
@@ -874,14 +885,14 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) int4_mma_streamed_kerne
   // sum with the residual).
   for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) {
     const int bl = i / (M * kRows), m = (i / kRows) % M, row = i % kRows;
-    const float sum = warps_sum(sums + (bl * kConsumers * M + m) * kRows + row, sums_stride);
+    const float sum = warps_sum<kWarps>(sums + (bl * kWarps * M + m) * kRows + row, sums_stride);
     const size_t at = static_cast<size_t>(m) * N + (first + bl) * kRows + row;
     if constexpr (kMode == Epilogue::kPlain) {
       y[at] = from_float<T>(sum);
     } else if constexpr (kMode == Epilogue::kAddResidual) {
       y[at] = from_float<T>(to_float(from_float<T>(sum)) + to_float(residual[at]));
     } else {
-      y[at] = from_float<T>(sum * rsqrtf(warps_sum(row_sumsq + m, 8) / K + eps));
+      y[at] = from_float<T>(sum * rsqrtf(warps_sum<kWarps>(row_sumsq + m, 8) / K + eps));
     }
   }
 }
@@ -977,7 +988,7 @@ void launch_streamed_as(const Operands& o, int ctas) {
     }
   }
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
-  C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(32 * (kConsumers + 1)), smem,
+  C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(32 * (consumer_warps(kPlanes) + 1)), smem,
                                      at::cuda::getCurrentCUDAStream(), ptr(o.x),
                                      reinterpret_cast<const int4*>(o.w.data_ptr()),
                                      reinterpret_cast<const uint32_t*>(o.sz.data_ptr()), ptr(o.residual), ptr(o.y),
