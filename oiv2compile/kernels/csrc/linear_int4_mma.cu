@@ -739,8 +739,11 @@ __device__ __forceinline__ float warps_sum(const float* first, int stride) {
 // SM as this one's leave it, and start their own copies). The consumers first sum x over each group (and
 // its squares, for the norm); with one row of x (kPlanes) that pass also writes x into shared memory as
 // planes, which the products read.
+// Registers: with 2-8 rows the bounds ask for one CTA an SM at least, so ptxas gives those forms 60-75
+// registers (without it, 56 and spills); two CTAs an SM still fit. The one-row forms (544 threads) are left
+// to ptxas's own choice (0), which keeps them at 47-56, two CTAs an SM.
 template <typename T, int kGroupShift, Epilogue kMode, bool kPlanes>
-__global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1)) int4_mma_streamed_kernel(
+__global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1), kPlanes ? 0 : 1) int4_mma_streamed_kernel(
     const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
     const T* __restrict__ residual, T* __restrict__ y, int M, int N, int K, float eps, int activation) {
   constexpr bool kGated = kMode == Epilogue::kRmsNormGatedAct;
