@@ -31,7 +31,8 @@
 // into a ring of 8 shared-memory stages (80 KB: two CTAs an SM) with the Hopper bulk-copy engine
 // (cp.async.bulk, L2 evict-first, completion counted on an mbarrier), so the bytes in flight do not cost
 // registers; 8 consumer warps each take two consecutive chunks of a stage (the group size is a template
-// argument, so a group of 128 gets its scales once) and store their sums of a block in shared memory,
+// argument, so a group of 128 gets its scales once; at one row two teams of 8 take a block's stages by
+// turns: 1247 against 1257 us a step in the chain) and store their sums of a block in shared memory,
 // each warp in its own place, when the block ends; the epilogue adds the warps' sums in warp order, so the
 // outputs have the same bits every run (adding them with shared-memory atomics, in whatever order the
 // warps got there, changed the last bits from run to run, and an int4 artifact's greedy tokens with them
@@ -732,8 +733,8 @@ __device__ __forceinline__ float warps_sum(const float* first, int stride) {
 }
 
 // One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8) of x. Stage s is chunks
-// [c0, c0 + 16) of one block and the groups they touch; consumer warp w takes the kStageChunks /
-// kConsumers consecutive chunks from w * that, and stores its sums in its own place in shared memory when
+// [c0, c0 + 16) of one block and the groups they touch; consumer warp w of a team takes the kStageChunks /
+// kConsumers consecutive chunks from (w % kConsumers) * that, and stores its sums in its own place in shared memory when
 // its block ends; the epilogue adds the warps' sums in warp order (warps_sum).
 // The producer lets the next kernel launch once it has issued its last copy (that kernel's CTAs take an
 // SM as this one's leave it, and start their own copies). The consumers first sum x over each group (and
