@@ -119,7 +119,7 @@ def test_int4_epilogues_cuda_kernel(rows, group, dtype):
 @pytest.mark.parametrize("rows", [1, 5])
 def test_int4_norm_kernel_over_many_blocks_a_cta(rows):
     """N = 17600 (1100 blocks: more than the SMs hold CTAs, so a CTA takes several, split unevenly) and
-    K = 4160 (65 chunks: each block's last stage holds one chunk)."""
+    K = 4224 (66 chunks: each block's last stage holds two)."""
     mma.load_extension()
     n, k, eps = 17600, 4224, 1e-5
     x, packed, pairs, weight = _case(rows, n, k, 64, torch.bfloat16, "cuda", 40 + rows)

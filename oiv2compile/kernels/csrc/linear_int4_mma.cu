@@ -36,24 +36,23 @@
 // each warp in its own place, when the block ends; the epilogue adds the warps' sums in warp order, so the
 // outputs have the same bits every run (adding them with shared-memory atomics, in whatever order the
 // warps got there, changed the last bits from run to run, and an int4 artifact's greedy tokens with them
-// where two logits nearly tie). It is launched as a programmatic dependent: the copies start while the previous kernel drains,
-// and the consumers read x only after griddepcontrol.wait. Consumer warp w multiplies the same 128
-// features of every stage, so it first sums x over the groups of those features alone (and, for the
-// norm below, their squares), with its loads batched and no barrier with the other warps, then takes
-// the k-steps of a group in two accumulators by turns, one mma a step. In 32 llama-8b layers of int4
-// products with the norms inside (H200, benchmarks/RESULTS.md): 1702 us a step with 4 stages and a
-// pass over all of x by every warp, 1574 with 8 stages, 1788 with 4 stages and each warp's own sums,
-// 1497 with both; 6 stages (three CTAs an SM) 1760, 12 and 16 stages (one CTA an SM) 1834 and 1860,
-// stages sized for group 128 (8.7 KB) 1798 at 8 stages (three an SM) and 1576 at 12 (two an SM).
+// where two logits nearly tie). It is launched as a programmatic dependent: the copies start while the
+// previous kernel drains, and the consumers read x only after griddepcontrol.wait.
+// Consumer warp w multiplies the same 128 features of every stage, so it first sums x over the groups of
+// those features alone (and, for the norm below, their squares), with its loads batched and no barrier
+// with the other warps, then takes the k-steps of a group in two accumulators by turns, one mma a step. In
+// 32 llama-8b layers of int4 products with the norms inside (H200, benchmarks/RESULTS.md): 1702 us a step
+// with 4 stages and a pass over all of x by every warp, 1574 with 8 stages, 1788 with 4 stages and each
+// warp's own sums, 1497 with both; 6 stages (three CTAs an SM) 1760, 12 and 16 stages (one CTA an SM) 1834
+// and 1860, stages sized for group 128 (8.7 KB) 1798 at 8 stages (three an SM) and 1576 at 12 (two an SM).
 // The form before the group sums (a second mma a step for sum x, one accumulator) was bound by the
 // consumers, not by the memory: it took 1864 us a step, 1070 with the math left out and 1651 with the
 // copies left out. The producer copying x into shared memory (after griddepcontrol.wait, the consumers
-// waiting for it) was slower (1733 against 1705); the consumers' own copy of their features, in their
-// pass over x, is what the kernel does now at one row (above). The
-// producer lets the next kernel launch once it has issued its last copy, so a product right after this
-// one (the norm inside both, below) starts its own copies as this one's CTAs leave their SMs: 32
-// llama-8b layers of int4 products with the norms inside took 1868 us a step with that, 2041 without
-// (H100).
+// waiting for it) was slower (1733 against 1705); the consumers' own copy of their features, in their pass
+// over x, is what the kernel does now at one row (above). The producer lets the next kernel launch once it
+// has issued its last copy, so a product right after this one (the norm inside both, below) starts its own
+// copies as this one's CTAs leave their SMs: 32 llama-8b layers of int4 products with the norms inside
+// took 1868 us a step with that, 2041 without (H100).
 // Two more ops run in the streamed kernel, with an epilogue (1 to 8 rows): oiv2::linear_int4_mma_add
 // (y = (x W^T) + residual, each rounded as the model rounds them: o and down write the new residual
 // stream) and oiv2::rms_norm_linear_int4_mma (y = rsqrt(mean(x^2) + eps) * (x W^T), W holding the
@@ -455,7 +454,7 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int grou
 }
 
 // The blocks of 16 rows a CTA takes at most (cta_blocks) when `blocks` go over `ctas` CTAs.
-__host__ __device__ constexpr int blocks_per_cta(int blocks, int ctas) { return (blocks + ctas - 1) / ctas; }
+constexpr int blocks_per_cta(int blocks, int ctas) { return (blocks + ctas - 1) / ctas; }
 
 // Whether two CTAs of this shared-memory layout share an SM (the ring's depth was chosen for two).
 inline bool two_per_sm(const StreamedLayout& layout) {
@@ -549,10 +548,10 @@ __device__ __forceinline__ void store_planes(const float (&xf)[8], int f, int K,
 // the consumers). Lanes 0-15 take 8 features each of one of the warp's slices, lanes 16-31 of the next one
 // (16-byte loads); kPairs pairs of slices are loaded before any is summed, and a warp's pairs that start
 // past K are skipped, not converted as zeros (half the pass at K = 4096: 1256.5 against 1265.2 us a step
-// in the int4 chain, H200, benchmarks/RESULTS.md). With the norm, the warp's share of
-// each row's sum of squares goes into row_sumsq[warp * 8 + m] (added in warp order after the CTA's last barrier). With one row kept in shared
-// memory as planes (kPlanes) the warp also stores its features of x there as planes, where its products read
-// them.
+// in the int4 chain, H200, benchmarks/RESULTS.md). With the norm, the warp's share of each row's sum of
+// squares goes into row_sumsq[warp * 8 + m] (added in warp order after the CTA's last barrier). With one
+// row kept in shared memory as planes (kPlanes) the warp also stores its features of x there as planes,
+// where its products read them.
 template <typename T, int kGroupShift, bool kNorm, bool kPlanes>
 __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq,
                                       unsigned char* planes, float* x_scale) {
@@ -733,9 +732,9 @@ __device__ __forceinline__ float warps_sum(const float* first, int stride) {
 }
 
 // One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8) of x. Stage s is chunks
-// [c0, c0 + 16) of one block and the groups they touch; consumer warp w of a team takes the kStageChunks /
-// kConsumers consecutive chunks from (w % kConsumers) * that, and stores its sums in its own place in shared memory when
-// its block ends; the epilogue adds the warps' sums in warp order (warps_sum).
+// [c0, c0 + 16) of one block and the groups they touch; consumer warp w of a team takes the
+// kStageChunks / kConsumers consecutive chunks from (w % kConsumers) * that, and stores its sums in its own
+// place in shared memory when its block ends; the epilogue adds the warps' sums in warp order (warps_sum).
 // The producer lets the next kernel launch once it has issued its last copy (that kernel's CTAs take an
 // SM as this one's leave it, and start their own copies). The consumers first sum x over each group (and
 // its squares, for the norm); with one row of x (kPlanes) that pass also writes x into shared memory as
