@@ -437,6 +437,88 @@ def test_int8_gemv_epilogues_cuda_kernel(rows, dtype):
     torch.library.opcheck(torch.ops.oiv2.linear_int8_gemv_add.default, (x, q, scales, residual))
 
 
+def _cuda_kernels_run(fn) -> set[str]:  # type: ignore[no-untyped-def]
+    """The names of the CUDA kernels that fn() launches."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [4160, 2112, 14336])
+def test_int8_gemv_one_row_streamed_kernel(k, dtype):
+    """One row of x with K a multiple of 64 takes the streamed kernel (weights through shared memory, x as
+    int8 planes on the integer tensor cores), and each of its four forms matches its float64 oracle: N not a
+    multiple of a block's 16 rows (the last block's rows past N are copied again and never stored), and K
+    whose last stage holds 64 features (4160, 2112: one warp of a team has work there) or none short (14336).
+    The add is the product rounded, then the residual added, bit for bit; the outputs have the same bits
+    every run (the warps' sums are added in warp order)."""
+    from oiv2compile.kernels.linear_int8_gemv import load_extension
+
+    load_extension()
+    n, eps = 1001, 1e-5
+    x, _g, q, scales = _norm_gemv_case(1, n, k, dtype, "cuda", k)
+    plain = torch.ops.oiv2.linear_int8_gemv
+    kernels = _cuda_kernels_run(lambda: plain(x, q, scales))
+    assert any("int8_streamed_kernel" in name for name in kernels), kernels
+    assert not any("gemv_int8_kernel" in name for name in kernels), kernels
+    out = plain(x, q, scales)
+    expected = F.linear(x.double(), dequantize_int8(q, scales).double())
+    assert out.dtype == dtype and out.shape == (1, n)
+    assert (out.double() - expected).norm() / expected.norm() < 5e-3
+    assert all(torch.equal(plain(x, q, scales), out) for _ in range(5))
+    normed = torch.ops.oiv2.rms_norm_linear_int8_gemv(x, q, scales, eps)
+    expected = _norm_then_linear(x, q, scales, eps)
+    assert (normed.double() - expected).norm() / expected.norm() < 5e-3
+    residual = torch.randn(1, n, device="cuda").to(dtype)
+    summed = torch.ops.oiv2.linear_int8_gemv_add(x, q, scales, residual)
+    torch.testing.assert_close(summed, out + residual, rtol=0, atol=0)
+    xg, _g, qg, sg = _norm_gemv_case(1, 2 * n, k, dtype, "cuda", k + 1)
+    for activation in ("silu", "gelu_tanh"):
+        code = ACTIVATIONS.index(activation)
+        gated = torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act(xg, qg, sg, eps, code)
+        assert gated.shape == (1, n)
+        expected = _norm_linear_gated_act(xg, qg, sg, eps, activation)
+        assert (gated.double() - expected).norm() / expected.norm() < (1e-2 if dtype == torch.bfloat16 else 5e-3)
+        apart = torch.ops.oiv2.gated_act(torch.ops.oiv2.rms_norm_linear_int8_gemv(xg, qg, sg, eps), activation)
+        torch.testing.assert_close(gated, apart, rtol=1e-2, atol=1e-3)
+    for op, args in (
+        (torch.ops.oiv2.linear_int8_gemv.default, (x, q, scales)),
+        (torch.ops.oiv2.linear_int8_gemv_add.default, (x, q, scales, residual)),
+        (torch.ops.oiv2.rms_norm_linear_int8_gemv.default, (x, q, scales, eps)),
+        (torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act.default, (xg, qg, sg, eps, 0)),
+    ):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.cuda
+def test_int8_gemv_one_row_streamed_kernel_on_llama_8b_shapes():
+    """The streamed kernel on llama-8b's shapes at one row (more blocks than CTAs: a CTA sums several, up to
+    16 for the output head) against the float64 oracle, and the one-row product against the same row
+    through the two-row kernel (the register-streaming one): they differ only by float rounding. K = 2064
+    (not a multiple of 64) still takes the register-streaming kernel at one row."""
+    from oiv2compile.kernels.linear_int8_gemv import load_extension
+
+    load_extension()
+    gen = torch.Generator().manual_seed(8)
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)):
+        q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).cuda()
+        scales = (torch.rand(n, generator=gen) * 1e-3 + 1e-4).to("cuda", torch.bfloat16)
+        x = torch.randn(2, k, generator=gen).to("cuda", torch.bfloat16)
+        one = torch.ops.oiv2.linear_int8_gemv(x[:1], q, scales)
+        two = torch.ops.oiv2.linear_int8_gemv(x, q, scales)
+        expected = F.linear(x[:1].double(), q.double() * scales.double()[:, None])
+        assert (one.double() - expected).norm() / expected.norm() < 5e-3, (n, k)
+        torch.testing.assert_close(one, two[:1], rtol=1.6e-2, atol=1e-3)
+    x = torch.randn(1, 2064, device="cuda", dtype=torch.bfloat16)
+    q = torch.randint(-127, 128, (64, 2064), device="cuda", dtype=torch.int8)
+    scales = torch.full((64,), 1e-3, device="cuda", dtype=torch.bfloat16)
+    kernels = _cuda_kernels_run(lambda: torch.ops.oiv2.linear_int8_gemv(x, q, scales))
+    assert any("gemv_int8_kernel" in name for name in kernels), kernels
+
+
 def test_int4_mma_layout_puts_each_nibble_where_the_kernel_reads_it():
     """The word of (block b, chunk c, lane 4g + t, step j), nibble p, holds
     q[16b + g + 8(p & 1), 64c + 32(j >> 1) + 8t + 4(j & 1) + 2((p >> 1) & 1) + (p >> 2)]: the formula

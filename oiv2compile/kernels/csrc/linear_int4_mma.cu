@@ -85,13 +85,14 @@
 #include <type_traits>
 
 #include "gemv_common.cuh"
+#include "streamed.cuh"
 #include "wgmma_gemm.cuh"
 
 namespace {
 
 using namespace oiv2_gemv;
 
-constexpr int kRows = 16;   // weight rows of one CTA: the mma's M
+constexpr int kRows = kBlockRows;  // weight rows of one CTA: the mma's M
 constexpr int kChunk = 64;  // features of one lane's 16-byte load: four k-steps of 16
 constexpr int kMaxTiles = 4;  // rows of x through the tensor cores: 8 per tile
 // The prefill path's buffer of dequantized rows: 64 MB took 0.6-0.8x the time of 16 MB (and 8 MB)
@@ -116,8 +117,8 @@ struct Mma<__nv_bfloat16> {
     const __nv_bfloat162 r = __float2bfloat162_rn(v);
     return *reinterpret_cast<const uint32_t*>(&r);
   }
-  __device__ static float low(uint32_t v) { return __uint_as_float(v << 16); }
-  __device__ static float high(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
+  __device__ static float low(uint32_t v) { return low_half<__nv_bfloat16>(v); }
+  __device__ static float high(uint32_t v) { return high_half<__nv_bfloat16>(v); }
 };
 
 template <>
@@ -135,8 +136,8 @@ struct Mma<__half> {
     const __half2 r = __float2half2_rn(v);
     return *reinterpret_cast<const uint32_t*>(&r);
   }
-  __device__ static float low(uint32_t v) { return __half2float(__ushort_as_half(static_cast<unsigned short>(v))); }
-  __device__ static float high(uint32_t v) { return __half2float(__ushort_as_half(static_cast<unsigned short>(v >> 16))); }
+  __device__ static float low(uint32_t v) { return low_half<__half>(v); }
+  __device__ static float high(uint32_t v) { return high_half<__half>(v); }
 };
 
 // A 32-bit constant the compiler must keep in a register (it cannot see through the asm): lop3 takes
@@ -369,52 +370,6 @@ constexpr int kStageWeightBytes = kStageChunks * 32 * 16;
 constexpr int kStageBytes = kStageWeightBytes + kMaxStageGroups * kRows * 4;
 constexpr int kMaxBlocksPerCta = 16;  // blocks of 16 rows one CTA sums, at most
 
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void barrier_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count));
-}
-
-__device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
-}
-
-__device__ __forceinline__ void barrier_expect_bytes(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
-  const uint32_t addr = smem_address(bar);
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(addr), "r"(parity)
-        : "memory");
-  }
-}
-
-// bytes (a multiple of 16) from global src to shared dst; their arrival completes on bar.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
-          smem_address(dst)),
-      "l"(src), "r"(bytes), "r"(smem_address(bar)), "l"(policy)
-      : "memory");
-}
-
-// The blocks of 16 rows CTA `cta` of `ctas` takes: an even split, contiguous (so its W is one range).
-__device__ __forceinline__ void cta_blocks(int blocks, int cta, int ctas, int& first, int& end) {
-  first = static_cast<int>(static_cast<int64_t>(blocks) * cta / ctas);
-  end = static_cast<int>(static_cast<int64_t>(blocks) * (cta + 1) / ctas);
-}
-
 // Byte offsets of the streamed kernel's shared memory: the ring of stages, with planes (one row of x
 // kept in shared memory as three int8 planes, see the kernel) x (K * 3 bytes) and its scale a 128-feature
 // slice, the barriers (full and empty, a stage each), each warp's share of the sum of squares of each
@@ -427,8 +382,6 @@ __device__ __forceinline__ void cta_blocks(int blocks, int cta, int ctas, int& f
 struct StreamedLayout {
   int stage_bytes, x, x_scale, sums, barriers, row_sumsq, group_sums, total;
 };
-
-__host__ __device__ constexpr int group_stride(bool planes) { return planes ? 1 : 8; }
 
 __host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int group_shift, bool planes, int blocks) {
   StreamedLayout l{};
@@ -453,33 +406,10 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int grou
   return l;
 }
 
-// The blocks of 16 rows a CTA takes at most (cta_blocks) when `blocks` go over `ctas` CTAs.
-constexpr int blocks_per_cta(int blocks, int ctas) { return (blocks + ctas - 1) / ctas; }
-
-// Whether two CTAs of this shared-memory layout share an SM (the ring's depth was chosen for two).
-inline bool two_per_sm(const StreamedLayout& layout) {
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  return 2 * (layout.total + static_cast<int>(props->reservedSharedMemPerBlock)) <=
-         static_cast<int>(props->sharedMemPerMultiprocessor);
-}
-
-// The streamed kernel's grid for N / 16 blocks: one CTA an SM slot (two an SM; every SM then streams an
-// equal share, within a block), fewer where the blocks are fewer than the slots, more where a CTA would sum
-// more than kMaxBlocksPerCta blocks, or more blocks than let two CTAs share an SM (the warps' sums of each
-// block take shared memory: up to 8 rows of x, that is 4 KB a block). (Two at most: three, with stages
-// sized for the group and 8 stages, were slower: 1798 against 1576-1497 us in the int4 chain,
-// benchmarks/RESULTS.md.)
+// The streamed kernel's grid for N / 16 blocks (streamed_grid). Up to 8 rows of x, the warps' sums take
+// 4 KB a block.
 inline int streamed_ctas(int M, int N, int K, int group_shift, bool planes) {
-  const int blocks = N / kRows, sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int ctas = std::max(std::min(blocks, 2 * sms), (blocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta);
-  for (int per_cta = blocks_per_cta(blocks, ctas); per_cta > 1; --per_cta) {
-    if (two_per_sm(streamed_layout(M, K, group_shift, planes, per_cta))) break;
-    ctas = (blocks + per_cta - 2) / (per_cta - 1);
-  }
-  if (!two_per_sm(streamed_layout(M, K, group_shift, planes, blocks_per_cta(blocks, ctas)))) {  // one an SM
-    ctas = std::max(std::min(blocks, sms), (blocks + kMaxBlocksPerCta - 1) / kMaxBlocksPerCta);
-  }
-  return ctas;
+  return streamed_grid(N / kRows, kMaxBlocksPerCta, [&](int per_cta) { return streamed_layout(M, K, group_shift, planes, per_cta).total; });
 }
 
 // The streamed kernel's grid with its row of x kept in shared memory as planes (see the kernel), or 0
@@ -488,117 +418,7 @@ inline int streamed_ctas(int M, int N, int K, int group_shift, bool planes) {
 inline int planes_ctas(int M, int N, int K, int group_shift) {
   if (M != 1) return 0;
   const int ctas = streamed_ctas(M, N, K, group_shift, true);
-  return two_per_sm(streamed_layout(M, K, group_shift, true, blocks_per_cta(N / kRows, ctas))) ? ctas : 0;
-}
-
-// What the streamed kernel does after the product (see the top of the file): nothing; the residual
-// add; the RMSNorm's scalar of each row; that scalar and the gated activation (W's rows interleaved by 8:
-// the output has N / 2 columns).
-enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
-
-// x as three int8 planes (kPlanes): each 128-feature slice of the row gets a scale 2^s that puts its largest
-// magnitude in [2^19, 2^20), and each feature the integer v = round(x * 2^s) = 65536 p2 + 256 p1 + p0 (p0, p1 in
-// [-128, 127], p2 in [-16, 16]): a feature's error is at most 2^-20 of the slice's largest magnitude, and none
-// where the feature is at least 2^-12 of it in bf16 (2^-9 in fp16). One FFMA makes v: x * 2^s + 1.5 * 2^23 +
-// 0x8080 has 2^22 + 0x8080 + v in its mantissa, whose bytes 0 and 1 are p0 + 128 and p1 + 128 and whose byte 2 is
-// 64 + p2. A chunk of 64 features takes 192 bytes: plane p at 64 p, then lane t's 16 bytes at 16 t: its 8
-// features of each 32-feature half (t * 8..) in the order the nibbles of a word come out of w & 0x0F0F0F0F
-// (features 0, 2, 1, 3, then 4, 6, 5, 7), so one 16-byte load gives a lane its B fragments of a chunk's two
-// integer k-steps.
-constexpr float kIntMagicValue = 12582912.0f;           // 1.5 * 2^23
-constexpr float kPlanesMagic = kIntMagicValue + 0x8080;  // 12615808
-constexpr int kPlanesChunkBytes = 3 * kChunk;
-
-// One lane's features f..f+7 (xf) into the planes; every lane of the warp calls it (lanes 0-15 hold one
-// slice, 16-31 another: their largest magnitude is a shuffle), and only lanes with f < K store.
-__device__ __forceinline__ void store_planes(const float (&xf)[8], int f, int K, int lane, unsigned char* planes,
-                                             float* x_scale) {
-  float m = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(xf[i]));
-#pragma unroll
-  for (int off = 1; off < 16; off <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-  // m in [2^(e - 127), 2^(e - 126)): 2^(146 - e) and its inverse (e at least 21: both normal floats).
-  const int e = max(static_cast<int>(__float_as_uint(m) >> 23), 21);
-  const float scale = __uint_as_float(static_cast<uint32_t>(273 - e) << 23);
-  uint32_t r[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) r[i] = __float_as_uint(fmaf(xf[i], scale, kPlanesMagic));
-  uint32_t p[3][2];
-#pragma unroll
-  for (int q = 0; q < 2; ++q) {
-    const uint32_t* v = r + 4 * q;
-    const uint32_t low02 = __byte_perm(v[0], v[2], 0x5140), low13 = __byte_perm(v[1], v[3], 0x5140);
-    p[0][q] = __byte_perm(low02, low13, 0x5410) ^ 0x80808080u;
-    p[1][q] = __byte_perm(low02, low13, 0x7632) ^ 0x80808080u;
-    const uint32_t b2 = __byte_perm(__byte_perm(v[0], v[2], 0x0062), __byte_perm(v[1], v[3], 0x0062), 0x5410);
-    p[2][q] = (b2 & 0x3F3F3F3Fu) | ((~b2 & 0x40404040u) * 3u);  // 64 + p2 -> p2 in two's complement
-  }
-  if (f < K) {
-    unsigned char* at = planes + (f >> 6) * kPlanesChunkBytes + ((f >> 3) & 3) * 16 + ((f >> 5) & 1) * 8;
-#pragma unroll
-    for (int q = 0; q < 3; ++q) *reinterpret_cast<uint2*>(at + 64 * q) = make_uint2(p[q][0], p[q][1]);
-    if ((lane & 15) == 0) x_scale[f >> 7] = __uint_as_float(static_cast<uint32_t>(e - 19) << 23);
-  }
-}
-
-// The consumer warp's pass over its own features of x: warp w multiplies the chunks of 128-feature slices w, w +
-// 8, w + 16, ... (chunks 2w and 2w + 1 of every stage), so it sums x over the groups of those slices only, into
-// group_sums[group * 8 + m] (group_sums[group] with planes), and needs no other warp's sums (no barrier between
-// the consumers). Lanes 0-15 take 8 features each of one of the warp's slices, lanes 16-31 of the next one
-// (16-byte loads); kPairs pairs of slices are loaded before any is summed, and a warp's pairs that start
-// past K are skipped, not converted as zeros (half the pass at K = 4096: 1256.5 against 1265.2 us a step
-// in the int4 chain, H200, benchmarks/RESULTS.md). With the norm, the warp's share of each row's sum of
-// squares goes into row_sumsq[warp * 8 + m] (added in warp order after the CTA's last barrier). With one
-// row kept in shared memory as planes (kPlanes) the warp also stores its features of x there as planes,
-// where its products read them.
-template <typename T, int kGroupShift, bool kNorm, bool kPlanes>
-__device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq,
-                                      unsigned char* planes, float* x_scale) {
-  constexpr int kLanesPerGroup = (1 << kGroupShift) / 8;
-  constexpr int kPairs = 4;
-  constexpr int kSliceStride = 128 * consumer_warps(kPlanes);  // from one of the warp's slices to its next
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int lane_feature = (lane >> 4) * kSliceStride + (lane & 15) * 8;
-  for (int m = 0; m < M; ++m) {
-    const T* xm = x + static_cast<size_t>(m) * K;
-    float sq = 0.0f;
-    for (int s0 = warp * 128; s0 < K; s0 += 2 * kSliceStride * kPairs) {
-      uint4 v[kPairs];
-#pragma unroll
-      for (int b = 0; b < kPairs; ++b) {
-        const int f = s0 + 2 * b * kSliceStride + lane_feature;
-        v[b] = f < K ? __ldg(reinterpret_cast<const uint4*>(xm + f)) : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int b = 0; b < kPairs; ++b) {
-        if (s0 + 2 * b * kSliceStride >= K) break;  // the warp's pairs past K (the same for all its lanes)
-        const int f = s0 + 2 * b * kSliceStride + lane_feature;
-        const uint32_t words[4] = {v[b].x, v[b].y, v[b].z, v[b].w};
-        float xf[8];
-        float part = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float lo = Mma<T>::low(words[i]), hi = Mma<T>::high(words[i]);
-          xf[2 * i] = lo;
-          xf[2 * i + 1] = hi;
-          part += lo + hi;
-          if constexpr (kNorm) sq = fmaf(lo, lo, fmaf(hi, hi, sq));
-        }
-        if constexpr (kPlanes) store_planes(xf, f, K, lane, planes, x_scale);
-#pragma unroll
-        for (int off = 1; off < kLanesPerGroup; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
-        if (f < K && (lane & (kLanesPerGroup - 1)) == 0) {
-          group_sums[(f >> kGroupShift) * group_stride(kPlanes) + m] = part;
-        }
-      }
-    }
-    if constexpr (kNorm) {
-      sq = warp_sum(sq);
-      if (lane == 0) row_sumsq[warp * 8 + m] = sq;
-    }
-  }
-  __syncwarp();
+  return two_per_sm(streamed_layout(M, K, group_shift, true, blocks_per_cta(N / kRows, ctas)).total) ? ctas : 0;
 }
 
 // A group ends (streamed kernel): acc += scale * dot - scale * (magic + zero) * sum x, for rows g and
@@ -660,16 +480,6 @@ __device__ __forceinline__ void run_product(const int4* ws, int c, int g0, const
   }
 }
 
-// One integer k-step, m16n8k32: A the 16 rows' levels q (u8), B the planes of x (s8), into int sums.
-__device__ __forceinline__ void imma(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-constexpr uint32_t kIntMagic = 0x4B400000u;  // the bits of kIntMagicValue: + n, as a float, is it + n
-
 // run_product on the integer tensor cores (one row of x as planes, kPlanes): kN consecutive chunks
 // of one 128-feature slice. A word's nibbles 0, 2, 4, 6 (w & 0x0F0F0F0F) are row g's levels q of features
 // 0, 2, 1, 3 of the lane's 8 (t * 8..) of a 32-feature half, nibbles 1, 3, 5, 7 (w >> 4) row g + 8's; the
@@ -702,7 +512,7 @@ __device__ __forceinline__ void run_product_planes(const int4* ws, int c, int g0
     if (h == 0) xv = xl[(c + n) * (kPlanesChunkBytes / 16)];
     const uint32_t w0 = h ? wv[n].z : wv[n].x, w1 = h ? wv[n].w : wv[n].y;
     const uint32_t a[4] = {w0 & 0x0F0F0F0Fu, (w0 >> 4) & 0x0F0F0F0Fu, w1 & 0x0F0F0F0Fu, (w1 >> 4) & 0x0F0F0F0Fu};
-    imma(d, a, h ? xv.z : xv.x, h ? xv.w : xv.y);
+    imma<false>(d, a, h ? xv.z : xv.x, h ? xv.w : xv.y);
     if ((step + 1) % kStepsPerGroup == 0) {  // a group ends
       const int group = ((c + n) * kChunk + h * 32) >> kGroupShift;
       const uint32_t* pairs = szg + ((group - g0) << 4);
@@ -721,16 +531,6 @@ __device__ __forceinline__ void run_product_planes(const int4* ws, int c, int g0
   }
 }
 
-// The consumer warps' values at first[w * stride], w = 0..kWarps-1, added in warp order: the same bits
-// every run.
-template <int kWarps>
-__device__ __forceinline__ float warps_sum(const float* first, int stride) {
-  float sum = first[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) sum += first[w * stride];
-  return sum;
-}
-
 // One CTA: the blocks [first, end) of 16 rows of W against rows 0..M-1 (M <= 8) of x. Stage s is chunks
 // [c0, c0 + 16) of one block and the groups they touch; consumer warp w of a team takes the
 // kStageChunks / kConsumers consecutive chunks from (w % kConsumers) * that, and stores its sums in its own
@@ -746,8 +546,7 @@ template <typename T, int kGroupShift, Epilogue kMode, bool kPlanes>
 __global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1), kPlanes ? 0 : 1) int4_mma_streamed_kernel(
     const T* __restrict__ x, const int4* __restrict__ w, const uint32_t* __restrict__ scale_zero,
     const T* __restrict__ residual, T* __restrict__ y, int M, int N, int K, float eps, int activation) {
-  constexpr bool kGated = kMode == Epilogue::kRmsNormGatedAct;
-  constexpr bool kNorm = kMode == Epilogue::kRmsNorm || kGated;
+  constexpr bool kNorm = kMode == Epilogue::kRmsNorm || kMode == Epilogue::kRmsNormGatedAct;
   constexpr int group_shift = kGroupShift;
   constexpr int kWarps = consumer_warps(kPlanes), kTeams = teams(kPlanes);
   extern __shared__ __align__(128) unsigned char smem[];
@@ -796,7 +595,7 @@ __global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1), kPlanes ? 
     wait_for_previous_grid();  // x is the previous kernel's output
     unsigned char* planes = smem + layout.x;
     float* x_scale = reinterpret_cast<float*>(smem + layout.x_scale);
-    sum_x<T, kGroupShift, kNorm, kPlanes>(x, M, K, group_sums, row_sumsq, planes, x_scale);
+    sum_x<T, kGroupShift, kNorm, kPlanes, kWarps>(x, M, K, group_sums, row_sumsq, planes, x_scale);
     const int g = lane >> 2, t = lane & 3;
     // Features t*8.. of the row of x this lane feeds to the mma (rows past M read row M - 1: their columns
     // of the product are never stored), in 16-byte units; with planes, its 16 bytes of plane g of a chunk.
@@ -851,12 +650,7 @@ __global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1), kPlanes ? 
         __syncwarp();
         if (lane == 0) barrier_arrive(&empty[slot]);
       }
-      if constexpr (kPlanes) {  // the planes' columns weighed and added: lanes t = 0 get their rows' sums
-        const float row_g = acc[0] * column_weight0 + acc[1] * column_weight1;
-        const float row_g8 = acc[2] * column_weight0 + acc[3] * column_weight1;
-        acc[0] = row_g + __shfl_down_sync(0xffffffffu, row_g, 1);
-        acc[2] = row_g8 + __shfl_down_sync(0xffffffffu, row_g8, 1);
-      }
+      if constexpr (kPlanes) add_planes(acc, column_weight0, column_weight1);
       // acc[e]: row g + 8 * (e >> 1) of the block, row 2 * t + (e & 1) of x.
       float* block_sums = sums + ((b - first) * kWarps + warp) * M * kRows;
 #pragma unroll
@@ -868,36 +662,7 @@ __global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1), kPlanes ? 
   }
   wait_for_previous_grid();  // every thread that writes y (the consumers have waited already)
   __syncthreads();
-  const int sums_stride = M * kRows;  // from one warp's sums of a block to the next warp's
-  if constexpr (kGated) {
-    // Output (first + bl) * 8 + r of x row m: gate (row r of the block) and up (row r + 8) rounded to x's
-    // dtype, the activation too, then their product, as the model rounds them.
-    const int width = N / 2;
-    for (int i = threadIdx.x; i < (end - first) * M * 8; i += blockDim.x) {
-      const int bl = i / (M * 8), m = (i / 8) % M, r = i % 8;
-      const float norm = rsqrtf(warps_sum<kWarps>(row_sumsq + m, 8) / K + eps);
-      const float* row_sums = sums + (bl * kWarps * M + m) * kRows;  // warp 0's
-      const float gate = to_float(from_float<T>(warps_sum<kWarps>(row_sums + r, sums_stride) * norm));
-      const float up = to_float(from_float<T>(warps_sum<kWarps>(row_sums + r + 8, sums_stride) * norm));
-      const float act = to_float(from_float<T>(activate(gate, activation)));
-      y[static_cast<size_t>(m) * width + (first + bl) * 8 + r] = from_float<T>(act * up);
-    }
-    return;
-  }
-  // Output row (first + bl) * 16 + row of x row m: rounded as the model rounds (the product, then the
-  // sum with the residual).
-  for (int i = threadIdx.x; i < (end - first) * M * kRows; i += blockDim.x) {
-    const int bl = i / (M * kRows), m = (i / kRows) % M, row = i % kRows;
-    const float sum = warps_sum<kWarps>(sums + (bl * kWarps * M + m) * kRows + row, sums_stride);
-    const size_t at = static_cast<size_t>(m) * N + (first + bl) * kRows + row;
-    if constexpr (kMode == Epilogue::kPlain) {
-      y[at] = from_float<T>(sum);
-    } else if constexpr (kMode == Epilogue::kAddResidual) {
-      y[at] = from_float<T>(to_float(from_float<T>(sum)) + to_float(residual[at]));
-    } else {
-      y[at] = from_float<T>(sum * rsqrtf(warps_sum<kWarps>(row_sumsq + m, 8) / K + eps));
-    }
-  }
+  store_outputs<T, kMode, kWarps, false>(sums, row_sumsq, nullptr, residual, y, first, end, M, N, K, eps, activation);
 }
 
 // (q - zero) * scale for a pair of levels (MAGIC_VALUE + q in each half), rounded once, as the

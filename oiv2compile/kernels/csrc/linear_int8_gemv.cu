@@ -34,7 +34,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <mutex>
+
 #include "gemv_common.cuh"
+#include "streamed.cuh"
 
 namespace {
 
@@ -55,9 +58,6 @@ constexpr int kPerWarp = 2;  // output rows a warp takes: x converted once for b
 __device__ __forceinline__ float byte_to_float(uint32_t biased, uint32_t selector) {
   return byte_plus_2p23(biased, selector) - (k2p23 + 128.0f);
 }
-
-// What the kernel does around the product (see the top of the file).
-enum class Epilogue { kPlain, kAddResidual, kRmsNorm, kRmsNormGatedAct };
 
 // residual [M, N] with kAddResidual; eps with the norm; activation with kRmsNormGatedAct, where N is the
 // output width I and w has 2I rows.
@@ -179,6 +179,169 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
   }
 }
 
+// ---- One row of x (a batch-1 decode step) on the integer tensor cores, the weights streamed through
+// shared memory (streamed.cuh): a CTA takes a contiguous run of blocks of 16 weight rows (gated: the gate
+// rows of 8 outputs, then their up rows). The producer warp copies a stage, 1024 features of each of a
+// block's 16 rows, as 16 row copies (cp.async.bulk, L2 evict-first) into a ring of 4 stages; the rows sit
+// kStageRowBytes apart, 32 bytes more than they hold, so that the 8-byte loads of rows g and g + 4 fall
+// on other banks. Two teams of 8 consumer warps take a block's stages by turns (team j % 2 takes stage
+// j), warp w of a team the features 128 w.. of it: one 128-feature slice of x, whose planes (store_planes
+// in the row's order, sum_x) that warp wrote itself, so no barrier between the consumers. A lane's A
+// fragment of a 32-feature k-step is two 8-byte loads, features 8t.. of rows g and g + 8, and its B the
+// planes' bytes of the same features: four m16n8k32 s8 steps a stage add into int sums (|sum| <= 128 *
+// 128 * 128: a float by its bits from kIntMagic), scaled by the slice's 2^-s into the float sums. The
+// epilogue (store_outputs) multiplies each row's sum by its scale.
+constexpr int kStreamStages = 4;
+constexpr int kStageFeatures = 1024;                // of each row, a stage
+constexpr int kStageRowBytes = kStageFeatures + 32;  // from one row of a stage to the next
+constexpr int kStreamStageBytes = kBlockRows * kStageRowBytes;
+constexpr int kTeamWarps = 8, kTeams = 2, kStreamWarps = kTeamWarps * kTeams;
+
+// Byte offsets of the streamed kernel's shared memory: the ring, the planes of x (K * 3 bytes) and their
+// scales (one a 128-feature slice), the barriers (full and empty, a stage each), each warp's share of the
+// sum of squares, and last each warp's sums of each of the CTA's blocks ([block][warp][16]).
+struct Int8StreamedLayout {
+  int x, x_scale, barriers, row_sumsq, sums, total;
+};
+
+__host__ __device__ inline Int8StreamedLayout int8_streamed_layout(int K, int blocks) {
+  Int8StreamedLayout l{};
+  int at = kStreamStages * kStreamStageBytes;
+  l.x = at;
+  at += K * 3;
+  l.x_scale = at;
+  at += (K + 127) / 128 * 4;
+  at = (at + 15) / 16 * 16;
+  l.barriers = at;
+  at += 2 * kStreamStages * 8;
+  l.row_sumsq = at;
+  at += kStreamWarps * 8 * 4;
+  l.sums = at;
+  at += blocks * kStreamWarps * kBlockRows * 4;
+  l.total = at;
+  return l;
+}
+
+// The weight row of row r of block b: gated, the gate rows of outputs 8b.. (r < 8) and their up rows
+// (width + 8b..); past the last row, the last row again (its sums are never stored).
+template <bool kGated>
+__device__ __forceinline__ int block_row(int b, int r, int N) {
+  if constexpr (kGated) {
+    const int width = N / 2;
+    return min(8 * b + (r & 7), width - 1) + (r < 8 ? 0 : width);
+  }
+  return min(kBlockRows * b + r, N - 1);
+}
+
+template <typename T, Epilogue kMode>
+__global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
+    const T* __restrict__ x, const int8_t* __restrict__ w, const T* __restrict__ scales,
+    const T* __restrict__ residual, T* __restrict__ y, int N, int K, int blocks, float eps, int activation) {
+  constexpr bool kGated = kMode == Epilogue::kRmsNormGatedAct;
+  constexpr bool kNorm = kMode == Epilogue::kRmsNorm || kGated;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const Int8StreamedLayout layout = int8_streamed_layout(K, 1);  // the offsets (sums is last)
+  float* sums = reinterpret_cast<float*>(smem + layout.sums);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barriers);
+  uint64_t* empty = full + kStreamStages;
+  float* row_sumsq = reinterpret_cast<float*>(smem + layout.row_sumsq);
+  int first, end;
+  cta_blocks(blocks, blockIdx.x, gridDim.x, first, end);
+  const int stages_per_block = (K + kStageFeatures - 1) / kStageFeatures;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kStreamStages; ++i) {
+      barrier_init(&full[i], 1);
+      barrier_init(&empty[i], kTeamWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == kStreamWarps) {  // the producer: lane r copies row r of each stage
+    int s = 0;
+    for (int b = first; b < end; ++b) {
+      const int8_t* row = w + static_cast<size_t>(block_row<kGated>(b, lane & 15, N)) * K;
+      for (int f0 = 0; f0 < K; f0 += kStageFeatures, ++s) {
+        const int slot = s % kStreamStages;
+        if (s >= kStreamStages) barrier_wait(&empty[slot], ((s / kStreamStages) + 1) & 1);
+        const int bytes = min(kStageFeatures, K - f0);
+        if (lane == 0) barrier_expect_bytes(&full[slot], kBlockRows * bytes);
+        __syncwarp();
+        if (lane < kBlockRows) {
+          bulk_copy(smem + slot * kStreamStageBytes + lane * kStageRowBytes, row + f0, bytes, &full[slot]);
+        }
+      }
+    }
+    if (lane == 0) allow_dependents_to_launch();
+  } else {  // a consumer
+    wait_for_previous_grid();  // x is the previous kernel's output
+    unsigned char* planes = smem + layout.x;
+    float* x_scale = reinterpret_cast<float*>(smem + layout.x_scale);
+    sum_x<T, 0, kNorm, true, kStreamWarps, true>(x, 1, K, nullptr, row_sumsq, planes, x_scale);
+    const int g = lane >> 2, t = lane & 3;
+    // this lane's 16 bytes of plane g of a chunk of 64 features (columns 3-7 of the product are unused)
+    const uint4* xl = reinterpret_cast<const uint4*>(planes + (g < 3 ? g : 0) * 64 + t * 16);
+    const float column_weight0 = t == 0 ? 1.0f : t == 1 ? 65536.0f : 0.0f, column_weight1 = t == 0 ? 256.0f : 0.0f;
+    const int team = warp / kTeamWarps, offset = (warp % kTeamWarps) * 128;  // the warp's features of a stage
+    int block_stage = 0;
+    for (int b = first; b < end; ++b, block_stage += stages_per_block) {
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int s = block_stage + team, f0 = team * kStageFeatures; f0 < K;
+           s += kTeams, f0 += kTeams * kStageFeatures) {
+        const int slot = static_cast<unsigned>(s) % kStreamStages;
+        barrier_wait(&full[slot], (static_cast<unsigned>(s) / kStreamStages) & 1);
+        const int f = f0 + offset;  // K is a multiple of 64: the warp has 4, 2 or no k-steps
+        if (f < K) {
+          const unsigned char* rows = smem + slot * kStreamStageBytes + g * kStageRowBytes + offset + 8 * t;
+          const int steps = min(4, (K - f) / 32);
+          int d[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) d[e] = static_cast<int>(kIntMagic);
+          uint4 xv;
+#pragma unroll
+          for (int step = 0; step < 4; ++step) {
+            if (step >= steps) break;
+            const uint2 wg = *reinterpret_cast<const uint2*>(rows + 32 * step);
+            const uint2 wg8 = *reinterpret_cast<const uint2*>(rows + 8 * kStageRowBytes + 32 * step);
+            if ((step & 1) == 0) xv = xl[(f / 64 + step / 2) * (kPlanesChunkBytes / 16)];
+            const uint32_t a[4] = {wg.x, wg8.x, wg.y, wg8.y};
+            imma<true>(d, a, (step & 1) ? xv.z : xv.x, (step & 1) ? xv.w : xv.y);
+          }
+          const float xs = x_scale[f >> 7];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[e] = fmaf(xs, __int_as_float(d[e]) - kIntMagicValue, acc[e]);
+        }
+        __syncwarp();
+        if (lane == 0) barrier_arrive(&empty[slot]);
+      }
+      add_planes(acc, column_weight0, column_weight1);
+      if (t == 0) {
+        float* block_sums = sums + ((b - first) * kStreamWarps + warp) * kBlockRows;
+        block_sums[g] = acc[0];
+        block_sums[g + 8] = acc[2];
+      }
+    }
+  }
+  wait_for_previous_grid();  // every thread that writes y (the consumers have waited already)
+  __syncthreads();
+  store_outputs<T, kMode, kStreamWarps, true>(sums, row_sumsq, scales, residual, y, first, end, 1, N, K, eps,
+                                               activation);
+}
+
+// The streamed kernel's grid for one row of x, or 0 where it does not run (K not a multiple of 64, or planes
+// that would not let two CTAs share an SM): the register-streaming kernel above takes those. A block's sums
+// take 1 KB, so shared memory alone bounds the blocks a CTA sums: the output head of an 8B model (8016
+// blocks) runs as one wave of 264 CTAs on an H200 rather than 501 CTAs of 16 blocks.
+constexpr int kMaxStreamBlocksPerCta = 64;
+
+int int8_streamed_ctas(int blocks, int K) {
+  if (K % 64 != 0) return 0;
+  const int ctas = streamed_grid(blocks, kMaxStreamBlocksPerCta,
+                                 [&](int per_cta) { return int8_streamed_layout(K, per_cta).total; });
+  return two_per_sm(int8_streamed_layout(K, blocks_per_cta(blocks, ctas)).total) ? ctas : 0;
+}
+
 // What a launch reads and writes; residual only with kAddResidual.
 struct Operands {
   at::Tensor x, w, s, residual, y;
@@ -186,8 +349,37 @@ struct Operands {
   int activation;
 };
 
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// One row of x through the streamed kernel; false where it does not run (int8_streamed_ctas).
+template <typename T, Epilogue kMode>
+bool launch_streamed(const Operands& o) {
+  const int rows = o.w.size(0), K = o.w.size(1);
+  const int blocks = kMode == Epilogue::kRmsNormGatedAct ? (rows / 2 + 7) / 8 : (rows + kBlockRows - 1) / kBlockRows;
+  const int ctas = aligned16(o.w) && aligned16(o.x) ? int8_streamed_ctas(blocks, K) : 0;
+  if (ctas == 0) return false;
+  const int smem = int8_streamed_layout(K, blocks_per_cta(blocks, ctas)).total;
+  auto kernel = int8_streamed_kernel<T, kMode>;
+  {  // the kernel's size limit: the largest size asked for so far
+    static std::mutex mutex;
+    static int limit = 0;
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (smem > limit) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      limit = smem;
+    }
+  }
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
+  C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(32 * (kStreamWarps + 1)), smem,
+                                     at::cuda::getCurrentCUDAStream(), ptr(o.x), o.w.data_ptr<int8_t>(), ptr(o.s),
+                                     ptr(o.residual), ptr(o.y), rows, K, blocks, static_cast<float>(o.eps),
+                                     o.activation));
+  return true;
+}
+
 template <typename T, int M, Epilogue kMode>
 void launch(const Operands& o) {
+  if (M == 1 && launch_streamed<T, kMode>(o)) return;
   const int N = o.y.size(1), K = o.w.size(1);  // outputs: the weight's rows, or half of them gated
   const int outs_per_cta = kPerWarp * (kMode == Epilogue::kRmsNormGatedAct ? kWarps / 2 : kWarps);
   dim3 block(32, kWarps);
