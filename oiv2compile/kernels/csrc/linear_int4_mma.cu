@@ -26,13 +26,14 @@
 // a step) against the planes as B, one plane a column (run_product_planes). In the chain above: 1304
 // against 1403 us with x in shared memory as it is (the same call; 1314 with down still so), and
 // llama-8b int4 decode 586 tok/s, 2.55x bf16 (557 and 2.40x before, in another run).
-// Up to 8 rows, the streamed kernel: each CTA takes a contiguous run of 16-row blocks (one CTA per SM
-// slot, so every SM streams an equal share). A producer warp copies W and the scales each stage needs
-// into a ring of 8 shared-memory stages (80 KB: two CTAs an SM) with the Hopper bulk-copy engine
-// (cp.async.bulk, L2 evict-first, completion counted on an mbarrier), so the bytes in flight do not cost
-// registers; 8 consumer warps each take two consecutive chunks of a stage (the group size is a template
-// argument, so a group of 128 gets its scales once; at one row two teams of 8 take a block's stages by
-// turns: 1247 against 1257 us a step in the chain) and store their sums of a block in shared memory,
+// Up to 8 rows, the streamed kernel (its pieces shared with the int8 kernel at one row: streamed.cuh):
+// each CTA takes a contiguous run of 16-row blocks (one CTA per SM slot, so every SM streams an equal
+// share). A producer warp copies W and the scales each stage needs into a ring of 8 shared-memory stages
+// (80 KB: two CTAs an SM) with the Hopper bulk-copy engine (cp.async.bulk, L2 evict-first, completion
+// counted on an mbarrier), so the bytes in flight do not cost registers; 8 consumer warps each take two
+// consecutive chunks of a stage (the group size is a template argument, so a group of 128 gets its scales
+// once; at one row two teams of 8 take a block's stages by turns: 1247 against 1257 us a step in the
+// chain) and store their sums of a block in shared memory,
 // each warp in its own place, when the block ends; the epilogue adds the warps' sums in warp order, so the
 // outputs have the same bits every run (adding them with shared-memory atomics, in whatever order the
 // warps got there, changed the last bits from run to run, and an int4 artifact's greedy tokens with them
@@ -409,7 +410,8 @@ __host__ __device__ inline StreamedLayout streamed_layout(int M, int K, int grou
 // The streamed kernel's grid for N / 16 blocks (streamed_grid). Up to 8 rows of x, the warps' sums take
 // 4 KB a block.
 inline int streamed_ctas(int M, int N, int K, int group_shift, bool planes) {
-  return streamed_grid(N / kRows, kMaxBlocksPerCta, [&](int per_cta) { return streamed_layout(M, K, group_shift, planes, per_cta).total; });
+  return streamed_grid(N / kRows, kMaxBlocksPerCta,
+                       [&](int per_cta) { return streamed_layout(M, K, group_shift, planes, per_cta).total; });
 }
 
 // The streamed kernel's grid with its row of x kept in shared memory as planes (see the kernel), or 0

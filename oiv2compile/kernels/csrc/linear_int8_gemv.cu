@@ -28,7 +28,17 @@
 // memory (3090 us), and even reading 512-byte tiles laid out for the fragments (a timing what-if of a
 // packed layout: 2156-2160 us against 2091-2093). int8 -> float without I2F: byte b, biased to
 // b ^ 0x80 in 0..255, sits in the mantissa of 2^23 (0x4B0000bb), and subtracting 2^23 + 128 gives b
-// exactly (one PRMT, one FADD).
+// exactly (one PRMT, one FADD). That register-streaming kernel takes 2 to 4 rows, and one row where K is
+// not a multiple of 64.
+//
+// One row of x (every batch-1 decode step) goes through a streamed kernel instead (below, with the
+// pieces it shares with the int4 kernel in streamed.cuh): a producer warp copies each block of 16 weight
+// rows into a ring of shared-memory stages with the bulk-copy engine, one copy a row, and two teams of 8
+// consumer warps multiply them on the integer tensor cores against x kept in shared memory as three int8
+// planes. All four ops, the same roundings. H200, 32 llama-8b layers of int8 products with the norms and the
+// activation inside: 2020-2022 us a step against 2062-2064 with the register-streaming kernel (the same
+// run); each llama-8b shape alone at one row 80% (gate/up) and 82% (down) of the copy bandwidth, against
+// 76-77% before (another run); llama-8b int8 decode 1.77x bf16, against 1.72x (benchmarks/RESULTS.md).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -87,7 +87,8 @@ constexpr int blocks_per_cta(int blocks, int ctas) { return (blocks + ctas - 1) 
 // Whether two CTAs of `bytes` of shared memory share an SM (the rings' depth was chosen for two).
 inline bool two_per_sm(int bytes) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  return 2 * (bytes + static_cast<int>(props->reservedSharedMemPerBlock)) <= static_cast<int>(props->sharedMemPerMultiprocessor);
+  return 2 * (bytes + static_cast<int>(props->reservedSharedMemPerBlock)) <=
+         static_cast<int>(props->sharedMemPerMultiprocessor);
 }
 
 // A streamed kernel's grid for `blocks` blocks, smem_bytes(b) being a CTA's shared memory when it takes b
@@ -152,9 +153,9 @@ __device__ __forceinline__ void store_planes(const float (&xf)[8], int f, int K,
 #pragma unroll
   for (int q = 0; q < 2; ++q) {
     const uint32_t* v = r + 4 * q;
-    const uint32_t low02 = __byte_perm(v[0], v[i1], 0x5140), low13 = __byte_perm(v[i2], v[3], 0x5140);
-    p[0][q] = __byte_perm(low02, low13, 0x5410) ^ 0x80808080u;
-    p[1][q] = __byte_perm(low02, low13, 0x7632) ^ 0x80808080u;
+    const uint32_t low_a = __byte_perm(v[0], v[i1], 0x5140), low_b = __byte_perm(v[i2], v[3], 0x5140);
+    p[0][q] = __byte_perm(low_a, low_b, 0x5410) ^ 0x80808080u;
+    p[1][q] = __byte_perm(low_a, low_b, 0x7632) ^ 0x80808080u;
     const uint32_t b2 = __byte_perm(__byte_perm(v[0], v[i1], 0x0062), __byte_perm(v[i2], v[3], 0x0062), 0x5410);
     p[2][q] = (b2 & 0x3F3F3F3Fu) | ((~b2 & 0x40404040u) * 3u);  // 64 + p2 -> p2 in two's complement
   }
