@@ -82,7 +82,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <mutex>
 #include <type_traits>
 
 #include "gemv_common.cuh"
@@ -747,16 +746,8 @@ void launch_streamed_as(const Operands& o, int ctas) {
   TORCH_CHECK(smem <= static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin),
               "linear_int4_mma: K = ", K, " in groups of ", 1 << kGroupShift,
               " needs more shared memory for its group sums than a CTA of this card has");
-  auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode, kPlanes>;
-  {  // the kernel's size limit: the largest size asked for so far
-    static std::mutex mutex;
-    static int limit = 0;
-    const std::lock_guard<std::mutex> lock(mutex);
-    if (smem > limit) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      limit = smem;
-    }
-  }
+  constexpr auto kernel = int4_mma_streamed_kernel<T, kGroupShift, kMode, kPlanes>;
+  allow_dynamic_smem<kernel>(smem);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
   C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(32 * (consumer_warps(kPlanes) + 1)), smem,
                                      at::cuda::getCurrentCUDAStream(), ptr(o.x),

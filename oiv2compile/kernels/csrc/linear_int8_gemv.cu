@@ -44,8 +44,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <mutex>
-
 #include "gemv_common.cuh"
 #include "streamed.cuh"
 
@@ -369,16 +367,8 @@ bool launch_streamed(const Operands& o) {
   const int ctas = aligned16(o.w) && aligned16(o.x) ? int8_streamed_ctas(blocks, K) : 0;
   if (ctas == 0) return false;
   const int smem = int8_streamed_layout(K, blocks_per_cta(blocks, ctas)).total;
-  auto kernel = int8_streamed_kernel<T, kMode>;
-  {  // the kernel's size limit: the largest size asked for so far
-    static std::mutex mutex;
-    static int limit = 0;
-    const std::lock_guard<std::mutex> lock(mutex);
-    if (smem > limit) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      limit = smem;
-    }
-  }
+  constexpr auto kernel = int8_streamed_kernel<T, kMode>;
+  allow_dynamic_smem<kernel>(smem);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
   C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(32 * (kStreamWarps + 1)), smem,
                                      at::cuda::getCurrentCUDAStream(), ptr(o.x), o.w.data_ptr<int8_t>(), ptr(o.s),

@@ -10,6 +10,7 @@
 #include <ATen/cuda/CUDAContext.h>
 
 #include <algorithm>
+#include <mutex>
 
 #include "gemv_common.cuh"
 
@@ -109,6 +110,18 @@ int streamed_grid(int blocks, int max_per_cta, SmemBytes smem_bytes) {
     ctas = std::max(std::min(blocks, sms), (blocks + max_per_cta - 1) / max_per_cta);
   }
   return ctas;
+}
+
+// Lets kKernel take `bytes` of dynamic shared memory (the largest size asked for so far).
+template <auto kKernel>
+void allow_dynamic_smem(int bytes) {
+  static std::mutex mutex;
+  static int limit = 0;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (bytes > limit) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    limit = bytes;
+  }
 }
 
 // What a streamed kernel does after the product: nothing; the residual add; the RMSNorm's scalar of each
