@@ -495,10 +495,11 @@ def test_int8_gemv_one_row_streamed_kernel(k, dtype):
 
 @pytest.mark.cuda
 def test_int8_gemv_one_row_streamed_kernel_on_llama_8b_shapes():
-    """The streamed kernel on llama-8b's shapes at one row (more blocks than CTAs: a CTA sums several, up to
-    16 for the output head) against the float64 oracle, and the one-row product against the same row
-    through the two-row kernel (the register-streaming one): they differ only by float rounding. K = 2064
-    (not a multiple of 64) still takes the register-streaming kernel at one row."""
+    """The streamed kernel on llama-8b's shapes at one row (more blocks than CTAs: a CTA sums several, about
+    30 for the output head on an H200) against the float64 oracle, and the one-row product against the same
+    row through the two-row kernel (the register-streaming one): they differ only by float rounding; qkv's
+    shape with the norm, o's and down's with the residual add. K = 2064 (not a multiple of 64) still takes
+    the register-streaming kernel at one row."""
     from oiv2compile.kernels.linear_int8_gemv import load_extension
 
     load_extension()
@@ -512,6 +513,13 @@ def test_int8_gemv_one_row_streamed_kernel_on_llama_8b_shapes():
         expected = F.linear(x[:1].double(), q.double() * scales.double()[:, None])
         assert (one.double() - expected).norm() / expected.norm() < 5e-3, (n, k)
         torch.testing.assert_close(one, two[:1], rtol=1.6e-2, atol=1e-3)
+        if n in (6144, 4096):  # qkv with its norm, o and down with the residual add
+            normed = torch.ops.oiv2.rms_norm_linear_int8_gemv(x[:1], q, scales, 1e-5)
+            expected = _norm_then_linear(x[:1], q, scales, 1e-5)
+            assert (normed.double() - expected).norm() / expected.norm() < 5e-3, (n, k)
+            residual = torch.randn(1, n, generator=gen).to("cuda", torch.bfloat16)
+            summed = torch.ops.oiv2.linear_int8_gemv_add(x[:1], q, scales, residual)
+            torch.testing.assert_close(summed, one + residual, rtol=0, atol=0)
     x = torch.randn(1, 2064, device="cuda", dtype=torch.bfloat16)
     q = torch.randint(-127, 128, (64, 2064), device="cuda", dtype=torch.int8)
     scales = torch.full((64,), 1e-3, device="cuda", dtype=torch.bfloat16)
