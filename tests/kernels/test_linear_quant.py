@@ -527,6 +527,36 @@ def test_int8_gemv_one_row_streamed_kernel_on_llama_8b_shapes():
     assert any("gemv_int8_kernel" in name for name in kernels), kernels
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", [4096, 5120, 4160])
+def test_int8_gemv_one_row_with_two_to_four_blocks_a_cta_slot(k):
+    """One row where the blocks are three an SM (llama-8b's fused qkv on an H200: 384 blocks on 132 SMs of
+    two CTAs each, a shape a grid may split across CTAs by K): K of 4, 5 (an odd count of stages) and 4.06
+    stages (the last one of 64 features). All four forms against their float64 oracles, each output on its
+    own, and the same bits every run."""
+    from oiv2compile.kernels.linear_int8_gemv import load_extension
+
+    load_extension()
+    n, eps = 16 * 3 * torch.cuda.get_device_properties(0).multi_processor_count, 1e-5
+    x, _g, q, scales = _norm_gemv_case(1, n, k, torch.bfloat16, "cuda", k)
+    for out, expected in (
+        (torch.ops.oiv2.linear_int8_gemv(x, q, scales), F.linear(x.double(), dequantize_int8(q, scales).double())),
+        (torch.ops.oiv2.rms_norm_linear_int8_gemv(x, q, scales, eps), _norm_then_linear(x, q, scales, eps)),
+    ):
+        per_output = (out.double() - expected).abs() / expected.abs().amax()
+        assert float(per_output.max()) < 2e-2
+        assert (out.double() - expected).norm() / expected.norm() < 5e-3
+    plain = torch.ops.oiv2.linear_int8_gemv(x, q, scales)
+    assert all(torch.equal(torch.ops.oiv2.linear_int8_gemv(x, q, scales), plain) for _ in range(5))
+    residual = torch.randn(1, n, device="cuda").to(torch.bfloat16)
+    summed = torch.ops.oiv2.linear_int8_gemv_add(x, q, scales, residual)
+    torch.testing.assert_close(summed, plain + residual, rtol=0, atol=0)
+    xg, _g, qg, sg = _norm_gemv_case(1, n, k, torch.bfloat16, "cuda", k + 1)  # n rows: blocks of 8 outputs
+    gated = torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act(xg, qg, sg, eps, 0)
+    expected = _norm_linear_gated_act(xg, qg, sg, eps, "silu")
+    assert (gated.double() - expected).norm() / expected.norm() < 1e-2
+
+
 def test_int4_mma_layout_puts_each_nibble_where_the_kernel_reads_it():
     """The word of (block b, chunk c, lane 4g + t, step j), nibble p, holds
     q[16b + g + 8(p & 1), 64c + 32(j >> 1) + 8t + 4(j & 1) + 2((p >> 1) & 1) + (p >> 2)]: the formula
