@@ -564,13 +564,7 @@ __global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1), kPlanes ? 
   // x rows past M stay 0 (every consumer warp stores its sums and its share of the squares of every row and
   // block: those need no zeros)
   for (int i = threadIdx.x; i < groups * group_stride(kPlanes); i += blockDim.x) group_sums[i] = 0.0f;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kStages; ++i) {
-      barrier_init(&full[i], 1);
-      barrier_init(&empty[i], kConsumers);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  init_ring(full, empty, kStages, kConsumers);
   __syncthreads();
 
   if (warp == kWarps) {  // the producer

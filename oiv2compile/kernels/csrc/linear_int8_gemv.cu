@@ -257,13 +257,7 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
   int first, end;
   cta_blocks(blocks, blockIdx.x, gridDim.x, first, end);
   const int stages_per_block = (K + kStageFeatures - 1) / kStageFeatures;
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < kStreamStages; ++i) {
-      barrier_init(&full[i], 1);
-      barrier_init(&empty[i], kTeamWarps);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  init_ring(full, empty, kStreamStages, kTeamWarps);
   __syncthreads();
 
   if (warp == kStreamWarps) {  // the producer: lane r copies row r of each stage

@@ -82,6 +82,19 @@ __device__ __forceinline__ void cta_blocks(int blocks, int cta, int ctas, int& f
   end = static_cast<int>(static_cast<int64_t>(blocks) * (cta + 1) / ctas);
 }
 
+// The ring's barriers, set up by thread 0 (the CTA syncs after): full[i] completes when stage i's bytes
+// have landed (one arrival, the producer's, with the bytes it expects), empty[i] when the `consumers` warps
+// of a team have released the stage.
+__device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty, int stages, int consumers) {
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < stages; ++i) {
+      barrier_init(&full[i], 1);
+      barrier_init(&empty[i], consumers);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+}
+
 // The blocks a CTA takes at most (cta_blocks) when `blocks` go over `ctas` CTAs.
 constexpr int blocks_per_cta(int blocks, int ctas) { return (blocks + ctas - 1) / ctas; }
 
