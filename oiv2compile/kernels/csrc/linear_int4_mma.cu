@@ -908,8 +908,6 @@ void run_dequant_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   }
 }
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
 // The operands every op here takes, checked: x [..., K] (bf16 or fp16), packed [N, K/2] uint8 in
 // int4-mma16x64-v1, scale_zero [N/16, K/G, 16, 2] in x's dtype. Returns the group size.
 int64_t check_operands(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero) {

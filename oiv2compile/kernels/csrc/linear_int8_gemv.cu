@@ -351,13 +351,11 @@ struct Operands {
   int activation;
 };
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
 // One row of x through the streamed kernel; false where it does not run (int8_streamed_ctas).
 template <typename T, Epilogue kMode>
 bool launch_streamed(const Operands& o) {
   const int rows = o.w.size(0), K = o.w.size(1);
-  const int blocks = kMode == Epilogue::kRmsNormGatedAct ? (rows / 2 + 7) / 8 : (rows + kBlockRows - 1) / kBlockRows;
+  const int blocks = (rows + kBlockRows - 1) / kBlockRows;  // gated: 8 outputs' gate and up rows a block
   const int ctas = aligned16(o.w) && aligned16(o.x) ? int8_streamed_ctas(blocks, K) : 0;
   if (ctas == 0) return false;
   const int smem = int8_streamed_layout(K, blocks_per_cta(blocks, ctas)).total;
@@ -373,7 +371,9 @@ bool launch_streamed(const Operands& o) {
 
 template <typename T, int M, Epilogue kMode>
 void launch(const Operands& o) {
-  if (M == 1 && launch_streamed<T, kMode>(o)) return;
+  if constexpr (M == 1) {
+    if (launch_streamed<T, kMode>(o)) return;
+  }
   const int N = o.y.size(1), K = o.w.size(1);  // outputs: the weight's rows, or half of them gated
   const int outs_per_cta = kPerWarp * (kMode == Epilogue::kRmsNormGatedAct ? kWarps / 2 : kWarps);
   dim3 block(32, kWarps);

@@ -7,6 +7,7 @@
 // them in warp order, so the outputs have the same bits every run.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 
 #include <algorithm>
@@ -94,6 +95,9 @@ __device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty, int s
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
 }
+
+// Whether a tensor's data starts on a 16-byte boundary (what the kernels' 16-byte loads and bulk copies need).
+inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // The blocks a CTA takes at most (cta_blocks) when `blocks` go over `ctas` CTAs.
 constexpr int blocks_per_cta(int blocks, int ctas) { return (blocks + ctas - 1) / ctas; }
