@@ -305,12 +305,13 @@ def test_int4_epilogue_ops_refuse_more_than_eight_rows():
 def test_int4_streamed_kernel_one_row_with_two_to_four_blocks_a_cta_slot(k):
     """One row where the blocks are three an SM (llama-8b's fused qkv on an H200: 384 blocks on 132 SMs of
     two CTAs each, a shape a grid may split across CTAs by K): K of 4, 5 (an odd count of stages) and 4.06
-    stages (the last one of a single chunk). The three streamed ops and the gated one against the float64
-    oracle, each output on its own."""
+    stages (the last one of a single chunk, so groups of 64). The three streamed ops and the gated one
+    against the float64 oracle, each output on its own."""
     mma.load_extension()
     n = 16 * 3 * torch.cuda.get_device_properties(0).multi_processor_count
-    _check_streamed_ops(1, n, k, 128, k)
-    x, packed, pairs, weight = _case(1, n, k, 128, torch.bfloat16, "cuda", k + 1)
+    group = 128 if k % 128 == 0 else 64
+    _check_streamed_ops(1, n, k, group, k)
+    x, packed, pairs, weight = _case(1, n, k, group, torch.bfloat16, "cuda", k + 1)
     packed_i, pairs_i = interleave_gate_up(packed, pairs)
     expected = _gated(_normed(x, 1e-5), weight, 0)
     out = ops.rms_norm_linear_int4_mma_gated_act(x, packed_i, pairs_i, 1e-5, 0)
