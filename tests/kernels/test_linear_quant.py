@@ -498,7 +498,8 @@ def test_int8_gemv_one_row_streamed_kernel_on_llama_8b_shapes():
     """The streamed kernel on llama-8b's shapes at one row (more blocks than CTAs: a CTA sums several, about
     30 for the output head on an H200) against the float64 oracle, and the one-row product against the same
     row through the two-row kernel (the register-streaming one): they differ only by float rounding; qkv's
-    shape with the norm, o's and down's with the residual add. K = 2064 (not a multiple of 64) still takes
+    shape with the norm, o's and down's with the residual add, gate/up's with the norm and the gated
+    activation. K = 2064 (not a multiple of 64) still takes
     the register-streaming kernel at one row."""
     from oiv2compile.kernels.linear_int8_gemv import load_extension
 
@@ -520,6 +521,10 @@ def test_int8_gemv_one_row_streamed_kernel_on_llama_8b_shapes():
             residual = torch.randn(1, n, generator=gen).to("cuda", torch.bfloat16)
             summed = torch.ops.oiv2.linear_int8_gemv_add(x[:1], q, scales, residual)
             torch.testing.assert_close(summed, one + residual, rtol=0, atol=0)
+        if n == 28672:  # gate/up with the norm and the gated activation: 8 outputs' gate and up rows a block
+            gated = torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act(x[:1], q, scales, 1e-5, 0)
+            expected = _norm_linear_gated_act(x[:1], q, scales, 1e-5, "silu")
+            assert (gated.double() - expected).norm() / expected.norm() < 1e-2
     x = torch.randn(1, 2064, device="cuda", dtype=torch.bfloat16)
     q = torch.randint(-127, 128, (64, 2064), device="cuda", dtype=torch.int8)
     scales = torch.full((64,), 1e-3, device="cuda", dtype=torch.bfloat16)
