@@ -499,8 +499,7 @@ def test_int8_gemv_one_row_streamed_kernel_on_llama_8b_shapes():
     30 for the output head on an H200) against the float64 oracle, and the one-row product against the same
     row through the two-row kernel (the register-streaming one): they differ only by float rounding; qkv's
     shape with the norm, o's and down's with the residual add, gate/up's with the norm and the gated
-    activation. K = 2064 (not a multiple of 64) still takes
-    the register-streaming kernel at one row."""
+    activation. K = 2064 (not a multiple of 64) still takes the register-streaming kernel at one row."""
     from oiv2compile.kernels.linear_int8_gemv import load_extension
 
     load_extension()

@@ -334,7 +334,10 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
 // The streamed kernel's grid for one row of x, or 0 where it does not run (K not a multiple of 64, or planes
 // that would not let two CTAs share an SM): the register-streaming kernel above takes those. A block's sums
 // take 1 KB, so shared memory alone bounds the blocks a CTA sums: the output head of an 8B model (8016
-// blocks) runs as one wave of 264 CTAs on an H200 rather than 501 CTAs of 16 blocks.
+// blocks) runs as one wave of 264 CTAs on an H200 rather than 501 CTAs of 16 blocks. That did not make the
+// head faster: 0.60-0.61 of bf16 F.linear's time in its runs against 0.59 with 16 blocks and 0.53 through the
+// register-streaming kernel, each in another run (benchmarks/RESULTS.md, thirtieth session); the same-run
+// comparison is still to be made.
 constexpr int kMaxStreamBlocksPerCta = 64;
 
 int int8_streamed_ctas(int blocks, int K) {
