@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep quantized linears on the Triton kernels, not the CUDA C++ ops (int4 tensor-core op, int8 GEMV)",
     )
+    build.add_argument(
+        "--no-int8-tiles",
+        action="store_true",
+        help="keep int8 weights row-major (int8-rowmajor-v1), not in the tiles of the one-row CUDA kernel",
+    )
     build.add_argument("--no-verify", action="store_true", help="skip the comparison with Hugging Face's forward")
     build.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     build.add_argument("--no-fuse-qkv", action="store_true", help="keep the q, k and v projections apart")
@@ -166,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build every artifact with --no-fuse-rope-into-attention",
     )
+    bench.add_argument("--no-int8-tiles", action="store_true", help="build int8 artifacts with --no-int8-tiles")
     bench.set_defaults(func=_bench)
 
     serve = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API (continuous batching)")
@@ -210,6 +216,8 @@ def _build(args: argparse.Namespace) -> int:
         quant["include_embedding"] = False
     if args.no_cuda_kernels:
         quant["enable_cuda_kernels"] = False
+    if args.no_int8_tiles:
+        quant["int8_tiles"] = False
     if quant:
         overrides["quant"] = quant
     if args.no_verify:
@@ -389,6 +397,7 @@ def _bench(args: argparse.Namespace) -> int:
         rebuild=args.rebuild,
         fuse_norm_into_linear=not args.no_fuse_norm_into_linear,
         fuse_rope_into_attention=not args.no_fuse_rope_into_attention,
+        int8_tiles=not args.no_int8_tiles,
         **fields,
     )
 

@@ -74,6 +74,25 @@ class Tiling:
 if HAS_TRITON:
 
     @triton.jit
+    def _int8_rows(W, rn, rk, stride_wn, K: tl.constexpr, TILED: tl.constexpr):
+        """Pointers [BLOCK_N, BLOCK_K] to int8 weights rn x rk: rows of int8-rowmajor-v1, or
+        int8-tiles16x1024-v1 (kernels/linear_int8.py: block rn / 16, tile rk / 1024 of 16 rows of its
+        width, row rn % 16, 16-byte unit (rk % 1024) / 16 at that ^ (rn % 8))."""
+        if TILED:
+            tile0 = (rk // 1024) * 1024
+            width = tl.minimum(K - tile0, 1024)
+            unit = ((rk % 1024) // 16)[None, :] ^ (rn % 8)[:, None]
+            return (
+                W
+                + (rn // 16)[:, None].to(tl.int64) * (16 * K)
+                + (16 * tile0)[None, :]
+                + (rn % 16)[:, None] * width[None, :]
+                + unit * 16
+                + (rk % 16)[None, :]
+            )
+        return W + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+
+    @triton.jit
     def _quant_matmul_kernel(
         X,
         W,
@@ -98,6 +117,7 @@ if HAS_TRITON:
         IEEE: tl.constexpr,
         MAGIC: tl.constexpr,
         MAGIC_VALUE: tl.constexpr,
+        TILED: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -115,7 +135,6 @@ if HAS_TRITON:
         k_start = pid_k * k_len
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         x_rows = X + rm[:, None].to(tl.int64) * stride_xm
-        w_rows = W + rn_safe[:, None].to(tl.int64) * stride_wn
         HALF: tl.constexpr = GROUP // 2
         GROUPS: tl.constexpr = BLOCK_K // GROUP  # whole int4 groups per step
         c_half = tl.arange(0, BLOCK_K // 2)
@@ -133,7 +152,7 @@ if HAS_TRITON:
             if BITS == 8:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_rows + rk[None, :], mask=m_valid[:, None], other=0.0)
-                q = tl.load(w_rows + rk[None, :]).to(x.dtype)
+                q = tl.load(_int8_rows(W, rn_safe, rk, stride_wn, K, TILED)).to(x.dtype)
                 if IEEE:
                     acc += tl.dot(x, tl.trans(q), input_precision="ieee")
                 else:
@@ -198,6 +217,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr,
+        TILED: tl.constexpr,
     ):
         """y[n] = sum_k x[k] W[n, k] for one row of x: each program streams [BLOCK_N, BLOCK_K] tiles
         of W (int4: [BLOCK_N, BLOCK_K / 2] bytes, both nibbles used, as in _quant_matmul_kernel),
@@ -211,7 +231,6 @@ if HAS_TRITON:
         k_len: tl.constexpr = K // SPLIT_K
         k_start = pid_k * k_len
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        w_rows = W + rn_safe[:, None].to(tl.int64) * stride_wn
         HALF: tl.constexpr = GROUP // 2
         GROUPS: tl.constexpr = BLOCK_K // GROUP
         r_g = tl.arange(0, GROUPS)
@@ -223,7 +242,7 @@ if HAS_TRITON:
             if BITS == 8:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(X + rk).to(tl.float32)
-                q = tl.load(w_rows + rk[None, :]).to(tl.float32)
+                q = tl.load(_int8_rows(W, rn_safe, rk, stride_wn, K, TILED)).to(tl.float32)
                 acc += tl.sum(q * x[None, :], axis=1)
             else:
                 # sum_k x[k] (q[n, k] - z[n, g]) s[n, g] = sum_g s[n, g] (sum_j x q - z[n, g] sum_j x):
@@ -312,7 +331,8 @@ def quant_matmul(
     """x [..., K] times the quantized weight, transposed: [..., N] in x's dtype. The caller checks
     `takes(x, bits, group)` first."""
     k = x.shape[-1]
-    n = weight.shape[0]
+    tiled = bits == 8 and weight.dim() == 3  # int8-tiles16x1024-v1
+    n = weight.shape[0] * weight.shape[1] if tiled else weight.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -327,7 +347,7 @@ def quant_matmul(
     zeros = scales if zeros is None else zeros  # int8 has none: any valid tensor stands in
     group = group if bits == 4 else 2  # int8 has no groups; 2 keeps the unused int4 ranges valid
     # What both kernels take alike.
-    sizes = dict(N=n, K=k, BITS=bits, GROUP=group, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k)
+    sizes = dict(N=n, K=k, BITS=bits, GROUP=group, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, TILED=tiled)
     launch = dict(SPLIT_K=tiling.split_k, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     if tiling.gemv:
         if not (isinstance(m, int) and m == 1):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from oiv2compile.kernels import _cuda_extension
-from oiv2compile.kernels.linear_int8 import linear_int8_ref
+from oiv2compile.kernels.linear_int8 import linear_int8_ref, rows_of
 
 SOURCE = _cuda_extension.CSRC / "linear_int8_gemm.cu"
 
@@ -34,7 +34,7 @@ _lib.impl("linear_int8_gemm", linear_int8_gemm_ref, "CPU")
 
 @torch.library.register_fake("oiv2::linear_int8_gemm")
 def _linear_int8_gemm_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+    return x.new_empty((*x.shape[:-1], rows_of(qweight)))
 
 
 def load_extension(build_dir: Path | None = None) -> Path:

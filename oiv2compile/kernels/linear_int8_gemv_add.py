@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from oiv2compile.kernels.linear_int8 import rows_of
 from oiv2compile.kernels.linear_int8_gemv import linear_int8_gemv_ref
 
 _lib = torch.library.Library("oiv2", "FRAGMENT")
@@ -33,4 +34,4 @@ _lib.impl("linear_int8_gemv_add", linear_int8_gemv_add_ref, "CPU")
 def _linear_int8_gemv_add_fake(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, residual: torch.Tensor
 ) -> torch.Tensor:
-    return x.new_empty((x.shape[0], qweight.shape[0]))
+    return x.new_empty((x.shape[0], rows_of(qweight)))

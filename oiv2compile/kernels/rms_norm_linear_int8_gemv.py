@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from oiv2compile.kernels.linear_int8 import row_major, rows_of
+
 _lib = torch.library.Library("oiv2", "FRAGMENT")
 _lib.define("rms_norm_linear_int8_gemv(Tensor x, Tensor qweight, Tensor scales, float eps) -> Tensor")
 
@@ -24,7 +26,7 @@ def rms_norm_linear_int8_gemv_ref(
     """The spec, and the CPU path: float32 sums of x as it is."""
     h = x.float()
     rms = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # [M, 1]
-    return ((h @ qweight.float().t()) * scales.float() * rms).to(x.dtype)  # [M, N]
+    return ((h @ row_major(qweight).float().t()) * scales.float() * rms).to(x.dtype)  # [M, N]
 
 
 _lib.impl("rms_norm_linear_int8_gemv", rms_norm_linear_int8_gemv_ref, "CPU")
@@ -34,4 +36,4 @@ _lib.impl("rms_norm_linear_int8_gemv", rms_norm_linear_int8_gemv_ref, "CPU")
 def _rms_norm_linear_int8_gemv_fake(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    return x.new_empty((x.shape[0], qweight.shape[0]))
+    return x.new_empty((x.shape[0], rows_of(qweight)))

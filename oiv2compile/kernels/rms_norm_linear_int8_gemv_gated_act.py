@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from oiv2compile.kernels.gated_act import ACTIVATIONS, gated_act_ref
+from oiv2compile.kernels.linear_int8 import rows_of
 from oiv2compile.kernels.rms_norm_linear_int8_gemv import rms_norm_linear_int8_gemv_ref
 
 _lib = torch.library.Library("oiv2", "FRAGMENT")
@@ -41,4 +42,4 @@ _lib.impl("rms_norm_linear_int8_gemv_gated_act", rms_norm_linear_int8_gemv_gated
 def _rms_norm_linear_int8_gemv_gated_act_fake(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, eps: float, activation: int
 ) -> torch.Tensor:
-    return x.new_empty((x.shape[0], qweight.shape[0] // 2))
+    return x.new_empty((x.shape[0], rows_of(qweight) // 2))

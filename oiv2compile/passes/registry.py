@@ -23,6 +23,7 @@ from oiv2compile.passes.quantize_embedding import quantize_embedding
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
 from oiv2compile.passes.substitute_attention import substitute_attention
+from oiv2compile.passes.tile_int8_weights import tile_int8_weights
 from oiv2compile.passes.use_cuda_kernels import use_cuda_kernels
 
 Pass = Callable[[GraphModule, BuildConfig], int]
@@ -41,6 +42,7 @@ PASSES: dict[str, Pass] = {
     "use_cuda_kernels": use_cuda_kernels,
     "fuse_norm_into_gemv": fuse_norm_into_gemv,
     "fuse_gated_act_into_gemv": fuse_gated_act_into_gemv,
+    "tile_int8_weights": tile_int8_weights,
 }
 
 
@@ -78,4 +80,6 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
                 gated = cfg.fusion.enable_ffn and cfg.fusion.enable_gated_act_into_linear
                 if gated:  # after gate/up's norm
                     passes.append(fuse_gated_act_into_gemv)
+            if cfg.quant.int8_tiles:  # last: the fusions read the row-major weights
+                passes.append(tile_int8_weights)
     return passes

@@ -18,6 +18,7 @@ from oiv2compile.passes.fuse_norm_into_gemv import fuse_norm_into_gemv
 from oiv2compile.passes.manager import cleanup
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.registry import pipeline
+from oiv2compile.passes.tile_int8_weights import tile_int8_weights
 from tests.passes.helpers import count, snapshot
 from tests.passes.test_fuse_norm_into_gemv import (
     FOLDED,
@@ -99,12 +100,12 @@ def test_prefill_keeps_its_activation(library):
 
 
 def test_in_the_pipeline_where_the_norm_fusion_runs_and_the_mlp_is_fused():
-    assert pipeline(_cfg())[-2:] == [fuse_norm_into_gemv, fuse_gated_act_into_gemv]
+    assert pipeline(_cfg())[-3:] == [fuse_norm_into_gemv, fuse_gated_act_into_gemv, tile_int8_weights]
     assert BuildConfig().fusion.enable_gated_act_into_linear  # on by default; off only when asked
     assert fuse_gated_act_into_gemv not in pipeline(_norm_cfg())
     assert fuse_gated_act_into_gemv not in pipeline(_cfg(enable_ffn=False))
     assert fuse_gated_act_into_gemv not in pipeline(_cfg(enable_norm_into_linear=False))
-    assert pipeline(_cfg4())[-2:] == [fuse_norm_into_gemv, fuse_gated_act_into_gemv]
+    assert pipeline(_cfg4())[-3:] == [fuse_norm_into_gemv, fuse_gated_act_into_gemv, tile_int8_weights]
 
 
 def test_the_check_against_hf_passes_with_the_activation_in_the_product(library):

@@ -20,6 +20,7 @@ from oiv2compile.passes.fuse_norm_into_gemv import fuse_norm_into_gemv
 from oiv2compile.passes.manager import cleanup
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.registry import pipeline
+from oiv2compile.passes.tile_int8_weights import tile_int8_weights
 from tests.passes.helpers import count, snapshot
 
 NORM = torch.ops.oiv2.add_rms_norm.default
@@ -213,7 +214,7 @@ def test_a_model_as_initialized_needs_no_fold(library):
     cfg = _cfg()
     before = snapshot(gm)
     passes = pipeline(cfg)
-    assert passes[-1] is fuse_norm_into_gemv and fold_norm_weights in passes
+    assert passes[-2:] == [fuse_norm_into_gemv, tile_int8_weights] and fold_norm_weights in passes
     counts = {}
     for p in passes:
         counts[p.__name__] = p(gm, cfg)

@@ -185,9 +185,11 @@ def test_a_library_that_does_not_compile_leaves_the_triton_op(monkeypatch, caplo
 
 def test_the_pipeline_runs_it_last_on_cuda_inductor_builds_only():
     cuda = _cuda_cfg("int8")
-    assert pipeline(cuda)[-1] is gemv_pass.use_cuda_kernels  # this config fuses no norms
+    # this config fuses no norms; the int8 tiles come after every pass that reads row-major weights
+    assert [p.__name__ for p in pipeline(cuda)[-2:]] == ["use_cuda_kernels", "tile_int8_weights"]
+    assert pipeline(cuda.replace(quant={"int8_tiles": False}))[-1] is gemv_pass.use_cuda_kernels
     int4 = pipeline(_cuda_cfg("int4").replace(fusion={"enable_norms": True}))
-    assert int4[-2] is gemv_pass.use_cuda_kernels and int4[-1].__name__ == "fuse_norm_into_gemv"  # reads its ops
+    assert int4[-3] is gemv_pass.use_cuda_kernels and int4[-2].__name__ == "fuse_norm_into_gemv"  # reads its ops
     assert gemv_pass.use_cuda_kernels not in pipeline(cuda.replace(quant={"enable_cuda_kernels": False}))
     assert gemv_pass.use_cuda_kernels not in pipeline(cuda.replace(device=Device.CPU))
 

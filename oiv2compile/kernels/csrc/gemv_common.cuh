@@ -70,6 +70,17 @@ __device__ __forceinline__ void load_row(const uint8_t* row, int base, int row_b
   }
 }
 
+constexpr int kTileFeatures = 1024;  // int8-tiles16x1024-v1
+
+// Weights in int8-tiles16x1024-v1 (kernels/linear_int8.py): row n's 16 bytes from feature k (a multiple of 16)
+// lie in block n / 16, tile k / 1024 (16 rows of w = min(1024, K - 1024 (k / 1024)) bytes), row n % 16 of it, at
+// 16-byte unit ((k % 1024) / 16) ^ (n % 8).
+__device__ __forceinline__ size_t tiled_offset(int n, int k, int K) {
+  const int tile0 = k & ~(kTileFeatures - 1), width = min(kTileFeatures, K - tile0);
+  return static_cast<size_t>(n >> 4) * 16 * K + 16 * tile0 + (n & 15) * width +
+         ((((k & (kTileFeatures - 1)) >> 4) ^ (n & 7)) << 4);
+}
+
 // Byte `selector & 3` of `word` placed in the mantissa of 2^23: the float 2^23 + byte (one PRMT).
 // Subtracting 2^23 (plus any bias) gives the byte back exactly.
 __device__ __forceinline__ float byte_plus_2p23(uint32_t word, uint32_t selector) {

@@ -67,15 +67,25 @@ __device__ __forceinline__ float byte_to_float(uint32_t biased, uint32_t selecto
   return byte_plus_2p23(biased, selector) - (k2p23 + 128.0f);
 }
 
+// load_row for a row of tiled weights.
+template <int kUnroll>
+__device__ __forceinline__ void load_tiled_row(const uint8_t* w, int n, int base, int K, int4 (&out)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int b = base + u * kWarpStep;
+    out[u] = b < K ? load_stream(reinterpret_cast<const int4*>(w + tiled_offset(n, b, K))) : make_int4(0, 0, 0, 0);
+  }
+}
+
 // residual [M, N] with kAddResidual; eps with the norm; activation with kRmsNormGatedAct, where N is the
-// output width I and w has 2I rows.
+// output width I and w has 2I rows. tiled: w in int8-tiles16x1024-v1.
 template <typename T, int M, Epilogue kMode>
 __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restrict__ x,
                                                                 const int8_t* __restrict__ w,
                                                                 const T* __restrict__ scales,
                                                                 const T* __restrict__ residual,
                                                                 T* __restrict__ y, int N, int K, float eps,
-                                                                int activation) {
+                                                                int activation, bool tiled) {
   constexpr bool kGated = kMode == Epilogue::kRmsNormGatedAct;
   constexpr bool kNorm = kMode == Epilogue::kRmsNorm || kGated;
   constexpr int kHalf = kWarps / 2;
@@ -110,7 +120,13 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
   for (int base = lane * 16; base < K; base += kWarpStep * kUnroll) {
     int4 wv[kPerWarp][kUnroll];
 #pragma unroll
-    for (int p = 0; p < kPerWarp; ++p) load_row<kUnroll>(reinterpret_cast<const uint8_t*>(rows[p]), base, K, wv[p]);
+    for (int p = 0; p < kPerWarp; ++p) {
+      if (tiled) {
+        load_tiled_row<kUnroll>(reinterpret_cast<const uint8_t*>(w), ns[p], base, K, wv[p]);
+      } else {
+        load_row<kUnroll>(reinterpret_cast<const uint8_t*>(rows[p]), base, K, wv[p]);
+      }
+    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int k = base + u * kWarpStep;
@@ -241,7 +257,7 @@ __device__ __forceinline__ int block_row(int b, int r, int N) {
   return min(kBlockRows * b + r, N - 1);
 }
 
-template <typename T, Epilogue kMode>
+template <typename T, Epilogue kMode, bool kTiled>
 __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
     const T* __restrict__ x, const int8_t* __restrict__ w, const T* __restrict__ scales,
     const T* __restrict__ residual, T* __restrict__ y, int N, int K, int blocks, float eps, int activation) {
@@ -260,7 +276,7 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
   init_ring(full, empty, kStreamStages, kTeamWarps);
   __syncthreads();
 
-  if (warp == kStreamWarps) {  // the producer: lane r copies row r of each stage
+  if (warp == kStreamWarps) {  // the producer: lane r copies row r of each stage (tiled: one or two copies)
     int s = 0;
     for (int b = first; b < end; ++b) {
       const int8_t* row = w + static_cast<size_t>(block_row<kGated>(b, lane & 15, N)) * K;
@@ -270,8 +286,20 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
         const int bytes = min(kStageFeatures, K - f0);
         if (lane == 0) barrier_expect_bytes(&full[slot], kBlockRows * bytes);
         __syncwarp();
-        if (lane < kBlockRows) {
-          bulk_copy(smem + slot * kStreamStageBytes + lane * kStageRowBytes, row + f0, bytes, &full[slot]);
+        unsigned char* stage = smem + slot * kStreamStageBytes;
+        if constexpr (kTiled) {
+          // The stage's tile of 16 rows lies together (kTileFeatures = kStageFeatures); gated, the gate rows
+          // 8b.. and the up rows width + 8b.. are each half a tile (N / 2 a multiple of 8).
+          if constexpr (kGated) {
+            if (lane < 2) {
+              const int n = 8 * b + lane * (N / 2);
+              bulk_copy(stage + lane * 8 * bytes, w + tiled_offset(n, f0, K), 8 * bytes, &full[slot]);
+            }
+          } else if (lane == 0) {
+            bulk_copy(stage, w + tiled_offset(kBlockRows * b, f0, K), kBlockRows * bytes, &full[slot]);
+          }
+        } else if (lane < kBlockRows) {
+          bulk_copy(stage + lane * kStageRowBytes, row + f0, bytes, &full[slot]);
         }
       }
     }
@@ -286,6 +314,7 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
     const uint4* xl = reinterpret_cast<const uint4*>(planes + (g < 3 ? g : 0) * 64 + t * 16);
     const float column_weight0 = t == 0 ? 1.0f : t == 1 ? 65536.0f : 0.0f, column_weight1 = t == 0 ? 256.0f : 0.0f;
     const int team = warp / kTeamWarps, offset = (warp % kTeamWarps) * 128;  // the warp's features of a stage
+    const int swizzle = 16 * ((t >> 1) ^ g);  // tiled: a unit's byte offset, 16 (t / 2), XORed by 16 g
     int block_stage = 0;
     for (int b = first; b < end; ++b, block_stage += stages_per_block) {
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -295,7 +324,11 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
         barrier_wait(&full[slot], (static_cast<unsigned>(s) / kStreamStages) & 1);
         const int f = f0 + offset;  // K is a multiple of 64: the warp has 4, 2 or no k-steps
         if (f < K) {
-          const unsigned char* rows = smem + slot * kStreamStageBytes + g * kStageRowBytes + offset + 8 * t;
+          // Row g's bytes 8t.. of k-step `step`: tiled, unit 2 step + t / 2 of the row's slice sits at
+          // (2 step + t / 2) ^ g, and the rows lie the stage's width apart.
+          const int row_stride = kTiled ? min(kStageFeatures, K - f0) : kStageRowBytes;
+          const unsigned char* rows = smem + slot * kStreamStageBytes + g * row_stride + offset +
+                                      (kTiled ? 8 * (t & 1) : 8 * t);
           const int steps = min(4, (K - f) / 32);
           int d[4];
 #pragma unroll
@@ -304,8 +337,9 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
 #pragma unroll
           for (int step = 0; step < 4; ++step) {
             if (step >= steps) break;
-            const uint2 wg = *reinterpret_cast<const uint2*>(rows + 32 * step);
-            const uint2 wg8 = *reinterpret_cast<const uint2*>(rows + 8 * kStageRowBytes + 32 * step);
+            const int at = kTiled ? (32 * step) ^ swizzle : 32 * step;
+            const uint2 wg = *reinterpret_cast<const uint2*>(rows + at);
+            const uint2 wg8 = *reinterpret_cast<const uint2*>(rows + 8 * row_stride + at);
             if ((step & 1) == 0) xv = xl[(f / 64 + step / 2) * (kPlanesChunkBytes / 16)];
             const uint32_t a[4] = {wg.x, wg8.x, wg.y, wg8.y};
             imma<true>(d, a, (step & 1) ? xv.z : xv.x, (step & 1) ? xv.w : xv.y);
@@ -352,17 +386,14 @@ struct Operands {
   at::Tensor x, w, s, residual, y;
   double eps;
   int activation;
+  bool tiled;  // w in int8-tiles16x1024-v1 ([N / 16, 16, K])
+  int rows, K;  // of the weight
 };
 
-// One row of x through the streamed kernel; false where it does not run (int8_streamed_ctas).
-template <typename T, Epilogue kMode>
-bool launch_streamed(const Operands& o) {
-  const int rows = o.w.size(0), K = o.w.size(1);
-  const int blocks = (rows + kBlockRows - 1) / kBlockRows;  // gated: 8 outputs' gate and up rows a block
-  const int ctas = aligned16(o.w) && aligned16(o.x) ? int8_streamed_ctas(blocks, K) : 0;
-  if (ctas == 0) return false;
-  const int smem = int8_streamed_layout(K, blocks_per_cta(blocks, ctas)).total;
-  constexpr auto kernel = int8_streamed_kernel<T, kMode>;
+// The streamed kernel launched as a programmatic dependent.
+template <auto kernel, typename T>
+bool launch_streamed_kernel(const Operands& o, int ctas, int smem, int blocks) {
+  const int rows = o.rows, K = o.K;
   allow_dynamic_smem<kernel>(smem);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
   C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(32 * (kStreamWarps + 1)), smem,
@@ -372,19 +403,32 @@ bool launch_streamed(const Operands& o) {
   return true;
 }
 
+// One row of x through the streamed kernel; false where it does not run (int8_streamed_ctas).
+template <typename T, Epilogue kMode>
+bool launch_streamed(const Operands& o) {
+  const int rows = o.rows, K = o.K;
+  const int blocks = (rows + kBlockRows - 1) / kBlockRows;  // gated: 8 outputs' gate and up rows a block
+  const int ctas = aligned16(o.w) && aligned16(o.x) ? int8_streamed_ctas(blocks, K) : 0;
+  if (ctas == 0) return false;
+  const int smem = int8_streamed_layout(K, blocks_per_cta(blocks, ctas)).total;
+  if (o.tiled) return launch_streamed_kernel<int8_streamed_kernel<T, kMode, true>, T>(o, ctas, smem, blocks);
+  return launch_streamed_kernel<int8_streamed_kernel<T, kMode, false>, T>(o, ctas, smem, blocks);
+}
+
+
 template <typename T, int M, Epilogue kMode>
 void launch(const Operands& o) {
   if constexpr (M == 1) {
     if (launch_streamed<T, kMode>(o)) return;
   }
-  const int N = o.y.size(1), K = o.w.size(1);  // outputs: the weight's rows, or half of them gated
+  const int N = o.y.size(1), K = o.K;  // outputs: the weight's rows, or half of them gated
   const int outs_per_cta = kPerWarp * (kMode == Epilogue::kRmsNormGatedAct ? kWarps / 2 : kWarps);
   dim3 block(32, kWarps);
   dim3 grid((N + outs_per_cta - 1) / outs_per_cta);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
   C10_CUDA_CHECK(launch_programmatic(gemv_int8_kernel<T, M, kMode>, grid, block, 0, at::cuda::getCurrentCUDAStream(),
                                      ptr(o.x), o.w.data_ptr<int8_t>(), ptr(o.s), ptr(o.residual), ptr(o.y), N, K,
-                                     static_cast<float>(o.eps), o.activation));
+                                     static_cast<float>(o.eps), o.activation, o.tiled));
 }
 
 template <typename T, Epilogue kMode>
@@ -397,24 +441,30 @@ void dispatch_rows(const Operands& o) {
   }
 }
 
-// x [M, K] (M <= 4, bf16 or fp16), qweight [N, K] int8, scales [N] in x's dtype → y [M, N] ([M, N / 2]
-// gated).
+// x [M, K] (M <= 4, bf16 or fp16), qweight [N, K] int8 (or [N / 16, 16, K] in int8-tiles16x1024-v1), scales [N]
+// in x's dtype → y [M, N] ([M, N / 2] gated).
 template <Epilogue kMode>
 at::Tensor run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& residual,
                double eps, int activation = kSilu) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 4, "linear_int8_gemv takes 1 to 4 rows");
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "qweight must be [N, K] int8");
-  TORCH_CHECK(x.size(1) == qweight.size(1) && x.size(1) % 16 == 0, "K must match and be a multiple of 16");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && (qweight.dim() == 2 || (qweight.dim() == 3 && qweight.size(1) == 16)),
+              "qweight must be [N, K] or [N / 16, 16, K] int8");
+  const bool tiled = qweight.dim() == 3;
+  const int64_t K = qweight.size(-1);
+  TORCH_CHECK(x.size(1) == K && K % (tiled ? 128 : 16) == 0, "K must match and be a multiple of 16 (128 tiled)");
   TORCH_CHECK(x.scalar_type() == scales.scalar_type(), "scales must have x's dtype");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x must be bf16 or fp16");
   const at::cuda::OptionalCUDAGuard guard(x.device());
-  int64_t width = qweight.size(0);
+  const int64_t rows = tiled ? qweight.size(0) * 16 : qweight.size(0);
+  int64_t width = rows;
   if constexpr (kMode == Epilogue::kRmsNormGatedAct) {
-    TORCH_CHECK(width % 2 == 0, "a gate/up qweight has an even number of rows");
+    TORCH_CHECK(width % (tiled ? 16 : 2) == 0, "a gate/up qweight has an even number of rows (tiled: a multiple of 16)");
     width /= 2;
   }
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == rows, "scales must be [N]");
   at::Tensor y = at::empty({x.size(0), width}, x.options());
-  Operands o{x.contiguous(), qweight.contiguous(), scales.contiguous(), at::Tensor(), y, eps, activation};
+  Operands o{x.contiguous(), qweight.contiguous(), scales.contiguous(), at::Tensor(), y, eps, activation, tiled,
+             static_cast<int>(rows), static_cast<int>(K)};
   if constexpr (kMode == Epilogue::kAddResidual) {
     TORCH_CHECK(residual.sizes() == y.sizes() && residual.scalar_type() == x.scalar_type(),
                 "residual must be [M, N] in x's dtype");

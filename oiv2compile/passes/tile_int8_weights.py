@@ -1,0 +1,65 @@
+"""tile_int8_weights: int8 weights that only products read go into int8-tiles16x1024-v1.
+
+Before (after use_cuda_kernels and the gemv fusions):
+    y = oiv2.<int8 product>(x, qweight, scales, ...)       # qweight [N, K] int8-rowmajor-v1
+After:
+    y = oiv2.<int8 product>(x, qweight_tiles, scales, ...)  # qweight_tiles [N/16, 16, K] int8-tiles16x1024-v1
+The products are oiv2::linear_int8 (the Triton op), oiv2::linear_int8_gemm, oiv2::linear_int8_gemv and its
+fused forms; each reads either layout (kernels/linear_int8.py). A weight goes only where N is a multiple of
+16 and K of 128 and nothing but those products reads it: a tied embedding table's lookup keeps the head's
+row-major tensor. Every program makes the same tensor under the same name, so the artifact stores it once.
+
+Why: the one-row product streams each stage of 16 rows x 1024 features as one bulk copy instead of 16 copies
+of 1 KB a row. H200, 32 llama-8b layers of int8 products (norms and activation inside), timing-only
+variants of the kernel in one run: 2015.8 us a step with 16 row copies, 1874.4 with one copy of 16 KB,
+1938.5 with eight copies of 2 KB (benchmarks/RESULTS.md, thirty-first session).
+
+Preconditions: a CUDA build through Inductor with int8 products on the C++ kernels (use_cuda_kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from oiv2compile.config import Backend, BuildConfig, Device
+from oiv2compile.kernels.linear_int8 import TILES_LAYOUT, tile, tiles_fit
+from oiv2compile.passes.fx_utils import attr_tensor, derived_weights, drop_attr, record
+
+# The products that read qweight (their second argument) in either layout.
+PRODUCTS = (
+    torch.ops.oiv2.linear_int8.default,
+    torch.ops.oiv2.linear_int8_gemm.default,
+    torch.ops.oiv2.linear_int8_gemv.default,
+    torch.ops.oiv2.linear_int8_gemv_add.default,
+    torch.ops.oiv2.rms_norm_linear_int8_gemv.default,
+    torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act.default,
+)
+
+
+def tile_int8_weights(gm: GraphModule, cfg: BuildConfig) -> int:
+    if cfg.device is not Device.CUDA or cfg.backend is not Backend.INDUCTOR or not cfg.quant.int8_tiles:
+        return 0
+    count = 0
+    for weight in [n for n in gm.graph.nodes if n.op == "get_attr"]:
+        q = attr_tensor(gm, weight)
+        if q is None or q.dtype != torch.int8 or q.dim() != 2 or not _only_products(weight):
+            continue
+        if not tiles_fit(*q.shape):
+            continue
+        with gm.graph.inserting_after(weight):
+            (tiles,) = derived_weights(gm, weight, ("tiles",), lambda q=q: {"tiles": tile(q)})
+        for user in list(weight.users):
+            user.replace_input_with(weight, tiles)
+            record(user, layout=TILES_LAYOUT)
+        drop_attr(gm, weight)
+        count += 1
+    return count
+
+
+def _only_products(weight: Node) -> bool:
+    """Whether every reader of the get_attr is a product taking it as qweight."""
+    return bool(weight.users) and all(
+        user.op == "call_function" and user.target in PRODUCTS and user.args[1] is weight and weight not in user.args[2:]
+        for user in weight.users
+    )
