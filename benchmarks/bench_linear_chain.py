@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from oiv2compile.bench import copy_bandwidth_gbs
 from oiv2compile.kernels import add_rms_norm, gated_act, linear_int4_mma, linear_int8_gemv  # noqa: F401 (ops)
 from oiv2compile.kernels.gated_act import ACTIVATIONS
+from oiv2compile.kernels.linear_int8 import tile
 from oiv2compile.models import PRESETS
 
 GROUP = 128
@@ -35,6 +36,8 @@ SILU = ACTIVATIONS.index("silu")  # the gated kernel takes the activation by ind
 # int8-norm / int4-norm: each residual add and RMSNorm inside the products around it
 # (fuse_norm_into_gemv); int8-norm-act / int4-norm-act: that, and the gated activation in the gate/up
 # product (fuse_gated_act_into_gemv; random levels, so the int4 rows' interleave changes nothing here).
+# An int8 name with "+tiles" (int8+tiles, int8-norm-act+tiles, ...) reads its weights in int8-tiles16x1024-v1
+# (tile_int8_weights, as CUDA artifacts do); without, row-major.
 QUANTS = ("bf16", "int8", "int8-norm", "int8-norm-act", "int4", "int4-norm", "int4-norm-act")
 
 
@@ -47,22 +50,22 @@ def linear_shapes(model: str) -> list[tuple[int, int]]:
     return [((heads + 2 * kv) * head_dim, hidden), (hidden, heads * head_dim), (2 * inter, hidden), (hidden, inter)]
 
 
-def make_linear(quant: str, n: int, k: int, device: torch.device) -> tuple[Callable, int]:
+def make_linear(quant: str, n: int, k: int, device: torch.device, tiles: bool = False) -> tuple[Callable, int]:
     """A call y = x @ W^T with random weights in the op's layout, and the bytes it reads for W."""
     if quant == "bf16":
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         return (lambda x: F.linear(x, w)), w.numel() * 2
     if quant == "int8":
-        q, s = int8_weight(n, k, device)
+        q, s = int8_weight(n, k, device, tiles)
         return (lambda x: torch.ops.oiv2.linear_int8_gemv(x, q, s)), q.numel() + s.numel() * 2
     packed, pairs = int4_weight(n, k, device)
     return (lambda x: torch.ops.oiv2.linear_int4_mma(x, packed, pairs)), packed.numel() + pairs.numel() * 2
 
 
-def int8_weight(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random int8 rows and their scales in int8-rowmajor-v1: (qweight, scales)."""
+def int8_weight(n: int, k: int, device: torch.device, tiles: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random int8 rows and their scales in int8-rowmajor-v1 (tiles: int8-tiles16x1024-v1): (qweight, scales)."""
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
-    return q, torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3
+    return tile(q) if tiles else q, torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3
 
 
 def int4_weight(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +80,10 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
     """One decode step of `layers` layers (batch 1) and the weight bytes it reads."""
     shapes = linear_shapes(model)
     hidden, q_width = shapes[0][1], shapes[1][1]  # o's input: the attention output's width
+    quant, tiles = quant.removesuffix("+tiles"), quant.endswith("+tiles")
     if quant.startswith(("int8-norm", "int4-norm")):
-        return _fused_norm_step(quant[:4], layers, device, shapes, q_width, gated_in_gemv=quant.endswith("-act"))
-    stack = [[make_linear(quant, n, k, device) for n, k in shapes] for _ in range(layers)]
+        return _fused_norm_step(quant[:4], layers, device, shapes, q_width, quant.endswith("-act"), tiles)
+    stack = [[make_linear(quant, n, k, device, tiles) for n, k in shapes] for _ in range(layers)]
     norm = torch.ones(hidden, device=device, dtype=torch.bfloat16)
 
     def step(x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +99,13 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
 
 
 def _fused_norm_step(  # type: ignore[no-untyped-def]
-    bits: str, layers: int, device: torch.device, shapes: list[tuple[int, int]], q_width: int, gated_in_gemv: bool
+    bits: str,
+    layers: int,
+    device: torch.device,
+    shapes: list[tuple[int, int]],
+    q_width: int,
+    gated_in_gemv: bool,
+    tiles: bool = False,
 ):
     """The int8 or int4 step with each residual add in the o and down products and each RMSNorm in the
     qkv and gate/up products after them (oiv2::linear_int8_gemv_add, oiv2::rms_norm_linear_int8_gemv;
@@ -103,8 +113,10 @@ def _fused_norm_step(  # type: ignore[no-untyped-def]
     in the gate/up product too (oiv2::rms_norm_linear_int8_gemv_gated_act,
     oiv2::rms_norm_linear_int4_mma_gated_act)."""
     ops = torch.ops.oiv2
-    make_weight = int8_weight if bits == "int8" else int4_weight
-    weights = [make_weight(n, k, device) for _ in range(layers) for n, k in shapes]
+    if bits == "int8":
+        weights = [int8_weight(n, k, device, tiles) for _ in range(layers) for n, k in shapes]
+    else:
+        weights = [int4_weight(n, k, device) for _ in range(layers) for n, k in shapes]
     if bits == "int8":
         product_add, norm_product = ops.linear_int8_gemv_add, ops.rms_norm_linear_int8_gemv
         norm_product_act = ops.rms_norm_linear_int8_gemv_gated_act
@@ -174,7 +186,7 @@ def main() -> int:
     parser.add_argument("--label", default="", help="a name for this source tree in the output")
     args = parser.parse_args()
     quants = args.quant.split(",")
-    if any(q not in QUANTS for q in quants):
+    if any(q.removesuffix("+tiles") not in QUANTS or (q.endswith("+tiles") and not q.startswith("int8")) for q in quants):
         print(f"--quant takes a comma-separated list of {', '.join(QUANTS)}.", file=sys.stderr)
         return 2
     if any(q.startswith("int4") for q in quants) and not all(

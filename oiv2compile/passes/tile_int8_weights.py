@@ -40,10 +40,17 @@ PRODUCTS = (
 def tile_int8_weights(gm: GraphModule, cfg: BuildConfig) -> int:
     if cfg.device is not Device.CUDA or cfg.backend is not Backend.INDUCTOR or not cfg.quant.int8_tiles:
         return 0
+    readers: dict[int, list[Node]] = {}  # a tensor's get_attr nodes, under any of its names (a tied table's)
+    for node in gm.graph.find_nodes(op="get_attr"):
+        tensor = attr_tensor(gm, node)
+        if tensor is not None:
+            readers.setdefault(id(tensor), []).append(node)
     count = 0
     for weight in [n for n in gm.graph.nodes if n.op == "get_attr"]:
         q = attr_tensor(gm, weight)
-        if q is None or q.dtype != torch.int8 or q.dim() != 2 or not _only_products(weight):
+        if q is None or q.dtype != torch.int8 or q.dim() != 2:
+            continue
+        if not all(_only_products(node) for node in readers[id(q)]):
             continue
         if not tiles_fit(*q.shape):
             continue
