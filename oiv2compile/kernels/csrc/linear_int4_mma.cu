@@ -564,6 +564,10 @@ __global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1), kPlanes ? 
   // x rows past M stay 0 (every consumer warp stores its sums and its share of the squares of every row and
   // block: those need no zeros)
   for (int i = threadIdx.x; i < groups * group_stride(kPlanes); i += blockDim.x) group_sums[i] = 0.0f;
+  // Stage s of the ring is stage s - block_stage of the CTA's current block; a consumer team takes that block's
+  // stages team, team + kTeams, ... (two teams: an even count a block, see even_stages).
+  const int stages_per_block = (chunks + kStageChunks - 1) / kStageChunks;
+  const int ring_stages = kTeams == 2 ? even_stages(stages_per_block) : stages_per_block;
   init_ring(full, empty, kStages, kConsumers);
   __syncthreads();
 
@@ -583,6 +587,7 @@ __global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1), kPlanes ? 
           bulk_copy(dst + kStageWeightBytes, scale_zero + (static_cast<size_t>(b) * groups + g0) * kRows, sbytes,
                     &full[slot]);
         }
+        if (kTeams == 2 && ring_stages > stages_per_block) skip_stage(full, empty, kStages, s++, 0);
       }
       allow_dependents_to_launch();
     }
@@ -610,13 +615,11 @@ __global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1), kPlanes ? 
     // and whether it adds the zero points' term (column 0 only).
     const float column_weight0 = t == 0 ? 1.0f : t == 1 ? 65536.0f : 0.0f, column_weight1 = t == 0 ? 256.0f : 0.0f;
     const float corr_on = t == 0 ? 1.0f : 0.0f;
-    // Stage s of the ring is stage s - block_stage of the CTA's current block; this warp's team takes
-    // that block's stages team, team + kTeams, ...
-    const int team = warp / kConsumers, stages_per_block = (chunks + kStageChunks - 1) / kStageChunks;
+    const int team = warp / kConsumers;
     int block_stage = 0;
-    for (int b = first; b < end; ++b, block_stage += stages_per_block) {
+    for (int b = first; b < end; ++b, block_stage += ring_stages) {
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int s = block_stage + team, c0 = team * kStageChunks; c0 < chunks;
+      for (int s = block_stage + team, c0 = team * kStageChunks; s < block_stage + ring_stages;
            s += kTeams, c0 += kTeams * kStageChunks) {
         const int slot = static_cast<unsigned>(s) % kStages;
         barrier_wait(&full[slot], (static_cast<unsigned>(s) / kStages) & 1);

@@ -273,6 +273,7 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
   int first, end;
   cta_blocks(blocks, blockIdx.x, gridDim.x, first, end);
   const int stages_per_block = (K + kStageFeatures - 1) / kStageFeatures;
+  const int ring_stages = even_stages(stages_per_block);  // see even_stages
   init_ring(full, empty, kStreamStages, kTeamWarps);
   __syncthreads();
 
@@ -302,6 +303,7 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
           bulk_copy(stage + lane * kStageRowBytes, row + f0, bytes, &full[slot]);
         }
       }
+      if (ring_stages > stages_per_block) skip_stage(full, empty, kStreamStages, s++, lane);
     }
     if (lane == 0) allow_dependents_to_launch();
   } else {  // a consumer
@@ -316,9 +318,9 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
     const int team = warp / kTeamWarps, offset = (warp % kTeamWarps) * 128;  // the warp's features of a stage
     const int swizzle = 16 * ((t >> 1) ^ g);  // tiled: a unit's byte offset, 16 (t / 2), XORed by 16 g
     int block_stage = 0;
-    for (int b = first; b < end; ++b, block_stage += stages_per_block) {
+    for (int b = first; b < end; ++b, block_stage += ring_stages) {
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int s = block_stage + team, f0 = team * kStageFeatures; f0 < K;
+      for (int s = block_stage + team, f0 = team * kStageFeatures; s < block_stage + ring_stages;
            s += kTeams, f0 += kTeams * kStageFeatures) {
         const int slot = static_cast<unsigned>(s) % kStreamStages;
         barrier_wait(&full[slot], (static_cast<unsigned>(s) / kStreamStages) & 1);

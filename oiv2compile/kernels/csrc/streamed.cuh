@@ -86,6 +86,22 @@ __device__ __forceinline__ void cta_blocks(int blocks, int cta, int ctas, int& f
 // The ring's barriers, set up by thread 0 (the CTA syncs after): full[i] completes when stage i's bytes
 // have landed (one arrival, the producer's, with the bytes it expects), empty[i] when the `consumers` warps
 // of a team have released the stage.
+// Two consumer teams take a block's stages by turns. With an odd count of stages a block, the next block would
+// hand a team a ring slot that the other team used last; that team may then wait on the slot's full barrier
+// before the other team's copy has landed, the barrier is a phase behind, its parity matches the phase before,
+// and the wait returns on old bytes (or the producer waits on the wrong phase of empty and hangs). Seen on an
+// H200 at K = 5120 (five stages) with 2-4 blocks a CTA slot: wrong outputs in about one run of five and one
+// hang. So each block takes an even count of ring stages, and the producer skips the last one of an odd count
+// (skip_stage): every team then only ever waits on slots it used last itself.
+__device__ __forceinline__ int even_stages(int stages) { return stages + (stages & 1); }
+
+// The producer's turn on ring stage s without a copy: the slot freed, then its full barrier completed at once.
+__device__ __forceinline__ void skip_stage(uint64_t* full, uint64_t* empty, int ring, int s, int lane) {
+  const int slot = s % ring;
+  if (s >= ring) barrier_wait(&empty[slot], ((s / ring) + 1) & 1);
+  if (lane == 0) barrier_arrive(&full[slot]);
+}
+
 __device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty, int stages, int consumers) {
   if (threadIdx.x == 0) {
     for (int i = 0; i < stages; ++i) {
