@@ -186,7 +186,9 @@ def main() -> int:
     parser.add_argument("--label", default="", help="a name for this source tree in the output")
     args = parser.parse_args()
     quants = args.quant.split(",")
-    if any(q.removesuffix("+tiles") not in QUANTS or (q.endswith("+tiles") and not q.startswith("int8")) for q in quants):
+    if any(
+        q.removesuffix("+tiles") not in QUANTS or (q.endswith("+tiles") and not q.startswith("int8")) for q in quants
+    ):
         print(f"--quant takes a comma-separated list of {', '.join(QUANTS)}.", file=sys.stderr)
         return 2
     if any(q.startswith("int4") for q in quants) and not all(

@@ -1,8 +1,11 @@
-"""oiv2::linear_int8_gemv: y = x @ W^T for 1 to 4 rows of x with W in the int8 layout of
-oiv2::linear_int8 ("int8-rowmajor-v1"), by a hand-written CUDA C++ kernel (csrc/linear_int8_gemv.cu).
+"""oiv2::linear_int8_gemv: y = x @ W^T for 1 to 4 rows of x with W in an int8 layout of
+oiv2::linear_int8 ("int8-rowmajor-v1" [N, K], or "int8-tiles16x1024-v1" [N/16, 16, K], which
+passes/tile_int8_weights.py makes for CUDA builds), by a hand-written CUDA C++ kernel
+(csrc/linear_int8_gemv.cu).
 
 The matrix-vector product of a decode step. One row of x (K a multiple of 64) takes a streamed kernel:
-a producer warp copies blocks of 16 weight rows into shared memory with the bulk-copy engine, and
+a producer warp copies blocks of 16 weight rows into shared memory with the bulk-copy engine (a stage of
+the tiles in one copy, of row-major weights in 16), and
 consumer warps multiply them on the integer tensor cores against x held as three int8 planes
 (csrc/streamed.cuh, shared with the int4 kernel). 2 to 4 rows take a register-streaming kernel: each
 warp streams two weight rows with 128-bit non-allocating loads, converts bytes to float without the I2F

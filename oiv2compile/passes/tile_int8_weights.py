@@ -67,6 +67,9 @@ def tile_int8_weights(gm: GraphModule, cfg: BuildConfig) -> int:
 def _only_products(weight: Node) -> bool:
     """Whether every reader of the get_attr is a product taking it as qweight."""
     return bool(weight.users) and all(
-        user.op == "call_function" and user.target in PRODUCTS and user.args[1] is weight and weight not in user.args[2:]
+        user.op == "call_function"
+        and user.target in PRODUCTS
+        and user.args[1] is weight
+        and weight not in user.args[2:]
         for user in weight.users
     )

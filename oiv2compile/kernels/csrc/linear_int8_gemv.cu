@@ -208,8 +208,13 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
 // rows of 8 outputs, then their up rows). The producer warp copies a stage, 1024 features of each of a
 // block's 16 rows, as 16 row copies (cp.async.bulk, L2 evict-first) into a ring of 4 stages; the rows sit
 // kStageRowBytes apart, 32 bytes more than they hold, so that the 8-byte loads of rows g and g + 4 fall
-// on other banks. Two teams of 8 consumer warps take a block's stages by turns (team j % 2 takes stage
-// j), warp w of a team the features 128 w.. of it: one 128-feature slice of x, whose planes (store_planes
+// on other banks. Weights in int8-tiles16x1024-v1 (kTiled) hold a stage's 16 rows together: one copy (two
+// gated, the gate and up halves of their tiles), the rows 1024 bytes apart and their 16-byte units swizzled
+// by row instead of padded. 32 llama-8b layers of int8 products with the norms and the activation inside
+// (H200): 1983.4 us a step against 2000.9-2003.1 row-major; without the norms 2081-2083 against 2214-2216;
+// llama-8b int8 decode 437.3 tok/s against 419.6 (benchmarks/RESULTS.md, thirty-first session).
+// Two teams of 8 consumer warps take a block's stages by turns (team j % 2 takes stage
+// j; an even count of ring stages a block, streamed.cuh even_stages), warp w of a team the features 128 w.. of it: one 128-feature slice of x, whose planes (store_planes
 // in the row's order, sum_x) that warp wrote itself, so no barrier between the consumers. A lane's A
 // fragment of a 32-feature k-step is two 8-byte loads, features 8t.. of rows g and g + 8, and its B the
 // planes' bytes of the same features: four m16n8k32 s8 steps a stage add into int sums (|sum| <= 128 *
