@@ -87,3 +87,20 @@ def export_toy(module: torch.nn.Module, spec: CacheSpec, seq: int = 1) -> torch.
 
 
 __all__ = ["DECODE", "PREFILL", "aten", "built_programs", "captured", "count", "export_toy", "ops", "run", "snapshot"]
+
+
+def run_step(gm, spec: CacheSpec, prefill: bool = False):  # type: ignore[no-untyped-def]
+    """(outputs, caches) of a captured program on fixed inputs: two prompts of 6 tokens (prefill), or one
+    sequence's token at position 5 in slot 2, over seeded random caches."""
+    gen = torch.Generator().manual_seed(0)
+    caches = [torch.randn(spec.shape(), generator=gen).to(spec.torch_dtype) for _ in range(2 * spec.num_layers)]
+    if prefill:
+        ids, positions, slots, last = (
+            torch.tensor([[17, 3, 9, 4, 250, 1]] * 2),
+            torch.tensor([0, 0]),
+            torch.tensor([0, 2]),
+            torch.tensor([5, 3]),
+        )
+    else:
+        ids, positions, slots, last = torch.tensor([[17]]), torch.tensor([5]), torch.tensor([2]), torch.tensor([0])
+    return gm(ids, positions, slots, last, caches), caches

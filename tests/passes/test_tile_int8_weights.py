@@ -18,7 +18,7 @@ from oiv2compile.passes import use_cuda_kernels as gemv_pass
 from oiv2compile.passes.manager import cleanup
 from oiv2compile.passes.registry import pipeline
 from oiv2compile.passes.tile_int8_weights import PRODUCTS, tile_int8_weights
-from tests.passes.helpers import snapshot
+from tests.passes.helpers import run_step, snapshot
 
 
 @pytest.fixture
@@ -69,21 +69,6 @@ def _qweights(gm) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
     return out
 
 
-def _run(gm, spec, prefill: bool):  # type: ignore[no-untyped-def]
-    gen = torch.Generator().manual_seed(0)
-    caches = [torch.randn(spec.shape(), generator=gen).to(spec.torch_dtype) for _ in range(2 * spec.num_layers)]
-    if prefill:
-        ids, positions, slots, last = (
-            torch.tensor([[17, 3, 9, 4, 250, 1]] * 2),
-            torch.tensor([0, 0]),
-            torch.tensor([0, 2]),
-            torch.tensor([5, 3]),
-        )
-    else:
-        ids, positions, slots, last = torch.tensor([[17]]), torch.tensor([5]), torch.tensor([2]), torch.tensor([0])
-    return gm(ids, positions, slots, last, caches), caches
-
-
 @pytest.mark.parametrize("program", [DECODE_B1, DECODE, PREFILL], ids=["decode_b1", "decode", "prefill"])
 def test_every_product_only_weight_that_fits_goes_into_tiles_and_the_program_computes_the_same(program, libraries):
     gm, spec, cfg = _built(program)
@@ -100,7 +85,10 @@ def test_every_product_only_weight_that_fits_goes_into_tiles_and_the_program_com
     # The row-major tensors of the tiled weights are gone from the module (the artifact saves what is left).
     left = [n for n, b in gm.named_buffers() if b.dtype == torch.int8 and b.dim() == 2]
     assert all("lm_head" in n or "embed_tokens" in n for n in left)  # the head's, the table's
-    (want, want_caches), (got, got_caches) = _run(before, spec, program is PREFILL), _run(gm, spec, program is PREFILL)
+    (want, want_caches), (got, got_caches) = (
+        run_step(before, spec, program is PREFILL),
+        run_step(gm, spec, program is PREFILL),
+    )
     assert torch.equal(got, want)
     for a, b in zip(got_caches, want_caches, strict=True):
         assert torch.equal(a, b)

@@ -19,7 +19,7 @@ from oiv2compile.passes.manager import cleanup
 from oiv2compile.passes.quantize_embedding import quantize_embedding
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.registry import pipeline
-from tests.passes.helpers import aten, count, snapshot
+from tests.passes.helpers import aten, count, run_step, snapshot
 
 INT8, INT4 = torch.ops.oiv2.linear_int8.default, torch.ops.oiv2.linear_int4.default
 GEMV8, MMA4 = torch.ops.oiv2.linear_int8_gemv.default, torch.ops.oiv2.linear_int4_mma.default
@@ -57,21 +57,6 @@ def _cuda_cfg(quant: str) -> BuildConfig:
         quant={"group_size": 32},
         fusion={"enable_qkv": False, "enable_ffn": False, "enable_norms": False},
     )
-
-
-def _run(gm, spec, prefill=False):  # type: ignore[no-untyped-def]
-    gen = torch.Generator().manual_seed(0)
-    caches = [torch.randn(spec.shape(), generator=gen).to(spec.torch_dtype) for _ in range(2 * spec.num_layers)]
-    if prefill:  # two prompts of 6 tokens
-        ids, positions, slots, last = (
-            torch.tensor([[17, 3, 9, 4, 250, 1]] * 2),
-            torch.tensor([0, 0]),
-            torch.tensor([0, 2]),
-            torch.tensor([5, 3]),
-        )
-    else:
-        ids, positions, slots, last = torch.tensor([[17]]), torch.tensor([5]), torch.tensor([2]), torch.tensor([0])
-    return gm(ids, positions, slots, last, caches), caches
 
 
 def test_every_one_row_int8_product_of_the_batch_1_decode_program_is_rewritten(libraries):
@@ -121,7 +106,7 @@ def _attr(gm, node):  # type: ignore[no-untyped-def]
 
 
 def _assert_same_results(before, gm, spec, prefill=False):  # type: ignore[no-untyped-def]
-    (want, want_caches), (got, got_caches) = _run(before, spec, prefill), _run(gm, spec, prefill)
+    (want, want_caches), (got, got_caches) = run_step(before, spec, prefill), run_step(gm, spec, prefill)
     torch.testing.assert_close(got, want)
     for a, b in zip(got_caches, want_caches, strict=True):
         torch.testing.assert_close(a, b)
