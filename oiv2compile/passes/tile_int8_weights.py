@@ -19,6 +19,8 @@ Preconditions: a CUDA build through Inductor with int8 products on the C++ kerne
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -55,13 +57,17 @@ def tile_int8_weights(gm: GraphModule, cfg: BuildConfig) -> int:
         if not tiles_fit(*q.shape):
             continue
         with gm.graph.inserting_after(weight):
-            (tiles,) = derived_weights(gm, weight, ("tiles",), lambda q=q: {"tiles": tile(q)})
+            (tiles,) = derived_weights(gm, weight, ("tiles",), functools.partial(_tiles, q))
         for user in list(weight.users):
             user.replace_input_with(weight, tiles)
             record(user, layout=TILES_LAYOUT)
         drop_attr(gm, weight)
         count += 1
     return count
+
+
+def _tiles(qweight: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"tiles": tile(qweight)}
 
 
 def _only_products(weight: Node) -> bool:
