@@ -36,8 +36,8 @@ SILU = ACTIVATIONS.index("silu")  # the gated kernel takes the activation by ind
 # int8-norm / int4-norm: each residual add and RMSNorm inside the products around it
 # (fuse_norm_into_gemv); int8-norm-act / int4-norm-act: that, and the gated activation in the gate/up
 # product (fuse_gated_act_into_gemv; random levels, so the int4 rows' interleave changes nothing here).
-# An int8 name with "+tiles" (int8+tiles, int8-norm-act+tiles, ...) reads its weights in int8-tiles16x1024-v1
-# (tile_int8_weights, as CUDA artifacts do); without, row-major.
+# An int8 name with "+tiles" (int8+tiles, int8-norm-act+tiles, ...) reads its weights in int8-tiles16x1024-v2,
+# gate/up in the paired form (tile_int8_weights, as CUDA artifacts do); without, row-major.
 QUANTS = ("bf16", "int8", "int8-norm", "int8-norm-act", "int4", "int4-norm", "int4-norm-act")
 
 
@@ -50,22 +50,27 @@ def linear_shapes(model: str) -> list[tuple[int, int]]:
     return [((heads + 2 * kv) * head_dim, hidden), (hidden, heads * head_dim), (2 * inter, hidden), (hidden, inter)]
 
 
-def make_linear(quant: str, n: int, k: int, device: torch.device, tiles: bool = False) -> tuple[Callable, int]:
+def make_linear(
+    quant: str, n: int, k: int, device: torch.device, tiles: bool = False, paired: bool = False
+) -> tuple[Callable, int]:
     """A call y = x @ W^T with random weights in the op's layout, and the bytes it reads for W."""
     if quant == "bf16":
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         return (lambda x: F.linear(x, w)), w.numel() * 2
     if quant == "int8":
-        q, s = int8_weight(n, k, device, tiles)
+        q, s = int8_weight(n, k, device, tiles, paired)
         return (lambda x: torch.ops.oiv2.linear_int8_gemv(x, q, s)), q.numel() + s.numel() * 2
     packed, pairs = int4_weight(n, k, device)
     return (lambda x: torch.ops.oiv2.linear_int4_mma(x, packed, pairs)), packed.numel() + pairs.numel() * 2
 
 
-def int8_weight(n: int, k: int, device: torch.device, tiles: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random int8 rows and their scales in int8-rowmajor-v1 (tiles: int8-tiles16x1024-v1): (qweight, scales)."""
+def int8_weight(
+    n: int, k: int, device: torch.device, tiles: bool = False, paired: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random int8 rows and their scales in int8-rowmajor-v1 (tiles: int8-tiles16x1024-v2, paired or not):
+    (qweight, scales)."""
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
-    return tile(q) if tiles else q, torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3
+    return tile(q, paired) if tiles else q, torch.rand(n, device=device, dtype=torch.bfloat16) * 1e-3
 
 
 def int4_weight(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +88,9 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
     quant, tiles = quant.removesuffix("+tiles"), quant.endswith("+tiles")
     if quant.startswith(("int8-norm", "int4-norm")):
         return _fused_norm_step(quant[:4], layers, device, shapes, q_width, quant.endswith("-act"), tiles)
-    stack = [[make_linear(quant, n, k, device, tiles) for n, k in shapes] for _ in range(layers)]
+    stack = [
+        [make_linear(quant, n, k, device, tiles, i == 2) for i, (n, k) in enumerate(shapes)] for _ in range(layers)
+    ]
     norm = torch.ones(hidden, device=device, dtype=torch.bfloat16)
 
     def step(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +121,7 @@ def _fused_norm_step(  # type: ignore[no-untyped-def]
     oiv2::rms_norm_linear_int4_mma_gated_act)."""
     ops = torch.ops.oiv2
     if bits == "int8":
-        weights = [int8_weight(n, k, device, tiles) for _ in range(layers) for n, k in shapes]
+        weights = [int8_weight(n, k, device, tiles, i == 2) for _ in range(layers) for i, (n, k) in enumerate(shapes)]
     else:
         weights = [int4_weight(n, k, device) for _ in range(layers) for n, k in shapes]
     if bits == "int8":

@@ -74,21 +74,26 @@ class Tiling:
 if HAS_TRITON:
 
     @triton.jit
-    def _int8_rows(W, rn, rk, stride_wn, K: tl.constexpr, TILED: tl.constexpr):
-        """Pointers [BLOCK_N, BLOCK_K] to int8 weights rn x rk: rows of int8-rowmajor-v1, or
-        int8-tiles16x1024-v1 (kernels/linear_int8.py: block rn / 16, tile rk / 1024 of 16 rows of its
-        width, row rn % 16, 16-byte unit (rk % 1024) / 16 at that ^ (rn % 8))."""
+    def _int8_rows(W, rn, rk, stride_wn, N: tl.constexpr, K: tl.constexpr, TILED: tl.constexpr):
+        """Pointers [BLOCK_N, BLOCK_K] to int8 weights rn x rk: rows of int8-rowmajor-v1 (TILED 0), or
+        int8-tiles16x1024-v2 (1; 2 paired; kernels/linear_int8.py): tile row r of block b, 16-byte unit
+        u = (rk % 1024) / 16 at (u / 8) 2048 + ((u / 4) % 2) 1024 + (r / 8) 512 + (4 (r % 8) + u % 4) 16 of
+        the block's tile rk / 1024."""
         if TILED:
-            tile0 = (rk // 1024) * 1024
-            width = tl.minimum(K - tile0, 1024)
-            unit = ((rk % 1024) // 16)[None, :] ^ (rn % 8)[:, None]
+            if TILED == 2:  # block b: the rows 8b.. and N/2 + 8b..
+                up = (rn >= N // 2).to(tl.int32)
+                m = rn - up * (N // 2)
+                block = m // 8
+                r = up * 8 + m % 8
+            else:
+                block = rn // 16
+                r = rn % 16
+            u = (rk % 1024) // 16
             return (
                 W
-                + (rn // 16)[:, None].to(tl.int64) * (16 * K)
-                + (16 * tile0)[None, :]
-                + (rn % 16)[:, None] * width[None, :]
-                + unit * 16
-                + (rk % 16)[None, :]
+                + block[:, None].to(tl.int64) * (16 * K)
+                + (16 * (rk - rk % 1024) + (u // 8) * 2048 + ((u // 4) % 2) * 1024 + (u % 4) * 16 + rk % 16)[None, :]
+                + ((r // 8) * 512 + (r % 8) * 64)[:, None]
             )
         return W + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
 
@@ -152,7 +157,7 @@ if HAS_TRITON:
             if BITS == 8:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_rows + rk[None, :], mask=m_valid[:, None], other=0.0)
-                q = tl.load(_int8_rows(W, rn_safe, rk, stride_wn, K, TILED)).to(x.dtype)
+                q = tl.load(_int8_rows(W, rn_safe, rk, stride_wn, N, K, TILED)).to(x.dtype)
                 if IEEE:
                     acc += tl.dot(x, tl.trans(q), input_precision="ieee")
                 else:
@@ -242,7 +247,7 @@ if HAS_TRITON:
             if BITS == 8:
                 rk = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(X + rk).to(tl.float32)
-                q = tl.load(_int8_rows(W, rn_safe, rk, stride_wn, K, TILED)).to(tl.float32)
+                q = tl.load(_int8_rows(W, rn_safe, rk, stride_wn, N, K, TILED)).to(tl.float32)
                 acc += tl.sum(q * x[None, :], axis=1)
             else:
                 # sum_k x[k] (q[n, k] - z[n, g]) s[n, g] = sum_g s[n, g] (sum_j x q - z[n, g] sum_j x):
@@ -331,8 +336,9 @@ def quant_matmul(
     """x [..., K] times the quantized weight, transposed: [..., N] in x's dtype. The caller checks
     `takes(x, bits, group)` first."""
     k = x.shape[-1]
-    tiled = bits == 8 and weight.dim() == 3  # int8-tiles16x1024-v1
-    n = weight.shape[0] * weight.shape[1] if tiled else weight.shape[0]
+    # int8-tiles16x1024-v2: 1, its paired form 2 (kernels/linear_int8.py)
+    tiled = (weight.dim() - 1) if bits == 8 and weight.dim() > 2 else 0
+    n = weight.numel() // k if bits == 8 else weight.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

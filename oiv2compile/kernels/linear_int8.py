@@ -4,13 +4,18 @@ Layout ("int8-rowmajor-v1"): qweight [N, K] int8, row n holding output channel n
 [-127, 127]; scales [N] in the activation dtype; W[n, k] = qweight[n, k] * scales[n] (symmetric, no
 zero point). `quantize` makes the layout from a float weight by rounding to nearest.
 
-Layout "int8-tiles16x1024-v1" (`tile`; CUDA builds, passes/tile_int8_weights.py): the same values as
-qweight [N/16, 16, K] (N a multiple of 16, K of 128), block b holding rows 16b.. in tiles of 1024 features:
-tile j (features 1024j.., width w = min(1024, K - 1024j)) is 16 rows of w bytes, row r at r * w, and the
-16-byte unit u of a row's slice sits at unit u ^ (r & 7). So the bytes a decode kernel streams, a stage
-of 16 rows x 1024 features, lie together (one bulk copy, where 16 copies of 1 KB a row cost 141 us a step
-of 32 llama-8b layers: benchmarks/RESULTS.md), and 8-byte loads of 8 rows from shared memory fall on
-distinct banks. Every int8 kernel reads both layouts; the scales stay [N].
+Layout "int8-tiles16x1024-v2" (`tile`; CUDA builds, passes/tile_int8_weights.py): the same values as
+qweight [N/16, 16, K] (N a multiple of 16, K of 128), tile row r of block b being weight row 16b + r; or, paired
+(a gated MLP's fused gate/up weight, `tile(q, paired=True)`), qweight [N/16, 2, 8, K], tile rows 0-7 of block b
+being the gate rows 8b.. and tile rows 8-15 the up rows N/2 + 8b.. of the same outputs. A block's features come
+in tiles of 1024: tile j (features 1024j.., width w = min(1024, K - 1024j)) is 16 w bytes, in slices of 128
+features (2048 bytes) in the order of the one-row product's fragments: the 16-byte unit u = (k % 1024) / 16
+(16 features) of tile row r sits at byte (u / 8) 2048 + ((u / 4) % 2) 1024 + (r / 8) 512 + (4 (r % 8) + u % 4) 16
+of the tile. So the bytes a decode kernel streams, a stage of 16 rows x 1024 features (gated: the gate and up
+rows of 8 outputs), lie together (one bulk copy, where 16 copies of 1 KB a row cost 141 us a step of 32 llama-8b
+layers: benchmarks/RESULTS.md), and a consumer warp's 128-feature slice of them is 4 loads of 512 contiguous
+bytes, a lane's 16 bytes each: its A fragments of two integer k-steps. Every int8 kernel reads every layout;
+the scales stay [N]. (v1, an XOR swizzle of each row's units, took 16 more instructions a stage.)
 
 On the CPU, and for prefill-sized inputs on CUDA, the op's body is its reference (the spec), which
 Inductor inlines: one fused pass that dequantizes the weight, then one matrix product.
@@ -30,60 +35,63 @@ from oiv2compile.kernels._quant_matmul import quant_matmul, takes
 from oiv2compile.kernels._triton import HAS_TRITON, registering_triton_op
 
 LAYOUT = "int8-rowmajor-v1"
-TILES_LAYOUT = "int8-tiles16x1024-v1"
+TILES_LAYOUT = "int8-tiles16x1024-v2"
+PAIRED_TILES_LAYOUT = "int8-tiles16x1024-paired-v2"
 QMAX = 127
 TILE_ROWS = 16
 TILE_FEATURES = 1024
-UNIT = 16  # bytes a swizzled unit
+SLICE = 128  # features of a consumer warp's slice of a tile
+UNIT = 16  # bytes a lane loads
 
 
 def tiles_fit(n: int, k: int) -> bool:
-    """Whether a weight [N, K] fits int8-tiles16x1024-v1."""
-    return n % TILE_ROWS == 0 and k % 128 == 0 and n > 0 and k > 0
+    """Whether a weight [N, K] fits int8-tiles16x1024-v2 (paired too)."""
+    return n % TILE_ROWS == 0 and k % SLICE == 0 and n > 0 and k > 0
 
 
-def _swizzle(rows: torch.Tensor) -> torch.Tensor:
-    """rows [..., 16, W] (W a multiple of 128) with each row's 16-byte units at u ^ (r & 7); its own inverse."""
-    *lead, r, w = rows.shape
-    units = rows.reshape(*lead, r, w // UNIT, UNIT)
-    u = torch.arange(w // UNIT, device=rows.device)
-    order = u[None, :] ^ (torch.arange(r, device=rows.device)[:, None] & 7)  # [16, W/16]: unit u reads u ^ (r & 7)
-    index = order.reshape(*([1] * len(lead)), r, w // UNIT, 1).expand(*lead, r, w // UNIT, UNIT)
-    return torch.gather(units, -2, index).reshape(*lead, r, w)
-
-
-def tile(qweight: torch.Tensor) -> torch.Tensor:
-    """int8-rowmajor-v1 [N, K] → int8-tiles16x1024-v1 [N/16, 16, K]."""
+def tile(qweight: torch.Tensor, paired: bool = False) -> torch.Tensor:
+    """int8-rowmajor-v1 [N, K] → int8-tiles16x1024-v2 [N/16, 16, K] (paired: [N/16, 2, 8, K])."""
     n, k = qweight.shape
     if not tiles_fit(n, k):
         raise ValueError(f"int8 tiles take N a multiple of 16 and K of 128, not {n} x {k}")
-    blocks = qweight.reshape(n // TILE_ROWS, TILE_ROWS, k)
-    parts = []
-    for j in range(0, k, TILE_FEATURES):
-        part = _swizzle(blocks[:, :, j : j + TILE_FEATURES])  # [N/16, 16, w]
-        parts.append(part.reshape(n // TILE_ROWS, -1))
-    return torch.cat(parts, dim=1).reshape(n // TILE_ROWS, TILE_ROWS, k)
-
-
-def untile(tiles: torch.Tensor) -> torch.Tensor:
-    """int8-tiles16x1024-v1 [N/16, 16, K] → int8-rowmajor-v1 [N, K]."""
-    nb, r, k = tiles.shape
-    flat = tiles.reshape(nb, r * k)
+    if paired:  # block b: the gate rows 8b.. then the up rows N/2 + 8b..
+        blocks = torch.stack([qweight[: n // 2], qweight[n // 2 :]]).reshape(2, n // 16, 8, k).transpose(0, 1)
+    else:
+        blocks = qweight.reshape(n // TILE_ROWS, TILE_ROWS, k)
+    nb = n // TILE_ROWS
     parts = []
     for j in range(0, k, TILE_FEATURES):
         w = min(TILE_FEATURES, k - j)
-        parts.append(_swizzle(flat[:, r * j : r * (j + w)].reshape(nb, r, w)))
-    return torch.cat(parts, dim=2).reshape(nb * r, k)
+        # [block, row half, row % 8, slice, unit pair, unit % 4, byte] → [block, slice, pair, half, row % 8, unit % 4, byte]
+        units = blocks[..., j : j + w].reshape(nb, 2, 8, w // SLICE, 2, 4, UNIT)
+        parts.append(units.permute(0, 3, 4, 1, 2, 5, 6).reshape(nb, TILE_ROWS * w))
+    out = torch.cat(parts, dim=1)
+    return out.reshape(nb, 2, 8, k) if paired else out.reshape(nb, TILE_ROWS, k)
+
+
+def untile(tiles: torch.Tensor) -> torch.Tensor:
+    """int8-tiles16x1024-v2 [N/16, 16, K] or [N/16, 2, 8, K] (paired) → int8-rowmajor-v1 [N, K]."""
+    nb, k = tiles.shape[0], tiles.shape[-1]
+    flat = tiles.reshape(nb, TILE_ROWS * k)
+    parts = []
+    for j in range(0, k, TILE_FEATURES):
+        w = min(TILE_FEATURES, k - j)
+        units = flat[:, TILE_ROWS * j : TILE_ROWS * (j + w)].reshape(nb, w // SLICE, 2, 2, 8, 4, UNIT)
+        parts.append(units.permute(0, 3, 4, 1, 2, 5, 6).reshape(nb, TILE_ROWS, w))
+    blocks = torch.cat(parts, dim=2)  # [N/16, 16, K]: block b's tile rows
+    if tiles.dim() == 4:
+        return blocks.reshape(nb, 2, 8, k).transpose(0, 1).reshape(nb * TILE_ROWS, k)
+    return blocks.reshape(nb * TILE_ROWS, k)
 
 
 def rows_of(qweight: torch.Tensor) -> int:
-    """N of an int8 weight in either layout."""
-    return qweight.shape[0] * qweight.shape[1] if qweight.dim() == 3 else qweight.shape[0]
+    """N of an int8 weight in any layout."""
+    return qweight.numel() // qweight.shape[-1] if qweight.shape[-1] else qweight.shape[0]
 
 
 def row_major(qweight: torch.Tensor) -> torch.Tensor:
     """qweight [N, K] in int8-rowmajor-v1, whichever layout it comes in."""
-    return untile(qweight) if qweight.dim() == 3 else qweight
+    return untile(qweight) if qweight.dim() > 2 else qweight
 
 
 def quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,16 +1,20 @@
-"""tile_int8_weights: int8 weights that only products read go into int8-tiles16x1024-v1.
+"""tile_int8_weights: int8 weights that only products read go into int8-tiles16x1024-v2.
 
 Before (after use_cuda_kernels and the gemv fusions):
     y = oiv2.<int8 product>(x, qweight, scales, ...)       # qweight [N, K] int8-rowmajor-v1
 After:
-    y = oiv2.<int8 product>(x, qweight_tiles, scales, ...)  # qweight_tiles [N/16, 16, K] int8-tiles16x1024-v1
+    y = oiv2.<int8 product>(x, qweight_tiles, scales, ...)  # qweight_tiles [N/16, 16, K] int8-tiles16x1024-v2
+A gated MLP's gate/up weight (read by oiv2::rms_norm_linear_int8_gemv_gated_act, or by a product whose output
+oiv2::gated_act takes: the same weight in each program) goes into the paired form, [N/16, 2, 8, K]
+(int8-tiles16x1024-paired-v2), whose block b holds the gate and up rows of outputs 8b..: the block the gated
+product's one-row kernel takes, so a stage is one copy there too.
 The products are oiv2::linear_int8 (the Triton op), oiv2::linear_int8_gemm, oiv2::linear_int8_gemv and its
 fused forms; each reads either layout (kernels/linear_int8.py). A weight goes only where N is a multiple of
 16 and K of 128 and nothing but those products reads it: a tied embedding table's lookup keeps the head's
 row-major tensor. Every program makes the same tensor under the same name, so the artifact stores it once.
 
 Why: the one-row product streams each stage of 16 rows x 1024 features as one bulk copy instead of 16 copies
-of 1 KB a row. H200, 32 llama-8b layers of int8 products (norms and activation inside), timing-only
+of 1 KB a row, and its consumer warps read their fragments as 512 contiguous bytes. H200, 32 llama-8b layers of int8 products (norms and activation inside), timing-only
 variants of the kernel in one run: 2015.8 us a step with 16 row copies, 1874.4 with one copy of 16 KB,
 1938.5 with eight copies of 2 KB (benchmarks/RESULTS.md, thirty-first session).
 
@@ -25,7 +29,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from oiv2compile.config import Backend, BuildConfig, Device
-from oiv2compile.kernels.linear_int8 import TILES_LAYOUT, tile, tiles_fit
+from oiv2compile.kernels.linear_int8 import PAIRED_TILES_LAYOUT, TILES_LAYOUT, tile, tiles_fit
 from oiv2compile.passes.fx_utils import attr_tensor, derived_weights, drop_attr, record
 
 # The products that read qweight (their second argument) in either layout.
@@ -56,18 +60,27 @@ def tile_int8_weights(gm: GraphModule, cfg: BuildConfig) -> int:
             continue
         if not tiles_fit(*q.shape):
             continue
+        paired = any(_gated(user) for node in readers[id(q)] for user in node.users)
         with gm.graph.inserting_after(weight):
-            (tiles,) = derived_weights(gm, weight, ("tiles",), functools.partial(_tiles, q))
+            (tiles,) = derived_weights(gm, weight, ("tiles",), functools.partial(_tiles, q, paired))
         for user in list(weight.users):
             user.replace_input_with(weight, tiles)
-            record(user, layout=TILES_LAYOUT)
+            record(user, layout=PAIRED_TILES_LAYOUT if paired else TILES_LAYOUT)
         drop_attr(gm, weight)
         count += 1
     return count
 
 
-def _tiles(qweight: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"tiles": tile(qweight)}
+def _tiles(qweight: torch.Tensor, paired: bool) -> dict[str, torch.Tensor]:
+    return {"tiles": tile(qweight, paired)}
+
+
+def _gated(product: Node) -> bool:
+    """Whether a product makes a gated MLP's gate and up halves: the gated product, or one whose output
+    oiv2::gated_act takes."""
+    return product.target == torch.ops.oiv2.rms_norm_linear_int8_gemv_gated_act.default or any(
+        user.target == torch.ops.oiv2.gated_act.default for user in product.users
+    )
 
 
 def _only_products(weight: Node) -> bool:

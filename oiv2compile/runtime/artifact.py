@@ -152,6 +152,14 @@ def check_compatible(manifest: dict[str, Any], device: torch.device) -> None:
             raise ArtifactError(
                 f"The artifact's CPU code was compiled for {built['cpu_isa']}, which this CPU lacks; rebuild it here."
             )
+    quantization = manifest.get("quantization") or {}
+    layouts = [name.strip() for name in str(quantization.get("layout") or "").split(",") if name.strip()]
+    unknown = sorted(set(layouts) - weight_layouts())
+    if unknown:
+        raise ArtifactError(
+            f"The artifact's weights are in layout {', '.join(unknown)}, which this oiv2compile no longer reads; "
+            "rebuild it."
+        )
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ArtifactError("The artifact was built for CUDA but no GPU is visible here.")
@@ -162,6 +170,16 @@ def check_compatible(manifest: dict[str, Any], device: torch.device) -> None:
                 f"The artifact was built for compute capability {_cap(built.get('capability'))} "
                 f"({built.get('name')}) but this GPU is {_cap(capability)} ({name}); rebuild it on this GPU."
             )
+
+
+def weight_layouts() -> set[str]:
+    """The quantized weight layouts this oiv2compile's kernels read (a manifest's quantization.layout)."""
+    from oiv2compile.kernels.linear_int4 import LAYOUT as INT4
+    from oiv2compile.kernels.linear_int4_mma import LAYOUT as INT4_MMA
+    from oiv2compile.kernels.linear_int8 import LAYOUT as INT8
+    from oiv2compile.kernels.linear_int8 import PAIRED_TILES_LAYOUT, TILES_LAYOUT
+
+    return {INT8, TILES_LAYOUT, PAIRED_TILES_LAYOUT, INT4, INT4_MMA}
 
 
 def verify_files(root: Path, manifest: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
-"""int8-tiles16x1024-v1 (kernels/linear_int8.py): tile and untile invert each other, every byte sits where
-the kernels look for it, the references read either layout alike, and on CUDA every int8 kernel gives the
-same bits from the tiles as from the row-major weights (the arithmetic does not change, only the
+"""int8-tiles16x1024-v2 and its paired form (kernels/linear_int8.py): tile and untile invert each other, every
+byte sits where the kernels look for it, the references read every layout alike, and on CUDA every int8 kernel
+gives the same bits from the tiles as from the row-major weights (the arithmetic does not change, only the
 addresses)."""
 
 from __future__ import annotations
@@ -21,37 +21,67 @@ def _q(n: int, k: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
     return torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).to(device)
 
 
-def _offset(n: int, k: int, K: int) -> int:
+def _offset(n: int, k: int, K: int, pair_width: int) -> int:
     """Where weight (n, k) sits in the tiles, as the kernels' tiled_offset / _int8_rows work it out."""
-    tile0 = k // 1024 * 1024
-    width = min(1024, K - tile0)
-    return (n // 16) * 16 * K + 16 * tile0 + (n % 16) * width + (((k % 1024) // 16) ^ (n % 8)) * 16 + k % 16
+    if pair_width:
+        up = int(n >= pair_width)
+        block, r = (n - up * pair_width) // 8, 8 * up + (n - up * pair_width) % 8
+    else:
+        block, r = n // 16, n % 16
+    u = (k % 1024) // 16
+    return (
+        block * 16 * K
+        + 16 * (k // 1024 * 1024)
+        + (u // 8) * 2048
+        + (u // 4) % 2 * 1024
+        + (r // 8) * 512
+        + (4 * (r % 8) + u % 4) * 16
+        + k % 16
+    )
 
 
+@pytest.mark.parametrize("paired", [False, True], ids=["plain", "paired"])
 @pytest.mark.parametrize("n,k", SMALL_SHAPES)
-def test_tile_and_untile_invert_each_other_and_put_each_byte_where_the_kernels_read_it(n, k):
+def test_tile_and_untile_invert_each_other_and_put_each_byte_where_the_kernels_read_it(n, k, paired):
     q = _q(n, k)
-    tiles = tile(q)
-    assert tiles.shape == (n // 16, 16, k) and tiles.dtype == torch.int8
+    tiles = tile(q, paired)
+    assert tiles.shape == ((n // 16, 2, 8, k) if paired else (n // 16, 16, k)) and tiles.dtype == torch.int8
     assert torch.equal(untile(tiles), q) and torch.equal(row_major(tiles), q) and row_major(q) is q
     assert rows_of(tiles) == rows_of(q) == n
     flat = tiles.reshape(-1)
     rows, cols = torch.meshgrid(torch.arange(n), torch.arange(k), indexing="ij")
-    where = torch.tensor([_offset(int(r), int(c), k) for r, c in zip(rows.flatten(), cols.flatten(), strict=True)])
+    pair_width = n // 2 if paired else 0
+    where = torch.tensor(
+        [_offset(int(r), int(c), k, pair_width) for r, c in zip(rows.flatten(), cols.flatten(), strict=True)]
+    )
     assert torch.equal(flat[where].reshape(n, k), q)
     assert sorted(where.tolist()) == list(range(n * k))  # a permutation: every byte once
 
 
-def test_a_stage_of_16_rows_lies_together():
-    """Block b's stage of features f0.. is bytes [16 (b K + f0), + 16 w) of the tiles, w its width."""
+@pytest.mark.parametrize("paired", [False, True], ids=["plain", "paired"])
+def test_a_stage_of_16_rows_lies_together_and_a_warps_fragments_are_512_contiguous_bytes(paired):
+    """Block b's stage of features f0.. is bytes [16 (b K + f0), + 16 w) of the tiles, w its width (paired: the
+    gate rows 8b.. and the up rows N/2 + 8b..); in it, consumer warp s's 128 features are 2048 bytes from
+    2048 s, lane L's 16 bytes of each of its four loads at 512 j + 16 L: row (L / 4) + 8 (j % 2), features
+    64 (j / 2) + 16 (L % 4).. of the slice."""
     n, k = 32, 2176
     q = _q(n, k)
-    flat = tile(q).reshape(-1)
+    flat = tile(q, paired).reshape(-1)
     for b in range(n // 16):
+        rows = (
+            torch.cat([q[8 * b : 8 * b + 8], q[n // 2 + 8 * b : n // 2 + 8 * b + 8]])
+            if paired
+            else q[16 * b : 16 * b + 16]
+        )
         for f0 in range(0, k, 1024):
             w = min(1024, k - f0)
             stage = flat[16 * (b * k + f0) : 16 * (b * k + f0) + 16 * w]
-            assert torch.equal(stage.sort().values, q[16 * b : 16 * b + 16, f0 : f0 + w].reshape(-1).sort().values)
+            for s in range(w // 128):
+                for j in range(4):
+                    for lane in range(32):
+                        at = 2048 * s + 512 * j + 16 * lane
+                        f = f0 + 128 * s + 64 * (j // 2) + 16 * (lane % 4)
+                        assert torch.equal(stage[at : at + 16], rows[lane // 4 + 8 * (j % 2), f : f + 16])
 
 
 def test_which_shapes_fit():
@@ -61,11 +91,12 @@ def test_which_shapes_fit():
         tile(_q(8, 128))
 
 
+@pytest.mark.parametrize("paired", [False, True], ids=["plain", "paired"])
 @pytest.mark.parametrize("n,k", SMALL_SHAPES)
-def test_the_references_read_either_layout_alike(n, k):
+def test_the_references_read_every_layout_alike(n, k, paired):
     ops = torch.ops.oiv2
-    q, tiles = _q(n, k), None
-    tiles = tile(q)
+    q = _q(n, k)
+    tiles = tile(q, paired)
     scales = torch.rand(n, dtype=torch.bfloat16) * 1e-2
     x = torch.randn(2, k, dtype=torch.bfloat16)
     residual = torch.randn(2, n, dtype=torch.bfloat16)
@@ -92,13 +123,15 @@ def _cuda_ops():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("paired", [False, True], ids=["plain", "paired"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_the_one_row_products_give_the_same_bits_from_the_tiles(n, k, dtype):
-    """The streamed kernel at one row (one copy a stage, or two gated), the register kernel at 2-4 rows."""
+def test_the_one_row_products_give_the_same_bits_from_the_tiles(n, k, dtype, paired):
+    """The streamed kernel at one row (one copy a stage: the gated product on the paired form, the others on the
+    plain one; the rest through the register kernel), the register kernel at 2-4 rows."""
     ops = _cuda_ops()
     q = _q(n, k, seed=1, device="cuda")
-    tiles = tile(q)
+    tiles = tile(q, paired)
     scales = (torch.rand(n, device="cuda") * 1e-2).to(dtype)
     for rows in (1, 2, 4):
         x = torch.randn(rows, k, device="cuda", dtype=dtype)
@@ -127,7 +160,9 @@ def test_the_prefill_gemm_gives_the_same_bits_from_the_tiles(n, k, rows, dtype):
     q = _q(n, k, seed=2, device="cuda")
     scales = (torch.rand(n, device="cuda") * 1e-2).to(dtype)
     x = torch.randn(rows, k, device="cuda", dtype=dtype)
-    assert torch.equal(ops.linear_int8_gemm(x, tile(q), scales), ops.linear_int8_gemm(x, q, scales))
+    want = ops.linear_int8_gemm(x, q, scales)
+    assert torch.equal(ops.linear_int8_gemm(x, tile(q), scales), want)
+    assert torch.equal(ops.linear_int8_gemm(x, tile(q, paired=True), scales), want)
 
 
 @pytest.mark.cuda
@@ -138,5 +173,6 @@ def test_the_triton_op_gives_the_same_bits_from_the_tiles(n, k, rows):
     q = _q(n, k, seed=3, device="cuda")
     scales = (torch.rand(n, device="cuda") * 1e-2).to(torch.bfloat16)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    want, got = torch.ops.oiv2.linear_int8(x, q, scales), torch.ops.oiv2.linear_int8(x, tile(q), scales)
-    assert torch.equal(got, want)
+    want = torch.ops.oiv2.linear_int8(x, q, scales)
+    assert torch.equal(torch.ops.oiv2.linear_int8(x, tile(q), scales), want)
+    assert torch.equal(torch.ops.oiv2.linear_int8(x, tile(q, paired=True), scales), want)

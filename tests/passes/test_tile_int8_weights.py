@@ -1,5 +1,6 @@
 """tile_int8_weights: in a CUDA int8 build every product-only int8 weight whose shape fits goes into
-int8-tiles16x1024-v1, in every program (the Triton op of a dynamic batch too), under one name; a head whose
+int8-tiles16x1024-v2, in every program (the Triton op of a dynamic batch too), under one name, each layer's
+gate/up weight in the paired form (read by the gated product, or by a product before oiv2::gated_act); a head whose
 rows do not fit, and a tied table's lookup, keep row-major; the program computes the same bits. Here on the
 CPU, where the ops run their references and the libraries stand as paths."""
 
@@ -13,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from oiv2compile.capture import DECODE, DECODE_B1, PREFILL, CacheSpec, capture
 from oiv2compile.config import Backend, BuildConfig, Device
-from oiv2compile.kernels.linear_int8 import TILES_LAYOUT
+from oiv2compile.kernels.linear_int8 import PAIRED_TILES_LAYOUT, TILES_LAYOUT
 from oiv2compile.passes import use_cuda_kernels as gemv_pass
 from oiv2compile.passes.manager import cleanup
 from oiv2compile.passes.registry import pipeline
@@ -78,10 +79,14 @@ def test_every_product_only_weight_that_fits_goes_into_tiles_and_the_program_com
     assert tile_int8_weights(gm, cfg) == products - 1  # all but the head's 259 rows
     cleanup(gm)
     weights = _qweights(gm)
-    assert [w.dim() for w in weights].count(3) == products - 1 and weights[-1].shape == (259, 128)
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in PRODUCTS and node.args[1].target.endswith("_tiles"):
-            assert node.meta["oiv2"]["layout"] == TILES_LAYOUT
+    assert [w.dim() for w in weights] == [3, 3, 4, 3] * 2 + [2] and weights[-1].shape == (259, 128)
+    assert weights[2].shape == (512 // 16, 2, 8, 128)  # gate/up: 2 x 256 rows, paired
+    layouts = [
+        node.meta["oiv2"]["layout"]
+        for node in gm.graph.nodes
+        if node.op == "call_function" and node.target in PRODUCTS and node.args[1].target.endswith("_tiles")
+    ]
+    assert layouts == [TILES_LAYOUT, TILES_LAYOUT, PAIRED_TILES_LAYOUT, TILES_LAYOUT] * 2
     # The row-major tensors of the tiled weights are gone from the module (the artifact saves what is left).
     left = [n for n, b in gm.named_buffers() if b.dtype == torch.int8 and b.dim() == 2]
     assert all("lm_head" in n or "embed_tokens" in n for n in left)  # the head's, the table's

@@ -84,6 +84,17 @@ def test_cpu_code_for_an_isa_this_cpu_lacks_is_refused(copy):
         artifact.check_compatible(manifest, torch.device("cpu"))
 
 
+def test_weights_in_a_layout_the_kernels_no_longer_read_are_refused(copy):
+    """An int8 CUDA artifact of the first tiles (an XOR swizzle the kernels no longer compute) would give wrong
+    outputs without a word; it is refused before anything loads."""
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["quantization"] = {"layout": "int8-rowmajor-v1, int8-tiles16x1024-paired-v2, int8-tiles16x1024-v2"}
+    artifact.check_compatible(manifest, torch.device("cpu"))
+    manifest["quantization"]["layout"] = "int8-rowmajor-v1, int8-tiles16x1024-v1"
+    with pytest.raises(ArtifactError, match="layout int8-tiles16x1024-v1, which this oiv2compile no longer reads"):
+        artifact.check_compatible(manifest, torch.device("cpu"))
+
+
 def test_not_an_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         oiv2compile.load(tmp_path / "nothing")

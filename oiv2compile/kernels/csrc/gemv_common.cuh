@@ -3,6 +3,8 @@
 // without the I2F unit, a warp's sum.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -70,15 +72,43 @@ __device__ __forceinline__ void load_row(const uint8_t* row, int base, int row_b
   }
 }
 
-constexpr int kTileFeatures = 1024;  // int8-tiles16x1024-v1
+constexpr int kTileFeatures = 1024;  // int8-tiles16x1024-v2
 
-// Weights in int8-tiles16x1024-v1 (kernels/linear_int8.py): row n's 16 bytes from feature k (a multiple of 16)
-// lie in block n / 16, tile k / 1024 (16 rows of w = min(1024, K - 1024 (k / 1024)) bytes), row n % 16 of it, at
-// 16-byte unit ((k % 1024) / 16) ^ (n % 8).
-__device__ __forceinline__ size_t tiled_offset(int n, int k, int K) {
-  const int tile0 = k & ~(kTileFeatures - 1), width = min(kTileFeatures, K - tile0);
-  return static_cast<size_t>(n >> 4) * 16 * K + 16 * tile0 + (n & 15) * width +
-         ((((k & (kTileFeatures - 1)) >> 4) ^ (n & 7)) << 4);
+// Weights in int8-tiles16x1024-v2 (kernels/linear_int8.py): row n's 16 bytes from feature k (a multiple of 16).
+// Block b holds rows 16b.. (pair_width 0) or, paired, rows 8b.. and pair_width + 8b.. (a gated MLP's gate and
+// up rows); tile row r of a block, 16-byte unit u = (k % 1024) / 16 of tile k / 1024 (16 w bytes from 16 K b +
+// 16 (k - k % 1024)) sits at (u / 8) 2048 + ((u / 4) % 2) 1024 + (r / 8) 512 + (4 (r % 8) + u % 4) 16 of it.
+__device__ __forceinline__ size_t tiled_offset(int n, int k, int K, int pair_width) {
+  int block, r;
+  if (pair_width > 0) {
+    const int up = n >= pair_width, m = n - (up ? pair_width : 0);
+    block = m >> 3;
+    r = (up << 3) | (m & 7);
+  } else {
+    block = n >> 4;
+    r = n & 15;
+  }
+  const int u = (k & (kTileFeatures - 1)) >> 4;
+  return static_cast<size_t>(block) * 16 * K + 16 * (k & ~(kTileFeatures - 1)) + (u >> 3) * 2048 +
+         ((u >> 2) & 1) * 1024 + (r >> 3) * 512 + (((r & 7) << 2) | (u & 3)) * 16;
+}
+
+// An int8 qweight's layout, from its shape: [N, K] int8-rowmajor-v1, [N / 16, 16, K] int8-tiles16x1024-v2,
+// [N / 16, 2, 8, K] its paired form (pair_width N / 2).
+struct Int8Weight {
+  int64_t rows, K;
+  bool tiled;
+  int pair_width;
+};
+
+inline Int8Weight int8_weight(const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kChar &&
+                  (q.dim() == 2 || (q.dim() == 3 && q.size(1) == 16) || (q.dim() == 4 && q.size(1) == 2 && q.size(2) == 8)),
+              "qweight must be int8 [N, K], or int8-tiles16x1024-v2 [N / 16, 16, K] or [N / 16, 2, 8, K] (paired)");
+  const bool tiled = q.dim() > 2;
+  const int64_t rows = tiled ? q.size(0) * 16 : q.size(0), K = q.size(-1);
+  TORCH_CHECK(K % (tiled ? 128 : 16) == 0, "K must be a multiple of 16 (128 in tiles)");
+  return {rows, K, tiled, q.dim() == 4 ? static_cast<int>(rows / 2) : 0};
 }
 
 // Byte `selector & 3` of `word` placed in the mantissa of 2^23: the float 2^23 + byte (one PRMT).

@@ -54,7 +54,8 @@ struct Int8Weights {
     const int8_t* w;
     const TScale* scales;
     int K;
-    bool tiled;  // w in int8-tiles16x1024-v1
+    bool tiled;      // w in int8-tiles16x1024-v2
+    int pair_width;  // tiled: its paired form (gemv_common.cuh tiled_offset)
   };
   static constexpr int kRowBytes = oiv2_wgmma::kChunk;  // a row's bytes of a chunk
   static constexpr int kStageBytes = oiv2_wgmma::kCtaBlocks * oiv2_wgmma::kBlockRows * kRowBytes;
@@ -68,7 +69,7 @@ struct Int8Weights {
     const int8_t* src[kCopies];  // row-major: the copy's row and unit; tiled: the weights
     int rows[kCopies];           // tiled: the copy's row
     uint32_t valid = 0;
-    int dst, unit, K;
+    int dst, unit, K, pair_width;
     bool tiled;
 
     __device__ Copier(const Params& p, int block0, int blocks) {
@@ -76,6 +77,7 @@ struct Int8Weights {
       unit = threadIdx.x & 3;
       K = p.K;
       tiled = p.tiled;
+      pair_width = p.pair_width;
       dst = r * kRowBytes + unit_at(r, unit);
 #pragma unroll
       for (int j = 0; j < kCopies; ++j) {
@@ -88,7 +90,7 @@ struct Int8Weights {
     __device__ void copy(uint8_t* stage, int c) const {
 #pragma unroll
       for (int j = 0; j < kCopies; ++j) {
-        const int8_t* from = tiled ? src[j] + tiled_offset(rows[j], c * kRowBytes + 16 * unit, K) : src[j] + c * kRowBytes;
+        const int8_t* from = tiled ? src[j] + tiled_offset(rows[j], c * kRowBytes + 16 * unit, K, pair_width) : src[j] + c * kRowBytes;
         oiv2_wgmma::copy_async16(stage + dst + j * kRowStep * kRowBytes, from, (valid >> j) & 1);
       }
     }
@@ -115,12 +117,13 @@ struct Int8Weights {
 // W rows [first, first + rows) dequantized into out [rows, K], q * scale rounded to T: 16 weights a thread.
 template <typename T>
 __global__ void int8_dequant_kernel(const int4* __restrict__ w, const T* __restrict__ scales, T* __restrict__ out,
-                                    int64_t first, int64_t units, int K, bool tiled) {
+                                    int64_t first, int64_t units, int K, bool tiled,
+                                    int pair_width) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= units) return;
   const int64_t row = first + i * 16 / K;
   const float s = to_float(scales[row]);
-  const int4 v = tiled ? w[tiled_offset(static_cast<int>(row), static_cast<int>(i * 16 % K), K) / 16] : w[first * K / 16 + i];
+  const int4 v = tiled ? w[tiled_offset(static_cast<int>(row), static_cast<int>(i * 16 % K), K, pair_width) / 16] : w[first * K / 16 + i];
   const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
                              static_cast<uint32_t>(v.w)};
   T values[16];
@@ -136,7 +139,7 @@ __global__ void int8_dequant_kernel(const int4* __restrict__ w, const T* __restr
 
 template <typename T>
 void run_dequant_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, at::Tensor& y) {
-  const bool tiled = w.dim() == 3;
+  const Int8Weight layout = int8_weight(w);
   const int64_t N = scales.size(0), K = x.size(1);
   const int64_t slice_rows = std::min<int64_t>(N, std::max<int64_t>(1, kDequantBytes / (K * 2)));
   at::Tensor buffer = at::empty({slice_rows, K}, x.options());
@@ -145,7 +148,7 @@ void run_dequant_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     const int64_t rows = std::min<int64_t>(slice_rows, N - row), units = rows * K / 16;
     int8_dequant_kernel<T><<<(units + 255) / 256, 256, 0, stream>>>(
         reinterpret_cast<const int4*>(w.data_ptr()), reinterpret_cast<const T*>(scales.data_ptr()),
-        reinterpret_cast<T*>(buffer.data_ptr()), row, units, K, tiled);
+        reinterpret_cast<T*>(buffer.data_ptr()), row, units, K, layout.tiled, layout.pair_width);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor out = y.narrow(1, row, rows);
     at::mm_out(out, x, buffer.narrow(0, 0, rows).t());
@@ -159,20 +162,19 @@ void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, at:
       (std::is_same_v<T, __half> || x.size(1) <= oiv2_wgmma::kMaxFp16RowK) && oiv2_wgmma::takes(x.size(0))) {
     using Weights = Int8Weights<T>;  // products in fp16 (see the top of the file)
     const typename Weights::Params p{w.data_ptr<int8_t>(), reinterpret_cast<const T*>(scales.data_ptr()),
-                                     static_cast<int>(x.size(1)), w.dim() == 3};
+                                     static_cast<int>(x.size(1)), int8_weight(w).tiled,
+                                     int8_weight(w).pair_width};
     return oiv2_wgmma::run_wgmma_gemm<__half, Weights, T>(x, p, N, y);
   }
   run_dequant_gemm<T>(x, w, scales, y);
 }
 
-// x [..., K] → y [..., N]; qweight [N, K], or [N / 16, 16, K] in int8-tiles16x1024-v1.
+// x [..., K] → y [..., N]; qweight [N, K], or int8-tiles16x1024-v2 (gemv_common.cuh int8_weight).
 at::Tensor linear_int8_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() >= 1, "x must have a feature dimension");
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && (qweight.dim() == 2 || (qweight.dim() == 3 && qweight.size(1) == 16)),
-              "qweight must be [N, K] or [N / 16, 16, K] (int8-tiles16x1024-v1) int8");
-  const bool tiled = qweight.dim() == 3;
-  const int64_t K = x.size(-1), N = tiled ? qweight.size(0) * 16 : qweight.size(0);
-  TORCH_CHECK(qweight.size(-1) == K && K % (tiled ? 128 : 16) == 0, "K must match and be a multiple of 16 (128 tiled)");
+  const Int8Weight layout = int8_weight(qweight);
+  const int64_t K = x.size(-1), N = layout.rows;
+  TORCH_CHECK(layout.K == K, "qweight's K must match x's");
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N, "scales must be [N]");
   TORCH_CHECK(x.scalar_type() == scales.scalar_type(), "scales must have x's dtype");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x must be bf16 or fp16");

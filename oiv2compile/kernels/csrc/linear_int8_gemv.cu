@@ -69,23 +69,24 @@ __device__ __forceinline__ float byte_to_float(uint32_t biased, uint32_t selecto
 
 // load_row for a row of tiled weights.
 template <int kUnroll>
-__device__ __forceinline__ void load_tiled_row(const uint8_t* w, int n, int base, int K, int4 (&out)[kUnroll]) {
+__device__ __forceinline__ void load_tiled_row(const uint8_t* w, int n, int base, int K, int pair_width,
+                                               int4 (&out)[kUnroll]) {
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int b = base + u * kWarpStep;
-    out[u] = b < K ? load_stream(reinterpret_cast<const int4*>(w + tiled_offset(n, b, K))) : make_int4(0, 0, 0, 0);
+    out[u] = b < K ? load_stream(reinterpret_cast<const int4*>(w + tiled_offset(n, b, K, pair_width))) : make_int4(0, 0, 0, 0);
   }
 }
 
 // residual [M, N] with kAddResidual; eps with the norm; activation with kRmsNormGatedAct, where N is the
-// output width I and w has 2I rows. tiled: w in int8-tiles16x1024-v1.
+// output width I and w has 2I rows. tiled: w in int8-tiles16x1024-v2 (paired: pair_width, gemv_common.cuh).
 template <typename T, int M, Epilogue kMode>
 __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restrict__ x,
                                                                 const int8_t* __restrict__ w,
                                                                 const T* __restrict__ scales,
                                                                 const T* __restrict__ residual,
                                                                 T* __restrict__ y, int N, int K, float eps,
-                                                                int activation, bool tiled) {
+                                                                int activation, bool tiled, int pair_width) {
   constexpr bool kGated = kMode == Epilogue::kRmsNormGatedAct;
   constexpr bool kNorm = kMode == Epilogue::kRmsNorm || kGated;
   constexpr int kHalf = kWarps / 2;
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
 #pragma unroll
     for (int p = 0; p < kPerWarp; ++p) {
       if (tiled) {
-        load_tiled_row<kUnroll>(reinterpret_cast<const uint8_t*>(w), ns[p], base, K, wv[p]);
+        load_tiled_row<kUnroll>(reinterpret_cast<const uint8_t*>(w), ns[p], base, K, pair_width, wv[p]);
       } else {
         load_row<kUnroll>(reinterpret_cast<const uint8_t*>(rows[p]), base, K, wv[p]);
       }
@@ -294,16 +295,9 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
         __syncwarp();
         unsigned char* stage = smem + slot * kStreamStageBytes;
         if constexpr (kTiled) {
-          // The stage's tile of 16 rows lies together (kTileFeatures = kStageFeatures); gated, the gate rows
-          // 8b.. and the up rows width + 8b.. are each half a tile (N / 2 a multiple of 8).
-          if constexpr (kGated) {
-            if (lane < 2) {
-              const int n = 8 * b + lane * (N / 2);
-              bulk_copy(stage + lane * 8 * bytes, w + tiled_offset(n, f0, K), 8 * bytes, &full[slot]);
-            }
-          } else if (lane == 0) {
-            bulk_copy(stage, w + tiled_offset(kBlockRows * b, f0, K), kBlockRows * bytes, &full[slot]);
-          }
+          // The stage is tile f0 / 1024 of block b (kTileFeatures = kStageFeatures; gated, the paired form's
+          // block b holds the gate and up rows of outputs 8b..): one copy.
+          if (lane == 0) bulk_copy(stage, w + static_cast<size_t>(b) * kBlockRows * K + kBlockRows * f0, kBlockRows * bytes, &full[slot]);
         } else if (lane < kBlockRows) {
           bulk_copy(stage + lane * kStageRowBytes, row + f0, bytes, &full[slot]);
         }
@@ -315,13 +309,12 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
     wait_for_previous_grid();  // x is the previous kernel's output
     unsigned char* planes = smem + layout.x;
     float* x_scale = reinterpret_cast<float*>(smem + layout.x_scale);
-    sum_x<T, 0, kNorm, true, kStreamWarps, true>(x, 1, K, nullptr, row_sumsq, planes, x_scale);
+    sum_x<T, 0, kNorm, true, kStreamWarps, true, kTiled>(x, 1, K, nullptr, row_sumsq, planes, x_scale);
     const int g = lane >> 2, t = lane & 3;
     // this lane's 16 bytes of plane g of a chunk of 64 features (columns 3-7 of the product are unused)
     const uint4* xl = reinterpret_cast<const uint4*>(planes + (g < 3 ? g : 0) * 64 + t * 16);
     const float column_weight0 = t == 0 ? 1.0f : t == 1 ? 65536.0f : 0.0f, column_weight1 = t == 0 ? 256.0f : 0.0f;
     const int team = warp / kTeamWarps, offset = (warp % kTeamWarps) * 128;  // the warp's features of a stage
-    const int swizzle = 16 * ((t >> 1) ^ g);  // tiled: a unit's byte offset, 16 (t / 2), XORed by 16 g
     int block_stage = 0;
     for (int b = first; b < end; ++b, block_stage += ring_stages) {
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -330,12 +323,28 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
         const int slot = static_cast<unsigned>(s) % kStreamStages;
         barrier_wait(&full[slot], (static_cast<unsigned>(s) / kStreamStages) & 1);
         const int f = f0 + offset;  // K is a multiple of 64: the warp has 4, 2 or no k-steps
-        if (f < K) {
-          // Row g's bytes 8t.. of k-step `step`: tiled, unit 2 step + t / 2 of the row's slice sits at
-          // (2 step + t / 2) ^ g, and the rows lie the stage's width apart.
-          const int row_stride = kTiled ? min(kStageFeatures, K - f0) : kStageRowBytes;
-          const unsigned char* rows = smem + slot * kStreamStageBytes + g * row_stride + offset +
-                                      (kTiled ? 8 * (t & 1) : 8 * t);
+        if (kTiled && f < K) {
+          // The warp's slice of the tile is 2048 bytes from 2048 (warp % 8): for k-steps 2 h and 2 h + 1, rows
+          // 0-7 at 1024 h, rows 8-15 512 further, lane (g, t)'s 16 bytes at 16 lane: features 64 h + 16 t..
+          // of rows g and g + 8, whose planes of x the lane loads too (store_planes kContiguous).
+          const uint4* wl = reinterpret_cast<const uint4*>(smem + slot * kStreamStageBytes + 16 * offset) + lane;
+          int d[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) d[e] = static_cast<int>(kIntMagic);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint4 wg = wl[64 * h], wg8 = wl[64 * h + 32];
+            const uint4 xv = xl[(f / 64 + h) * (kPlanesChunkBytes / 16)];
+            const uint32_t a0[4] = {wg.x, wg8.x, wg.y, wg8.y}, a1[4] = {wg.z, wg8.z, wg.w, wg8.w};
+            imma<true>(d, a0, xv.x, xv.y);
+            imma<true>(d, a1, xv.z, xv.w);
+          }
+          const float xs = x_scale[f >> 7];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[e] = fmaf(xs, __int_as_float(d[e]) - kIntMagicValue, acc[e]);
+        } else if (!kTiled && f < K) {
+          // Row g's bytes 8t.. of k-step `step`.
+          const unsigned char* rows = smem + slot * kStreamStageBytes + g * kStageRowBytes + offset + 8 * t;
           const int steps = min(4, (K - f) / 32);
           int d[4];
 #pragma unroll
@@ -344,9 +353,8 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
 #pragma unroll
           for (int step = 0; step < 4; ++step) {
             if (step >= steps) break;
-            const int at = kTiled ? (32 * step) ^ swizzle : 32 * step;
-            const uint2 wg = *reinterpret_cast<const uint2*>(rows + at);
-            const uint2 wg8 = *reinterpret_cast<const uint2*>(rows + 8 * row_stride + at);
+            const uint2 wg = *reinterpret_cast<const uint2*>(rows + 32 * step);
+            const uint2 wg8 = *reinterpret_cast<const uint2*>(rows + 8 * kStageRowBytes + 32 * step);
             if ((step & 1) == 0) xv = xl[(f / 64 + step / 2) * (kPlanesChunkBytes / 16)];
             const uint32_t a[4] = {wg.x, wg8.x, wg.y, wg8.y};
             imma<true>(d, a, (step & 1) ? xv.z : xv.x, (step & 1) ? xv.w : xv.y);
@@ -393,7 +401,8 @@ struct Operands {
   at::Tensor x, w, s, residual, y;
   double eps;
   int activation;
-  bool tiled;  // w in int8-tiles16x1024-v1 ([N / 16, 16, K])
+  bool tiled;      // w in int8-tiles16x1024-v2
+  int pair_width;  // tiled: its paired form ([N / 16, 2, 8, K], pair_width N / 2; gemv_common.cuh tiled_offset)
   int rows, K;  // of the weight
 };
 
@@ -418,7 +427,10 @@ bool launch_streamed(const Operands& o) {
   const int ctas = aligned16(o.w) && aligned16(o.x) ? int8_streamed_ctas(blocks, K) : 0;
   if (ctas == 0) return false;
   const int smem = int8_streamed_layout(K, blocks_per_cta(blocks, ctas)).total;
-  if (o.tiled) return launch_streamed_kernel<int8_streamed_kernel<T, kMode, true>, T>(o, ctas, smem, blocks);
+  if (o.tiled) {  // a block is a tile: the gated form takes the paired tiles, the others the plain ones
+    if ((o.pair_width > 0) != (kMode == Epilogue::kRmsNormGatedAct)) return false;
+    return launch_streamed_kernel<int8_streamed_kernel<T, kMode, true>, T>(o, ctas, smem, blocks);
+  }
   return launch_streamed_kernel<int8_streamed_kernel<T, kMode, false>, T>(o, ctas, smem, blocks);
 }
 
@@ -435,7 +447,7 @@ void launch(const Operands& o) {
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
   C10_CUDA_CHECK(launch_programmatic(gemv_int8_kernel<T, M, kMode>, grid, block, 0, at::cuda::getCurrentCUDAStream(),
                                      ptr(o.x), o.w.data_ptr<int8_t>(), ptr(o.s), ptr(o.residual), ptr(o.y), N, K,
-                                     static_cast<float>(o.eps), o.activation, o.tiled));
+                                     static_cast<float>(o.eps), o.activation, o.tiled, o.pair_width));
 }
 
 template <typename T, Epilogue kMode>
@@ -448,30 +460,28 @@ void dispatch_rows(const Operands& o) {
   }
 }
 
-// x [M, K] (M <= 4, bf16 or fp16), qweight [N, K] int8 (or [N / 16, 16, K] in int8-tiles16x1024-v1), scales [N]
+// x [M, K] (M <= 4, bf16 or fp16), qweight [N, K] int8 (or int8-tiles16x1024-v2: gemv_common.cuh int8_weight), scales [N]
 // in x's dtype → y [M, N] ([M, N / 2] gated).
 template <Epilogue kMode>
 at::Tensor run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& residual,
                double eps, int activation = kSilu) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 4, "linear_int8_gemv takes 1 to 4 rows");
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && (qweight.dim() == 2 || (qweight.dim() == 3 && qweight.size(1) == 16)),
-              "qweight must be [N, K] or [N / 16, 16, K] int8");
-  const bool tiled = qweight.dim() == 3;
-  const int64_t K = qweight.size(-1);
-  TORCH_CHECK(x.size(1) == K && K % (tiled ? 128 : 16) == 0, "K must match and be a multiple of 16 (128 tiled)");
+  const Int8Weight layout = int8_weight(qweight);
+  const int64_t K = layout.K;
+  TORCH_CHECK(x.size(1) == K, "qweight's K must match x's");
   TORCH_CHECK(x.scalar_type() == scales.scalar_type(), "scales must have x's dtype");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "x must be bf16 or fp16");
   const at::cuda::OptionalCUDAGuard guard(x.device());
-  const int64_t rows = tiled ? qweight.size(0) * 16 : qweight.size(0);
+  const int64_t rows = layout.rows;
   int64_t width = rows;
   if constexpr (kMode == Epilogue::kRmsNormGatedAct) {
-    TORCH_CHECK(width % (tiled ? 16 : 2) == 0, "a gate/up qweight has an even number of rows (tiled: a multiple of 16)");
+    TORCH_CHECK(width % 2 == 0, "a gate/up qweight has an even number of rows");
     width /= 2;
   }
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == rows, "scales must be [N]");
   at::Tensor y = at::empty({x.size(0), width}, x.options());
-  Operands o{x.contiguous(), qweight.contiguous(), scales.contiguous(), at::Tensor(), y, eps, activation, tiled,
-             static_cast<int>(rows), static_cast<int>(K)};
+  Operands o{x.contiguous(), qweight.contiguous(), scales.contiguous(), at::Tensor(), y, eps, activation, layout.tiled,
+             layout.pair_width, static_cast<int>(rows), static_cast<int>(K)};
   if constexpr (kMode == Epilogue::kAddResidual) {
     TORCH_CHECK(residual.sizes() == y.sizes() && residual.scalar_type() == x.scalar_type(),
                 "residual must be [M, N] in x's dtype");

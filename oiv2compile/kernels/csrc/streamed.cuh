@@ -173,17 +173,19 @@ __host__ __device__ constexpr int group_stride(bool planes) { return planes ? 1 
 // 64 + p2. A chunk of 64 features takes 192 bytes: plane p at 64 p, then lane t's 16 bytes at 16 t: its 8
 // features of each 32-feature half (t * 8..) in the order the nibbles of a word come out of w & 0x0F0F0F0F
 // (features 0, 2, 1, 3, then 4, 6, 5, 7), so one 16-byte load gives a lane its B fragments of a chunk's two
-// integer k-steps; with kNatural (int8 weights, whose bytes come in the row's order) in the order 0..7.
+// integer k-steps; with kNatural (int8 weights, whose bytes come in the row's order) in the order 0..7; with
+// kContiguous (int8-tiles16x1024-v2, whose lanes hold 16 features of a row) a chunk's 64 features of a plane in
+// their order, so lane t's 16 bytes are features 16 t.. of the chunk.
 constexpr float kIntMagicValue = 12582912.0f;           // 1.5 * 2^23
 constexpr float kPlanesMagic = kIntMagicValue + 0x8080;  // 12615808
 constexpr int kPlanesChunkBytes = 3 * 64;
 
 // One lane's features f..f+7 (xf) into the planes; every lane of the warp calls it (lanes 0-15 hold one
 // slice, 16-31 another: their largest magnitude is a shuffle), and only lanes with f < K store.
-template <bool kNatural = false>
+template <bool kNatural = false, bool kContiguous = false>
 __device__ __forceinline__ void store_planes(const float (&xf)[8], int f, int K, int lane, unsigned char* planes,
                                              float* x_scale) {
-  constexpr int i1 = kNatural ? 1 : 2, i2 = kNatural ? 2 : 1;  // the features of bytes 1 and 2 of a word
+  constexpr int i1 = kNatural || kContiguous ? 1 : 2, i2 = kNatural || kContiguous ? 2 : 1;  // the features of bytes 1 and 2 of a word
   float m = 0.0f;
 #pragma unroll
   for (int i = 0; i < 8; ++i) m = fmaxf(m, fabsf(xf[i]));
@@ -206,7 +208,8 @@ __device__ __forceinline__ void store_planes(const float (&xf)[8], int f, int K,
     p[2][q] = (b2 & 0x3F3F3F3Fu) | ((~b2 & 0x40404040u) * 3u);  // 64 + p2 -> p2 in two's complement
   }
   if (f < K) {
-    unsigned char* at = planes + (f >> 6) * kPlanesChunkBytes + ((f >> 3) & 3) * 16 + ((f >> 5) & 1) * 8;
+    unsigned char* at = planes + (f >> 6) * kPlanesChunkBytes +
+                        (kContiguous ? (f & 63) : ((f >> 3) & 3) * 16 + ((f >> 5) & 1) * 8);
 #pragma unroll
     for (int q = 0; q < 3; ++q) *reinterpret_cast<uint2*>(at + 64 * q) = make_uint2(p[q][0], p[q][1]);
     if ((lane & 15) == 0) x_scale[f >> 7] = __uint_as_float(static_cast<uint32_t>(e - 19) << 23);
@@ -223,8 +226,9 @@ __device__ __forceinline__ void store_planes(const float (&xf)[8], int f, int K,
 // squares goes into row_sumsq[warp * 8 + m] (added in warp order after the CTA's last barrier). With one
 // row kept in shared memory as planes (kPlanes) the warp also stores its features of x there as planes,
 // where its products read them. kWarps: the consumer warps (slices w, w + kWarps, ... are warp w's); without
-// zero points (int8 weights, kGroupShift 0) there are no group sums; kNatural: store_planes' order.
-template <typename T, int kGroupShift, bool kNorm, bool kPlanes, int kWarps, bool kNatural = false>
+// zero points (int8 weights, kGroupShift 0) there are no group sums; kNatural, kContiguous: store_planes' order.
+template <typename T, int kGroupShift, bool kNorm, bool kPlanes, int kWarps, bool kNatural = false,
+          bool kContiguous = false>
 __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sums, float* row_sumsq,
                                       unsigned char* planes, float* x_scale) {
   constexpr int kLanesPerGroup = kGroupShift > 0 ? (1 << kGroupShift) / 8 : 1;
@@ -257,7 +261,7 @@ __device__ __forceinline__ void sum_x(const T* x, int M, int K, float* group_sum
           part += lo + hi;
           if constexpr (kNorm) sq = fmaf(lo, lo, fmaf(hi, hi, sq));
         }
-        if constexpr (kPlanes) store_planes<kNatural>(xf, f, K, lane, planes, x_scale);
+        if constexpr (kPlanes) store_planes<kNatural, kContiguous>(xf, f, K, lane, planes, x_scale);
         if constexpr (kGroupShift > 0) {
 #pragma unroll
           for (int off = 1; off < kLanesPerGroup; off <<= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
