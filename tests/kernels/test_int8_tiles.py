@@ -127,8 +127,8 @@ def _cuda_ops():  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_the_one_row_products_give_the_same_bits_from_the_tiles(n, k, dtype, paired):
-    """The streamed kernel at one row (one copy a stage: the gated product on the paired form, the others on the
-    plain one; the rest through the register kernel), the register kernel at 2-4 rows."""
+    """The streamed kernel at one row (one copy a stage; the gated product on plain tiles through the register
+    kernel), the register kernel at 2-4 rows."""
     ops = _cuda_ops()
     q = _q(n, k, seed=1, device="cuda")
     tiles = tile(q, paired)
@@ -143,7 +143,11 @@ def test_the_one_row_products_give_the_same_bits_from_the_tiles(n, k, dtype, pai
             (ops.rms_norm_linear_int8_gemv_gated_act, (scales, 1e-5, ACTIVATIONS.index("silu"))),
         ]:
             want, got = op(x, q, *rest), op(x, tiles, *rest)
-            assert torch.equal(got, want), (op, rows)
+            if rows == 1 and op is ops.rms_norm_linear_int8_gemv_gated_act and not paired:
+                # Plain tiles do not hold a gated block together: the register kernel, other sums.
+                assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+            else:
+                assert torch.equal(got, want), (op, rows)
         if rows == 1:
             want = linear_int8_ref(x.float(), q, scales.float())
             got = ops.linear_int8_gemv(x, tiles, scales).float()

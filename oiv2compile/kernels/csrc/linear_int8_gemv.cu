@@ -266,7 +266,8 @@ __device__ __forceinline__ int block_row(int b, int r, int N) {
 template <typename T, Epilogue kMode, bool kTiled>
 __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
     const T* __restrict__ x, const int8_t* __restrict__ w, const T* __restrict__ scales,
-    const T* __restrict__ residual, T* __restrict__ y, int N, int K, int blocks, float eps, int activation) {
+    const T* __restrict__ residual, T* __restrict__ y, int N, int K, int blocks, float eps, int activation,
+    int pair_width) {
   constexpr bool kGated = kMode == Epilogue::kRmsNormGatedAct;
   constexpr bool kNorm = kMode == Epilogue::kRmsNorm || kGated;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -377,7 +378,7 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
   wait_for_previous_grid();  // every thread that writes y (the consumers have waited already)
   __syncthreads();
   store_outputs<T, kMode, kStreamWarps, true>(sums, row_sumsq, scales, residual, y, first, end, 1, N, K, eps,
-                                               activation);
+                                               activation, kGated ? 0 : pair_width);
 }
 
 // The streamed kernel's grid for one row of x, or 0 where it does not run (K not a multiple of 64, or planes
@@ -415,7 +416,7 @@ bool launch_streamed_kernel(const Operands& o, int ctas, int smem, int blocks) {
   C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(32 * (kStreamWarps + 1)), smem,
                                      at::cuda::getCurrentCUDAStream(), ptr(o.x), o.w.data_ptr<int8_t>(), ptr(o.s),
                                      ptr(o.residual), ptr(o.y), rows, K, blocks, static_cast<float>(o.eps),
-                                     o.activation));
+                                     o.activation, o.pair_width));
   return true;
 }
 
@@ -427,8 +428,8 @@ bool launch_streamed(const Operands& o) {
   const int ctas = aligned16(o.w) && aligned16(o.x) ? int8_streamed_ctas(blocks, K) : 0;
   if (ctas == 0) return false;
   const int smem = int8_streamed_layout(K, blocks_per_cta(blocks, ctas)).total;
-  if (o.tiled) {  // a block is a tile: the gated form takes the paired tiles, the others the plain ones
-    if ((o.pair_width > 0) != (kMode == Epilogue::kRmsNormGatedAct)) return false;
+  if (o.tiled) {  // a block is a tile: the gated form takes the paired tiles (plain ones: the register kernel)
+    if (o.pair_width == 0 && kMode == Epilogue::kRmsNormGatedAct) return false;
     return launch_streamed_kernel<int8_streamed_kernel<T, kMode, true>, T>(o, ctas, smem, blocks);
   }
   return launch_streamed_kernel<int8_streamed_kernel<T, kMode, false>, T>(o, ctas, smem, blocks);

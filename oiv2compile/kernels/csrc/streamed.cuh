@@ -328,11 +328,12 @@ __device__ __forceinline__ void add_planes(float (&acc)[4], float column_weight0
 // sum with the residual; gated: gate and up to x's dtype, the activation too, then their product). With
 // kRowScales (int8 weights) each weight row's sum is multiplied by its scale, and outputs past the last row
 // (a block cut short) are not stored; the gated block of outputs 8b.. has its gate rows at 8b.. and its up
-// rows at width + 8b.. of the scales.
+// rows at width + 8b.. of the scales. With pair_width (int8 weights in paired tiles, not gated) block b holds
+// rows 8b.. and pair_width + 8b...
 template <typename T, Epilogue kMode, int kWarps, bool kRowScales>
 __device__ __forceinline__ void store_outputs(const float* sums, const float* row_sumsq, const T* row_scales,
                                               const T* residual, T* y, int first, int end, int M, int N, int K,
-                                              float eps, int activation) {
+                                              float eps, int activation, int pair_width = 0) {
   const int sums_stride = M * kBlockRows;  // from one warp's sums of a block to the next warp's
   if constexpr (kMode == Epilogue::kRmsNormGatedAct) {
     // Output (first + bl) * 8 + r of x row m: gate (row r of the block) and up (row r + 8).
@@ -358,7 +359,8 @@ __device__ __forceinline__ void store_outputs(const float* sums, const float* ro
   }
   for (int i = threadIdx.x; i < (end - first) * M * kBlockRows; i += blockDim.x) {
     const int bl = i / (M * kBlockRows), m = (i / kBlockRows) % M, row = i % kBlockRows;
-    const int out = (first + bl) * kBlockRows + row;
+    const int out = pair_width > 0 ? 8 * (first + bl) + (row & 7) + (row < 8 ? 0 : pair_width)
+                                   : (first + bl) * kBlockRows + row;
     if (kRowScales && out >= N) continue;
     float sum = warps_sum<kWarps>(sums + (bl * kWarps * M + m) * kBlockRows + row, sums_stride);
     if constexpr (kMode == Epilogue::kRmsNorm) sum *= rsqrtf(warps_sum<kWarps>(row_sumsq + m, 8) / K + eps);
