@@ -7,7 +7,8 @@ measured in the same run. Candidates, all in the same run:
   bf16 F.linear · oiv2::linear_int8 · oiv2::linear_int4 (group 128) · aten._weight_int8pack_mm ·
   Inductor's fused dequantize-then-linear (torch.compile of the int8 reference) ·
   aten._weight_int4pack_mm (tinygemm, group 128)
-  oiv2::linear_int8_gemv (the CUDA C++ GEMV, M <= 4) · oiv2::linear_int8_gemm (the CUDA C++ op of int8
+  oiv2::linear_int8_gemv (the CUDA C++ GEMV, M <= 4; with "tiles", the weights in int8-tiles16x1024-v2 as
+  CUDA builds store them) · oiv2::linear_int8_gemm (the CUDA C++ op of int8
   prefill: on Hopper the wgmma GEMM to 256 rows, dequantize-then-cuBLAS above) · oiv2::linear_int4_mma
   (group 128, the CUDA C++ op the builds use for int4: tensor cores up to 32 rows, on Hopper the wgmma
   GEMM to 256, dequantize-then-cuBLAS above) ·
@@ -43,6 +44,7 @@ from oiv2compile.kernels.linear_int4 import quantize as quantize_int4
 from oiv2compile.kernels.linear_int4 import unpack as unpack_int4
 from oiv2compile.kernels.linear_int8 import dequantize as dequantize_int8
 from oiv2compile.kernels.linear_int8 import quantize as quantize_int8
+from oiv2compile.kernels.linear_int8 import tile, tiles_fit
 from oiv2compile.models import PRESETS
 
 ROTATE_BYTES = 512 << 20  # weights cycled per candidate: far beyond any L2 / last-level cache
@@ -87,6 +89,13 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
 
     def int8_gemv() -> tuple[list[Any], int, Callable]:
         q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
+        return [q, s], q.nbytes + s.nbytes, lambda x, q, s: _gemv(torch.ops.oiv2.linear_int8_gemv, x, q, s)
+
+    def int8_gemv_tiles() -> tuple[list[Any], int, Callable]:
+        q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
+        if not tiles_fit(n, k):
+            raise RuntimeError(f"{n} x {k} does not fit the int8 tiles")
+        q = tile(q)  # int8-tiles16x1024-v2, as CUDA builds store it (passes/tile_int8_weights.py)
         return [q, s], q.nbytes + s.nbytes, lambda x, q, s: _gemv(torch.ops.oiv2.linear_int8_gemv, x, q, s)
 
     def int8_gemm() -> tuple[list[Any], int, Callable]:
@@ -134,6 +143,7 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
         "oiv2::linear_int8": int8_ours,
         "oiv2::linear_int4 g128": int4_ours,
         "oiv2::linear_int8_gemv (CUDA C++)": int8_gemv,
+        "oiv2::linear_int8_gemv tiles (CUDA C++)": int8_gemv_tiles,
         "oiv2::linear_int8_gemm (CUDA C++)": int8_gemm,
         "oiv2::linear_int4_mma g128 (CUDA C++)": int4_mma,
         "int8 dequantize, then F.linear": int8_dequant_linear,

@@ -337,7 +337,7 @@ def quant_matmul(
     `takes(x, bits, group)` first."""
     k = x.shape[-1]
     # int8-tiles16x1024-v2: 1, its paired form 2 (kernels/linear_int8.py)
-    tiled = (weight.dim() - 1) if bits == 8 and weight.dim() > 2 else 0
+    tiled = weight.dim() - 2 if bits == 8 and weight.dim() > 2 else 0
     n = weight.numel() // k if bits == 8 else weight.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
