@@ -61,7 +61,7 @@ class QuantConfig:
     # int8 products on the C++ GEMV, instead of the Triton kernels (passes/use_cuda_kernels.py);
     # CUDA builds through Inductor only.
     enable_cuda_kernels: bool = True
-    # int8 weights that only products read stored in int8-tiles16x1024-v1, a stage of the one-row product
+    # int8 weights that only products read stored in int8-tiles16x1024-v2, a stage of the one-row product
     # one copy (passes/tile_int8_weights.py); with the CUDA kernels only.
     int8_tiles: bool = True
     method: str = "rtn"

@@ -1,6 +1,6 @@
 """oiv2::linear_int8_gemv: y = x @ W^T for 1 to 4 rows of x with W in an int8 layout of
-oiv2::linear_int8 ("int8-rowmajor-v1" [N, K], or "int8-tiles16x1024-v1" [N/16, 16, K], which
-passes/tile_int8_weights.py makes for CUDA builds), by a hand-written CUDA C++ kernel
+oiv2::linear_int8 ("int8-rowmajor-v1" [N, K], or "int8-tiles16x1024-v2" [N/16, 16, K] and its paired form
+[N/16, 2, 8, K], which passes/tile_int8_weights.py makes for CUDA builds), by a hand-written CUDA C++ kernel
 (csrc/linear_int8_gemv.cu).
 
 The matrix-vector product of a decode step. One row of x (K a multiple of 64) takes a streamed kernel:

@@ -14,9 +14,9 @@ fused forms; each reads either layout (kernels/linear_int8.py). A weight goes on
 row-major tensor. Every program makes the same tensor under the same name, so the artifact stores it once.
 
 Why: the one-row product streams each stage of 16 rows x 1024 features as one bulk copy instead of 16 copies
-of 1 KB a row, and its consumer warps read their fragments as 512 contiguous bytes. H200, 32 llama-8b layers of int8 products (norms and activation inside), timing-only
-variants of the kernel in one run: 2015.8 us a step with 16 row copies, 1874.4 with one copy of 16 KB,
-1938.5 with eight copies of 2 KB (benchmarks/RESULTS.md, thirty-first session).
+of 1 KB a row, and its consumer warps read their fragments as 512 contiguous bytes. H200, 32 llama-8b layers
+of int8 products (norms and activation inside): 1850.5-1856.0 us a step against 1994.7-2010.1 row-major;
+llama-8b int8 decode 1.88-1.94x bf16 (benchmarks/RESULTS.md, thirty-second session).
 
 Preconditions: a CUDA build through Inductor with int8 products on the C++ kernels (use_cuda_kernels).
 """

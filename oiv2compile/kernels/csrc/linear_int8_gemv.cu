@@ -209,15 +209,19 @@ __global__ void __launch_bounds__(32 * kWarps) gemv_int8_kernel(const T* __restr
 // rows of 8 outputs, then their up rows). The producer warp copies a stage, 1024 features of each of a
 // block's 16 rows, as 16 row copies (cp.async.bulk, L2 evict-first) into a ring of 4 stages; the rows sit
 // kStageRowBytes apart, 32 bytes more than they hold, so that the 8-byte loads of rows g and g + 4 fall
-// on other banks. Weights in int8-tiles16x1024-v1 (kTiled) hold a stage's 16 rows together: one copy (two
-// gated, the gate and up halves of their tiles), the rows 1024 bytes apart and their 16-byte units swizzled
-// by row instead of padded. 32 llama-8b layers of int8 products with the norms and the activation inside
-// (H200): 1983.4 us a step against 2000.9-2003.1 row-major; without the norms 2081-2083 against 2214-2216;
-// llama-8b int8 decode 437.3 tok/s against 419.6 (benchmarks/RESULTS.md, thirty-first session).
+// on other banks. Weights in int8-tiles16x1024-v2 (kTiled; gated, its paired form, whose block b is the gate and
+// up rows of outputs 8b..) hold a stage's 16 rows together in the fragments' order: one copy a stage, and a
+// consumer warp's 128 features are four 16-byte loads a lane of 512 contiguous bytes each (rows g and g + 8,
+// features 16 t.. of two k-steps), against the padded rows' eight 8-byte loads and 74-83 SASS instructions a
+// stage's loop against 110-113 (129 with v1's swizzled rows). 32 llama-8b layers of int8 products with the norms
+// and the activation inside (H200): 1850.5-1856.0 us a step against 1994.7-2010.1 row-major; each llama-8b
+// shape at one row 88% (gate/up) and 84% (down) of the copy bandwidth against 78% and 80-81%; llama-8b int8
+// decode 1.88-1.94x bf16 (benchmarks/RESULTS.md, thirty-second session).
 // Two teams of 8 consumer warps take a block's stages by turns (team j % 2 takes stage
 // j; an even count of ring stages a block, streamed.cuh even_stages), warp w of a team the features 128 w.. of it: one 128-feature slice of x, whose planes (store_planes
 // in the row's order, sum_x) that warp wrote itself, so no barrier between the consumers. A lane's A
-// fragment of a 32-feature k-step is two 8-byte loads, features 8t.. of rows g and g + 8, and its B the
+// fragment of a 32-feature k-step is two 8-byte loads, features 8t.. of rows g and g + 8 (tiled: half of a
+// 16-byte load, features 16 t.. of the k-step pair; the planes in that order, store_planes kContiguous), and its B the
 // planes' bytes of the same features: four m16n8k32 s8 steps a stage add into int sums (|sum| <= 128 *
 // 128 * 128: a float by its bits from kIntMagic), scaled by the slice's 2^-s into the float sums. The
 // epilogue (store_outputs) multiplies each row's sum by its scale.
