@@ -7,12 +7,12 @@ measured in the same run. Candidates, all in the same run:
   bf16 F.linear · oiv2::linear_int8 · oiv2::linear_int4 (group 128) · aten._weight_int8pack_mm ·
   Inductor's fused dequantize-then-linear (torch.compile of the int8 reference) ·
   aten._weight_int4pack_mm (tinygemm, group 128)
-  oiv2::linear_int8_gemv (the CUDA C++ GEMV, M <= 4; with "tiles", the weights in int8-tiles16x1024-v2 as
-  CUDA builds store them) · oiv2::linear_int8_gemm (the CUDA C++ op of int8
+  oiv2::linear_int8_gemv (the CUDA C++ GEMV, M <= 4) · oiv2::linear_int8_gemm (the CUDA C++ op of int8
   prefill: on Hopper the wgmma GEMM to 256 rows, dequantize-then-cuBLAS above) · oiv2::linear_int4_mma
   (group 128, the CUDA C++ op the builds use for int4: tensor cores up to 32 rows, on Hopper the wgmma
   GEMM to 256, dequantize-then-cuBLAS above) ·
   dequantize into bf16, then F.linear (the prefill alternative to a mixed-input GEMM)
+  The three int8 oiv2 ops again with "tiles": the weights in int8-tiles16x1024-v2, as CUDA builds store them.
 The oiv2 ops are called as an artifact's code calls them (on CPU: their PyTorch reference). A
 candidate that cannot run here is a row `unavailable: <why>`. Weights rotate over enough copies that
 the last-level cache never holds them (as ANCHORS.md measured). On CUDA the calls are replayed from a
@@ -91,12 +91,24 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
         q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
         return [q, s], q.nbytes + s.nbytes, lambda x, q, s: _gemv(torch.ops.oiv2.linear_int8_gemv, x, q, s)
 
-    def int8_gemv_tiles() -> tuple[list[Any], int, Callable]:
-        q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
+    def int8_tiles() -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 weights in int8-tiles16x1024-v2, as CUDA builds store them (passes/tile_int8_weights.py)."""
         if not tiles_fit(n, k):
             raise RuntimeError(f"{n} x {k} does not fit the int8 tiles")
-        q = tile(q)  # int8-tiles16x1024-v2, as CUDA builds store it (passes/tile_int8_weights.py)
+        q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
+        return tile(q), s
+
+    def int8_ours_tiles() -> tuple[list[Any], int, Callable]:
+        q, s = int8_tiles()
+        return [q, s], q.nbytes + s.nbytes, lambda x, q, s: torch.ops.oiv2.linear_int8(x, q, s)
+
+    def int8_gemv_tiles() -> tuple[list[Any], int, Callable]:
+        q, s = int8_tiles()
         return [q, s], q.nbytes + s.nbytes, lambda x, q, s: _gemv(torch.ops.oiv2.linear_int8_gemv, x, q, s)
+
+    def int8_gemm_tiles() -> tuple[list[Any], int, Callable]:
+        q, s = int8_tiles()
+        return [q, s], q.nbytes + s.nbytes, torch.ops.oiv2.linear_int8_gemm
 
     def int8_gemm() -> tuple[list[Any], int, Callable]:
         q, s = quantize_int8(torch.randn(n, k, device=device) * 0.02, dtype)
@@ -143,7 +155,9 @@ def candidates(n: int, k: int, device: torch.device) -> dict[str, Callable[[], t
         "oiv2::linear_int8": int8_ours,
         "oiv2::linear_int4 g128": int4_ours,
         "oiv2::linear_int8_gemv (CUDA C++)": int8_gemv,
+        "oiv2::linear_int8 tiles": int8_ours_tiles,
         "oiv2::linear_int8_gemv tiles (CUDA C++)": int8_gemv_tiles,
+        "oiv2::linear_int8_gemm tiles (CUDA C++)": int8_gemm_tiles,
         "oiv2::linear_int8_gemm (CUDA C++)": int8_gemm,
         "oiv2::linear_int4_mma g128 (CUDA C++)": int4_mma,
         "int8 dequantize, then F.linear": int8_dequant_linear,
