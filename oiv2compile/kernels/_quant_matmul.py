@@ -94,7 +94,12 @@ if HAS_TRITON:
             # unit at once; it cannot see it through the arithmetic, and loaded bytes one by one (an H200,
             # llama-8b gate/up at 16 rows: 172 us against 22 row-major, benchmarks/RESULTS.md).
             k_offsets = tl.max_contiguous(tl.multiple_of(k_offsets, 16), 16)
-            return W + block[:, None].to(tl.int64) * (16 * K) + k_offsets[None, :] + ((r // 8) * 512 + (r % 8) * 64)[:, None]
+            return (
+                W
+                + block[:, None].to(tl.int64) * (16 * K)
+                + k_offsets[None, :]
+                + ((r // 8) * 512 + (r % 8) * 64)[:, None]
+            )
         return W + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
 
     @triton.jit

@@ -56,6 +56,10 @@ def test_tile_and_untile_invert_each_other_and_put_each_byte_where_the_kernels_r
     )
     assert torch.equal(flat[where].reshape(n, k), q)
     assert sorted(where.tolist()) == list(range(n * k))  # a permutation: every byte once
+    # Every 16 features from a multiple of 16 are 16 bytes in a row from a multiple of 16: the kernels' 16-byte
+    # loads and copies, and what the Triton op tells Triton (_int8_rows).
+    units = where.reshape(n, k // 16, 16)
+    assert bool((units[..., 0] % 16 == 0).all()) and bool((units - units[..., :1] == torch.arange(16)).all())
 
 
 @pytest.mark.parametrize("paired", [False, True], ids=["plain", "paired"])
