@@ -2,7 +2,8 @@
 GEMM, and an int4 artifact whose
 programs all call the tensor-core op (passes/use_cuda_kernels.py), through AOTInductor and CUDA graphs,
 against the same build on the Triton kernels, and loaded in a fresh process from the library the
-artifact carries."""
+artifact carries; an int8 artifact whose weights fit the tiles (int8-tiles16x1024-v2, gate/up paired)
+against the same build with row-major weights: the same bits in every program."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import oiv2compile
 from tests.conftest import PROMPTS, TINY_BUILD
@@ -91,3 +93,53 @@ def test_an_artifact_loads_its_library_in_a_fresh_process(artifacts):
     )
     assert out.stdout.strip() == "4"
     assert torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def tiled_artifacts(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """int8 builds, with and without the tiles, of a llama whose linears fit them (K 128 and 256, N multiples
+    of 16; the head's 259 rows do not)."""
+    root = tmp_path_factory.mktemp("tiles")
+    config = LlamaConfig(
+        vocab_size=259,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=258,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    return {
+        tiles: oiv2compile.build(
+            root / "model",
+            root / f"int8-{tiles}",
+            device="cuda",
+            dtype="bfloat16",
+            quantization="int8",
+            quant={"int8_tiles": tiles},
+            **TINY_BUILD,
+        )
+        for tiles in (True, False)
+    }
+
+
+def test_int8_tiles_give_the_bits_of_row_major_weights_in_every_program(tiled_artifacts):
+    """The kernels read the tiles with the same arithmetic (only the addresses change): prefill's GEMM, the
+    batch-1 decode's streamed kernels and a decode batch's Triton op."""
+    tiled, row_major = tiled_artifacts[True], tiled_artifacts[False]
+    manifest = json.loads((tiled / "manifest.json").read_text())
+    assert manifest["quantization"]["layout"] == "int8-rowmajor-v1, int8-tiles16x1024-paired-v2, int8-tiles16x1024-v2"
+    for program in ("decode_b1", "decode", "prefill"):
+        assert manifest["passes"][program]["tile_int8_weights"]["count"] == 8  # 2 layers x (qkv, o, gate/up, down)
+    assert json.loads((row_major / "manifest.json").read_text())["quantization"]["layout"] == "int8-rowmajor-v1"
+    a, b = oiv2compile.load(tiled), oiv2compile.load(row_major)
+    prompt, rest = PROMPTS[0], [3, 14, 15, 92, 65]
+    assert torch.equal(a.logits_for(prompt, rest), b.logits_for(prompt, rest))
+    batch = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]  # the dynamic-batch decode program
+    got, want = a.generate(batch, max_new_tokens=6), b.generate(batch, max_new_tokens=6)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
