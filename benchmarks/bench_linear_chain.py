@@ -41,6 +41,9 @@ SILU = ACTIVATIONS.index("silu")  # the gated kernel takes the activation by ind
 QUANTS = ("bf16", "int8", "int8-norm", "int8-norm-act", "int4", "int4-norm", "int4-norm-act")
 
 
+GATE_UP = 2  # linear_shapes' gate/up: its int8 tiles are paired, as tile_int8_weights pairs them
+
+
 def linear_shapes(model: str) -> list[tuple[int, int]]:
     """(N, K) of one layer's qkv, o, gate_up and down, as the fuse passes make them."""
     c = PRESETS[model]
@@ -89,7 +92,8 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
     if quant.startswith(("int8-norm", "int4-norm")):
         return _fused_norm_step(quant[:4], layers, device, shapes, q_width, quant.endswith("-act"), tiles)
     stack = [
-        [make_linear(quant, n, k, device, tiles, i == 2) for i, (n, k) in enumerate(shapes)] for _ in range(layers)
+        [make_linear(quant, n, k, device, tiles, i == GATE_UP) for i, (n, k) in enumerate(shapes)]
+        for _ in range(layers)
     ]
     norm = torch.ones(hidden, device=device, dtype=torch.bfloat16)
 
@@ -121,7 +125,9 @@ def _fused_norm_step(  # type: ignore[no-untyped-def]
     oiv2::rms_norm_linear_int4_mma_gated_act)."""
     ops = torch.ops.oiv2
     if bits == "int8":
-        weights = [int8_weight(n, k, device, tiles, i == 2) for _ in range(layers) for i, (n, k) in enumerate(shapes)]
+        weights = [
+            int8_weight(n, k, device, tiles, i == GATE_UP) for _ in range(layers) for i, (n, k) in enumerate(shapes)
+        ]
     else:
         weights = [int4_weight(n, k, device) for _ in range(layers) for n, k in shapes]
     if bits == "int8":

@@ -138,8 +138,8 @@ __global__ void int8_dequant_kernel(const int4* __restrict__ w, const T* __restr
 }
 
 template <typename T>
-void run_dequant_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, at::Tensor& y) {
-  const Int8Weight layout = int8_weight(w);
+void run_dequant_gemm(const at::Tensor& x, const at::Tensor& w, const Int8Weight& layout, const at::Tensor& scales,
+                      at::Tensor& y) {
   const int64_t N = scales.size(0), K = x.size(1);
   const int64_t slice_rows = std::min<int64_t>(N, std::max<int64_t>(1, kDequantBytes / (K * 2)));
   at::Tensor buffer = at::empty({slice_rows, K}, x.options());
@@ -156,17 +156,16 @@ void run_dequant_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 }
 
 template <typename T>
-void run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, at::Tensor& y) {
+void run(const at::Tensor& x, const at::Tensor& w, const Int8Weight& layout, const at::Tensor& scales, at::Tensor& y) {
   const int64_t N = scales.size(0);
   if (N % oiv2_wgmma::kBlockRows == 0 && x.size(1) % oiv2_wgmma::kChunk == 0 &&
       (std::is_same_v<T, __half> || x.size(1) <= oiv2_wgmma::kMaxFp16RowK) && oiv2_wgmma::takes(x.size(0))) {
     using Weights = Int8Weights<T>;  // products in fp16 (see the top of the file)
     const typename Weights::Params p{w.data_ptr<int8_t>(), reinterpret_cast<const T*>(scales.data_ptr()),
-                                     static_cast<int>(x.size(1)), int8_weight(w).tiled,
-                                     int8_weight(w).pair_width};
+                                     static_cast<int>(x.size(1)), layout.tiled, layout.pair_width};
     return oiv2_wgmma::run_wgmma_gemm<__half, Weights, T>(x, p, N, y);
   }
-  run_dequant_gemm<T>(x, w, scales, y);
+  run_dequant_gemm<T>(x, w, layout, scales, y);
 }
 
 // x [..., K] → y [..., N]; qweight [N, K], or int8-tiles16x1024-v2 (gemv_common.cuh int8_weight).
@@ -187,7 +186,7 @@ at::Tensor linear_int8_gemm(const at::Tensor& x, const at::Tensor& qweight, cons
   TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, "qweight must start on a 16-byte boundary");
   at::Tensor y = at::empty({x2.size(0), N}, x.options());
   if (y.numel() == 0) return y.view(out_sizes);
-  x.scalar_type() == at::kBFloat16 ? run<__nv_bfloat16>(x2, w, s, y) : run<__half>(x2, w, s, y);
+  x.scalar_type() == at::kBFloat16 ? run<__nv_bfloat16>(x2, w, layout, s, y) : run<__half>(x2, w, layout, s, y);
   return y.view(out_sizes);
 }
 

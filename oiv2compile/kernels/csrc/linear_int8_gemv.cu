@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
   if (warp == kStreamWarps) {  // the producer: lane r copies row r of each stage (tiled: one or two copies)
     int s = 0;
     for (int b = first; b < end; ++b) {
-      const int8_t* row = w + static_cast<size_t>(block_row<kGated>(b, lane & 15, N)) * K;
+      const int8_t* row = kTiled ? w : w + static_cast<size_t>(block_row<kGated>(b, lane & 15, N)) * K;
       for (int f0 = 0; f0 < K; f0 += kStageFeatures, ++s) {
         const int slot = s % kStreamStages;
         if (s >= kStreamStages) barrier_wait(&empty[slot], ((s / kStreamStages) + 1) & 1);
@@ -328,41 +328,37 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
         const int slot = static_cast<unsigned>(s) % kStreamStages;
         barrier_wait(&full[slot], (static_cast<unsigned>(s) / kStreamStages) & 1);
         const int f = f0 + offset;  // K is a multiple of 64: the warp has 4, 2 or no k-steps
-        if (kTiled && f < K) {
-          // The warp's slice of the tile is 2048 bytes from 2048 (warp % 8): for k-steps 2 h and 2 h + 1, rows
-          // 0-7 at 1024 h, rows 8-15 512 further, lane (g, t)'s 16 bytes at 16 lane: features 64 h + 16 t..
-          // of rows g and g + 8, whose planes of x the lane loads too (store_planes kContiguous).
-          const uint4* wl = reinterpret_cast<const uint4*>(smem + slot * kStreamStageBytes + 16 * offset) + lane;
+        if (f < K) {
           int d[4];
 #pragma unroll
           for (int e = 0; e < 4; ++e) d[e] = static_cast<int>(kIntMagic);
+          if constexpr (kTiled) {
+            // The warp's slice of the tile is 2048 bytes from 2048 (warp % 8): for k-steps 2 h and 2 h + 1, rows
+            // 0-7 at 1024 h, rows 8-15 512 further, lane (g, t)'s 16 bytes at 16 lane: features 64 h + 16 t..
+            // of rows g and g + 8, whose planes of x the lane loads too (store_planes kContiguous).
+            const uint4* wl = reinterpret_cast<const uint4*>(smem + slot * kStreamStageBytes + 16 * offset) + lane;
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint4 wg = wl[64 * h], wg8 = wl[64 * h + 32];
-            const uint4 xv = xl[(f / 64 + h) * (kPlanesChunkBytes / 16)];
-            const uint32_t a0[4] = {wg.x, wg8.x, wg.y, wg8.y}, a1[4] = {wg.z, wg8.z, wg.w, wg8.w};
-            imma<true>(d, a0, xv.x, xv.y);
-            imma<true>(d, a1, xv.z, xv.w);
-          }
-          const float xs = x_scale[f >> 7];
+            for (int h = 0; h < 2; ++h) {
+              const uint4 wg = wl[64 * h], wg8 = wl[64 * h + 32];
+              const uint4 xv = xl[(f / 64 + h) * (kPlanesChunkBytes / 16)];
+              const uint32_t a0[4] = {wg.x, wg8.x, wg.y, wg8.y}, a1[4] = {wg.z, wg8.z, wg.w, wg8.w};
+              imma<true>(d, a0, xv.x, xv.y);
+              imma<true>(d, a1, xv.z, xv.w);
+            }
+          } else {
+            // Row g's bytes 8t.. of k-step `step`.
+            const unsigned char* rows = smem + slot * kStreamStageBytes + g * kStageRowBytes + offset + 8 * t;
+            const int steps = min(4, (K - f) / 32);
+            uint4 xv;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[e] = fmaf(xs, __int_as_float(d[e]) - kIntMagicValue, acc[e]);
-        } else if (!kTiled && f < K) {
-          // Row g's bytes 8t.. of k-step `step`.
-          const unsigned char* rows = smem + slot * kStreamStageBytes + g * kStageRowBytes + offset + 8 * t;
-          const int steps = min(4, (K - f) / 32);
-          int d[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) d[e] = static_cast<int>(kIntMagic);
-          uint4 xv;
-#pragma unroll
-          for (int step = 0; step < 4; ++step) {
-            if (step >= steps) break;
-            const uint2 wg = *reinterpret_cast<const uint2*>(rows + 32 * step);
-            const uint2 wg8 = *reinterpret_cast<const uint2*>(rows + 8 * kStageRowBytes + 32 * step);
-            if ((step & 1) == 0) xv = xl[(f / 64 + step / 2) * (kPlanesChunkBytes / 16)];
-            const uint32_t a[4] = {wg.x, wg8.x, wg.y, wg8.y};
-            imma<true>(d, a, (step & 1) ? xv.z : xv.x, (step & 1) ? xv.w : xv.y);
+            for (int step = 0; step < 4; ++step) {
+              if (step >= steps) break;
+              const uint2 wg = *reinterpret_cast<const uint2*>(rows + 32 * step);
+              const uint2 wg8 = *reinterpret_cast<const uint2*>(rows + 8 * kStageRowBytes + 32 * step);
+              if ((step & 1) == 0) xv = xl[(f / 64 + step / 2) * (kPlanesChunkBytes / 16)];
+              const uint32_t a[4] = {wg.x, wg8.x, wg.y, wg8.y};
+              imma<true>(d, a, (step & 1) ? xv.z : xv.x, (step & 1) ? xv.w : xv.y);
+            }
           }
           const float xs = x_scale[f >> 7];
 #pragma unroll
@@ -438,7 +434,6 @@ bool launch_streamed(const Operands& o) {
   }
   return launch_streamed_kernel<int8_streamed_kernel<T, kMode, false>, T>(o, ctas, smem, blocks);
 }
-
 
 template <typename T, int M, Epilogue kMode>
 void launch(const Operands& o) {
