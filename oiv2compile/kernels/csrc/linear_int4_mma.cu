@@ -50,10 +50,14 @@
 // consumers, not by the memory: it took 1864 us a step, 1070 with the math left out and 1651 with the
 // copies left out. The producer copying x into shared memory (after griddepcontrol.wait, the consumers
 // waiting for it) was slower (1733 against 1705); the consumers' own copy of their features, in their pass
-// over x, is what the kernel does now at one row (above). The producer lets the next kernel launch once it
-// has issued its last copy, so a product right after this one (the norm inside both, below) starts its own
-// copies as this one's CTAs leave their SMs: 32 llama-8b layers of int4 products with the norms inside
-// took 1868 us a step with that, 2041 without (H100).
+// over x, is what the kernel does now at one row (above). The producer lets the next kernel launch, so a
+// product right after this one (the norm inside both, below) starts its own copies as this one's CTAs leave
+// their SMs: 32 llama-8b layers of int4 products with the norms inside took 1868 us a step with that, 2041
+// without (H100). It does so as it starts, not once it has issued its last copy (when the slowest CTA's
+// producer got there, near the end): 1221.7-1222.3 us a step against 1252.5-1255.4 (H200, two rounds of the
+// same chain). A ring of 6 stages, which lets one CTA of the next product in beside two of this one at
+// K = 4096, gained nothing more (1230.6-1231.0), one of 4 lost (1284.4) (thirty-third session,
+// benchmarks/RESULTS.md).
 // Two more ops run in the streamed kernel, with an epilogue (1 to 8 rows): oiv2::linear_int4_mma_add
 // (y = (x W^T) + residual, each rounded as the model rounds them: o and down write the new residual
 // stream) and oiv2::rms_norm_linear_int4_mma (y = rsqrt(mean(x^2) + eps) * (x W^T), W holding the
@@ -536,8 +540,8 @@ __device__ __forceinline__ void run_product_planes(const int4* ws, int c, int g0
 // [c0, c0 + 16) of one block and the groups they touch; consumer warp w of a team takes the
 // kStageChunks / kConsumers consecutive chunks from (w % kConsumers) * that, and stores its sums in its own
 // place in shared memory when its block ends; the epilogue adds the warps' sums in warp order (warps_sum).
-// The producer lets the next kernel launch once it has issued its last copy (that kernel's CTAs take an
-// SM as this one's leave it, and start their own copies). The consumers first sum x over each group (and
+// The producer lets the next kernel launch as it starts (that kernel's CTAs take an SM as this one's
+// leave it, and start their own copies). The consumers first sum x over each group (and
 // its squares, for the norm); with one row of x (kPlanes) that pass also writes x into shared memory as
 // planes, which the products read.
 // Registers: with 2-8 rows the bounds ask for one CTA an SM at least, so ptxas gives those forms 60-75
@@ -573,6 +577,7 @@ __global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1), kPlanes ? 
 
   if (warp == kWarps) {  // the producer
     if (lane == 0) {
+      allow_dependents_to_launch();  // at once: see the top of the file
       int s = 0;
       for (int b = first; b < end; ++b) {
         for (int c0 = 0; c0 < chunks; c0 += kStageChunks, ++s) {
@@ -589,7 +594,6 @@ __global__ void __launch_bounds__(32 * (consumer_warps(kPlanes) + 1), kPlanes ? 
         }
         if (kTeams == 2 && ring_stages > stages_per_block) skip_stage(full, empty, kStages, s++, 0);
       }
-      allow_dependents_to_launch();
     }
   } else {  // a consumer
     wait_for_previous_grid();  // x is the previous kernel's output
