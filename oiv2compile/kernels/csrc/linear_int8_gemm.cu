@@ -33,8 +33,13 @@ namespace {
 
 using namespace oiv2_gemv;
 
-// The slice of W dequantized at a time above that: 64 MB, as for int4 (linear_int4_mma.cu).
+// The slice of W dequantized at a time above that: 64 MB, as for int4 (linear_int4_mma.cu), in whole
+// multiples of kSliceRows rows. Each slice's product writes a column slice of y, which starts 2 * (its first
+// row) bytes into each row of y: at llama-8b's down (K = 14336) 64 MB was 2340 rows, whose second slice
+// started 8 bytes off a 16-byte boundary, and cuBLAS took 500 us for the two slices at 1024 rows of x against
+// 149 for the whole product (H200, thirty-third session, benchmarks/RESULTS.md).
 constexpr int64_t kDequantBytes = int64_t{64} << 20;
+constexpr int64_t kSliceRows = 128;
 
 // The fp16 pairs (bytes 0 and 1, bytes 2 and 3) of a word of four int8 weights, exactly.
 __device__ __forceinline__ void int8_half_pairs(uint32_t word, uint32_t& low, uint32_t& high) {
@@ -141,7 +146,7 @@ template <typename T>
 void run_dequant_gemm(const at::Tensor& x, const at::Tensor& w, const Int8Weight& layout, const at::Tensor& scales,
                       at::Tensor& y) {
   const int64_t N = scales.size(0), K = x.size(1);
-  const int64_t slice_rows = std::min<int64_t>(N, std::max<int64_t>(1, kDequantBytes / (K * 2)));
+  const int64_t slice_rows = std::min<int64_t>(N, std::max<int64_t>(kSliceRows, kDequantBytes / (K * 2) / kSliceRows * kSliceRows));
   at::Tensor buffer = at::empty({slice_rows, K}, x.options());
   auto stream = at::cuda::getCurrentCUDAStream();
   for (int64_t row = 0; row < N; row += slice_rows) {
