@@ -294,7 +294,8 @@ def test_int8_gemm_cuda_kernel(rows, n, k, dtype):
     rows of W cut short) and K = 4224 (66 chunks of 64, split unevenly over CTAs) through the wgmma GEMM on
     Hopper (1 to 256 rows: rows of x past M in a tile of 128) and the dequantize-then-cuBLAS path (257
     rows); N = 1001 and K = 2064 fit no 16-row block or 64-feature chunk (dequantized at any row count);
-    8192 x 4160 at 300 rows dequantizes in two slices (68 MB of bf16 against 64)."""
+    8192 x 4160 at 300 rows dequantizes in two slices (68 MB of bf16 against 64: 7936 rows, a whole
+    multiple of 128, then 256)."""
     from oiv2compile.kernels.linear_int8_gemm import load_extension
 
     load_extension()
