@@ -55,9 +55,9 @@
 // their SMs: 32 llama-8b layers of int4 products with the norms inside took 1868 us a step with that, 2041
 // without (H100). It does so as it starts, not once it has issued its last copy (when the slowest CTA's
 // producer got there, near the end): 1221.7-1222.3 us a step against 1252.5-1255.4 (H200, two rounds of the
-// same chain). A ring of 6 stages, which lets one CTA of the next product in beside two of this one at
-// K = 4096, gained nothing more (1230.6-1231.0), one of 4 lost (1284.4) (thirty-third session,
-// benchmarks/RESULTS.md).
+// same chain); llama-8b decode end to end did not change (652.0-652.2 tok/s either way, the same artifact). A
+// ring of 6 stages, which lets one CTA of the next product in beside two of this one at K = 4096, gained
+// nothing more (1230.6-1231.0), one of 4 lost (1284.4) (thirty-third session, benchmarks/RESULTS.md).
 // Two more ops run in the streamed kernel, with an epilogue (1 to 8 rows): oiv2::linear_int4_mma_add
 // (y = (x W^T) + residual, each rounded as the model rounds them: o and down write the new residual
 // stream) and oiv2::rms_norm_linear_int4_mma (y = rsqrt(mean(x^2) + eps) * (x W^T), W holding the

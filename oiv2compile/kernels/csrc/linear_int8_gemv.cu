@@ -289,8 +289,9 @@ __global__ void __launch_bounds__(32 * (kStreamWarps + 1)) int8_streamed_kernel(
   __syncthreads();
 
   if (warp == kStreamWarps) {  // the producer: lane r copies row r of each stage (tiled: one or two copies)
-    // The next kernel may launch at once (its CTAs take an SM as this one's leave it): as the int4 kernel
-    // does (linear_int4_mma.cu), which gained 31 us a step of its chain from it.
+    // The next kernel may launch at once (its CTAs take an SM as this one's leave it), as the int4 kernel
+    // does (linear_int4_mma.cu: 31 us a step of its chain). llama-8b int8 decode: 465.2-465.3 tok/s against
+    // 465.4 after the last copy (H200, the same artifact; benchmarks/RESULTS.md, thirty-third session).
     if (lane == 0) allow_dependents_to_launch();
     int s = 0;
     for (int b = first; b < end; ++b) {
