@@ -405,34 +405,32 @@ struct Operands {
   at::Tensor x, w, s, residual, y;
   double eps;
   int activation;
-  bool tiled;      // w in int8-tiles16x1024-v2
-  int pair_width;  // tiled: its paired form ([N / 16, 2, 8, K], pair_width N / 2; gemv_common.cuh tiled_offset)
-  int rows, K;  // of the weight
+  Int8Weight layout;  // w's rows, K and layout (gemv_common.cuh int8_weight)
 };
 
 // The streamed kernel launched as a programmatic dependent.
 template <auto kernel, typename T>
 bool launch_streamed_kernel(const Operands& o, int ctas, int smem, int blocks) {
-  const int rows = o.rows, K = o.K;
+  const int rows = static_cast<int>(o.layout.rows), K = static_cast<int>(o.layout.K);
   allow_dynamic_smem<kernel>(smem);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
   C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(32 * (kStreamWarps + 1)), smem,
                                      at::cuda::getCurrentCUDAStream(), ptr(o.x), o.w.data_ptr<int8_t>(), ptr(o.s),
                                      ptr(o.residual), ptr(o.y), rows, K, blocks, static_cast<float>(o.eps),
-                                     o.activation, o.pair_width));
+                                     o.activation, o.layout.pair_width));
   return true;
 }
 
 // One row of x through the streamed kernel; false where it does not run (int8_streamed_ctas).
 template <typename T, Epilogue kMode>
 bool launch_streamed(const Operands& o) {
-  const int rows = o.rows, K = o.K;
+  const int rows = static_cast<int>(o.layout.rows), K = static_cast<int>(o.layout.K);
   const int blocks = (rows + kBlockRows - 1) / kBlockRows;  // gated: 8 outputs' gate and up rows a block
   const int ctas = aligned16(o.w) && aligned16(o.x) ? int8_streamed_ctas(blocks, K) : 0;
   if (ctas == 0) return false;
   const int smem = int8_streamed_layout(K, blocks_per_cta(blocks, ctas)).total;
-  if (o.tiled) {  // a block is a tile: the gated form takes the paired tiles (plain ones: the register kernel)
-    if (o.pair_width == 0 && kMode == Epilogue::kRmsNormGatedAct) return false;
+  if (o.layout.tiled) {  // a block is a tile: the gated form takes the paired tiles (plain ones: the register kernel)
+    if (o.layout.pair_width == 0 && kMode == Epilogue::kRmsNormGatedAct) return false;
     return launch_streamed_kernel<int8_streamed_kernel<T, kMode, true>, T>(o, ctas, smem, blocks);
   }
   return launch_streamed_kernel<int8_streamed_kernel<T, kMode, false>, T>(o, ctas, smem, blocks);
@@ -443,14 +441,14 @@ void launch(const Operands& o) {
   if constexpr (M == 1) {
     if (launch_streamed<T, kMode>(o)) return;
   }
-  const int N = o.y.size(1), K = o.K;  // outputs: the weight's rows, or half of them gated
+  const int N = o.y.size(1), K = static_cast<int>(o.layout.K);  // outputs: the weight's rows, or half of them gated
   const int outs_per_cta = kPerWarp * (kMode == Epilogue::kRmsNormGatedAct ? kWarps / 2 : kWarps);
   dim3 block(32, kWarps);
   dim3 grid((N + outs_per_cta - 1) / outs_per_cta);
   auto ptr = [](const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; };
   C10_CUDA_CHECK(launch_programmatic(gemv_int8_kernel<T, M, kMode>, grid, block, 0, at::cuda::getCurrentCUDAStream(),
                                      ptr(o.x), o.w.data_ptr<int8_t>(), ptr(o.s), ptr(o.residual), ptr(o.y), N, K,
-                                     static_cast<float>(o.eps), o.activation, o.tiled, o.pair_width));
+                                     static_cast<float>(o.eps), o.activation, o.layout.tiled, o.layout.pair_width));
 }
 
 template <typename T, Epilogue kMode>
@@ -483,8 +481,7 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   }
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == rows, "scales must be [N]");
   at::Tensor y = at::empty({x.size(0), width}, x.options());
-  Operands o{x.contiguous(), qweight.contiguous(), scales.contiguous(), at::Tensor(), y, eps, activation, layout.tiled,
-             layout.pair_width, static_cast<int>(rows), static_cast<int>(K)};
+  Operands o{x.contiguous(), qweight.contiguous(), scales.contiguous(), at::Tensor(), y, eps, activation, layout};
   if constexpr (kMode == Epilogue::kAddResidual) {
     TORCH_CHECK(residual.sizes() == y.sizes() && residual.scalar_type() == x.scalar_type(),
                 "residual must be [M, N] in x's dtype");
