@@ -86,9 +86,6 @@ def export_toy(module: torch.nn.Module, spec: CacheSpec, seq: int = 1) -> torch.
     return gm
 
 
-__all__ = ["DECODE", "PREFILL", "aten", "built_programs", "captured", "count", "export_toy", "ops", "run", "snapshot"]
-
-
 def run_step(gm, spec: CacheSpec, prefill: bool = False):  # type: ignore[no-untyped-def]
     """(outputs, caches) of a captured program on fixed inputs: two prompts of 6 tokens (prefill), or one
     sequence's token at position 5 in slot 2, over seeded random caches."""
@@ -104,3 +101,18 @@ def run_step(gm, spec: CacheSpec, prefill: bool = False):  # type: ignore[no-unt
     else:
         ids, positions, slots, last = torch.tensor([[17]]), torch.tensor([5]), torch.tensor([2]), torch.tensor([0])
     return gm(ids, positions, slots, last, caches), caches
+
+
+__all__ = [
+    "DECODE",
+    "PREFILL",
+    "aten",
+    "built_programs",
+    "captured",
+    "count",
+    "export_toy",
+    "ops",
+    "run",
+    "run_step",
+    "snapshot",
+]

@@ -19,7 +19,7 @@ from oiv2compile.passes.manager import cleanup
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.registry import pipeline
 from oiv2compile.passes.tile_int8_weights import tile_int8_weights
-from tests.passes.helpers import count, snapshot
+from tests.passes.helpers import count, run_step, snapshot
 from tests.passes.test_fuse_norm_into_gemv import (
     FOLDED,
     LAYERS,
@@ -28,7 +28,6 @@ from tests.passes.test_fuse_norm_into_gemv import (
     NORM_MMA,
     _captured,
     _programs_with_random_norms,
-    _run,
     library,
     library4,
 )
@@ -81,7 +80,7 @@ def _gated_decode(cfg, norm_product, gated_product, library):  # type: ignore[no
         facts = node.meta["oiv2"]
         assert facts["library"] == library.name and facts["activation"] == "silu" and "folded_norm" in facts
         assert node.meta["val"].shape[-1] * 2 == node.args[1].meta["val"].shape[0]
-    (want, want_caches), (got, got_caches) = _run(before, spec), _run(gm, spec)
+    (want, want_caches), (got, got_caches) = run_step(before, spec), run_step(gm, spec)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     for a, b in zip(got_caches, want_caches, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

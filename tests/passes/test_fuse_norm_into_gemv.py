@@ -21,7 +21,7 @@ from oiv2compile.passes.manager import cleanup
 from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.registry import pipeline
 from oiv2compile.passes.tile_int8_weights import tile_int8_weights
-from tests.passes.helpers import count, snapshot
+from tests.passes.helpers import count, run_step, snapshot
 
 NORM = torch.ops.oiv2.add_rms_norm.default
 GEMV8 = torch.ops.oiv2.linear_int8_gemv.default
@@ -95,13 +95,6 @@ def _captured(program, fused_projections: bool = True):  # type: ignore[no-untyp
     return gm, spec
 
 
-def _run(gm, spec):  # type: ignore[no-untyped-def]
-    gen = torch.Generator().manual_seed(0)
-    caches = [torch.randn(spec.shape(), generator=gen).to(spec.torch_dtype) for _ in range(2 * spec.num_layers)]
-    args = torch.tensor([[17]]), torch.tensor([5]), torch.tensor([2]), torch.tensor([0])
-    return gm(*args, caches), caches
-
-
 def _norm_weights(gm) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
     return [
         getattr(gm.get_submodule(str(n.args[2].target).rpartition(".")[0]), str(n.args[2].target).rpartition(".")[2])
@@ -128,7 +121,7 @@ def test_the_norm_weights_fold_into_the_linears_and_the_program_computes_the_sam
     names = {str(n.target) for n in gm.graph.find_nodes(op="get_attr")}
     assert sum(name.endswith("_norm_folded") for name in names) == READERS
     assert len(weights - names) == READERS + FOLDED  # the unfolded weights and norm weights are gone
-    (want, _), (got, _) = _run(before, spec), _run(gm, spec)
+    (want, _), (got, _) = run_step(before, spec), run_step(gm, spec)
     # bf16: W * g is rounded once more than the model rounds.
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
@@ -137,7 +130,7 @@ def _quantized_decode(cfg: BuildConfig):  # type: ignore[no-untyped-def]
     """The batch-1 decode program through use_cuda_kernels: (it, its spec, the float program's logits,
     a copy of it before the norm fusion)."""
     gm, spec = _captured(DECODE_B1)
-    float_logits, _ = _run(snapshot(gm), spec)
+    float_logits, _ = run_step(snapshot(gm), spec)
     for p in (fold_norm_weights, quantize_weights, gemv_pass.use_cuda_kernels):
         p(gm, cfg)
         cleanup(gm)
@@ -163,7 +156,7 @@ def test_the_decode_programs_norms_run_in_the_int8_gemv(library):
     for node in gm.graph.find_nodes(op="call_function", target=NORM_GEMV):
         assert "folded_norm" in node.meta["oiv2"] and node.args[0].target is GEMV_ADD
     assert gemv_pass.libraries(gm) == [library]
-    (want, want_caches), (got, got_caches) = _run(before, spec), _run(gm, spec)
+    (want, want_caches), (got, got_caches) = run_step(before, spec), run_step(gm, spec)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16, the norm's scalar applied later
     for a, b in zip(got_caches, want_caches, strict=True):  # k and v come from the fused qkv product
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
@@ -185,7 +178,7 @@ def test_the_decode_programs_norms_run_in_the_int4_products(library4):
     for node in gm.graph.find_nodes(op="call_function", target=NORM_MMA):
         assert "folded_norm" in node.meta["oiv2"] and node.args[0].target is MMA_ADD
         assert node.meta["oiv2"]["library"] == library4.name
-    (want, want_caches), (got, got_caches) = _run(before, spec), _run(gm, spec)
+    (want, want_caches), (got, got_caches) = run_step(before, spec), run_step(gm, spec)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16, the norm's scalar applied later
     for a, b in zip(got_caches, want_caches, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
@@ -221,7 +214,7 @@ def test_a_model_as_initialized_needs_no_fold(library):
         cleanup(gm)
     assert counts["fold_norm_weights"] == 0 and counts["fuse_norm_into_gemv"] == FOLDED
     assert count(gm, NORM) == NORMS - FOLDED and count(gm, NORM_GEMV) == FOLDED
-    (want, _), (got, _) = _run(before, spec), _run(gm, spec)
+    (want, _), (got, _) = run_step(before, spec), run_step(gm, spec)
     assert _sqnr_db(want, got) >= 25
 
 
@@ -241,7 +234,7 @@ def test_prefill_keeps_its_norms_and_reads_the_same_folded_weights(library):
     [{"device": Device.CPU}, {"quantization": "none"}, {"quant": {"enable_cuda_kernels": False}}],
     ids=["cpu", "float", "no-cuda-kernels"],
 )
-def test_not_where_no_fused_kernel_would_run(change, library):
+def test_not_where_no_fused_kernel_wouldrun_step(change, library):
     gm, _ = _captured(DECODE_B1)
     cfg = _cfg().replace(**change)
     assert fold_norm_weights(gm, cfg) == 0 and fuse_norm_into_gemv(gm, cfg) == 0
