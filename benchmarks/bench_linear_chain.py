@@ -1,4 +1,4 @@
-"""A decode step's linears and the small kernels between them, without attention, as a CUDA graph.
+"""A decode step's linears and the small kernels between them, as a CUDA graph; attention optional.
 
 Per layer, in the order a batch-1 decode step of a Llama-shaped model runs them:
     add_rms_norm -> qkv -> o -> add_rms_norm -> gate_up -> gated_act -> down
@@ -8,6 +8,9 @@ oiv2::linear_int4_mma (group 128). What this isolates from `oiv2compile bench`: 
 and the launch gaps and overlap between them and the Triton kernels around them (programmatic dependent
 launch), without a build. Step time is the median over replays; bandwidth counts the linears' weight
 bytes (and int4 scales and zeros) over the step time, against the copy bandwidth of the same run.
+--attention puts a decode attention between each qkv and o product (its own cache of --cache-len
+positions a layer, --filled of them filled): the Triton oiv2::rope_kv_write_attention or the C++
+oiv2::prefetched_decode_attention; by default (none) a copy of the qkv row's q stands in for it.
 
 To compare two versions of a kernel, run this once per source tree (each compiles its own library).
 
@@ -26,7 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from oiv2compile.bench import copy_bandwidth_gbs
-from oiv2compile.kernels import add_rms_norm, gated_act, linear_int4_mma, linear_int8_gemv  # noqa: F401 (ops)
+from oiv2compile.kernels import (  # noqa: F401 (ops)
+    add_rms_norm,
+    gated_act,
+    linear_int4_mma,
+    linear_int8_gemv,
+    prefetched_decode_attention,
+)
 from oiv2compile.kernels.gated_act import ACTIVATIONS
 from oiv2compile.kernels.linear_int8 import tile
 from oiv2compile.models import PRESETS
@@ -84,13 +93,49 @@ def int4_weight(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, tor
     return linear_int4_mma.pack(levels), linear_int4_mma.scale_zero(scales, zeros)
 
 
-def make_step(quant: str, model: str, layers: int, device: torch.device) -> tuple[Callable, int]:
+ATTENTIONS = ("none", "triton", "prefetched")
+
+
+def make_attentions(
+    kind: str, model: str, layers: int, device: torch.device, cache_len: int = 256, filled: int = 192
+) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Per layer, the qkv row [1, (Hq + 2 Hkv) D] -> the attention's output [1, Hq D]: a decode attention
+    over a cache of its own (kind "triton" or "prefetched"), or (kind "none") the row's q copied."""
+    c = PRESETS[model]
+    heads, kv = c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    if kind == "none":
+        return [lambda y: y[:, : heads * head_dim].contiguous()] * layers
+    op = {"triton": torch.ops.oiv2.rope_kv_write_attention, "prefetched": torch.ops.oiv2.prefetched_decode_attention}
+    angles = torch.rand(cache_len, head_dim // 2, device=device) * 3
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    slots, positions = torch.zeros(1, dtype=torch.long, device=device), torch.tensor([filled], device=device)
+    scale = head_dim**-0.5
+
+    def attention_of(k_cache: torch.Tensor, v_cache: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def call(y: torch.Tensor) -> torch.Tensor:
+            args = (y.view(1, 1, -1), cos, sin, None, k_cache, v_cache, slots, positions, heads, kv, scale)
+            return op[kind](*args).view(1, -1)
+
+        return call
+
+    shape = (1, kv, cache_len, head_dim)
+    return [
+        attention_of(*(torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(2)))
+        for _ in range(layers)
+    ]
+
+
+def make_step(
+    quant: str, model: str, layers: int, device: torch.device, attention: str = "none"
+) -> tuple[Callable, int]:
     """One decode step of `layers` layers (batch 1) and the weight bytes it reads."""
     shapes = linear_shapes(model)
-    hidden, q_width = shapes[0][1], shapes[1][1]  # o's input: the attention output's width
+    hidden = shapes[0][1]
+    attentions = make_attentions(attention, model, layers, device)
     quant, tiles = quant.removesuffix("+tiles"), quant.endswith("+tiles")
     if quant.startswith(("int8-norm", "int4-norm")):
-        return _fused_norm_step(quant[:4], layers, device, shapes, q_width, quant.endswith("-act"), tiles)
+        return _fused_norm_step(quant[:4], layers, device, shapes, attentions, quant.endswith("-act"), tiles)
     stack = [
         [make_linear(quant, n, k, device, tiles, i == GATE_UP) for i, (n, k) in enumerate(shapes)]
         for _ in range(layers)
@@ -99,9 +144,9 @@ def make_step(quant: str, model: str, layers: int, device: torch.device) -> tupl
 
     def step(x: torch.Tensor) -> torch.Tensor:
         residual = x
-        for (qkv, _), (o, _), (gate_up, _), (down, _) in stack:
+        for ((qkv, _), (o, _), (gate_up, _), (down, _)), attend in zip(stack, attentions, strict=True):
             h, residual = torch.ops.oiv2.add_rms_norm(x, residual, norm, 1e-5)
-            x = o(qkv(h)[:, :q_width].contiguous())  # attention's output stands in for q
+            x = o(attend(qkv(h)))
             h, residual = torch.ops.oiv2.add_rms_norm(x, residual, norm, 1e-5)
             x = down(torch.ops.oiv2.gated_act(gate_up(h), "silu"))
         return x
@@ -114,7 +159,7 @@ def _fused_norm_step(  # type: ignore[no-untyped-def]
     layers: int,
     device: torch.device,
     shapes: list[tuple[int, int]],
-    q_width: int,
+    attentions: list[Callable[[torch.Tensor], torch.Tensor]],
     gated_in_gemv: bool,
     tiles: bool = False,
 ):
@@ -145,9 +190,9 @@ def _fused_norm_step(  # type: ignore[no-untyped-def]
 
     def step(x: torch.Tensor) -> torch.Tensor:
         h = x  # the residual stream
-        for qkv, o, gate_up, down in stack:
+        for (qkv, o, gate_up, down), attend in zip(stack, attentions, strict=True):
             y = norm_product(h, *qkv, 1e-5)
-            h = product_add(y[:, :q_width].contiguous(), *o, h)  # attention's output stands in for q
+            h = product_add(attend(y), *o, h)
             h = product_add(mlp_input(h, *gate_up), *down, h)
         return h
 
@@ -197,8 +242,14 @@ def main() -> int:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--label", default="", help="a name for this source tree in the output")
+    parser.add_argument(
+        "--attention", default="none", help=f"comma-separated, each run in turn: {', '.join(ATTENTIONS)}"
+    )
     args = parser.parse_args()
-    quants = args.quant.split(",")
+    quants, attentions = args.quant.split(","), args.attention.split(",")
+    if any(a not in ATTENTIONS for a in attentions):
+        print(f"--attention takes a comma-separated list of {', '.join(ATTENTIONS)}.", file=sys.stderr)
+        return 2
     if any(
         q.removesuffix("+tiles") not in QUANTS or (q.endswith("+tiles") and not q.startswith("int8")) for q in quants
     ):
@@ -215,25 +266,28 @@ def main() -> int:
             linear_int8_gemv.load_extension()
         if any(q.startswith("int4") for q in quants):
             linear_int4_mma.load_extension()
+        if "prefetched" in attentions:
+            prefetched_decode_attention.load_extension()
     layers = args.layers or PRESETS[args.model]["num_hidden_layers"]
     copy = copy_bandwidth_gbs(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model}, {layers} layers, batch 1, on {name}; copy bandwidth {copy:.1f} GB/s {args.label}")
-    print("| linears | step us (min-max) | weight GB | GB/s | share of copy |")
-    print("|---|---:|---:|---:|---:|")
+    print("| linears | attention | step us (min-max) | weight GB | GB/s | share of copy |")
+    print("|---|---|---:|---:|---:|---:|")
     x = torch.randn(1, linear_shapes(args.model)[0][1], device=device, dtype=torch.bfloat16)
     for quant in quants:
-        step, nbytes = make_step(quant, args.model, layers, device)
-        times = step_seconds(step, x, args.replays, args.repeats)
-        median = statistics.median(times)
-        print(
-            f"| {quant} | {median * 1e6:.1f} ({min(times) * 1e6:.1f}-{max(times) * 1e6:.1f}) | {nbytes / 1e9:.2f} "
-            f"| {nbytes / median / 1e9:.0f} | {nbytes / median / 1e9 / copy:.1%} |",
-            flush=True,
-        )
-        del step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for attention in attentions:
+            step, nbytes = make_step(quant, args.model, layers, device, attention)
+            times = step_seconds(step, x, args.replays, args.repeats)
+            median = statistics.median(times)
+            print(
+                f"| {quant} | {attention} | {median * 1e6:.1f} ({min(times) * 1e6:.1f}-{max(times) * 1e6:.1f}) "
+                f"| {nbytes / 1e9:.2f} | {nbytes / median / 1e9:.0f} | {nbytes / median / 1e9 / copy:.1%} |",
+                flush=True,
+            )
+            del step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return 0
 
 

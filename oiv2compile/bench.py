@@ -113,6 +113,8 @@ class BenchRequest:
     fuse_rope_into_attention: bool = True
     # False: int8 builds with --no-int8-tiles
     int8_tiles: bool = True
+    # False: every build with --no-prefetched-attention
+    prefetched_attention: bool = True
 
     def __post_init__(self) -> None:
         _check_names("--backends", self.backends or (), BACKENDS)
@@ -530,6 +532,8 @@ def _prepare_artifact(target: _Target, request: BenchRequest, source: _Source, c
             config = config.replace(fusion={"enable_rope_into_attention": False})
         if not request.int8_tiles and target.quant == "int8":
             config = config.replace(quant={"int8_tiles": False})
+        if not request.prefetched_attention:
+            config = config.replace(attention={"enable_prefetched_decode": False})
         path = (request.cache_dir or default_cache_dir()) / f"{config.fingerprint()}-{source.cache_key}"
         if not request.rebuild and _reusable(path, config, source.model_id):
             target.build_s, target.reused = sum(read_manifest(path)["phases_s"].values()), True
@@ -965,6 +969,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             )
             + (" (rope apart)" if args.get("fuse_rope_into_attention") is False else "")
             + (" (row-major)" if row["quant"] == "int8" and args.get("int8_tiles") is False else "")
+            + (" (Triton attention)" if args.get("prefetched_attention") is False else "")
         )
         head = f"| {row['backend']} | {quant} | {row['batch']} |"
         if row["status"] != "ok":

@@ -71,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep int8 weights row-major (int8-rowmajor-v1), not in the tiles of the one-row CUDA kernel",
     )
+    build.add_argument(
+        "--no-prefetched-attention",
+        action="store_true",
+        help="CUDA: keep the decode attention on the Triton kernel, not the C++ kernel that copies the cache early",
+    )
     build.add_argument("--no-verify", action="store_true", help="skip the comparison with Hugging Face's forward")
     build.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
     build.add_argument("--no-fuse-qkv", action="store_true", help="keep the q, k and v projections apart")
@@ -172,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
         help="build every artifact with --no-fuse-rope-into-attention",
     )
     bench.add_argument("--no-int8-tiles", action="store_true", help="build int8 artifacts with --no-int8-tiles")
+    bench.add_argument(
+        "--no-prefetched-attention", action="store_true", help="build every artifact with --no-prefetched-attention"
+    )
     bench.set_defaults(func=_bench)
 
     serve = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API (continuous batching)")
@@ -220,6 +228,8 @@ def _build(args: argparse.Namespace) -> int:
         quant["int8_tiles"] = False
     if quant:
         overrides["quant"] = quant
+    if args.no_prefetched_attention:
+        overrides["attention"] = {"enable_prefetched_decode": False}
     if args.no_verify:
         overrides["enable_verification"] = False
     if args.no_cuda_graphs:
@@ -398,6 +408,7 @@ def _bench(args: argparse.Namespace) -> int:
         fuse_norm_into_linear=not args.no_fuse_norm_into_linear,
         fuse_rope_into_attention=not args.no_fuse_rope_into_attention,
         int8_tiles=not args.no_int8_tiles,
+        prefetched_attention=not args.no_prefetched_attention,
         **fields,
     )
 

@@ -17,6 +17,7 @@ from oiv2compile.kernels.linear_int8 import linear_int8, linear_int8_ref
 from oiv2compile.kernels.linear_int8_gemm import linear_int8_gemm_ref
 from oiv2compile.kernels.linear_int8_gemv import linear_int8_gemv_ref
 from oiv2compile.kernels.linear_int8_gemv_add import linear_int8_gemv_add_ref
+from oiv2compile.kernels.prefetched_decode_attention import prefetched_decode_attention_ref
 from oiv2compile.kernels.rms_norm_linear_int4_mma import rms_norm_linear_int4_mma_ref
 from oiv2compile.kernels.rms_norm_linear_int4_mma_gated_act import rms_norm_linear_int4_mma_gated_act_ref
 from oiv2compile.kernels.rms_norm_linear_int8_gemv import rms_norm_linear_int8_gemv_ref
@@ -48,6 +49,7 @@ __all__ = [
     "linear_int8_gemv_add_ref",
     "linear_int8_gemv_ref",
     "linear_int8_ref",
+    "prefetched_decode_attention_ref",
     "rms_norm_linear_int4_mma_gated_act_ref",
     "rms_norm_linear_int4_mma_ref",
     "rms_norm_linear_int8_gemv_gated_act_ref",

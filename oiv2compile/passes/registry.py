@@ -24,6 +24,7 @@ from oiv2compile.passes.quantize_weights import quantize_weights
 from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
 from oiv2compile.passes.substitute_attention import substitute_attention
 from oiv2compile.passes.tile_int8_weights import tile_int8_weights
+from oiv2compile.passes.use_cuda_attention import use_cuda_attention
 from oiv2compile.passes.use_cuda_kernels import use_cuda_kernels
 
 Pass = Callable[[GraphModule, BuildConfig], int]
@@ -40,6 +41,7 @@ PASSES: dict[str, Pass] = {
     "quantize_weights": quantize_weights,
     "quantize_embedding": quantize_embedding,
     "use_cuda_kernels": use_cuda_kernels,
+    "use_cuda_attention": use_cuda_attention,
     "fuse_norm_into_gemv": fuse_norm_into_gemv,
     "fuse_gated_act_into_gemv": fuse_gated_act_into_gemv,
     "tile_int8_weights": tile_int8_weights,
@@ -62,6 +64,8 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
             triton_attention = cfg.device is Device.CUDA and cfg.backend is Backend.INDUCTOR
             if cfg.fusion.enable_rope_into_attention and triton_attention:
                 passes.append(fuse_rope_into_attention)
+                if cfg.attention.enable_prefetched_decode:
+                    passes.append(use_cuda_attention)
     if cfg.fusion.enable_ffn:
         passes.append(fuse_ffn)
     if cfg.fusion.enable_norms:

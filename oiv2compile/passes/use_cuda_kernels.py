@@ -72,17 +72,17 @@ def use_cuda_kernels(gm: GraphModule, cfg: BuildConfig) -> int:
     count = 0
     for node in [n for n in gm.graph.nodes if n.op == "call_function"]:
         if node.target is INT4 and _int4_fits(gm, node):
-            library = _library(linear_int4_mma)
+            library = compiled_library(linear_int4_mma)
             if library is None:
                 return count
             _rewrite_int4(gm, node, library)
         elif node.target is INT8 and fixed_rows(node) == 1 and _half_precision(node):
-            library = _library(linear_int8_gemv)
+            library = compiled_library(linear_int8_gemv)
             if library is None:
                 return count
             _rewrite_int8(gm, node, library)
         elif node.target is INT8 and _half_precision(node) and _prefill_sized(node):
-            library = _library(linear_int8_gemm)
+            library = compiled_library(linear_int8_gemm)
             if library is None:
                 return count
             _rewrite_int8_gemm(gm, node, library)
@@ -115,7 +115,7 @@ def _int4_fits(gm: GraphModule, node: Node) -> bool:
 _LIBRARIES: dict[str, Path | None] = {}
 
 
-def _library(module: Any) -> Path | None:
+def compiled_library(module: Any) -> Path | None:
     """The compiled kernel library of a kernel module, loaded; None (logged once) where it fails."""
     name = module.__name__
     if name not in _LIBRARIES:

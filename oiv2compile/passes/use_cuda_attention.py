@@ -1,0 +1,62 @@
+"""use_cuda_attention: a decode program's oiv2::rope_kv_write_attention runs on the C++ kernel that copies
+the cached keys and values before the q/k/v product has ended (oiv2::prefetched_decode_attention).
+
+Before (after fuse_rope_into_attention):
+    out = oiv2.rope_kv_write_attention(qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots,
+                                       positions, Hq, Hkv, scale)                       # Triton
+After:
+    out = oiv2.prefetched_decode_attention(<the same arguments>)                        # CUDA C++
+One rewrite per attention layer of a decode program, where the kernel takes the shapes
+(kernels/prefetched_decode_attention.py `takes`: bf16 or fp16, D 64 or 128, at most 8 query heads a kv
+head, a cache of at most 256 positions); other calls keep the Triton op.
+
+Why: AOTInductor launches Triton kernels after the kernel before them has ended, so the Triton attention
+starts its walk over the cache only then. The C++ kernel is launched as a programmatic dependent of the
+q/k/v product: where that product is one of our C++ kernels (int8 and int4 builds), which let the next
+kernel launch as they start, the cache is in shared memory by the time the product's row is.
+
+Preconditions: a CUDA build through Inductor (the registry runs it there, unless built with
+--no-prefetched-attention). The kernel is compiled (nvcc, about a minute the first time, cached after)
+and loaded when the pass first needs it; the node records the library, which the Inductor backend copies
+into the artifact. Where the compile fails the pass rewrites nothing and logs why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.fx import GraphModule
+
+from oiv2compile.config import BuildConfig
+from oiv2compile.kernels import prefetched_decode_attention
+from oiv2compile.passes.fx_utils import fake_value, record
+from oiv2compile.passes.use_cuda_kernels import compiled_library
+
+log = logging.getLogger(__name__)
+
+TRITON = torch.ops.oiv2.rope_kv_write_attention.default
+PREFETCHED = torch.ops.oiv2.prefetched_decode_attention.default
+
+
+def use_cuda_attention(gm: GraphModule, cfg: BuildConfig) -> int:
+    count = 0
+    for node in list(gm.graph.find_nodes(op="call_function", target=TRITON)):
+        qkv, cos_table, _sin, _ids, k_cache = (fake_value(a) for a in node.args[:5])
+        num_heads, num_kv_heads = node.args[8], node.args[9]
+        if any(v is None for v in (qkv, cos_table, k_cache)) or node.kwargs:
+            continue
+        if not prefetched_decode_attention.takes(qkv, cos_table, k_cache, num_heads, num_kv_heads):  # type: ignore[arg-type]
+            continue
+        library = compiled_library(prefetched_decode_attention)
+        if library is None:
+            return count
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(PREFETCHED, node.args)
+        fused.meta["val"] = fake_value(node)
+        record(fused, **{**node.meta.get("oiv2", {}), "library": library.name})
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+        count += 1
+    log.debug("use_cuda_attention: %d layers on the C++ kernel", count)
+    return count
