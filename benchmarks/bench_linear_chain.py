@@ -127,12 +127,18 @@ def make_attentions(
 
 
 def make_step(
-    quant: str, model: str, layers: int, device: torch.device, attention: str = "none"
+    quant: str,
+    model: str,
+    layers: int,
+    device: torch.device,
+    attention: str = "none",
+    cache_len: int = 256,
+    filled: int = 192,
 ) -> tuple[Callable, int]:
     """One decode step of `layers` layers (batch 1) and the weight bytes it reads."""
     shapes = linear_shapes(model)
     hidden = shapes[0][1]
-    attentions = make_attentions(attention, model, layers, device)
+    attentions = make_attentions(attention, model, layers, device, cache_len, filled)
     quant, tiles = quant.removesuffix("+tiles"), quant.endswith("+tiles")
     if quant.startswith(("int8-norm", "int4-norm")):
         return _fused_norm_step(quant[:4], layers, device, shapes, attentions, quant.endswith("-act"), tiles)
@@ -245,6 +251,8 @@ def main() -> int:
     parser.add_argument(
         "--attention", default="none", help=f"comma-separated, each run in turn: {', '.join(ATTENTIONS)}"
     )
+    parser.add_argument("--cache-len", type=int, default=256, help="positions of each layer's cache (--attention)")
+    parser.add_argument("--filled", type=int, default=192, help="of them filled before the new token (--attention)")
     args = parser.parse_args()
     quants, attentions = args.quant.split(","), args.attention.split(",")
     if any(a not in ATTENTIONS for a in attentions):
@@ -277,7 +285,7 @@ def main() -> int:
     x = torch.randn(1, linear_shapes(args.model)[0][1], device=device, dtype=torch.bfloat16)
     for quant in quants:
         for attention in attentions:
-            step, nbytes = make_step(quant, args.model, layers, device, attention)
+            step, nbytes = make_step(quant, args.model, layers, device, attention, args.cache_len, args.filled)
             times = step_seconds(step, x, args.replays, args.repeats)
             median = statistics.median(times)
             print(
