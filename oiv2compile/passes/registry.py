@@ -64,8 +64,6 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
             triton_attention = cfg.device is Device.CUDA and cfg.backend is Backend.INDUCTOR
             if cfg.fusion.enable_rope_into_attention and triton_attention:
                 passes.append(fuse_rope_into_attention)
-                if cfg.attention.enable_prefetched_decode:
-                    passes.append(use_cuda_attention)
     if cfg.fusion.enable_ffn:
         passes.append(fuse_ffn)
     if cfg.fusion.enable_norms:
@@ -86,4 +84,6 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
                     passes.append(fuse_gated_act_into_gemv)
             if cfg.quant.int8_tiles:  # last: the fusions read the row-major weights
                 passes.append(tile_int8_weights)
+            if cfg.attention.enable_prefetched_decode and fuse_rope_into_attention in passes:
+                passes.append(use_cuda_attention)  # reads which products the C++ kernels run
     return passes

@@ -1,7 +1,9 @@
-"""use_cuda_attention: every oiv2::rope_kv_write_attention of a bf16 decode program whose shapes the C++
+"""use_cuda_attention: every oiv2::rope_kv_write_attention of a bf16 decode program whose q/k/v row comes
+from a C++ kernel (a node recording its library; here the q/k/v product marked so) and whose shapes the
 kernel takes becomes oiv2::prefetched_decode_attention with the same arguments, recording its library,
-and the program computes the same (on the CPU both ops run one reference); float32 programs and caches
-longer than the kernel's limit keep the Triton op; the pipeline runs it on CUDA Inductor builds only."""
+and the program computes the same (on the CPU both ops run one reference); rows from other kernels,
+float32 programs and caches longer than the kernel's limit keep the Triton op; the pipeline runs it last
+in CUDA Inductor builds with the quantized products on the C++ kernels."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from oiv2compile.models import load_model
 from oiv2compile.passes import use_cuda_kernels as kernels_pass
 from oiv2compile.passes.fuse_qkv import fuse_qkv
 from oiv2compile.passes.fuse_rope_into_attention import fuse_rope_into_attention
+from oiv2compile.passes.fx_utils import strip_views
 from oiv2compile.passes.fuse_rope_kv_write import fuse_rope_kv_write
 from oiv2compile.passes.manager import cleanup
 from oiv2compile.passes.registry import pipeline
@@ -37,9 +40,10 @@ def library(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels_pass, "_LIBRARIES", {"oiv2compile.kernels.prefetched_decode_attention": LIBRARY})
 
 
-def _decode(dtype: torch.dtype, max_seq_len: int = 32):
+def _decode(dtype: torch.dtype, max_seq_len: int = 32, from_cuda_kernel: bool = True):
     """A two-layer Llama with heads of 64 features (2 query heads, 1 kv head), its decode program after the
-    passes before use_cuda_attention, and its CacheSpec."""
+    passes before use_cuda_attention (each q/k/v product marked as a C++ kernel's where from_cuda_kernel),
+    and its CacheSpec."""
     config = LlamaConfig(
         hidden_size=128,
         intermediate_size=128,
@@ -56,6 +60,9 @@ def _decode(dtype: torch.dtype, max_seq_len: int = 32):
     for p in (rewrite_kv_cache, substitute_attention, fuse_qkv, fuse_rope_kv_write, fuse_rope_into_attention):
         p(gm, CUDA)
         cleanup(gm)
+    if from_cuda_kernel:
+        for node in gm.graph.find_nodes(op="call_function", target=TRITON):
+            strip_views(node.args[0]).meta.setdefault("oiv2", {})["library"] = "oiv2_linear_int4_mma_0.so"
     return gm, spec
 
 
@@ -82,6 +89,11 @@ def test_rewrites_every_bf16_decode_layer(library):
     assert kernels_pass.libraries(gm) == [LIBRARY]
 
 
+def test_keeps_the_triton_op_after_other_kernels(library):
+    gm, spec = _decode(torch.bfloat16, from_cuda_kernel=False)  # cuBLAS's q/k/v product
+    assert use_cuda_attention(gm, CUDA) == 0 and count(gm, TRITON) == spec.num_layers
+
+
 def test_keeps_the_triton_op_where_the_kernel_does_not_take_the_shapes(library):
     gm, spec = _decode(torch.float32)  # float32 activations
     assert use_cuda_attention(gm, CUDA) == 0 and count(gm, TRITON) == spec.num_layers
@@ -95,10 +107,13 @@ def test_rewrites_nothing_where_the_kernel_does_not_compile(monkeypatch: pytest.
     assert use_cuda_attention(gm, CUDA) == 0 and count(gm, TRITON) == spec.num_layers
 
 
-def test_the_pipeline_runs_it_on_cuda_inductor_builds_only():
-    passes = pipeline(CUDA)
-    assert passes[passes.index(fuse_rope_into_attention) + 1] is use_cuda_attention  # reads its op
-    assert use_cuda_attention not in pipeline(CUDA.replace(device="cpu"))
-    assert use_cuda_attention not in pipeline(CUDA.replace(backend="onnx"))
-    assert use_cuda_attention not in pipeline(CUDA.replace(attention={"enable_prefetched_decode": False}))
-    assert use_cuda_attention not in pipeline(CUDA.replace(fusion={"enable_rope_into_attention": False}))
+def test_the_pipeline_runs_it_last_in_quantized_cuda_inductor_builds():
+    for quant in ("int8", "int4"):
+        cfg = CUDA.replace(quantization=quant)
+        assert pipeline(cfg)[-1] is use_cuda_attention  # reads which products the C++ kernels run
+        assert use_cuda_attention not in pipeline(cfg.replace(device="cpu"))
+        assert use_cuda_attention not in pipeline(cfg.replace(backend="onnx"))
+        assert use_cuda_attention not in pipeline(cfg.replace(attention={"enable_prefetched_decode": False}))
+        assert use_cuda_attention not in pipeline(cfg.replace(fusion={"enable_rope_into_attention": False}))
+        assert use_cuda_attention not in pipeline(cfg.replace(quant={"enable_cuda_kernels": False}))
+    assert use_cuda_attention not in pipeline(CUDA)  # bf16: cuBLAS products
