@@ -19,8 +19,8 @@ from oiv2compile.models import load_model
 from oiv2compile.passes import use_cuda_kernels as kernels_pass
 from oiv2compile.passes.fuse_qkv import fuse_qkv
 from oiv2compile.passes.fuse_rope_into_attention import fuse_rope_into_attention
-from oiv2compile.passes.fx_utils import strip_views
 from oiv2compile.passes.fuse_rope_kv_write import fuse_rope_kv_write
+from oiv2compile.passes.fx_utils import strip_views
 from oiv2compile.passes.manager import cleanup
 from oiv2compile.passes.registry import pipeline
 from oiv2compile.passes.rewrite_kv_cache import rewrite_kv_cache
