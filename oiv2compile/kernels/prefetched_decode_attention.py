@@ -35,24 +35,8 @@ _lib.define(
 )
 
 
-def prefetched_decode_attention_ref(
-    qkv: torch.Tensor,
-    cos_table: torch.Tensor,
-    sin_table: torch.Tensor,
-    position_ids: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    scale: float,
-) -> torch.Tensor:
-    """The spec: oiv2::rope_kv_write_attention's."""
-    return rope_kv_write_attention_ref(
-        qkv, cos_table, sin_table, position_ids, k_cache, v_cache, slots, positions, num_heads, num_kv_heads, scale
-    )
-
+# The spec, and the CPU path: oiv2::rope_kv_write_attention's.
+prefetched_decode_attention_ref = rope_kv_write_attention_ref
 
 _lib.impl("prefetched_decode_attention", prefetched_decode_attention_ref, "CPU")
 

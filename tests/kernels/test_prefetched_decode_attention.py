@@ -6,12 +6,11 @@ CUDA graph with new positions. On the CPU the op runs its reference; opcheck che
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from oiv2compile.kernels import prefetched_decode_attention as mod
+from tests.kernels import test_rope_kv_write_attention as triton_test
 from tests.kernels.test_attention import oracle as attention_oracle
 from tests.kernels.test_rope_kv_write import oracle as rope_oracle
 
@@ -37,19 +36,11 @@ def library() -> None:
 
 
 def _inputs(shape, dtype, seed, rotary, table_dtype):
-    B, Hq, Hkv, D, T, starts = shape
-    gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, 1, (Hq + 2 * Hkv) * D, generator=gen)
-    angles = torch.randn(T, D // 2, generator=gen) * 3
-    k_cache = torch.randn(B + 1, Hkv, T, D, generator=gen)
-    v_cache = torch.randn(B + 1, Hkv, T, D, generator=gen)
-    slots = torch.randperm(B + 1, generator=gen)[:B]
-    position_ids = (torch.tensor(starts)[:, None] + 3) % T if rotary == "ids" else None
-    qkv, k_cache, v_cache = (t.to(device="cuda", dtype=dtype) for t in (qkv, k_cache, v_cache))
-    cos, sin = (t.to(device="cuda", dtype=table_dtype or dtype) for t in (angles.cos(), angles.sin()))
-    positions = torch.tensor(starts, device="cuda")
-    position_ids = position_ids.cuda() if position_ids is not None else None
-    return qkv, cos, sin, position_ids, k_cache, v_cache, slots.cuda(), positions, Hq, Hkv, 1 / math.sqrt(D)
+    """The Triton op's test inputs on the GPU, with the rotary tables in table_dtype (None: dtype)."""
+    args = list(triton_test._inputs((*shape, 1), dtype, "cuda", seed, rotary))
+    if table_dtype is not None:
+        args[1], args[2] = args[1].to(table_dtype), args[2].to(table_dtype)
+    return tuple(args)
 
 
 def _want(args):
