@@ -77,6 +77,8 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
             passes.append(quantize_embedding)
         if cfg.quant.enable_cuda_kernels and cfg.device is Device.CUDA and cfg.backend is Backend.INDUCTOR:
             passes.append(use_cuda_kernels)
+            if cfg.attention.enable_prefetched_decode and fuse_rope_into_attention in passes:
+                passes.append(use_cuda_attention)  # reads which products the C++ kernels run
             if fold:  # reads the products use_cuda_kernels made
                 passes.append(fuse_norm_into_gemv)
                 gated = cfg.fusion.enable_ffn and cfg.fusion.enable_gated_act_into_linear
@@ -84,6 +86,4 @@ def pipeline(cfg: BuildConfig) -> list[Pass]:
                     passes.append(fuse_gated_act_into_gemv)
             if cfg.quant.int8_tiles:  # last: the fusions read the row-major weights
                 passes.append(tile_int8_weights)
-            if cfg.attention.enable_prefetched_decode and fuse_rope_into_attention in passes:
-                passes.append(use_cuda_attention)  # reads which products the C++ kernels run
     return passes

@@ -20,7 +20,8 @@ int8 1952 against 2012; with the copies issued after the wait, int4 1466. After 
 nothing launch early, it was slower than the Triton kernel (4275-4280 against 4262), hence the condition.
 
 Preconditions: a CUDA build through Inductor with the quantized products on the C++ kernels (the
-registry runs it last there, unless built with --no-prefetched-attention). The kernel is compiled (nvcc, about a minute the first time, cached after)
+registry runs it right after use_cuda_kernels there, unless built with --no-prefetched-attention; the
+fusions after it replace the products with other C++ products). The kernel is compiled (nvcc, about a minute the first time, cached after)
 and loaded when the pass first needs it; the node records the library, which the Inductor backend copies
 into the artifact. Where the compile fails the pass rewrites nothing and logs why.
 """
