@@ -30,8 +30,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <mutex>
-
 #include "gemv_common.cuh"
 #include "streamed.cuh"
 
@@ -336,17 +334,9 @@ __global__ void __launch_bounds__(kThreads) prefetched_decode_attention_kernel(c
 
 template <typename T, int D>
 void launch(const Args& args, int ctas) {
-  auto kernel = prefetched_decode_attention_kernel<T, D>;
+  constexpr auto kernel = prefetched_decode_attention_kernel<T, D>;
   const int smem = layout_of(args.cache_len, D).total;
-  static std::mutex mutex;
-  static int limit = 0;  // the largest size asked for so far (per instantiation)
-  {
-    const std::lock_guard<std::mutex> lock(mutex);
-    if (smem > limit) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      limit = smem;
-    }
-  }
+  allow_dynamic_smem<kernel>(smem);
   C10_CUDA_CHECK(launch_programmatic(kernel, dim3(ctas), dim3(kThreads), smem, at::cuda::getCurrentCUDAStream(), args));
 }
 
